@@ -1,0 +1,211 @@
+"""Import and export of `transformers` checkpoints.
+
+    model, params = llvm_jax.convert.from_hf("path/to/save_pretrained_dir")   # or an HF model object
+    llvm_jax.convert.to_hf(model.config, params, "out_dir")                    # transformers loads it
+
+Supported: LlamaForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM (text only), LlavaForConditionalGeneration
+(CLIP or SigLIP tower, Llama/Qwen2/Phi-3 LLM) and InternVLForConditionalGeneration (InternViT +
+pixel-shuffle projector + Qwen2/Llama LLM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llvm_jax.convert import core
+from llvm_jax.convert.core import WeightMismatchError
+from llvm_jax.convert.decoder_table import decoder_table
+from llvm_jax.convert.hf_config import decoder_config_from_hf, decoder_config_to_hf
+from llvm_jax.convert.vision_table import (
+    projector_config_from_hf,
+    projector_table,
+    vision_config_from_hf,
+    vision_config_to_hf,
+    vision_table,
+)
+from llvm_jax.models.config import LLVMConfig, resolve_dtype
+from llvm_jax.models.llvm import LLVM
+
+__all__ = ["from_hf", "to_hf", "llvm_config_from_hf", "WeightMismatchError", "stack_layers", "unstack_layers"]
+
+_TEXT_ONLY = ("llama", "qwen2", "phi3")
+_MULTIMODAL = ("llava", "internvl")
+
+# Checkpoint key spellings -> the in-memory `state_dict()` spelling of transformers 5 that our
+# tables use. Hub checkpoints and save_pretrained nest the parts differently; applied in order.
+_KEY_REWRITES = (
+    (re.compile(r"^language_model\.model\."), "model.language_model."),
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+    (re.compile(r"^vision_tower\."), "model.vision_tower."),
+    (re.compile(r"^multi_modal_projector\."), "model.multi_modal_projector."),
+    (re.compile(r"^model\.vision_tower\.vision_model\."), "model.vision_tower."),
+)
+
+
+def canonical_key(key: str) -> str:
+  for pattern, repl in _KEY_REWRITES:
+    key = pattern.sub(repl, key)
+  return key
+
+
+def llvm_config_from_hf(hf: Any, dtype: str = "float32", param_dtype: str = "float32", **decoder_overrides) -> LLVMConfig:
+  """Our LLVMConfig for a transformers config (text-only LLMs get `vision=None`)."""
+  precision = dict(dtype=dtype, param_dtype=param_dtype)
+  if hf.model_type in _TEXT_ONLY:
+    return LLVMConfig(decoder=decoder_config_from_hf(hf, **precision, **decoder_overrides), vision=None)
+  if hf.model_type not in _MULTIMODAL:
+    raise ValueError(f"unsupported model_type {hf.model_type!r}; supported: {_TEXT_ONLY + _MULTIMODAL}")
+  decoder = decoder_config_from_hf(hf.text_config, **precision, **decoder_overrides)
+  vision = vision_config_from_hf(
+      hf.vision_config, feature_layer=hf.vision_feature_layer, feature_select=hf.vision_feature_select_strategy
+  )
+  projector = projector_config_from_hf(hf)
+  return LLVMConfig(
+      decoder=decoder,
+      vision=dataclasses.replace(vision, **precision),
+      projector=dataclasses.replace(projector, **precision),
+      image_token_id=hf.image_token_id,
+  )
+
+
+def full_table(cfg: LLVMConfig) -> core.Table:
+  """The complete mapping of an LLVM, in canonical (in-memory transformers 5) key spelling."""
+  if cfg.vision is None:
+    return decoder_table(cfg.decoder, body="model.", head="").with_prefixes("", "decoder")
+  table = decoder_table(cfg.decoder, body="model.language_model.", head="").with_prefixes("", "decoder")
+  table += vision_table(cfg.vision).with_prefixes("model.vision_tower.", "vision")
+  table += projector_table(cfg.projector).with_prefixes("model.multi_modal_projector.", "projector")
+  return table
+
+
+def _hf_state(source: Any) -> tuple[Any, dict[str, np.ndarray]]:
+  if isinstance(source, (str, os.PathLike)):
+    import transformers
+
+    path = os.fspath(source)
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"{path} is not a directory written by save_pretrained")
+    return transformers.AutoConfig.from_pretrained(path), core.read_safetensors_dir(path)
+  state = {}
+  for key, tensor in source.state_dict().items():
+    tensor = tensor.detach().cpu()
+    state[key] = tensor.float().numpy() if str(tensor.dtype) == "torch.bfloat16" else tensor.numpy()
+  return source.config, state
+
+
+def expected_shapes(model: LLVM) -> dict[str, tuple[int, ...]]:
+  """Flat '/'-joined parameter paths -> shapes, without allocating (jax.eval_shape)."""
+  shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0), unscanned=True))
+  return {k: tuple(v.shape) for k, v in core.flatten(shapes).items()}
+
+
+def init_params(model: LLVM, rng: jax.Array, unscanned: bool = False) -> dict[str, Any]:
+  """Random parameters (unboxed) for `model`, built with a one-image dummy batch."""
+  cfg = model.config
+  if unscanned and cfg.decoder.scan_layers:
+    model = LLVM(dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, scan_layers=False)))
+  variables = model.init(rng, *dummy_inputs(cfg))
+  return nn.unbox(variables["params"])
+
+
+def dummy_inputs(cfg: LLVMConfig) -> tuple[jax.Array, ...]:
+  """Smallest (tokens, images, image_mask) that exercise every parameter of the model."""
+  if cfg.vision is None:
+    return (jnp.zeros((1, 1), jnp.int32),)
+  n = cfg.tokens_per_image
+  tokens = jnp.full((1, n), cfg.image_token_id, jnp.int32)
+  images = jnp.zeros((1, 1, cfg.vision.image_size, cfg.vision.image_size, cfg.vision.num_channels), jnp.float32)
+  return tokens, images, jnp.ones((1, 1), bool)
+
+
+def stack_layers(decoder_params: dict[str, Any], num_layers: int) -> dict[str, Any]:
+  """Unscanned decoder params (`layers_{i}`) -> the scanned layout (`layers/layer`, axis 0)."""
+  out = {k: v for k, v in decoder_params.items() if not k.startswith("layers_")}
+  per_layer = [decoder_params[f"layers_{i}"] for i in range(num_layers)]
+  out["layers"] = {"layer": jax.tree.map(lambda *xs: np.stack(xs), *per_layer)}
+  return out
+
+
+def unstack_layers(decoder_params: dict[str, Any], num_layers: int) -> dict[str, Any]:
+  """Inverse of `stack_layers`."""
+  out = {k: v for k, v in decoder_params.items() if k != "layers"}
+  stacked = decoder_params["layers"]["layer"]
+  for i in range(num_layers):
+    out[f"layers_{i}"] = jax.tree.map(lambda x: np.asarray(x)[i], stacked)
+  return out
+
+
+def from_hf(
+    source: Any,
+    *,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    **decoder_overrides: Any,
+) -> tuple[LLVM, dict[str, Any]]:
+  """Loads a `save_pretrained` directory (safetensors, sharded or not; no torch) or an in-memory
+  `transformers` model. Returns (model, params) with params as numpy arrays in `param_dtype`.
+
+  `decoder_overrides` set DecoderConfig fields such as `scan_layers=True` or `remat_policy='full'`.
+  Any missing, unexpected or mis-shaped weight raises one WeightMismatchError naming them all.
+  """
+  hf_config, state = _hf_state(source)
+  cfg = llvm_config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **decoder_overrides)
+  model = LLVM(cfg)
+  state = {canonical_key(k): v for k, v in state.items()}
+  params = core.hf_to_ours(state, full_table(cfg), expected_shapes(model), context=str(getattr(hf_config, "model_type", "")))
+  target = resolve_dtype(param_dtype)
+  params = jax.tree.map(lambda x: np.asarray(x).astype(target), params)
+  if cfg.decoder.scan_layers:
+    params["decoder"] = stack_layers(params["decoder"], cfg.decoder.num_layers)
+  return model, params
+
+
+def hf_config_of(cfg: LLVMConfig) -> Any:
+  """The transformers config that `to_hf` writes for `cfg`."""
+  import transformers
+
+  text = decoder_config_to_hf(cfg.decoder)
+  if cfg.vision is None:
+    return text
+  vision = vision_config_to_hf(cfg.vision)
+  if cfg.projector.kind == "pixel_shuffle_mlp":
+    return transformers.InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=cfg.image_token_id,
+        downsample_ratio=cfg.projector.downsample_ratio, vision_feature_layer=cfg.vision.feature_layer,
+        vision_feature_select_strategy=cfg.vision.feature_select, projector_hidden_act="gelu",
+        tie_word_embeddings=cfg.decoder.tie_embeddings,
+    )
+  if cfg.projector.kind != "mlp2x_gelu":
+    raise ValueError(f"projector {cfg.projector.kind!r} has no transformers equivalent to export to")
+  return transformers.LlavaConfig(
+      vision_config=vision, text_config=text, image_token_id=cfg.image_token_id,
+      vision_feature_layer=cfg.vision.feature_layer, vision_feature_select_strategy=cfg.vision.feature_select,
+      projector_hidden_act="gelu", multimodal_projector_bias=True, image_seq_length=cfg.tokens_per_image,
+      tie_word_embeddings=cfg.decoder.tie_embeddings,
+  )
+
+
+def to_hf(cfg: LLVMConfig, params: dict[str, Any], out_dir: str, dtype: str = "float32") -> str:
+  """Writes `out_dir` (config.json + safetensors) that transformers' from_pretrained loads."""
+  params = dict(params)
+  if cfg.decoder.scan_layers:
+    params["decoder"] = unstack_layers(params["decoder"], cfg.decoder.num_layers)
+  target = resolve_dtype(dtype)
+  state = core.ours_to_hf(jax.tree.map(lambda x: np.asarray(jnp.asarray(x, target)), params), full_table(cfg))
+  hf_config = hf_config_of(cfg)
+  hf_config.torch_dtype = dtype
+  os.makedirs(out_dir, exist_ok=True)
+  hf_config.save_pretrained(out_dir)
+  core.write_safetensors_dir(state, out_dir)
+  with open(os.path.join(out_dir, "llvm_jax_config.json"), "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2)
+  return out_dir

@@ -1,0 +1,248 @@
+"""The decoder LLM (Llama / Qwen2 / Phi-3) with an explicit KV cache.
+
+The cache is a plain pytree passed in and returned (never a hidden Flax collection):
+
+    {'layers': [{'k': (B, S, Hkv, d), 'v': (B, S, Hkv, d)}, ...]   # stacked on axis 0 if scanned
+     'segment_ids': (B, S) int32   # 0 = empty or padding slot
+     'positions':   (B, S) int32   # RoPE position of each slot
+     'end': () int32               # slots [0, end) are written; the next call writes from `end`}
+
+Rows of a batch share `end` (prompts are left-padded to one length), so a call with T new tokens
+writes slots [end, end + T) of every row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llvm_jax.models import layers
+from llvm_jax.models.config import DecoderConfig, resolve_dtype
+from llvm_jax.models.rope import apply_rope, rope_cos_sin
+
+Array = jax.Array
+Cache = dict[str, Any]
+
+
+class Attention(nn.Module):
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, layer_cache: Cache | None, write_index):
+    cfg = self.config
+    dtype, pdtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
+
+    def proj(heads: int, head_axis: str, name: str) -> Array:
+      return layers.DenseGeneral(
+          (heads, cfg.head_dim), ("embed",), (head_axis, "head_dim"), use_bias=cfg.qkv_bias,
+          dtype=dtype, param_dtype=pdtype, name=name,
+      )(x)
+
+    q = proj(cfg.num_heads, "heads", "q")
+    k = proj(cfg.num_kv_heads, "kv_heads", "k")
+    v = proj(cfg.num_kv_heads, "kv_heads", "v")
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    new_cache = None
+    if layer_cache is not None:
+      start = (0, write_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
+      v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
+      new_cache = {"k": k, "v": v}
+      k, v = k.astype(dtype), v.astype(dtype)
+    out = layers.attention(q, k, v, mask, scale=cfg.head_dim**-0.5)
+    out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", None))
+    out = layers.DenseGeneral(
+        (cfg.embed_dim,), ("heads", "head_dim"), ("embed",), dtype=dtype, param_dtype=pdtype, name="o"
+    )(out)
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    dtype, pdtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
+
+    def dense(out: int, names: tuple[str, str], name: str, y: Array) -> Array:
+      return layers.DenseGeneral((out,), names[:1], names[1:], dtype=dtype, param_dtype=pdtype, name=name)(y)
+
+    gate = dense(cfg.mlp_dim, ("embed", "mlp"), "gate", x)
+    up = dense(cfg.mlp_dim, ("embed", "mlp"), "up", x)
+    hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("act_batch", "act_len", "act_mlp"))
+    return dense(cfg.embed_dim, ("mlp", "embed"), "down", hidden)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: x + Attn(norm(x)), then + MLP(norm(.))."""
+
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, layer_cache: Cache | None, write_index):
+    cfg = self.config
+    dtype, pdtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
+    norm = lambda name: layers.RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=pdtype, name=name)
+    attn_out, new_cache = Attention(cfg, name="attn")(
+        norm("input_norm")(x), cos, sin, mask, layer_cache, write_index
+    )
+    x = x + attn_out
+    x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
+    x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
+    return x, new_cache
+
+
+class _ScanBody(nn.Module):
+  """Adapter giving DecoderLayer the (carry, xs) signature nn.scan expects."""
+
+  config: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x, layer_cache, cos, sin, mask, write_index):
+    layer_cls = layers.maybe_remat(DecoderLayer, self.config.remat_policy)
+    x, new_cache = layer_cls(self.config, name="layer")(x, cos, sin, mask, layer_cache, write_index)
+    return x, new_cache
+
+
+def attention_mask(
+    q_segments: Array, q_positions: Array, q_slots: Array,
+    k_segments: Array, k_positions: Array, k_slots: Array,
+    sliding_window: int | None = None,
+) -> Array:
+  """(B, T, S) bool: same non-padding segment, causal in slot order, optional sliding window."""
+  mask = (q_segments[:, :, None] == k_segments[:, None, :]) & (q_segments[:, :, None] != 0)
+  mask &= k_slots[:, None, :] <= q_slots[:, :, None]
+  if sliding_window is not None:
+    mask &= q_positions[:, :, None] - k_positions[:, None, :] < sliding_window
+  return mask
+
+
+def default_positions(segment_ids: Array) -> Array:
+  """Positions restarting at 0 in each segment (padding gets 0), for packed or padded rows."""
+  valid = segment_ids != 0
+  idx = jnp.arange(segment_ids.shape[1])[None, :]
+  is_start = valid & jnp.concatenate(
+      [jnp.ones_like(valid[:, :1]), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  )
+  start = jax.lax.cummax(jnp.where(is_start, idx, 0), axis=1)
+  return jnp.where(valid, idx - start, 0).astype(jnp.int32)
+
+
+class Decoder(nn.Module):
+  """Token embedding, the layer stack, final norm and LM head."""
+
+  config: DecoderConfig
+
+  def setup(self):
+    cfg = self.config
+    self.dtype, pdtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
+    self.embedding = self.param(
+        "embedding",
+        layers.logical_init(layers.default_kernel_init, ("vocab", "embed")),
+        (cfg.vocab_size, cfg.embed_dim),
+        pdtype,
+    )
+    if cfg.scan_layers:
+      self.layers = nn.scan(
+          _ScanBody,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, name="layers")
+    else:
+      layer_cls = layers.maybe_remat(DecoderLayer, cfg.remat_policy)
+      self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    self.final_norm = layers.RMSNorm(cfg.norm_eps, dtype=self.dtype, param_dtype=pdtype)
+    if not cfg.tie_embeddings:
+      self.lm_head = layers.DenseGeneral(
+          (cfg.vocab_size,), ("embed",), ("vocab",), dtype=self.dtype, param_dtype=pdtype
+      )
+
+  def embed(self, tokens: Array) -> Array:
+    x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+    return nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
+
+  def __call__(
+      self,
+      x: Array,
+      segment_ids: Array,
+      positions: Array | None = None,
+      cache: Cache | None = None,
+  ) -> tuple[Array, Cache | None]:
+    """Runs the stack on embeddings x (B, T, D); returns logits (B, T, V) and the updated cache.
+
+    Without a cache, attention is over these T tokens (causal within segments). With one, the T
+    tokens are written at slots [end, end + T) and attend to every valid earlier slot.
+    """
+    cfg = self.config
+    b, t = segment_ids.shape
+    segment_ids = segment_ids.astype(jnp.int32)
+    slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    if cache is None:
+      if positions is None:
+        positions = default_positions(segment_ids)
+      mask = attention_mask(segment_ids, positions, slots, segment_ids, positions, slots, cfg.sliding_window)
+      write_index, layer_caches = 0, [None] * cfg.num_layers
+    else:
+      write_index = cache["end"]
+      if positions is None:
+        start = jnp.max(jnp.where(cache["segment_ids"] != 0, cache["positions"] + 1, 0), axis=1)
+        positions = start[:, None] + jnp.maximum(jnp.cumsum(segment_ids != 0, axis=1) - 1, 0)
+      positions = positions.astype(jnp.int32)
+      k_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, write_index))
+      k_positions = jax.lax.dynamic_update_slice(cache["positions"], positions, (0, write_index))
+      k_slots = jnp.broadcast_to(jnp.arange(k_segments.shape[1], dtype=jnp.int32)[None], k_segments.shape)
+      mask = attention_mask(
+          segment_ids, positions, slots + write_index, k_segments, k_positions, k_slots, cfg.sliding_window
+      )
+      layer_caches = cache["layers"]
+    cos, sin = rope_cos_sin(positions, cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+
+    if cfg.scan_layers:
+      x, new_layer_caches = self.layers(x, layer_caches if cache is not None else None, cos, sin, mask, write_index)
+    else:
+      new_layer_caches = []
+      for layer, layer_cache in zip(self.layers, layer_caches):
+        x, new_layer_cache = layer(x, cos, sin, mask, layer_cache, write_index)
+        new_layer_caches.append(new_layer_cache)
+
+    x = self.final_norm(x)
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("btd,vd->btv", x, self.embedding.astype(self.dtype))
+    else:
+      logits = self.lm_head(x)
+    logits = nn.with_logical_constraint(logits, ("act_batch", "act_len", "act_vocab"))
+    new_cache = None
+    if cache is not None:
+      new_cache = {
+          "layers": new_layer_caches,
+          "segment_ids": k_segments,
+          "positions": k_positions,
+          "end": cache["end"] + t,
+      }
+    return logits, new_cache
+
+
+def init_layer_cache(config: DecoderConfig, batch: int, max_len: int, dtype: Any) -> Cache:
+  """One layer's cache entries (techniques that cache more per layer add their entries here)."""
+  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def init_cache(config: DecoderConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
+  """An empty cache for `batch` rows of up to `max_len` tokens (dtype defaults to the compute dtype)."""
+  dtype = resolve_dtype(config.dtype) if dtype is None else dtype
+  per_layer = [init_layer_cache(config, batch, max_len, dtype) for _ in range(config.num_layers)]
+  layer_caches = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if config.scan_layers else per_layer
+  return {
+      "layers": layer_caches,
+      "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+      "positions": jnp.zeros((batch, max_len), jnp.int32),
+      "end": jnp.zeros((), jnp.int32),
+  }
