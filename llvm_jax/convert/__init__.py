@@ -64,7 +64,9 @@ def llvm_config_from_hf(hf: Any, dtype: str = "float32", param_dtype: str = "flo
     return LLVMConfig(decoder=decoder_config_from_hf(hf, **precision, **decoder_overrides), vision=None)
   if hf.model_type not in _MULTIMODAL:
     raise ValueError(f"unsupported model_type {hf.model_type!r}; supported: {_TEXT_ONLY + _MULTIMODAL}")
-  decoder = decoder_config_from_hf(hf.text_config, **precision, **decoder_overrides)
+  # The composite config's tie flag decides whether lm_head is saved (InternVL ties by default).
+  tie = getattr(hf, "tie_word_embeddings", hf.text_config.tie_word_embeddings)
+  decoder = decoder_config_from_hf(hf.text_config, **precision, **{"tie_embeddings": tie, **decoder_overrides})
   vision = vision_config_from_hf(
       hf.vision_config, feature_layer=hf.vision_feature_layer, feature_select=hf.vision_feature_select_strategy
   )
@@ -169,11 +171,11 @@ def from_hf(
   return model, params
 
 
-def hf_config_of(cfg: LLVMConfig) -> Any:
-  """The transformers config that `to_hf` writes for `cfg`."""
+def hf_config_of(cfg: LLVMConfig, **text_extra: Any) -> Any:
+  """The transformers config that `to_hf` writes for `cfg` (`text_extra`: e.g. eos_token_id)."""
   import transformers
 
-  text = decoder_config_to_hf(cfg.decoder)
+  text = decoder_config_to_hf(cfg.decoder, **text_extra)
   if cfg.vision is None:
     return text
   vision = vision_config_to_hf(cfg.vision)
@@ -181,7 +183,7 @@ def hf_config_of(cfg: LLVMConfig) -> Any:
     return transformers.InternVLConfig(
         vision_config=vision, text_config=text, image_token_id=cfg.image_token_id,
         downsample_ratio=cfg.projector.downsample_ratio, vision_feature_layer=cfg.vision.feature_layer,
-        vision_feature_select_strategy=cfg.vision.feature_select, projector_hidden_act="gelu",
+        vision_feature_select_strategy=cfg.vision.feature_select, projector_hidden_act=cfg.projector.act,
         tie_word_embeddings=cfg.decoder.tie_embeddings,
     )
   if cfg.projector.kind != "mlp2x_gelu":
@@ -189,19 +191,23 @@ def hf_config_of(cfg: LLVMConfig) -> Any:
   return transformers.LlavaConfig(
       vision_config=vision, text_config=text, image_token_id=cfg.image_token_id,
       vision_feature_layer=cfg.vision.feature_layer, vision_feature_select_strategy=cfg.vision.feature_select,
-      projector_hidden_act="gelu", multimodal_projector_bias=True, image_seq_length=cfg.tokens_per_image,
+      projector_hidden_act=cfg.projector.act, multimodal_projector_bias=cfg.projector.bias,
+      image_seq_length=cfg.tokens_per_image,
       tie_word_embeddings=cfg.decoder.tie_embeddings,
   )
 
 
-def to_hf(cfg: LLVMConfig, params: dict[str, Any], out_dir: str, dtype: str = "float32") -> str:
-  """Writes `out_dir` (config.json + safetensors) that transformers' from_pretrained loads."""
+def to_hf(cfg: LLVMConfig, params: dict[str, Any], out_dir: str, dtype: str = "float32", **text_extra: Any) -> str:
+  """Writes `out_dir` (config.json + safetensors) that transformers' from_pretrained loads.
+
+  `text_extra` goes into the language model's transformers config (e.g. bos/eos/pad token ids).
+  """
   params = dict(params)
   if cfg.decoder.scan_layers:
     params["decoder"] = unstack_layers(params["decoder"], cfg.decoder.num_layers)
   target = resolve_dtype(dtype)
   state = core.ours_to_hf(jax.tree.map(lambda x: np.asarray(jnp.asarray(x, target)), params), full_table(cfg))
-  hf_config = hf_config_of(cfg)
+  hf_config = hf_config_of(cfg, **text_extra)
   hf_config.torch_dtype = dtype
   os.makedirs(out_dir, exist_ok=True)
   hf_config.save_pretrained(out_dir)

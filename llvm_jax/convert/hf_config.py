@@ -114,4 +114,10 @@ def decoder_config_to_hf(cfg: DecoderConfig, **extra: Any) -> Any:
     return transformers.Qwen2Config(head_dim=cfg.head_dim, **common)
   if cfg.head_dim * cfg.num_heads != cfg.embed_dim:
     raise ValueError("phi3 derives head_dim = hidden_size / num_heads; this config cannot be exported")
+  # Phi3Config's default special-token ids (32000) fall outside small vocabularies; token ids
+  # belong to the tokenizer and are passed in `extra` when known.
+  common = {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None, **common}
+  if cfg.rope.original_max_position_embeddings is not None:
+    # Phi3Config reads this top-level field over the one inside rope_parameters.
+    common["original_max_position_embeddings"] = cfg.rope.original_max_position_embeddings
   return transformers.Phi3Config(sliding_window=cfg.sliding_window, **common)

@@ -117,7 +117,11 @@ class DecoderConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  """A ViT tower. `kind`: 'clip' | 'siglip' | 'internvit'."""
+  """A ViT tower. `kind`: 'clip' | 'siglip' | 'internvit' (see models/vision.py).
+
+  `depth` is the tower's full depth as in the HF checkpoint; only the layers the selected feature
+  layer needs are built (`num_layers_used`).
+  """
 
   kind: str = "clip"
   image_size: int = 336
@@ -129,56 +133,123 @@ class VisionConfig:
   mlp_dim: int = 4096
   norm_eps: float = 1e-5
   # Hidden-state index whose features are used (LLaVA: -2, the penultimate layer; InternVL: -1).
+  # Index 0 is the embedding output (after CLIP's pre-norm), index i the output of layer i.
   feature_layer: int = -2
-  # 'default' drops the CLS token, 'full' keeps every token (as in LLaVA / InternVL).
+  # 'default' drops the first token, 'full' keeps every token (as in LLaVA / InternVL). Note that,
+  # as in transformers' LLaVA, 'default' drops the first token even for SigLIP, which has no CLS
+  # token (so it drops a patch): SigLIP towers normally use 'full'.
   feature_select: str = "default"
+  # MLP activation, a key of layers.ACTIVATIONS; None = the kind's default (clip: quick_gelu,
+  # siglip: gelu_tanh, internvit: gelu).
+  act: str | None = None
   # InternViT options.
   qkv_bias: bool = True
   qk_norm: bool = False
   norm_type: str = "layer_norm"
   layer_scale: bool = False
+  # InternViT: a LayerNorm after the last layer (HF `use_mean_pooling=False`); like transformers'
+  # InternVL it is applied only when feature_layer == -1.
+  post_norm: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
+  # None (no rematerialisation) | 'full' | 'dots' | 'dots_no_batch' (see layers.REMAT_POLICIES).
+  remat_policy: str | None = None
 
   def __post_init__(self):
     if self.kind not in ("clip", "siglip", "internvit"):
       raise ValueError(f"vision.kind must be clip, siglip or internvit, got {self.kind!r}")
     if self.feature_select not in ("default", "full"):
       raise ValueError(f"vision.feature_select must be default or full, got {self.feature_select!r}")
-    if self.image_size % self.patch_size:
-      raise ValueError(f"vision.image_size={self.image_size} not divisible by patch {self.patch_size}")
+    if self.image_size < self.patch_size:
+      raise ValueError(f"vision.image_size={self.image_size} is smaller than patch {self.patch_size}")
+    # A size that is not a multiple of the patch (SigLIP so400m: 384 px, patch 14) is allowed: the
+    # patch conv drops the last image_size % patch_size pixel rows / columns, as in transformers.
+    if self.width % self.num_heads:
+      raise ValueError(f"vision.width={self.width} is not a multiple of num_heads={self.num_heads}")
+    if not -self.depth - 1 <= self.feature_layer <= self.depth:
+      raise ValueError(
+          f"vision.feature_layer={self.feature_layer} out of range for depth {self.depth} "
+          f"(hidden-state indices {-self.depth - 1}..{self.depth})"
+      )
+    if self.norm_type not in ("layer_norm", "rms_norm"):
+      raise ValueError(f"vision.norm_type must be layer_norm or rms_norm, got {self.norm_type!r}")
+    if self.kind != "internvit":
+      odd = [
+          name for name, value, default in (
+              ("qkv_bias", self.qkv_bias, True), ("qk_norm", self.qk_norm, False),
+              ("norm_type", self.norm_type, "layer_norm"), ("layer_scale", self.layer_scale, False),
+              ("post_norm", self.post_norm, False),
+          ) if value != default
+      ]
+      if odd:
+        raise ValueError(f"vision.{', vision.'.join(odd)}: InternViT-only option(s) set for kind {self.kind!r}")
 
   @property
   def has_cls(self) -> bool:
     return self.kind != "siglip"
 
   @property
+  def activation(self) -> str:
+    """The MLP activation name (a key of layers.ACTIVATIONS)."""
+    if self.act is not None:
+      return self.act
+    return {"clip": "quick_gelu", "siglip": "gelu_tanh", "internvit": "gelu"}[self.kind]
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+  @property
   def grid(self) -> int:
     return self.image_size // self.patch_size
 
   @property
+  def num_positions(self) -> int:
+    """Tokens entering the first layer (patches plus CLS where the tower has one)."""
+    return self.grid**2 + int(self.has_cls)
+
+  @property
+  def num_layers_used(self) -> int:
+    """Layers run to reach `feature_layer` (hidden-state index; negative counts from the end)."""
+    return self.feature_layer if self.feature_layer >= 0 else self.depth + 1 + self.feature_layer
+
+  @property
   def num_features(self) -> int:
-    """Tokens per image out of the tower after feature selection."""
-    n = self.grid**2
-    if self.has_cls and self.feature_select == "full":
-      n += 1
-    return n
+    """Tokens per image out of the tower after feature selection ('default' drops the first)."""
+    return self.num_positions - int(self.feature_select == "default")
 
 
 @dataclasses.dataclass(frozen=True)
 class ProjectorConfig:
-  """Vision -> LLM projector. `kind`: 'mlp2x_gelu' | 'linear' | 'pixel_shuffle_mlp' (InternVL)."""
+  """Vision -> LLM projector. `kind`: 'mlp2x_gelu' | 'linear' | 'pixel_shuffle_mlp' (InternVL).
+
+  'mlp2x_gelu': Linear -> act -> Linear (LLaVA); 'linear': one Linear (no transformers
+  equivalent); 'pixel_shuffle_mlp': pixel shuffle, LayerNorm, Linear -> act -> Linear (InternVL).
+  """
 
   kind: str = "mlp2x_gelu"
   # InternVL: pixel shuffle keeps (ratio * grid)^2 tokens with 1/ratio^2 times the channels.
   downsample_ratio: float = 0.5
   norm_eps: float = 1e-5
+  # Activation between the two Linears (a key of layers.ACTIVATIONS; HF projector_hidden_act).
+  act: str = "gelu"
+  # Biases of the Linears (LLaVA's multimodal_projector_bias; InternVL always has them).
+  bias: bool = True
   dtype: str = "float32"
   param_dtype: str = "float32"
 
   def __post_init__(self):
     if self.kind not in ("mlp2x_gelu", "linear", "pixel_shuffle_mlp"):
       raise ValueError(f"projector.kind unknown: {self.kind!r}")
+    if self.kind == "pixel_shuffle_mlp":
+      k = 1.0 / self.downsample_ratio
+      if abs(k - round(k)) > 1e-6 or round(k) < 1:
+        raise ValueError(f"projector.downsample_ratio={self.downsample_ratio}: 1/ratio must be an integer")
+
+  @property
+  def shuffle_factor(self) -> int:
+    """Pixel shuffle merges shuffle_factor x shuffle_factor neighbouring tokens (2 for ratio 0.5)."""
+    return int(round(1.0 / self.downsample_ratio))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +268,8 @@ class LLVMConfig:
       return 0
     n = self.vision.num_features
     if self.projector.kind == "pixel_shuffle_mlp":
-      side = int(round(self.vision.grid * self.projector.downsample_ratio))
+      # The projector needs a square grid divisible by the shuffle factor (it raises otherwise).
+      side = self.vision.grid // self.projector.shuffle_factor
       n = side * side
     return n
 

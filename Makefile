@@ -1,0 +1,23 @@
+# Quick start: `make demo` (the main job) and `make test` (the whole suite). Both create .venv and
+# install the pinned dependencies on first use.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+PY := $(VENV)/bin/python
+
+.PHONY: demo test clean
+
+$(STAMP): setup.py
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m llvm_jax.main --config=configs/demo.py --workdir=workdirs/demo
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -n 2 --durations=15 tests
+
+clean:
+	rm -rf $(VENV) workdirs

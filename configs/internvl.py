@@ -1,0 +1,43 @@
+"""InternVL2-style LLVM: InternViT + pixel shuffle (0.5) + LayerNorm/MLP projector + Qwen2 LLM.
+
+This is the backbone family of Phantom and TroL. Run (model summary + demo generation):
+  python -m llvm_jax.main --config=configs/internvl.py:size=tiny --workdir=/tmp/internvl_tiny
+  python -m llvm_jax.main --config=configs/internvl.py:size=1b --workdir=/tmp/internvl1b \
+      --config.init_hf=/path/to/InternVL2-1B-hf
+Arg: size=tiny|1b (1b: InternViT-300M-448px + Qwen2-0.5B, the InternVL2-1B shapes).
+"""
+
+from llvm_jax import config_utils
+from llvm_jax.models.config import DecoderConfig, LLVMConfig, ProjectorConfig, RopeConfig, VisionConfig
+
+
+def internvl2_1b() -> LLVMConfig:
+  decoder = DecoderConfig(
+      family="qwen2", vocab_size=151655, embed_dim=896, num_layers=24, num_heads=14, num_kv_heads=2,
+      head_dim=64, mlp_dim=4864, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True,
+      max_position_embeddings=32768, rope=RopeConfig(theta=1000000.0),
+  )
+  vision = VisionConfig(
+      kind="internvit", image_size=448, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096,
+      norm_eps=1e-6, feature_layer=-1, feature_select="default", qkv_bias=True, layer_scale=True,
+  )
+  projector = ProjectorConfig("pixel_shuffle_mlp", downsample_ratio=0.5, norm_eps=1e-5)
+  return LLVMConfig(decoder=decoder, vision=vision, projector=projector, image_token_id=151648)
+
+
+def tiny() -> LLVMConfig:
+  base = config_utils.tiny_llvm(family="qwen2")
+  vision = VisionConfig(
+      kind="internvit", image_size=32, patch_size=4, width=48, depth=2, num_heads=4, mlp_dim=96,
+      norm_eps=1e-6, feature_layer=-1, feature_select="default", layer_scale=True,
+  )
+  return LLVMConfig(decoder=base.decoder, vision=vision, projector=ProjectorConfig("pixel_shuffle_mlp"),
+                    image_token_id=base.image_token_id)
+
+
+def get_config(arg=None):
+  args = config_utils.parse_arg(arg, size="tiny")
+  sizes = {"tiny": tiny, "1b": internvl2_1b}
+  if args.size not in sizes:
+    raise ValueError(f"size must be one of {sorted(sizes)}, got {args.size!r}")
+  return config_utils.experiment(sizes[args.size]())

@@ -1,0 +1,85 @@
+"""Helpers for `configs/*.py`: big_vision-style arg strings and model blocks.
+
+A config file defines `get_config(arg=None)` returning a locked `ml_collections.ConfigDict`;
+`--config=configs/llava.py:llm=qwen2,res=336` passes `"llm=qwen2,res=336"` as `arg`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from llvm_jax.models.config import DecoderConfig, LLVMConfig, ProjectorConfig, RopeConfig, VisionConfig
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses 'k1=v1,k2=v2' into a ConfigDict typed like `defaults`; unknown keys raise."""
+  result = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return result
+  for item in arg.split(","):
+    if not item:
+      continue
+    if "=" not in item:
+      raise ValueError(f"config arg {item!r} is not key=value (full arg: {arg!r})")
+    key, value = item.split("=", 1)
+    if key not in defaults:
+      raise ValueError(f"unknown config arg {key!r}; expected one of {sorted(defaults)}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config arg {key}={value!r} is not a boolean")
+      result[key] = value.lower() in ("true", "1")
+    elif default is None:
+      result[key] = value
+    else:
+      result[key] = type(default)(value)
+  return result
+
+
+def model_block(cfg: LLVMConfig) -> ml_collections.ConfigDict:
+  """A ConfigDict mirroring `cfg` field for field (so overrides and typos are checked)."""
+  return ml_collections.ConfigDict(cfg.to_dict())
+
+
+def model_config(config: ml_collections.ConfigDict) -> LLVMConfig:
+  """The model dataclass of an experiment config; unknown keys raise with their full name."""
+  return LLVMConfig.from_dict(config.model)
+
+
+def tiny_llvm(
+    vocab_size: int = 128,
+    image_token_id: int = 4,
+    image_size: int = 32,
+    patch_size: int = 8,
+    family: str = "llama",
+    vision_kind: str = "clip",
+    embed_dim: int = 64,
+    num_layers: int = 2,
+) -> LLVMConfig:
+  """A few-hundred-thousand-parameter LLVM for demos and tests."""
+  decoder = DecoderConfig(
+      family=family, vocab_size=vocab_size, embed_dim=embed_dim, num_layers=num_layers, num_heads=4,
+      num_kv_heads=2, head_dim=embed_dim // 4, mlp_dim=2 * embed_dim, norm_eps=1e-6,
+      qkv_bias=family == "qwen2", tie_embeddings=False, max_position_embeddings=512, rope=RopeConfig(),
+  )
+  vision = VisionConfig(
+      kind=vision_kind, image_size=image_size, patch_size=patch_size, width=48, depth=2, num_heads=4,
+      mlp_dim=96, feature_layer=-1, feature_select="default" if vision_kind != "siglip" else "full",
+  )
+  return LLVMConfig(decoder=decoder, vision=vision, projector=ProjectorConfig(), image_token_id=image_token_id)
+
+
+def experiment(model: LLVMConfig) -> ml_collections.ConfigDict:
+  """A locked experiment config around `model`; overrides of unknown keys fail by name."""
+  config = ml_collections.ConfigDict()
+  config.task = "demo"
+  config.seed = 0
+  config.model = model_block(model)
+  # A transformers save_pretrained directory to initialise from ('' = random init).
+  config.init_hf = ""
+  # Greedy tokens generated after the prompt by the demo task.
+  config.max_new_tokens = 8
+  config.lock()
+  return config

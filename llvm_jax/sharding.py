@@ -1,0 +1,89 @@
+"""The one place that maps logical axis names to mesh axes ('data', 'fsdp', 'tensor').
+
+Parameters and activations are annotated with logical names in the model code; a strategy picks a
+rules table here. Unlisted names are replicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+_ACTIVATIONS = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+LOGICAL_RULES: dict[str, tuple[tuple[str, Any], ...]] = {
+    # Pure data parallelism: every weight replicated.
+    "dp": _ACTIVATIONS,
+    # ZeRO-3 style: weights sharded over 'fsdp' along their largest non-tensor axis.
+    "fsdp": _ACTIVATIONS + (
+        ("embed", "fsdp"),
+        ("vision_embed", "fsdp"),
+        ("layers", None),
+    ),
+    # FSDP plus Megatron-style tensor parallelism of heads and MLP width.
+    "fsdp_tp": _ACTIVATIONS + (
+        ("embed", "fsdp"),
+        ("vision_embed", "fsdp"),
+        ("vocab", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("mlp", "tensor"),
+        ("vision_heads", "tensor"),
+        ("vision_mlp", "tensor"),
+        ("layers", None),
+    ),
+}
+
+
+def logical_rules(strategy: str) -> tuple[tuple[str, Any], ...]:
+  if strategy not in LOGICAL_RULES:
+    raise ValueError(f"unknown sharding strategy {strategy!r}; expected one of {sorted(LOGICAL_RULES)}")
+  return LOGICAL_RULES[strategy]
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh; -1 in `shape` takes the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = list(shape)
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh shape {shape}: at most one -1")
+  if -1 in shape:
+    rest = int(np.prod([s for s in shape if s != -1]))
+    if len(devices) % rest:
+      raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
+    shape[shape.index(-1)] = len(devices) // rest
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, have {len(devices)}")
+  array = np.asarray(devices).reshape(shape)
+  return Mesh(array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def param_shardings(abstract_params: Any, mesh: Mesh, strategy: str) -> Any:
+  """NamedShardings for a (boxed, logically annotated) parameter tree, e.g. from jax.eval_shape."""
+  specs = nn.get_partition_spec(abstract_params)
+  return nn.logical_to_mesh_sharding(specs, mesh, logical_rules(strategy))
+
+
+def logical_spec(names: Sequence[str | None], strategy: str) -> PartitionSpec:
+  """The mesh PartitionSpec of one array with logical axis `names`."""
+  return nn.logical_to_mesh_axes(tuple(names), logical_rules(strategy))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over the data-parallel axes, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))

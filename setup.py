@@ -1,0 +1,42 @@
+"""llvm_jax: efficient large language-and-vision models in JAX/Flax (TroL, Phantom, DeepStack, p-MoD)."""
+
+from setuptools import find_packages, setup
+
+# One tested set of versions (CPU, Python 3.11); `make test` and CI install exactly these.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorflow-datasets==4.9.10",
+    "array-record==0.8.6",
+    "ml-collections==1.1.0",
+    "einops==0.8.2",
+    "transformers==5.23.0",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "pillow==13.0.0",
+    "numpy==2.4.6",
+    "ml-dtypes==0.6.0",
+    "absl-py==2.5.1",
+    "tensorboardX==2.6.5",
+]
+
+EXTRAS_REQUIRE = {
+    # torch is the reference implementation in parity tests only (CPU build).
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0"],
+    "cuda": ["jax[cuda12]==0.10.2"],
+    "tpu": ["jax[tpu]==0.10.2"],
+}
+
+setup(
+    name="llvm_jax",
+    version="0.1.0",
+    description=__doc__,
+    packages=find_packages(include=["llvm_jax", "llvm_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
