@@ -71,15 +71,45 @@ def tiny_llvm(
   return LLVMConfig(decoder=decoder, vision=vision, projector=ProjectorConfig(), image_token_id=image_token_id)
 
 
-def experiment(model: LLVMConfig) -> ml_collections.ConfigDict:
-  """A locked experiment config around `model`; overrides of unknown keys fail by name."""
+def experiment(model: LLVMConfig, task: str = "demo", lock: bool = True) -> ml_collections.ConfigDict:
+  """An experiment config around `model`; once locked, overrides of unknown keys fail by name.
+
+  Blocks: model, data (llvm_jax.data.config), optim (train.optim), train, sharding, evals.
+  """
+  from llvm_jax.data.config import default_data_config
+  from llvm_jax.train.optim import default_optim_config
+
   config = ml_collections.ConfigDict()
-  config.task = "demo"
+  config.task = task
   config.seed = 0
   config.model = model_block(model)
   # A transformers save_pretrained directory to initialise from ('' = random init).
   config.init_hf = ""
   # Greedy tokens generated after the prompt by the demo task.
   config.max_new_tokens = 8
-  config.lock()
+  # A tokenizer directory, or 'tiny' for the built-in synthetic_vqa tokenizer (built in workdir).
+  config.tokenizer = "tiny"
+  config.image_token = "<image>"
+  config.data = default_data_config()
+  config.optim = default_optim_config()
+  config.train = train_block()
+  config.sharding = ml_collections.ConfigDict({"mesh_shape": (-1, 1, 1), "strategy": "fsdp"})
+  # name -> dict(type=..., **kwargs), big_vision style (see llvm_jax/evaluators).
+  config.evals = ml_collections.ConfigDict()
+  if lock:
+    config.lock()
   return config
+
+
+def train_block() -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
+  t.total_steps = 100
+  t.loss = "sft"
+  # Gradient accumulation: the global batch is split into this many sequential micro-batches.
+  t.microbatches = 1
+  t.log_every = 10
+  t.eval_every = 0
+  t.checkpoint_every = 50
+  t.keep_checkpoints = 3
+  t.async_checkpoints = True
+  return t

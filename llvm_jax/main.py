@@ -21,6 +21,10 @@ from llvm_jax.models.llvm import LLVM
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (created if missing).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with auto-detection (TPU pods, SLURM).")
 
 
 def build_model(config) -> tuple[LLVM, dict]:
@@ -83,7 +87,57 @@ def run_demo(config, workdir: str) -> dict:
   return result
 
 
-TASKS = {"demo": run_demo}
+def resolve_tokenizer(config, workdir: str):
+  """The tokenizer of `config.tokenizer` ('tiny' builds the synthetic_vqa one into the workdir)."""
+  from llvm_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
+
+  path = config.tokenizer
+  if path == "tiny":
+    path = os.path.join(workdir, "tokenizer")
+    if jax.process_index() == 0 or not os.path.exists(path):
+      build_tiny_tokenizer(path)
+  tokenizer = load_tokenizer(path)
+  model_cfg = config_utils.model_config(config)
+  image_id = tokenizer.convert_tokens_to_ids(config.image_token)
+  if image_id != model_cfg.image_token_id:
+    raise ValueError(
+        f"tokenizer {path!r} maps image_token {config.image_token!r} to id {image_id}, but "
+        f"config.model.image_token_id={model_cfg.image_token_id}"
+    )
+  if len(tokenizer) > model_cfg.decoder.vocab_size:
+    raise ValueError(
+        f"tokenizer {path!r} has {len(tokenizer)} tokens > config.model.decoder.vocab_size="
+        f"{model_cfg.decoder.vocab_size}"
+    )
+  return tokenizer
+
+
+def run_train(config, workdir: str) -> dict:
+  """Trains (resuming from the workdir), evaluating on schedule; see llvm_jax/train/trainer.py."""
+  from llvm_jax import evaluators
+  from llvm_jax.data.pipeline import make_iterator
+  from llvm_jax.train import trainer
+
+  model = LLVM(config_utils.model_config(config))
+  tokenizer = resolve_tokenizer(config, workdir)
+  mesh = trainer.mesh_from_config(config)
+  data = make_iterator(config.data, tokenizer, num_image_tokens=model.config.tokens_per_image,
+                       image_token=config.image_token, mesh=mesh, mode="train")
+  evals = {
+      name: evaluators.make(name, spec, model=model, tokenizer=tokenizer, data_config=config.data,
+                            workdir=workdir, image_token=config.image_token)
+      for name, spec in config.evals.items()
+  }
+  last = trainer.train(config, workdir, data, evals, model)
+  last.pop("params")
+  if jax.process_index() == 0:
+    shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}
+    print(f"llvm_jax train: finished {config.train.total_steps} steps: {shown}")
+    print(f"  data: {data.report()}")
+  return last
+
+
+TASKS = {"demo": run_demo, "train": run_train}
 
 
 def main(argv) -> None:
@@ -94,6 +148,10 @@ def main(argv) -> None:
   if config.task not in TASKS:
     raise app.UsageError(f"config.task={config.task!r} unknown; expected one of {sorted(TASKS)}")
   config_utils.model_config(config)  # validates the model block before anything heavy runs
+  if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
   workdir = _WORKDIR.value or os.path.join("workdirs", config.task)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:

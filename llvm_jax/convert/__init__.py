@@ -115,8 +115,8 @@ def init_params(model: LLVM, rng: jax.Array, unscanned: bool = False) -> dict[st
   cfg = model.config
   if unscanned and cfg.decoder.scan_layers:
     model = LLVM(dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, scan_layers=False)))
-  variables = model.init(rng, *dummy_inputs(cfg))
-  return nn.unbox(variables["params"])
+  # Jitted, so the values equal those of the trainer's sharded (jitted) init bit for bit.
+  return jax.jit(lambda key: nn.unbox(model.init(key, *dummy_inputs(cfg))["params"]))(rng)
 
 
 def dummy_inputs(cfg: LLVMConfig) -> tuple[jax.Array, ...]:

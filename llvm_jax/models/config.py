@@ -81,6 +81,54 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrolConfig:
+  """TroL, traversal of layers (models/trol.py): traversed layers run twice, a TroL-Mixer mixes the passes."""
+
+  # One gate for every traversed layer, as the released TroL weights were trained (an accident of
+  # the official code); False: one gate per traversed layer (the intended design).
+  shared_gate: bool = False
+  # Indices of the traversed layers, e.g. tuple(range(8)) for the lowest 8; None = every layer.
+  layers: tuple[int, ...] | None = None
+  # 'zeros' (default): a = 0, b = 0, so w = 0.5 for every token and the start is deterministic;
+  # 'normal': a ~ N(0, 0.02^2), b = 0; 'torch': a, b ~ U(+-1/sqrt(D)), PyTorch's nn.Linear default
+  # (the official code's initialisation).
+  gate_init: str = "zeros"
+  # With a KV cache: 'full' (default) keeps a second cache for pass 2, so decoding computes the
+  # training-time function; 'official' traverses the prompt only and decodes each token with one
+  # plain pass over pass-1 K/V (the released behaviour).
+  decode_traversal: str = "full"
+
+  def __post_init__(self):
+    if self.gate_init not in ("zeros", "normal", "torch"):
+      raise ValueError(f"trol.gate_init must be zeros, normal or torch, got {self.gate_init!r}")
+    if self.decode_traversal not in ("official", "full"):
+      raise ValueError(f"trol.decode_traversal must be official or full, got {self.decode_traversal!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PhantomConfig:
+  """Phantom dimension (models/phantom.py): each attention's head dim d grows to 2d with q/k/v
+  cross-attended to the first token of the sequence (the 'sos'), then two gates mix back to d."""
+
+  # Fixed scale of the phantom branch (the official code's XAttention eta): tiny, so a fresh
+  # branch is nearly a no-op.
+  eta: float = 1e-4
+  # KV cache: 'expanded' caches the 2d-wide K' = [K; K*], V' = [V; V*] (cheaper per step);
+  # 'recompute' caches d-wide K/V and recomputes K*, V* over the whole cache each call (as released).
+  # Both are exact.
+  cache: str = "expanded"
+  # 'torch': every weight and bias ~ U(+-1/sqrt(fan_in)), PyTorch's nn.Linear default (the official
+  # code's initialisation); 'normal': kernels ~ N(0, 0.02^2), gate biases 0.
+  init: str = "torch"
+
+  def __post_init__(self):
+    if self.cache not in ("expanded", "recompute"):
+      raise ValueError(f"phantom.cache must be expanded or recompute, got {self.cache!r}")
+    if self.init not in ("torch", "normal"):
+      raise ValueError(f"phantom.init must be torch or normal, got {self.init!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   """A decoder-only LLM: Llama, Qwen2 (q/k/v bias) and Phi-3 share this shape."""
 
@@ -105,6 +153,10 @@ class DecoderConfig:
   scan_layers: bool = False
   # None (no rematerialisation) | 'full' | 'dots' | 'dots_no_batch' (see layers.REMAT_POLICIES).
   remat_policy: str | None = None
+  # TroL traversal of layers; None = off.
+  trol: TrolConfig | None = None
+  # Phantom dimension in every attention layer; None = off.
+  phantom: PhantomConfig | None = None
 
   def __post_init__(self):
     if self.family not in ("llama", "qwen2", "phi3"):
@@ -113,6 +165,14 @@ class DecoderConfig:
       raise ValueError(
           f"decoder.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
       )
+    if self.trol is not None and self.trol.layers is not None:
+      trol_layers = self.trol.layers
+      if not trol_layers or len(set(trol_layers)) != len(trol_layers) or not all(
+          0 <= i < self.num_layers for i in trol_layers
+      ):
+        raise ValueError(
+            f"decoder.trol.layers={trol_layers}: need distinct layer indices in [0, {self.num_layers})"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,6 +346,8 @@ class LLVMConfig:
 
 _NESTED = {
     ("DecoderConfig", "rope"): RopeConfig,
+    ("DecoderConfig", "trol"): TrolConfig,
+    ("DecoderConfig", "phantom"): PhantomConfig,
     ("LLVMConfig", "decoder"): DecoderConfig,
     ("LLVMConfig", "vision"): VisionConfig,
     ("LLVMConfig", "projector"): ProjectorConfig,

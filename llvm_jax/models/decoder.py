@@ -8,7 +8,8 @@ The cache is a plain pytree passed in and returned (never a hidden Flax collecti
      'end': () int32               # slots [0, end) are written; the next call writes from `end`}
 
 Rows of a batch share `end` (prompts are left-padded to one length), so a call with T new tokens
-writes slots [end, end + T) of every row.
+writes slots [end, end + T) of every row. Techniques add per-layer entries (TroL 'full' decoding:
+'trol', a second {'k', 'v'} for the layer's second pass; see init_layer_cache).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llvm_jax.models import layers
+from llvm_jax.models import layers, phantom, trol
 from llvm_jax.models.config import DecoderConfig, resolve_dtype
 from llvm_jax.models.rope import apply_rope, rope_cos_sin
 
@@ -31,7 +32,11 @@ class Attention(nn.Module):
   config: DecoderConfig
 
   @nn.compact
-  def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, layer_cache: Cache | None, write_index):
+  def __call__(
+      self, x: Array, cos: Array, sin: Array, mask: Array, layer_cache: Cache | None, write_index,
+      sos_slot: Array | None = None,
+  ):
+    """sos_slot (B, T): each token's sos slot (`phantom.sos_slots`), needed with cfg.phantom only."""
     cfg = self.config
     dtype, pdtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
 
@@ -45,14 +50,17 @@ class Attention(nn.Module):
     k = proj(cfg.num_kv_heads, "kv_heads", "k")
     v = proj(cfg.num_kv_heads, "kv_heads", "v")
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    new_cache = None
-    if layer_cache is not None:
-      start = (0, write_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
-      v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
-      new_cache = {"k": k, "v": v}
-      k, v = k.astype(dtype), v.astype(dtype)
-    out = layers.attention(q, k, v, mask, scale=cfg.head_dim**-0.5)
+    if cfg.phantom is not None:
+      out, new_cache = phantom.Phantom(cfg, name="phantom")(q, k, v, mask, layer_cache, write_index, sos_slot)
+    else:
+      new_cache = None
+      if layer_cache is not None:
+        start = (0, write_index, 0, 0)
+        k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
+        v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
+        new_cache = {"k": k, "v": v}
+        k, v = k.astype(dtype), v.astype(dtype)
+      out = layers.attention(q, k, v, mask, scale=cfg.head_dim**-0.5)
     out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", None))
     out = layers.DenseGeneral(
         (cfg.embed_dim,), ("heads", "head_dim"), ("embed",), dtype=dtype, param_dtype=pdtype, name="o"
@@ -83,12 +91,15 @@ class DecoderLayer(nn.Module):
   config: DecoderConfig
 
   @nn.compact
-  def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, layer_cache: Cache | None, write_index):
+  def __call__(
+      self, x: Array, cos: Array, sin: Array, mask: Array, layer_cache: Cache | None, write_index,
+      sos_slot: Array | None = None,
+  ):
     cfg = self.config
     dtype, pdtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
     norm = lambda name: layers.RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=pdtype, name=name)
     attn_out, new_cache = Attention(cfg, name="attn")(
-        norm("input_norm")(x), cos, sin, mask, layer_cache, write_index
+        norm("input_norm")(x), cos, sin, mask, layer_cache, write_index, sos_slot
     )
     x = x + attn_out
     x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
@@ -102,9 +113,16 @@ class _ScanBody(nn.Module):
   config: DecoderConfig
 
   @nn.compact
-  def __call__(self, x, layer_cache, cos, sin, mask, write_index):
+  def __call__(self, x, layer_cache, cos, sin, mask, write_index, trol_gate=None, decode=False, sos_slot=None):
     layer_cls = layers.maybe_remat(DecoderLayer, self.config.remat_policy)
-    x, new_cache = layer_cls(self.config, name="layer")(x, cos, sin, mask, layer_cache, write_index)
+    if self.config.trol is not None:
+
+      def bind(parent):  # TroL's nn.cond runs the second pass in a scope of its own
+        layer = layer_cls(self.config, name="layer", parent=parent)
+        return lambda h, m, c: layer(h, cos, sin, m, c, write_index, sos_slot)
+
+      return trol.apply_layer(bind, self, x, mask, layer_cache, write_index, trol_gate, self.config, decode)
+    x, new_cache = layer_cls(self.config, name="layer")(x, cos, sin, mask, layer_cache, write_index, sos_slot)
     return x, new_cache
 
 
@@ -151,13 +169,15 @@ class Decoder(nn.Module):
           _ScanBody,
           variable_axes={"params": 0},
           split_rngs={"params": True},
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, name="layers")
     else:
       layer_cls = layers.maybe_remat(DecoderLayer, cfg.remat_policy)
       self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    if cfg.trol is not None:
+      self.trol_gate = trol.TrolGates(cfg)
     self.final_norm = layers.RMSNorm(cfg.norm_eps, dtype=self.dtype, param_dtype=pdtype)
     if not cfg.tie_embeddings:
       self.lm_head = layers.DenseGeneral(
@@ -174,11 +194,13 @@ class Decoder(nn.Module):
       segment_ids: Array,
       positions: Array | None = None,
       cache: Cache | None = None,
+      decode: bool = False,
   ) -> tuple[Array, Cache | None]:
     """Runs the stack on embeddings x (B, T, D); returns logits (B, T, V) and the updated cache.
 
     Without a cache, attention is over these T tokens (causal within segments). With one, the T
-    tokens are written at slots [end, end + T) and attend to every valid earlier slot.
+    tokens are written at slots [end, end + T) and attend to every valid earlier slot. `decode`
+    (static) marks a decode step, as opposed to a prefill (a call with a cache and decode=False).
     """
     cfg = self.config
     b, t = segment_ids.shape
@@ -203,13 +225,26 @@ class Decoder(nn.Module):
       )
       layer_caches = cache["layers"]
     cos, sin = rope_cos_sin(positions, cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+    sos_slot = None
+    if cfg.phantom is not None:
+      sos_slot = phantom.sos_slots(segment_ids, segment_ids if cache is None else k_segments)
 
+    trol_gates = self.trol_gate() if cfg.trol is not None else None
     if cfg.scan_layers:
-      x, new_layer_caches = self.layers(x, layer_caches if cache is not None else None, cos, sin, mask, write_index)
+      x, new_layer_caches = self.layers(
+          x, layer_caches if cache is not None else None, cos, sin, mask, write_index,
+          trol.scan_gate(cfg, trol_gates), decode, sos_slot,
+      )
     else:
       new_layer_caches = []
-      for layer, layer_cache in zip(self.layers, layer_caches):
-        x, new_layer_cache = layer(x, cos, sin, mask, layer_cache, write_index)
+      for i, (layer, layer_cache) in enumerate(zip(self.layers, layer_caches)):
+        if i in trol.traversed_layers(cfg):
+          run = lambda h, m, c, layer=layer: layer(h, cos, sin, m, c, write_index, sos_slot)
+          x, new_layer_cache = trol.apply_layer(
+              lambda _: run, self, x, mask, layer_cache, write_index, trol.layer_gate(trol_gates, i), cfg, decode
+          )
+        else:
+          x, new_layer_cache = layer(x, cos, sin, mask, layer_cache, write_index, sos_slot)
         new_layer_caches.append(new_layer_cache)
 
     x = self.final_norm(x)
@@ -229,16 +264,29 @@ class Decoder(nn.Module):
     return logits, new_cache
 
 
-def init_layer_cache(config: DecoderConfig, batch: int, max_len: int, dtype: Any) -> Cache:
-  """One layer's cache entries (techniques that cache more per layer add their entries here)."""
+def init_layer_cache(config: DecoderConfig, batch: int, max_len: int, dtype: Any, layer: int | None = None) -> Cache:
+  """One layer's cache entries (techniques that cache more per layer add their entries here).
+
+  `layer`: the layer's index; None for a layer of a scanned stack (every layer gets the same entries).
+  """
   shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  layer_cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  if config.phantom is not None:
+    # Phantom: the sos q/k/v, and 2d-wide K', V' in place of K, V with cache='expanded'.
+    layer_cache.update(phantom.init_cache_entries(config, batch, max_len, dtype))
+  if trol.caches_pass2(config, layer):
+    # TroL 'full' decoding: the layer's second pass has a cache of its own, shaped like the first's.
+    layer_cache[trol.PASS2_CACHE_KEY] = jax.tree.map(jnp.zeros_like, layer_cache)
+  return layer_cache
 
 
 def init_cache(config: DecoderConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
   """An empty cache for `batch` rows of up to `max_len` tokens (dtype defaults to the compute dtype)."""
   dtype = resolve_dtype(config.dtype) if dtype is None else dtype
-  per_layer = [init_layer_cache(config, batch, max_len, dtype) for _ in range(config.num_layers)]
+  per_layer = [
+      init_layer_cache(config, batch, max_len, dtype, None if config.scan_layers else i)
+      for i in range(config.num_layers)
+  ]
   layer_caches = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if config.scan_layers else per_layer
   return {
       "layers": layer_caches,

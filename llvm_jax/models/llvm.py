@@ -85,8 +85,12 @@ class LLVM(nn.Module):
       segment_ids: Array | None = None,
       positions: Array | None = None,
       cache: Cache | None = None,
+      decode: bool = False,
   ) -> tuple[Array, Cache | None]:
-    """Logits (B, T, V) for tokens (B, T); with a cache, also the updated cache (see decoder.py)."""
+    """Logits (B, T, V) for tokens (B, T); with a cache, also the updated cache (see decoder.py).
+
+    `decode` (static) marks a decode step rather than a prefill (TroL's 'official' decoding needs it).
+    """
     cfg = self.config
     if segment_ids is None:
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
@@ -96,7 +100,7 @@ class LLVM(nn.Module):
         raise ValueError("images were given but the model has no vision tower (config.model.vision is None)")
       check_image_tokens(tokens, image_mask, images.shape[1], cfg.tokens_per_image, cfg.image_token_id)
       x = splice_image_features(x, tokens, self.encode_images(images), image_mask, cfg.image_token_id)
-    return self.decoder(x, segment_ids, positions, cache)
+    return self.decoder(x, segment_ids, positions, cache, decode)
 
 
 def prefill(
@@ -117,4 +121,4 @@ def prefill(
 
 def decode_step(model: LLVM, params: Any, token: Array, cache: Cache) -> tuple[Array, Cache]:
   """One token per row (B, 1) against the cache; returns logits (B, 1, V) and the new cache."""
-  return model.apply({"params": params}, token, cache=cache)
+  return model.apply({"params": params}, token, cache=cache, decode=True)

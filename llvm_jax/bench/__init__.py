@@ -1,0 +1,1 @@
+"""Benchmarks, each runnable as `python -m llvm_jax.bench.<name>`."""

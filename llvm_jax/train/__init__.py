@@ -1,0 +1,1 @@
+"""Training: losses, optimiser, checkpoints, metrics and the train loop."""

@@ -1,0 +1,319 @@
+"""The sharded, resumable train loop.
+
+Params are born sharded (jitted init with out_shardings from the logical-axis rules); the train
+step is `jax.jit` with explicit in/out shardings and donation, compiled ahead of time with its
+memory analysis logged; checkpoints are Orbax (params, optimiser state, data-iterator state,
+config) with automatic resume; SIGTERM saves and exits; a NaN/inf loss stops the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llvm_jax import config_utils, convert, sharding
+from llvm_jax.models.llvm import LLVM
+from llvm_jax.train import checkpoint, flops, loss as loss_lib, optim
+from llvm_jax.train.metrics import MetricsWriter
+
+MODEL_INPUTS = ("tokens", "images", "image_mask", "segment_ids", "positions", "hires_images")
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+@dataclasses.dataclass
+class TrainSetup:
+  """Everything a train step needs, built once per run."""
+
+  model: LLVM
+  mesh: Mesh
+  rules: tuple
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  param_shardings: Any
+  opt_shardings: Any
+
+
+def mesh_from_config(config: ml_collections.ConfigDict) -> Mesh:
+  return sharding.make_mesh(tuple(config.sharding.mesh_shape))
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh, rules: tuple):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def abstract_boxed_params(model: LLVM) -> Any:
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), *convert.dummy_inputs(model.config))["params"])
+
+
+def init_params_sharded(model: LLVM, rng: jax.Array, mesh: Mesh, rules: tuple, shardings: Any) -> Any:
+  """Random params created directly in their shards (never materialised on one device)."""
+
+  def init():
+    return nn.unbox(model.init(rng, *convert.dummy_inputs(model.config))["params"])
+
+  with sharding_context(mesh, rules):
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+  return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def sft_loss_sums(model: LLVM, params: Any, batch: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(sum of answer-token NLL, sums for metrics); the step divides by the batch's token count."""
+  logits, _ = model.apply({"params": params}, **model_inputs(batch))
+  sums = loss_lib.cross_entropy_sums(logits, batch["targets"], batch["target_mask"])
+  return sums["loss_sum"], sums
+
+
+LOSSES: dict[str, Callable] = {"sft": sft_loss_sums}
+
+
+def _split_microbatches(batch: dict[str, Any], k: int) -> dict[str, Any]:
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch of {x.shape[0]} rows does not split into {k} micro-batches")
+    return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(setup: TrainSetup, loss_name: str, microbatches: int) -> Callable:
+  """(params, opt_state, batch, step) -> (params, opt_state, metrics).
+
+  Losses are sums divided by the whole batch's denominator (answer tokens), and gradients are
+  summed over micro-batches, so k micro-batches give the same update as one batch k times larger.
+  """
+  model, tx, schedule = setup.model, setup.tx, setup.schedule
+  sum_fn = LOSSES[loss_name]
+  grad_fn = jax.value_and_grad(lambda p, b: sum_fn(model, p, b), has_aux=True)
+
+  def step_fn(params, opt_state, batch, step):
+    if microbatches == 1:
+      (_, sums), grads = grad_fn(params, batch)
+    else:
+      micro = _split_microbatches(batch, microbatches)
+      (_, sums), grads = grad_fn(params, jax.tree.map(lambda x: x[0], micro))
+
+      def accumulate(carry, one):
+        (_, more_sums), more_grads = grad_fn(params, one)
+        return jax.tree.map(jnp.add, carry, (more_sums, more_grads)), None
+
+      (sums, grads), _ = jax.lax.scan(accumulate, (sums, grads), jax.tree.map(lambda x: x[1:], micro))
+    denominator = jnp.maximum(sums["tokens"], 1.0)
+    grads = jax.tree.map(lambda g: g / denominator, grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {
+        "loss": sums["loss_sum"] / denominator,
+        "token_accuracy": sums["correct"] / denominator,
+        "answer_tokens": sums["tokens"],
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": schedule(step),
+        "param_norm": optax.global_norm(params),
+    }
+    return params, opt_state, metrics
+
+  return step_fn
+
+
+def numeric_batch(batch: dict[str, Any]) -> dict[str, Any]:
+  """Drops the string fields (ids, answers) that only evaluators read."""
+  return {k: v for k, v in batch.items() if isinstance(v, jax.Array) or np.asarray(v).dtype.kind not in "OUS"}
+
+
+def build_setup(config: ml_collections.ConfigDict, model: LLVM, mesh: Mesh) -> tuple[TrainSetup, Any]:
+  """Shardings, optimiser and abstract params for `model` on `mesh` (nothing allocated)."""
+  rules = sharding.logical_rules(config.sharding.strategy)
+  boxed = abstract_boxed_params(model)
+  param_shardings = sharding.param_shardings(boxed, mesh, config.sharding.strategy)
+  abstract_params = nn.unbox(boxed)
+  tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.train.total_steps)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  # Optimiser moments take their parameter's sharding (GSPMD propagation through tx.init).
+  sharded = _sharded_abstract(abstract_params, param_shardings)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  opt_shardings = jax.tree.map(
+      lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated,
+      jax.jit(tx.init).lower(sharded).compile().output_shardings,
+  )
+  setup = TrainSetup(model, mesh, rules, tx, schedule, param_shardings, opt_shardings)
+  return setup, abstract_params
+
+
+def compile_step(setup: TrainSetup, step_fn: Callable, params: Any, opt_state: Any, batch: dict[str, Any]):
+  """Ahead-of-time compile with explicit shardings and donation; logs the memory analysis."""
+  batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
+  replicated = NamedSharding(setup.mesh, PartitionSpec())
+  jitted = jax.jit(
+      step_fn,
+      in_shardings=(setup.param_shardings, setup.opt_shardings, batch_shardings, replicated),
+      out_shardings=(setup.param_shardings, setup.opt_shardings, replicated),
+      donate_argnums=(0, 1),
+  )
+  with sharding_context(setup.mesh, setup.rules):
+    compiled = jitted.lower(params, opt_state, batch, jnp.zeros((), jnp.int32)).compile()
+  memory = compiled.memory_analysis()
+  if memory is not None:
+    logging.info(
+        "train step memory (bytes/device): arguments %s, outputs %s, temporaries %s, generated code %s",
+        getattr(memory, "argument_size_in_bytes", "?"), getattr(memory, "output_size_in_bytes", "?"),
+        getattr(memory, "temp_size_in_bytes", "?"), getattr(memory, "generated_code_size_in_bytes", "?"),
+    )
+  return compiled
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps (save, then exit)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _sharded_abstract(abstract: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def initial_params(config: ml_collections.ConfigDict, setup: TrainSetup) -> Any:
+  """From `config.init_hf` (device_put into shards) or random, born sharded."""
+  if config.init_hf:
+    model_cfg = setup.model.config
+    _, params = convert.from_hf(
+        config.init_hf, dtype=model_cfg.decoder.dtype, param_dtype=model_cfg.decoder.param_dtype,
+        scan_layers=model_cfg.decoder.scan_layers, remat_policy=model_cfg.decoder.remat_policy,
+    )
+    expected = {k: v.shape for k, v in convert.core.flatten(nn.unbox(abstract_boxed_params(setup.model))).items()}
+    got = {k: v.shape for k, v in convert.core.flatten(params).items()}
+    if expected != got:
+      raise convert.WeightMismatchError(
+          sorted(set(expected) - set(got)), sorted(set(got) - set(expected)),
+          [k for k in expected if k in got and expected[k] != got[k]], context=f"init_hf={config.init_hf}",
+      )
+    return jax.device_put(params, setup.param_shardings)
+  return init_params_sharded(setup.model, jax.random.key(config.seed), setup.mesh, setup.rules, setup.param_shardings)
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    data_iterator: Iterator[dict[str, Any]],
+    evaluators: dict[str, Any] | None = None,
+    model: LLVM | None = None,
+) -> dict[str, Any]:
+  """Trains for `config.train.total_steps` (resuming from the workdir's latest checkpoint).
+
+  `data_iterator` yields global batches (dicts of jax Arrays sharded over the data axes) and has
+  get_state/set_state. `evaluators`: name -> object with `run(params, step) -> dict`, run every
+  `config.train.eval_every` steps and at the end. Returns the last step's metrics (+ evals).
+  """
+  model = model or LLVM(config_utils.model_config(config))
+  mesh = mesh_from_config(config)
+  setup, abstract_params = build_setup(config, model, mesh)
+  tc = config.train
+  mngr = checkpoint.manager(workdir, tc.checkpoint_every, tc.keep_checkpoints, tc.async_checkpoints)
+  config_json = config.to_json_best_effort()
+  start = mngr.latest_step()
+  abstract_opt = jax.eval_shape(setup.tx.init, abstract_params)
+  if start is not None:
+    restored = checkpoint.restore(
+        mngr, start, _sharded_abstract(abstract_params, setup.param_shardings),
+        _sharded_abstract(abstract_opt, setup.opt_shardings), data_iterator,
+    )
+    params, opt_state = restored["params"], restored["opt_state"]
+    logging.info("resumed from %s at step %d", workdir, start)
+  else:
+    start = 0
+    params = initial_params(config, setup)
+    with sharding_context(mesh, setup.rules):
+      opt_state = jax.jit(setup.tx.init, out_shardings=setup.opt_shardings)(params)
+
+  step_fn = make_train_step(setup, tc.loss, tc.microbatches)
+  writer = MetricsWriter(workdir, tc.total_steps)
+  compiled = None
+  model_cfg = model.config
+  peak = flops.peak_flops(jax.devices()[0].device_kind)
+  last: dict[str, Any] = {}
+  step = start
+  try:
+    with _Preemption() as preemption:
+      for step in range(start, tc.total_steps):
+        batch = numeric_batch(next(data_iterator))
+        if compiled is None:
+          compiled = compile_step(setup, step_fn, params, opt_state, batch)
+        tick = time.perf_counter()
+        params, opt_state, metrics = compiled(params, opt_state, batch, jnp.asarray(step, jnp.int32))
+        loss = float(metrics["loss"])  # also waits for the step, so the timing below is real
+        step_time = time.perf_counter() - tick
+        param_norm = float(metrics["param_norm"])
+        if not (np.isfinite(loss) and np.isfinite(param_norm)):
+          mngr.wait_until_finished()
+          raise NonFiniteLossError(
+              f"loss {loss}, parameter norm {param_norm} at step {step + 1}; stopped without saving it. "
+              "Last good checkpoint: "
+              f"step {mngr.latest_step()} in {workdir}/checkpoints"
+          )
+        b, s = batch["tokens"].shape[:2]
+        n_images = int(np.asarray(batch["image_mask"]).sum()) if "image_mask" in batch else 0
+        step_flops = b * flops.train_flops_per_sample(model_cfg, s, n_images / max(b, 1))
+        last = {k: float(v) for k, v in metrics.items()}
+        last.update(step_time=step_time, tokens_per_second=b * s / step_time,
+                    tflops_per_device=step_flops / step_time / jax.device_count() / 1e12)
+        if peak:
+          last["mfu"] = step_flops / step_time / (peak * jax.device_count())
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.total_steps:
+          writer.write(done, last)
+          writer.progress(done, {k: last[k] for k in ("loss", "token_accuracy", "tokens_per_second") if k in last})
+        if evaluators and tc.eval_every and done % tc.eval_every == 0 and done != tc.total_steps:
+          _run_evals(evaluators, params, done, writer, last)
+        checkpoint.save(mngr, done, params, opt_state, data_iterator, config_json,
+                        force=preemption.requested or done == tc.total_steps)
+        if preemption.requested:
+          logging.warning("SIGTERM: saved step %d, exiting", done)
+          break
+      else:
+        if evaluators:
+          _run_evals(evaluators, params, tc.total_steps, writer, last)
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+  last["params"] = params
+  return last
+
+
+def _run_evals(evaluators: dict[str, Any], params: Any, step: int, writer: MetricsWriter, into: dict) -> None:
+  for name, evaluator in evaluators.items():
+    results = evaluator.run(params, step)
+    writer.write(step, results, prefix=f"eval/{name}")
+    into.update({f"eval/{name}/{k}": v for k, v in results.items()})
