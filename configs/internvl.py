@@ -4,7 +4,8 @@ This is the backbone family of Phantom and TroL. Run (model summary + demo gener
   python -m llvm_jax.main --config=configs/internvl.py:size=tiny --workdir=/tmp/internvl_tiny
   python -m llvm_jax.main --config=configs/internvl.py:size=1b --workdir=/tmp/internvl1b \
       --config.init_hf=/path/to/InternVL2-1B-hf
-Arg: size=tiny|1b (1b: InternViT-300M-448px + Qwen2-0.5B, the InternVL2-1B shapes).
+Arg: size=tiny|1b (1b: InternViT-300M-448px + Qwen2-0.5B, the InternVL2-1B shapes),
+     stage=pretrain|sft|sft_full|po1|po2|trol1 (freeze rules and loss, see train/optim.py).
 """
 
 from llvm_jax import config_utils
@@ -36,8 +37,12 @@ def tiny() -> LLVMConfig:
 
 
 def get_config(arg=None):
-  args = config_utils.parse_arg(arg, size="tiny")
+  args = config_utils.parse_arg(arg, size="tiny", stage="sft")
   sizes = {"tiny": tiny, "1b": internvl2_1b}
   if args.size not in sizes:
     raise ValueError(f"size must be one of {sorted(sizes)}, got {args.size!r}")
-  return config_utils.experiment(sizes[args.size]())
+  config = config_utils.experiment(sizes[args.size](), task="demo", lock=False)
+  config.data.update(vision="internvl", image_size=config.model.vision.image_size, image_start="<img>", image_end="</img>")
+  config_utils.set_stage(config, args.stage)
+  config.lock()
+  return config

@@ -4,7 +4,9 @@ Run (model summary + one forward pass on random weights, or on an HF checkpoint 
   python -m llvm_jax.main --config=configs/llava.py:size=tiny --workdir=/tmp/llava_tiny
   python -m llvm_jax.main --config=configs/llava.py:size=7b,llm=llama --workdir=/tmp/llava7b \
       --config.init_hf=/path/to/llava-1.5-7b-hf
-Arg: size=tiny|7b, llm=llama|qwen2|phi3, vision=clip|siglip, res=<pixels> (tiny only).
+Arg: size=tiny|7b, llm=llama|qwen2|phi3, vision=clip|siglip, res=<pixels> (tiny only),
+     stage=pretrain|sft|sft_full|po1|po2|trol1 (freeze rules and loss, see train/optim.py).
+Training instead of the demo: --config.task=train (with --config.data.* pointing at the data).
 """
 
 from llvm_jax import config_utils
@@ -26,11 +28,14 @@ def llava_7b(llm: str) -> LLVMConfig:
 
 
 def get_config(arg=None):
-  args = config_utils.parse_arg(arg, size="tiny", llm="llama", vision="clip", res=32)
+  args = config_utils.parse_arg(arg, size="tiny", llm="llama", vision="clip", res=32, stage="sft")
   if args.size == "7b":
     model = llava_7b(args.llm)
   elif args.size == "tiny":
     model = config_utils.tiny_llvm(family=args.llm, vision_kind=args.vision, image_size=args.res)
   else:
     raise ValueError(f"size must be tiny or 7b, got {args.size!r}")
-  return config_utils.experiment(model)
+  config = config_utils.experiment(model, task="demo", lock=False)
+  config_utils.set_stage(config, args.stage)
+  config.lock()
+  return config

@@ -57,6 +57,8 @@ def tiny_llvm(
     vision_kind: str = "clip",
     embed_dim: int = 64,
     num_layers: int = 2,
+    vision_width: int = 48,
+    vision_depth: int = 2,
 ) -> LLVMConfig:
   """A few-hundred-thousand-parameter LLVM for demos and tests."""
   decoder = DecoderConfig(
@@ -65,8 +67,8 @@ def tiny_llvm(
       qkv_bias=family == "qwen2", tie_embeddings=False, max_position_embeddings=512, rope=RopeConfig(),
   )
   vision = VisionConfig(
-      kind=vision_kind, image_size=image_size, patch_size=patch_size, width=48, depth=2, num_heads=4,
-      mlp_dim=96, feature_layer=-1, feature_select="default" if vision_kind != "siglip" else "full",
+      kind=vision_kind, image_size=image_size, patch_size=patch_size, width=vision_width, depth=vision_depth,
+      num_heads=4, mlp_dim=2 * vision_width, feature_layer=-1, feature_select="default" if vision_kind != "siglip" else "full",
   )
   return LLVMConfig(decoder=decoder, vision=vision, projector=ProjectorConfig(), image_token_id=image_token_id)
 
@@ -77,6 +79,7 @@ def experiment(model: LLVMConfig, task: str = "demo", lock: bool = True) -> ml_c
   Blocks: model, data (llvm_jax.data.config), optim (train.optim), train, sharding, evals.
   """
   from llvm_jax.data.config import default_data_config
+  from llvm_jax.train import lora
   from llvm_jax.train.optim import default_optim_config
 
   config = ml_collections.ConfigDict()
@@ -93,9 +96,13 @@ def experiment(model: LLVMConfig, task: str = "demo", lock: bool = True) -> ml_c
   config.data = default_data_config()
   config.optim = default_optim_config()
   config.train = train_block()
+  config.lora = lora.default_config()
   config.sharding = ml_collections.ConfigDict({"mesh_shape": (-1, 1, 1), "strategy": "fsdp"})
   # name -> dict(type=..., **kwargs), big_vision style (see llvm_jax/evaluators).
   config.evals = ml_collections.ConfigDict()
+  # task='eval': the checkpoint to evaluate (a workdir, its checkpoints/ or a step folder; '' = the
+  # workdir's latest).
+  config.eval_checkpoint = ""
   if lock:
     config.lock()
   return config
@@ -112,4 +119,17 @@ def train_block() -> ml_collections.ConfigDict:
   t.checkpoint_every = 50
   t.keep_checkpoints = 3
   t.async_checkpoints = True
+  # Phantom Optimization (train.loss='po'): L_SFT + lam * L_pref with SimPO's beta and margin gamma.
+  t.po = ml_collections.ConfigDict({"beta": 2.0, "gamma": 1.0, "lam": 1.0})
   return t
+
+
+def set_stage(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+  """Applies a training-stage preset (train.optim.STAGE_RULES): freeze rules and loss."""
+  from llvm_jax.train.optim import STAGE_LOSS, STAGE_RULES
+
+  if stage not in STAGE_RULES:
+    raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_RULES)}")
+  config.optim.trainable = STAGE_RULES[stage]
+  config.train.loss = STAGE_LOSS.get(stage, "sft")
+  return config

@@ -14,7 +14,7 @@ from llvm_jax.models.llvm import LLVM, decode_step, prefill
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _prefill(model: LLVM, params: Any, batch: dict[str, jax.Array], max_len: int):
   return prefill(model, params, batch["tokens"], max_len, batch.get("images"), batch.get("image_mask"),
-                 batch.get("segment_ids"))
+                 batch.get("segment_ids"), hires_images=batch.get("hires_images"))
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)

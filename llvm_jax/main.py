@@ -152,7 +152,7 @@ def main(argv) -> None:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _DISTRIBUTED.value:
     jax.distributed.initialize()
-  workdir = _WORKDIR.value or os.path.join("workdirs", config.task)
+  workdir = os.path.abspath(_WORKDIR.value or os.path.join("workdirs", config.task))
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))

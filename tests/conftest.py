@@ -1,6 +1,13 @@
-"""Test setup: 8 fake CPU devices for sharding tests (must be set before jax is imported)."""
+"""Test setup (must run before jax is imported): 8 fake CPU devices for sharding tests, and a
+persistent XLA compilation cache shared by the test workers and the subprocesses they start, so
+the many identical tiny programs compile once per machine rather than once per test."""
 
 import os
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_REPO, ".cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

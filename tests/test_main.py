@@ -19,7 +19,7 @@ def _run(*args):
 
 
 def test_demo_runs_and_cache_matches_full_sequence(tmp_path):
-  result = _run("--config=configs/demo.py", f"--workdir={tmp_path}")
+  result = _run("--config=configs/demo.py:task=demo", f"--workdir={tmp_path}")
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads((tmp_path / "demo.json").read_text())
   assert report["image_tokens"] == 16 and len(report["generated"]) == 8
@@ -29,7 +29,7 @@ def test_demo_runs_and_cache_matches_full_sequence(tmp_path):
 
 
 def test_override_typo_fails_with_the_key_named(tmp_path):
-  result = _run("--config=configs/demo.py", f"--workdir={tmp_path}", "--config.model.decoder.num_layrs=3")
+  result = _run("--config=configs/demo.py:task=demo", f"--workdir={tmp_path}", "--config.model.decoder.num_layrs=3")
   assert result.returncode != 0
   assert "num_layrs" in result.stderr and "num_layers" in result.stderr
 

@@ -2,7 +2,9 @@
 
 import json
 import os
-import signal
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,67 +15,11 @@ from llvm_jax import config_utils, convert
 from llvm_jax.convert.core import flatten
 from llvm_jax.data.pipeline import make_global_batch
 from llvm_jax.models.llvm import LLVM
-from llvm_jax.train import checkpoint, trainer
+from llvm_jax.train import checkpoint, lora, trainer
+from train_helpers import SyntheticBatches, tiny_config
 
-SEQ = 24
-BATCH = 8
-
-
-def tiny_config(total_steps=6, mesh_shape=(-1, 1, 1), strategy="fsdp", **train):
-  model = config_utils.tiny_llvm(vocab_size=64, image_size=16, patch_size=8, embed_dim=32)
-  config = config_utils.experiment(model, task="train", lock=False)
-  config.train.update({"total_steps": total_steps, "log_every": 1, "checkpoint_every": 3, **train})
-  config.optim.update(lr=3e-3, warmup_steps=1)
-  config.sharding.mesh_shape = mesh_shape
-  config.sharding.strategy = strategy
-  config.lock()
-  return config
-
-
-class SyntheticBatches:
-  """Deterministic batches (batch i from seed i) with grain-style get_state/set_state.
-
-  The answer (last 4 tokens) is a function of the first text token, so the loss can fall.
-  """
-
-  def __init__(self, mesh, model_cfg, batch=BATCH, sigterm_at=None):
-    self.mesh, self.cfg, self.batch, self.index = mesh, model_cfg, batch, 0
-    self.sigterm_at = sigterm_at
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    rng = np.random.RandomState(self.index)
-    self.index += 1
-    if self.index == self.sigterm_at:  # as if the scheduler preempted the job during this step
-      os.kill(os.getpid(), signal.SIGTERM)
-    n_img = self.cfg.tokens_per_image
-    key = rng.randint(10, 20, (self.batch, 1))
-    tokens = np.concatenate([
-        np.full((self.batch, 1), 1), np.full((self.batch, n_img), self.cfg.image_token_id), key,
-        rng.randint(20, 60, (self.batch, SEQ - n_img - 6)), np.tile(key + 30, (1, 4)),
-    ], axis=1).astype(np.int32)
-    targets = np.concatenate([tokens[:, 1:], np.zeros((self.batch, 1), np.int32)], axis=1)
-    mask = np.zeros((self.batch, SEQ), np.float32)
-    mask[:, -5:-1] = 1.0
-    local = {
-        "tokens": tokens, "targets": targets, "target_mask": mask,
-        "segment_ids": np.ones_like(tokens), "positions": np.tile(np.arange(SEQ, dtype=np.int32), (self.batch, 1)),
-        "images": rng.uniform(-1, 1, (self.batch, 1, 16, 16, 3)).astype(np.float32),
-        "image_mask": np.ones((self.batch, 1), bool),
-    }
-    return make_global_batch(local, self.mesh)
-
-  def get_state(self):
-    return json.dumps({"index": self.index}).encode()
-
-  def set_state(self, state):
-    self.index = json.loads(state)["index"]
-
-  def start_prefetch(self):
-    pass
-
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, "tests", "train_multihost_worker.py")
 
 def run(config, workdir, sigterm_at=None):
   mesh = trainer.mesh_from_config(config)
@@ -108,7 +54,7 @@ def test_restore_on_a_different_mesh(tmp_path):
   config = tiny_config(total_steps=3, mesh_shape=(2, 2, 2), strategy="fsdp_tp")
   model = LLVM(config_utils.model_config(config))
   setup, abstract = trainer.build_setup(config, model, trainer.mesh_from_config(config))
-  params, step = checkpoint.params_only(str(tmp_path), trainer._sharded_abstract(abstract, setup.param_shardings))
+  params, step = checkpoint.params_only(str(tmp_path), trainer.sharded_abstract(abstract, setup.param_shardings))
   assert step == 3
   kernel = params["decoder"]["layers_0"]["mlp"]["up"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
@@ -153,3 +99,105 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   with pytest.raises(trainer.NonFiniteLossError, match="Last good checkpoint: step 3"):
     run(config, tmp_path)
   assert checkpoint.latest_step(str(tmp_path)) == 3
+
+
+def test_lora_trains_only_adapters_and_merges(tmp_path):
+  config = tiny_config(total_steps=3, checkpoint_every=100)
+  config.unlock()
+  config.lora.rank = 4
+  config.optim.trainable = [("lora/.*", 1.0), (".*", None)]
+  config.lock()
+  model = LLVM(config_utils.model_config(config))
+  base = flatten(convert.init_params(model, jax.random.key(config.seed)))
+  last, _ = run(config, tmp_path)
+  params = last["params"]
+  after = flatten({k: v for k, v in params.items() if k != "lora"})
+  assert all(np.array_equal(np.asarray(base[k]), np.asarray(after[k])) for k in base)
+  assert len(params["lora"]) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+  assert float(jnp.abs(params["lora"]["decoder.layers_0.attn.o.kernel"]["b"]).max()) > 0
+  merged = lora.merge(params, lora.scale(config.lora))
+  delta = merged["decoder"]["layers_0"]["attn"]["o"]["kernel"] - params["decoder"]["layers_0"]["attn"]["o"]["kernel"]
+  ab = params["lora"]["decoder.layers_0.attn.o.kernel"]
+  np.testing.assert_allclose(np.asarray(delta).reshape(-1, 32), lora.scale(config.lora) * np.asarray(ab["a"] @ ab["b"]), atol=1e-6)
+  assert "lora" not in merged
+
+
+def test_two_processes_match_one_process(tmp_path):
+  single, _ = run(tiny_config(total_steps=3, checkpoint_every=3), tmp_path / "single")
+  single_losses = [json.loads(l)["train/loss"] for l in open(tmp_path / "single" / "metrics.jsonl")]
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.path.join(REPO, "tests"), JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  workdir = tmp_path / "pair"
+  procs = [subprocess.Popen([sys.executable, WORKER, str(i), str(port), str(workdir)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=240)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  pair_losses = [json.loads(l)["train/loss"] for l in open(workdir / "metrics.jsonl")]
+  np.testing.assert_allclose(pair_losses, single_losses, atol=1e-5)
+  # The pair's checkpoint restores in this single process (8 devices).
+  config = tiny_config(total_steps=3)
+  model = LLVM(config_utils.model_config(config))
+  setup, abstract = trainer.build_setup(config, model, trainer.mesh_from_config(config))
+  params, step = checkpoint.params_only(str(workdir), trainer.sharded_abstract(abstract, setup.param_shardings))
+  assert step == 3
+  a, b = flatten(single["params"]), flatten(params)
+  assert max(float(jnp.max(jnp.abs(a[k] - b[k]))) for k in a) <= 1e-5
+
+
+class PreferencePairs(SyntheticBatches):
+  """(B, 2, S) pairs: chosen = the synthetic answer, rejected = the same prompt with a wrong one."""
+
+  def __next__(self):
+    rows = super().__next__()
+    local = {k: np.asarray(v) for k, v in rows.items()}
+    rejected_tokens = local["tokens"].copy()
+    rejected_tokens[:, -4:] = (rejected_tokens[:, -4:] + 7) % 60 + 2
+    rejected_targets = np.concatenate([rejected_tokens[:, 1:], np.zeros((len(rejected_tokens), 1), np.int32)], axis=1)
+    pair = lambda a, b: np.stack([a, b], axis=1)
+    return make_global_batch({
+        "tokens": pair(local["tokens"], rejected_tokens),
+        "targets": pair(local["targets"], rejected_targets),
+        "target_mask": pair(local["target_mask"], local["target_mask"]),
+        "segment_ids": pair(local["segment_ids"], local["segment_ids"]),
+        "positions": pair(local["positions"], local["positions"]),
+        "images": local["images"],
+        "image_mask": local["image_mask"],
+    }, self.mesh)
+
+
+def test_po_stage_trains_on_preference_pairs(tmp_path):
+  config = tiny_config(total_steps=12, checkpoint_every=100)
+  config.unlock()
+  config_utils.set_stage(config, "po2")
+  config.lock()
+  assert config.train.loss == "po"
+  mesh = trainer.mesh_from_config(config)
+  last = trainer.train(config, str(tmp_path), PreferencePairs(mesh, config_utils.model_config(config)))
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  margins = [l["train/margin"] for l in lines]
+  assert np.mean(margins[-3:]) > np.mean(margins[:3]) + 0.5
+  assert last["preference_accuracy"] == 1.0
+  assert {"train/chosen_logp", "train/rejected_logp", "train/sft", "train/pref"} <= set(lines[-1])
+
+
+def test_checkpoint_of_another_model_is_named(tmp_path):
+  run(tiny_config(total_steps=3), tmp_path)
+  config = tiny_config(total_steps=3)
+  config.unlock()
+  config.model.decoder.num_layers = 3
+  config.lock()
+  model = LLVM(config_utils.model_config(config))
+  setup, abstract = trainer.build_setup(config, model, trainer.mesh_from_config(config))
+  with pytest.raises(convert.WeightMismatchError, match=r"missing \(9\): decoder/layers_2/"):
+    checkpoint.params_only(str(tmp_path), trainer.sharded_abstract(abstract, setup.param_shardings))

@@ -17,7 +17,7 @@ given, strings staying numpy):
   images       float32 (B, max_images, H, W, 3) normalised NHWC (InternVL: tiles), zeros unused
   image_mask   bool (B, max_images)
   hires_images float32 (B, max_images, g_h*g_w, S, S, 3)   only with deepstack_grid
-  eval mode adds: id (B,) str, answer (B,) str, options (B, K) str ('' = none)
+  eval mode adds: id (B,) str, question (B,) str (first user turn), answer (B,) str, options (B, K) str ('' = none)
 Preference data: tokens/segment_ids/positions/targets/target_mask are (B, 2, S), index 0 =
 chosen, 1 = rejected; the images are shared.
 
@@ -206,7 +206,8 @@ class ProcessRecord(grain.MapTransform):
   def _process(self, record, rid: str) -> dict[str, Any]:
     ex = records.to_example(record)
     slots, hires, tiles = self._images(ex.images)
-    out: dict[str, Any] = {"id": ex.id, "answer": ex.answer, "options": list(ex.options), "images": slots}
+    out: dict[str, Any] = {"id": ex.id, "answer": ex.answer, "options": list(ex.options), "images": slots,
+                           "question": records.first_question(ex)}
     if hires is not None:
       out["hires"] = hires
     if self.mode == "eval":
@@ -306,6 +307,7 @@ class _BatchBuilder:
       k = max([1] + [len(e["options"]) for e in exs if e is not None])
       out["id"] = np.array([e["id"] if e else "" for e in exs], dtype=str)
       out["answer"] = np.array([e["answer"] if e else "" for e in exs], dtype=str)
+      out["question"] = np.array([e["question"] if e else "" for e in exs], dtype=str)
       options = [[""] * k for _ in range(b)]
       for i, e in enumerate(exs):
         if e:

@@ -248,6 +248,11 @@ class Example:
   is_preference: bool = False
 
 
+def first_question(example: "Example") -> str:
+  """The text of the first user turn (with its image markers), e.g. for question-only baselines."""
+  return next(text for role, text in example.conversations[0] if role == USER)
+
+
 def to_example(record: Mapping[str, Any]) -> Example:
   """Converts a stored record (any of the three builders' formats, or the LLaVA JSON form with
   the image already as bytes) into an Example; SampleError if it cannot be used.

@@ -129,6 +129,48 @@ class PhantomConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PmodConfig:
+  """p-MoD, mixture-of-depths over vision tokens (models/pmod.py): MoD layers run attention and MLP
+  on the text tokens plus the top-k vision tokens by a learned router, and cache only those."""
+
+  enabled: bool = True
+  # Which layers are MoD layers and their retention ratios r: 'shiftedcos' / 'shiftedlinear' (PRD,
+  # progressive ratio decay: r(l) from the layer index, a MoD layer iff r(l) <= max_ratio, using
+  # max(r(l), min_ratio)), or 'explicit' (`layers` and `ratios`).
+  schedule: str = "shiftedcos"
+  # PRD: the average ratio r̄ and the bounds (official 'shiftedcos_decay_0.85_0.15', router factor 0.5).
+  average_ratio: float = 0.5
+  max_ratio: float = 0.85
+  min_ratio: float = 0.15
+  # schedule='explicit': MoD layer indices and one retention ratio in [0, 1] per layer.
+  layers: tuple[int, ...] | None = None
+  ratios: tuple[float, ...] | None = None
+  # TanhNorm of the router logit s: w = tanh_scale·tanh(s) + tanh_bias (official 'tanh_0.2_1').
+  tanh_scale: float = 0.2
+  tanh_bias: float = 1.0
+  # Router Linear(D, 1): with a bias (official mod_bias_enabled) and 'zeros' init (mod_special_init:
+  # every w starts at tanh_bias), or 'torch' (PyTorch nn.Linear's U(+-1/sqrt(D))).
+  router_bias: bool = True
+  router_init: str = "zeros"
+
+  def __post_init__(self):
+    if self.schedule not in ("shiftedcos", "shiftedlinear", "explicit"):
+      raise ValueError(f"pmod.schedule must be shiftedcos, shiftedlinear or explicit, got {self.schedule!r}")
+    if self.router_init not in ("zeros", "torch"):
+      raise ValueError(f"pmod.router_init must be zeros or torch, got {self.router_init!r}")
+    if not 0.0 <= self.min_ratio <= self.max_ratio:
+      raise ValueError(f"pmod: need 0 <= min_ratio <= max_ratio, got {self.min_ratio}, {self.max_ratio}")
+    explicit = self.layers is not None or self.ratios is not None
+    if (self.schedule == "explicit") != explicit:
+      raise ValueError("pmod.layers and pmod.ratios are given exactly when pmod.schedule='explicit'")
+    if explicit:
+      if self.layers is None or self.ratios is None or len(self.layers) != len(self.ratios):
+        raise ValueError(f"pmod.layers={self.layers} and pmod.ratios={self.ratios} need one ratio per layer")
+      if not all(0.0 <= r <= 1.0 for r in self.ratios):
+        raise ValueError(f"pmod.ratios={self.ratios}: every ratio must be in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   """A decoder-only LLM: Llama, Qwen2 (q/k/v bias) and Phi-3 share this shape."""
 
@@ -157,6 +199,8 @@ class DecoderConfig:
   trol: TrolConfig | None = None
   # Phantom dimension in every attention layer; None = off.
   phantom: PhantomConfig | None = None
+  # p-MoD mixture-of-depths over vision tokens; None = off.
+  pmod: PmodConfig | None = None
 
   def __post_init__(self):
     if self.family not in ("llama", "qwen2", "phi3"):
@@ -172,6 +216,19 @@ class DecoderConfig:
       ):
         raise ValueError(
             f"decoder.trol.layers={trol_layers}: need distinct layer indices in [0, {self.num_layers})"
+        )
+    if self.pmod is not None and self.pmod.enabled:
+      if self.scan_layers:
+        raise ValueError(
+            "decoder.pmod with scan_layers=True is not supported: MoD layers keep different numbers of "
+            "tokens (and cache lengths), so they cannot share one scanned layer body; set scan_layers=False"
+        )
+      if self.pmod.layers is not None and (
+          len(set(self.pmod.layers)) != len(self.pmod.layers)
+          or not all(0 <= i < self.num_layers for i in self.pmod.layers)
+      ):
+        raise ValueError(
+            f"decoder.pmod.layers={self.pmod.layers}: need distinct layer indices in [0, {self.num_layers})"
         )
 
 
@@ -313,6 +370,49 @@ class ProjectorConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DeepStackConfig:
+  """DeepStack (models/deepstack.py): high-resolution crops, regrouped into groups aligned with the
+  global view's tokens, are added to the image positions before successive LLM (or ViT) layers."""
+
+  # The crop grid (g_h, g_w): g_h * g_w crops, each the size of the global view, row-major.
+  num_crops: tuple[int, int] = (2, 2)
+  # How the (g_h*P, g_w*P) crop map becomes g_h*g_w groups of P*P: '2d' (dilated: group (i, j) =
+  # map[i::g_h, j::g_w]), '1d' (stride over the flattened map), 'grid' (group k = crop k).
+  sampling: str = "2d"
+  # DeepStack-L: group k is added before decoder layer start + k * interval.
+  llm: bool = True
+  start: int = 1
+  interval: int = 1
+  # DeepStack-V: group k is added to the non-CLS tokens before ViT layer vit_start + k; None = off.
+  vit_start: int | None = None
+  # DeepStack-V: the crops' ViT hidden-state index that is regrouped. 0 = the patch embeddings (after
+  # CLIP's pre-norm); vit_start reproduces the official code, which runs the crops through the layers
+  # before vit_start first.
+  vit_crop_layer: int = 0
+
+  def __post_init__(self):
+    if len(self.num_crops) != 2 or min(self.num_crops) < 1:
+      raise ValueError(f"deepstack.num_crops must be (g_h, g_w) >= 1, got {self.num_crops}")
+    if self.sampling not in ("2d", "1d", "grid"):
+      raise ValueError(f"deepstack.sampling must be 2d, 1d or grid, got {self.sampling!r}")
+    if not self.llm and self.vit_start is None:
+      raise ValueError("deepstack: llm=False and vit_start=None inject nothing; set one of them or drop the block")
+    if self.start < 0 or self.interval < 1:
+      raise ValueError(f"deepstack: need start >= 0 and interval >= 1, got {self.start}, {self.interval}")
+    if (self.vit_start is not None and self.vit_start < 0) or self.vit_crop_layer < 0:
+      raise ValueError(f"deepstack: vit_start={self.vit_start}, vit_crop_layer={self.vit_crop_layer} must be >= 0")
+
+  @property
+  def num_groups(self) -> int:
+    return self.num_crops[0] * self.num_crops[1]
+
+  @property
+  def llm_layers(self) -> tuple[int, ...]:
+    """The decoder layer each group is added before (empty without DeepStack-L)."""
+    return tuple(self.start + k * self.interval for k in range(self.num_groups)) if self.llm else ()
+
+
+@dataclasses.dataclass(frozen=True)
 class LLVMConfig:
   """Vision tower + projector + decoder; images replace runs of `image_token_id` in the text."""
 
@@ -320,6 +420,28 @@ class LLVMConfig:
   vision: VisionConfig | None = dataclasses.field(default_factory=VisionConfig)
   projector: ProjectorConfig = dataclasses.field(default_factory=ProjectorConfig)
   image_token_id: int = 32000
+  # DeepStack high-resolution crops stacked into layers; None = off.
+  deepstack: DeepStackConfig | None = None
+
+  def __post_init__(self):
+    ds = self.deepstack
+    if ds is None:
+      return
+    if self.vision is None:
+      raise ValueError("deepstack needs a vision tower (model.vision is None)")
+    if ds.llm and ds.llm_layers[-1] >= self.decoder.num_layers:
+      raise ValueError(
+          f"deepstack: {ds.num_groups} groups at decoder layers {ds.llm_layers} exceed num_layers="
+          f"{self.decoder.num_layers}; lower deepstack.start / interval or use fewer crops"
+      )
+    used = self.vision.num_layers_used
+    if ds.vit_start is not None and ds.vit_start + ds.num_groups > used:
+      raise ValueError(
+          f"deepstack: {ds.num_groups} groups from ViT layer vit_start={ds.vit_start} exceed the "
+          f"{used} ViT layers run up to vision.feature_layer"
+      )
+    if ds.vit_crop_layer > used:
+      raise ValueError(f"deepstack.vit_crop_layer={ds.vit_crop_layer} exceeds the {used} ViT layers run")
 
   @property
   def tokens_per_image(self) -> int:
@@ -348,7 +470,9 @@ _NESTED = {
     ("DecoderConfig", "rope"): RopeConfig,
     ("DecoderConfig", "trol"): TrolConfig,
     ("DecoderConfig", "phantom"): PhantomConfig,
+    ("DecoderConfig", "pmod"): PmodConfig,
     ("LLVMConfig", "decoder"): DecoderConfig,
     ("LLVMConfig", "vision"): VisionConfig,
     ("LLVMConfig", "projector"): ProjectorConfig,
+    ("LLVMConfig", "deepstack"): DeepStackConfig,
 }

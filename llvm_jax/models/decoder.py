@@ -9,7 +9,8 @@ The cache is a plain pytree passed in and returned (never a hidden Flax collecti
 
 Rows of a batch share `end` (prompts are left-padded to one length), so a call with T new tokens
 writes slots [end, end + T) of every row. Techniques add per-layer entries (TroL 'full' decoding:
-'trol', a second {'k', 'v'} for the layer's second pass; see init_layer_cache).
+'trol', a second {'k', 'v'} for the layer's second pass; p-MoD: a MoD layer's k/v are shorter and
+it keeps its own slot bookkeeping under 'pmod'; see init_layer_cache).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llvm_jax.models import layers, phantom, trol
+from llvm_jax.models import deepstack, layers, phantom, pmod, trol
 from llvm_jax.models.config import DecoderConfig, resolve_dtype
 from llvm_jax.models.rope import apply_rope, rope_cos_sin
 
@@ -86,14 +87,17 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block: x + Attn(norm(x)), then + MLP(norm(.))."""
+  """Pre-norm block: x + Attn(norm(x)), then + MLP(norm(.)).
+
+  mlp_weight (B, T, 1): p-MoD's per-token scale of the MLP update (`pmod.apply_layer`); None = 1.
+  """
 
   config: DecoderConfig
 
   @nn.compact
   def __call__(
       self, x: Array, cos: Array, sin: Array, mask: Array, layer_cache: Cache | None, write_index,
-      sos_slot: Array | None = None,
+      sos_slot: Array | None = None, mlp_weight: Array | None = None,
   ):
     cfg = self.config
     dtype, pdtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
@@ -102,7 +106,10 @@ class DecoderLayer(nn.Module):
         norm("input_norm")(x), cos, sin, mask, layer_cache, write_index, sos_slot
     )
     x = x + attn_out
-    x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
+    mlp_out = MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
+    if mlp_weight is not None:
+      mlp_out = mlp_weight.astype(mlp_out.dtype) * mlp_out
+    x = x + mlp_out
     x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
     return x, new_cache
 
@@ -113,7 +120,12 @@ class _ScanBody(nn.Module):
   config: DecoderConfig
 
   @nn.compact
-  def __call__(self, x, layer_cache, cos, sin, mask, write_index, trol_gate=None, decode=False, sos_slot=None):
+  def __call__(
+      self, x, layer_cache, cos, sin, mask, write_index, trol_gate=None, decode=False, sos_slot=None,
+      residual_index=None, layer_residuals=None,
+  ):
+    if layer_residuals is not None:  # DeepStack: this layer's group (if any) is added first
+      x = deepstack.add_layer_residual(x, layer_residuals, residual_index)
     layer_cls = layers.maybe_remat(DecoderLayer, self.config.remat_policy)
     if self.config.trol is not None:
 
@@ -169,7 +181,8 @@ class Decoder(nn.Module):
           _ScanBody,
           variable_axes={"params": 0},
           split_rngs={"params": True},
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast, 0,
+                   nn.broadcast),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, name="layers")
@@ -178,6 +191,8 @@ class Decoder(nn.Module):
       self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
     if cfg.trol is not None:
       self.trol_gate = trol.TrolGates(cfg)
+    if pmod.layer_ratios(cfg):
+      self.pmod_router = pmod.Routers(cfg)
     self.final_norm = layers.RMSNorm(cfg.norm_eps, dtype=self.dtype, param_dtype=pdtype)
     if not cfg.tie_embeddings:
       self.lm_head = layers.DenseGeneral(
@@ -195,12 +210,20 @@ class Decoder(nn.Module):
       positions: Array | None = None,
       cache: Cache | None = None,
       decode: bool = False,
+      vision_mask: Array | None = None,
+      num_vision: int = 0,
+      layer_residuals: Array | None = None,
+      residual_layers: tuple[int, ...] = (),
   ) -> tuple[Array, Cache | None]:
     """Runs the stack on embeddings x (B, T, D); returns logits (B, T, V) and the updated cache.
 
     Without a cache, attention is over these T tokens (causal within segments). With one, the T
     tokens are written at slots [end, end + T) and attend to every valid earlier slot. `decode`
     (static) marks a decode step, as opposed to a prefill (a call with a cache and decode=False).
+    vision_mask (B, T) bool marks the vision tokens and num_vision (static) the vision slots per row:
+    the tokens p-MoD routes (see pmod.py); ignored without p-MoD.
+    layer_residuals (G, B, T, D) are added to x before the layers `residual_layers` (static, one per
+    group; DeepStack, see deepstack.py).
     """
     cfg = self.config
     b, t = segment_ids.shape
@@ -230,15 +253,30 @@ class Decoder(nn.Module):
       sos_slot = phantom.sos_slots(segment_ids, segment_ids if cache is None else k_segments)
 
     trol_gates = self.trol_gate() if cfg.trol is not None else None
+    mod_ratios = pmod.layer_ratios(cfg)
+    if mod_ratios and vision_mask is not None:
+      pmod.check_fits(cfg, vision_mask, segment_ids, num_vision)
+    routers = self.pmod_router() if mod_ratios else None
     if cfg.scan_layers:
       x, new_layer_caches = self.layers(
           x, layer_caches if cache is not None else None, cos, sin, mask, write_index,
           trol.scan_gate(cfg, trol_gates), decode, sos_slot,
+          None if layer_residuals is None else deepstack.scan_residual_index(residual_layers, cfg.num_layers),
+          layer_residuals,
       )
     else:
       new_layer_caches = []
       for i, (layer, layer_cache) in enumerate(zip(self.layers, layer_caches)):
-        if i in trol.traversed_layers(cfg):
+        if layer_residuals is not None and i in residual_layers:
+          x = x + layer_residuals[residual_layers.index(i)].astype(x.dtype)
+        if i in mod_ratios:
+          x, new_layer_cache = pmod.apply_layer(
+              layer, self, x, segment_ids=segment_ids, positions=positions, cos=cos, sin=sin, mask=mask,
+              layer_cache=layer_cache, router=pmod.layer_router(cfg, routers, i), vision_mask=vision_mask,
+              num_vision=num_vision, ratio=mod_ratios[i], config=cfg, decode=decode,
+              trol_gate=trol.layer_gate(trol_gates, i) if i in trol.traversed_layers(cfg) else None,
+          )
+        elif i in trol.traversed_layers(cfg):
           run = lambda h, m, c, layer=layer: layer(h, cos, sin, m, c, write_index, sos_slot)
           x, new_layer_cache = trol.apply_layer(
               lambda _: run, self, x, mask, layer_cache, write_index, trol.layer_gate(trol_gates, i), cfg, decode
@@ -264,11 +302,15 @@ class Decoder(nn.Module):
     return logits, new_cache
 
 
-def init_layer_cache(config: DecoderConfig, batch: int, max_len: int, dtype: Any, layer: int | None = None) -> Cache:
+def init_layer_cache(
+    config: DecoderConfig, batch: int, max_len: int, dtype: Any, layer: int | None = None, num_vision: int = 0
+) -> Cache:
   """One layer's cache entries (techniques that cache more per layer add their entries here).
 
   `layer`: the layer's index; None for a layer of a scanned stack (every layer gets the same entries).
+  `num_vision`: vision slots per row of the prefill (p-MoD: a MoD layer caches only its kept tokens).
   """
+  max_len = pmod.cache_length(config, layer, max_len, num_vision)
   shape = (batch, max_len, config.num_kv_heads, config.head_dim)
   layer_cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
   if config.phantom is not None:
@@ -277,14 +319,20 @@ def init_layer_cache(config: DecoderConfig, batch: int, max_len: int, dtype: Any
   if trol.caches_pass2(config, layer):
     # TroL 'full' decoding: the layer's second pass has a cache of its own, shaped like the first's.
     layer_cache[trol.PASS2_CACHE_KEY] = jax.tree.map(jnp.zeros_like, layer_cache)
+  if layer in pmod.layer_ratios(config):
+    # p-MoD: a MoD layer writes fewer slots than the shared cache, so it tracks its own.
+    layer_cache.update(pmod.init_cache_entries(batch, max_len))
   return layer_cache
 
 
-def init_cache(config: DecoderConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
-  """An empty cache for `batch` rows of up to `max_len` tokens (dtype defaults to the compute dtype)."""
+def init_cache(config: DecoderConfig, batch: int, max_len: int, dtype: Any = None, num_vision: int = 0) -> Cache:
+  """An empty cache for `batch` rows of up to `max_len` tokens (dtype defaults to the compute dtype).
+
+  `num_vision`: vision slots per row of the prompt that will be prefilled (sizes p-MoD's MoD layers).
+  """
   dtype = resolve_dtype(config.dtype) if dtype is None else dtype
   per_layer = [
-      init_layer_cache(config, batch, max_len, dtype, None if config.scan_layers else i)
+      init_layer_cache(config, batch, max_len, dtype, None if config.scan_layers else i, num_vision)
       for i in range(config.num_layers)
   ]
   layer_caches = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if config.scan_layers else per_layer

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llvm_jax.models import deepstack
 from llvm_jax.models.config import LLVMConfig
 from llvm_jax.models.decoder import Cache, Decoder, init_cache
 from llvm_jax.models.projector import Projector
@@ -70,12 +71,31 @@ class LLVM(nn.Module):
       self.vision = VisionTower(cfg.vision)
       self.projector = Projector(cfg.projector, out_dim=cfg.decoder.embed_dim)
 
-  def encode_images(self, images: Array) -> Array:
-    """(B, N, H, W, C) pixels -> (B, N, tokens_per_image, D) projected image tokens."""
+  def encode_images(self, images: Array, hires_images: Array | None = None) -> Array:
+    """(B, N, H, W, C) pixels -> (B, N, tokens_per_image, D) projected image tokens.
+
+    With DeepStack-V (deepstack.vit_start set), hires_images (B, N, G, H, W, C) are regrouped into
+    the tower's layers.
+    """
     b, n = images.shape[:2]
-    features = self.vision(images.reshape((b * n,) + images.shape[2:]))
+    pixels = images.reshape((b * n,) + images.shape[2:])
+    ds = self.config.deepstack
+    if hires_images is not None and ds.vit_start is not None:
+      crops = hires_images.reshape((b * n,) + hires_images.shape[2:])
+      features = self.vision(pixels, deepstack.vit_residuals(self.vision, crops, self.config), ds.vit_start)
+    else:
+      features = self.vision(pixels)
     tokens = self.projector(features)
     return tokens.reshape((b, n) + tokens.shape[1:])
+
+  def deepstack_residuals(self, tokens: Array, hires_images: Array, image_mask: Array | None, like: Array) -> Array:
+    """DeepStack-L: (G, B, T, D) regrouped crop tokens at the image positions (splice's mapping), 0 elsewhere."""
+    b, n, g = hires_images.shape[:3]
+    crops = self.encode_images(hires_images.reshape((b, n * g) + hires_images.shape[3:]))
+    groups = deepstack.regroup_tokens(crops.reshape((b, n, g) + crops.shape[2:]), self.config)
+    zeros = jnp.zeros_like(like)
+    splice = lambda group: splice_image_features(zeros, tokens, group, image_mask, self.config.image_token_id)
+    return nn.with_logical_constraint(jax.vmap(splice, in_axes=2)(groups), (None, "act_batch", "act_len", "act_embed"))
 
   def __call__(
       self,
@@ -86,21 +106,36 @@ class LLVM(nn.Module):
       positions: Array | None = None,
       cache: Cache | None = None,
       decode: bool = False,
+      hires_images: Array | None = None,
   ) -> tuple[Array, Cache | None]:
     """Logits (B, T, V) for tokens (B, T); with a cache, also the updated cache (see decoder.py).
 
     `decode` (static) marks a decode step rather than a prefill (TroL's 'official' decoding needs it).
+    `hires_images` (B, N, g_h*g_w, H, W, C): DeepStack's high-resolution crops of each image slot.
     """
     cfg = self.config
     if segment_ids is None:
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
     x = self.decoder.embed(tokens)
+    vision_mask, num_vision = None, 0
+    residuals = None
+    if images is None and hires_images is not None:
+      raise ValueError("hires_images were given without images")
     if images is not None:
       if cfg.vision is None:
         raise ValueError("images were given but the model has no vision tower (config.model.vision is None)")
       check_image_tokens(tokens, image_mask, images.shape[1], cfg.tokens_per_image, cfg.image_token_id)
-      x = splice_image_features(x, tokens, self.encode_images(images), image_mask, cfg.image_token_id)
-    return self.decoder(x, segment_ids, positions, cache, decode)
+      use_deepstack = deepstack.check_hires_images(cfg, images, hires_images, self.is_initializing())
+      hires = hires_images if use_deepstack else None
+      x = splice_image_features(x, tokens, self.encode_images(images, hires), image_mask, cfg.image_token_id)
+      if use_deepstack and cfg.deepstack.llm:
+        residuals = self.deepstack_residuals(tokens, hires_images, image_mask, x)
+      # The vision tokens are p-MoD's routing targets; the image slots give their static count per row.
+      vision_mask, num_vision = tokens == cfg.image_token_id, images.shape[1] * cfg.tokens_per_image
+    return self.decoder(
+        x, segment_ids, positions, cache, decode, vision_mask=vision_mask, num_vision=num_vision,
+        layer_residuals=residuals, residual_layers=cfg.deepstack.llm_layers if residuals is not None else (),
+    )
 
 
 def prefill(
@@ -111,11 +146,17 @@ def prefill(
     images: Array | None = None,
     image_mask: Array | None = None,
     segment_ids: Array | None = None,
+    hires_images: Array | None = None,
 ) -> tuple[Array, Cache]:
-  """Runs a (left-padded) prompt into a fresh cache of `max_len` slots; returns logits and cache."""
-  cache = init_cache(model.config.decoder, tokens.shape[0], max_len)
+  """Runs a (left-padded) prompt into a fresh cache of `max_len` slots; returns logits and cache.
+
+  DeepStack's crops (`hires_images`) are injected here only: they touch prompt positions alone.
+  """
+  num_vision = 0 if images is None else images.shape[1] * model.config.tokens_per_image
+  cache = init_cache(model.config.decoder, tokens.shape[0], max_len, num_vision=num_vision)
   return model.apply(
-      {"params": params}, tokens, images=images, image_mask=image_mask, segment_ids=segment_ids, cache=cache
+      {"params": params}, tokens, images=images, image_mask=image_mask, segment_ids=segment_ids, cache=cache,
+      hires_images=hires_images,
   )
 
 

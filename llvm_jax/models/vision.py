@@ -184,12 +184,19 @@ class VisionTower(nn.Module):
       x = self.pre_norm(x)
     return nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
 
-  def __call__(self, pixels: Array) -> Array:
-    """(N, H, W, C) float pixels (normalised as the HF processor does) -> (N, num_features, D)."""
+  def __call__(self, pixels: Array, layer_residuals: Array | None = None, residual_start: int = 0) -> Array:
+    """(N, H, W, C) float pixels (normalised as the HF processor does) -> (N, num_features, D).
+
+    DeepStack-V: `layer_residuals` (G, N, grid*grid, D) are added to the patch (non-CLS) tokens,
+    group k before layer `residual_start + k` (static).
+    """
     cfg = self.config
     x = self.embed(pixels)
-    for layer in self.layers:
-      # DeepStack-V hook: a residual for the non-CLS tokens would be added to x here, before `layer`.
+    for i, layer in enumerate(self.layers):
+      group = i - residual_start
+      if layer_residuals is not None and 0 <= group < layer_residuals.shape[0]:
+        residual = layer_residuals[group].astype(x.dtype)
+        x = x.at[:, x.shape[1] - residual.shape[1]:].add(residual)
       x = layer(x)
     if self.uses_post_norm:
       x = self.post_norm(x)

@@ -14,6 +14,7 @@ from typing import Any
 
 import grain.python as grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -45,7 +46,7 @@ def manager(workdir: str, save_every: int, keep: int, async_save: bool = True) -
       save_interval_steps=save_every,
       enable_async_checkpointing=async_save,
   )
-  return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options, item_handlers=_item_handlers())
+  return ocp.CheckpointManager(epath.Path(workdir).absolute() / "checkpoints", options=options, item_handlers=_item_handlers())
 
 
 def save(
@@ -66,11 +67,6 @@ def save(
   if data_iterator is not None:
     items["data"] = grain.PyGrainCheckpointSave(_FrozenIteratorState(data_iterator.get_state()))
   return mngr.save(step, args=ocp.args.Composite(**items), force=force)
-
-
-def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs with the shardings of `tree` (restore targets)."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def check_structure(mngr: ocp.CheckpointManager, step: int, item: str, target: Any) -> None:
@@ -129,24 +125,50 @@ def latest_step(workdir: str) -> int | None:
   return max(steps) if steps else None
 
 
+def _checkpoints_path(checkpoint_dir: str) -> tuple[epath.Path, int | None]:
+  """A workdir, its `checkpoints/` folder or one step's folder -> (checkpoints folder, that step)."""
+  path = epath.Path(checkpoint_dir).absolute()
+  if not path.exists():
+    raise FileNotFoundError(f"checkpoint {checkpoint_dir} does not exist")
+  if (path / "params").exists():  # one step's folder
+    return path.parent, int(path.name)
+  if (path / "checkpoints").exists():
+    return path / "checkpoints", None
+  return path, None
+
+
+def _open(checkpoint_dir: str, step: int | None) -> tuple[ocp.CheckpointManager, int]:
+  path, folder_step = _checkpoints_path(checkpoint_dir)
+  step = folder_step if step is None else step
+  mngr = ocp.CheckpointManager(path, item_handlers=_item_handlers())
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    mngr.close()
+    raise FileNotFoundError(f"no checkpoint steps under {path}")
+  if step not in mngr.all_steps():
+    mngr.close()
+    raise FileNotFoundError(f"no checkpoint for step {step} under {path} (have {sorted(mngr.all_steps())})")
+  return mngr, step
+
+
+def read_config(checkpoint_dir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, str, int]:
+  """The experiment config saved with a checkpoint -> (config, the run's workdir, step)."""
+  mngr, step = _open(checkpoint_dir, step)
+  try:
+    saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  finally:
+    mngr.close()
+  return ml_collections.ConfigDict(saved), str(epath.Path(mngr.directory).parent), step
+
+
 def params_only(checkpoint_dir: str, params_target: Any, step: int | None = None) -> tuple[Any, int]:
   """Reads just the params of a run's checkpoint (no optimiser state) onto the targets' shardings.
 
   `checkpoint_dir` is a workdir, its `checkpoints/` folder, or one step's folder.
   """
-  path = epath.Path(checkpoint_dir)
-  if not path.exists():
-    raise FileNotFoundError(f"checkpoint {checkpoint_dir} does not exist")
-  if (path / "params").exists():  # one step's folder
-    step = int(path.name) if step is None else step
-    path = path.parent
-  elif (path / "checkpoints").exists():
-    path = path / "checkpoints"
-  mngr = ocp.CheckpointManager(path, item_handlers=_item_handlers())
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint steps under {path}")
-  restored = restore(mngr, step, params_target)
-  mngr.close()
+  mngr, step = _open(checkpoint_dir, step)
+  try:
+    restored = restore(mngr, step, params_target)
+  finally:
+    mngr.close()
   return restored["params"], step
-

@@ -98,10 +98,17 @@ def default_optim_config() -> ml_collections.ConfigDict:
   return c
 
 
-# Stage presets (big_vision style freeze rules). LLaVA stage 1 trains the projector only; stage 2
-# (SFT) the projector and the LLM; `po` is Phantom Optimization (see configs/).
+# Stage presets (big_vision-style freeze rules), applied by `config_utils.set_stage`:
+#   pretrain: LLaVA stage 1, the projector only (vision tower and LLM frozen);
+#   sft: LLaVA stage 2, projector + LLM (vision frozen); sft_full: everything (vision too);
+#   po1 / po2: Phantom Optimization step 1 (projector + phantom modules, LLM frozen) / step 2;
+#   trol1: TroL step 1, projector + TroL-Mixers with the backbone frozen.
 STAGE_RULES: dict[str, list[tuple[str, float | None]]] = {
     "pretrain": [("projector/.*", 1.0), (".*", None)],
     "sft": [("vision/.*", None), (".*", 1.0)],
     "sft_full": [(".*", 1.0)],
+    "po1": [("projector/.*", 1.0), (".*/phantom/.*", 1.0), (".*", None)],
+    "po2": [(".*", 1.0)],
+    "trol1": [("projector/.*", 1.0), (".*/trol_gate/.*", 1.0), (".*", None)],
 }
+STAGE_LOSS = {"po1": "po", "po2": "po"}

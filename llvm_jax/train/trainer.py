@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llvm_jax import config_utils, convert, sharding
 from llvm_jax.models.llvm import LLVM
-from llvm_jax.train import checkpoint, flops, loss as loss_lib, optim
+from llvm_jax.train import checkpoint, flops, lora, loss as loss_lib, optim, po_loss
 from llvm_jax.train.metrics import MetricsWriter
 
 MODEL_INPUTS = ("tokens", "images", "image_mask", "segment_ids", "positions", "hires_images")
@@ -77,14 +79,39 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
   return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
-def sft_loss_sums(model: LLVM, params: Any, batch: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(sum of answer-token NLL, sums for metrics); the step divides by the batch's token count."""
+def sft_loss_sums(model: LLVM, params: Any, batch: dict[str, Any]) -> dict[str, jax.Array]:
+  """Sums over answer tokens: `loss_sum` (NLL), `token_accuracy_sum`, and the `count` of tokens."""
   logits, _ = model.apply({"params": params}, **model_inputs(batch))
   sums = loss_lib.cross_entropy_sums(logits, batch["targets"], batch["target_mask"])
-  return sums["loss_sum"], sums
+  return {"loss_sum": sums["loss_sum"], "token_accuracy_sum": sums["correct"], "count": sums["tokens"]}
 
 
-LOSSES: dict[str, Callable] = {"sft": sft_loss_sums}
+def po_loss_sums(model: LLVM, params: Any, batch: dict[str, Any], beta: float, gamma: float, lam: float) -> dict[str, jax.Array]:
+  """Phantom Optimization over (B, 2, S) preference pairs, one forward over the 2B rows."""
+  rows = po_loss.pair_rows(batch)
+  logits, _ = model.apply({"params": params}, **model_inputs(rows))
+  sums = dict(po_loss.po_sums(logits, batch, beta, gamma, lam))
+  count = sums.pop("pairs")
+  sums["preference_accuracy_sum"] = sums.pop("correct_sum")
+  return {**sums, "count": count}
+
+
+def loss_function(config: ml_collections.ConfigDict) -> Callable:
+  """(model, params, batch) -> sums with `loss_sum` and `count` (the denominator).
+
+  With LoRA on, the model sees the kernels with the adapters folded in.
+  """
+  name = config.train.loss
+  if name == "sft":
+    fn = sft_loss_sums
+  elif name == "po":
+    po = config.train.po
+    fn = functools.partial(po_loss_sums, beta=po.beta, gamma=po.gamma, lam=po.lam)
+  else:
+    raise ValueError(f"train.loss={name!r} unknown; expected 'sft' or 'po'")
+  if not config.lora.rank:
+    return fn
+  return lambda model, params, batch: fn(model, lora.merge(params, lora.scale(config.lora)), batch)
 
 
 def _split_microbatches(batch: dict[str, Any], k: int) -> dict[str, Any]:
@@ -96,15 +123,20 @@ def _split_microbatches(batch: dict[str, Any], k: int) -> dict[str, Any]:
   return jax.tree.map(split, batch)
 
 
-def make_train_step(setup: TrainSetup, loss_name: str, microbatches: int) -> Callable:
+def make_train_step(setup: TrainSetup, sum_fn: Callable, microbatches: int) -> Callable:
   """(params, opt_state, batch, step) -> (params, opt_state, metrics).
 
-  Losses are sums divided by the whole batch's denominator (answer tokens), and gradients are
-  summed over micro-batches, so k micro-batches give the same update as one batch k times larger.
+  Losses are sums divided by the whole batch's `count` (answer tokens, or pairs for PO), and
+  gradients are summed over micro-batches, so k micro-batches give the same update as one batch k
+  times larger.
   """
   model, tx, schedule = setup.model, setup.tx, setup.schedule
-  sum_fn = LOSSES[loss_name]
-  grad_fn = jax.value_and_grad(lambda p, b: sum_fn(model, p, b), has_aux=True)
+
+  def loss_sum(p, b):
+    sums = sum_fn(model, p, b)
+    return sums["loss_sum"], sums
+
+  grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
   def step_fn(params, opt_state, batch, step):
     if microbatches == 1:
@@ -118,18 +150,17 @@ def make_train_step(setup: TrainSetup, loss_name: str, microbatches: int) -> Cal
         return jax.tree.map(jnp.add, carry, (more_sums, more_grads)), None
 
       (sums, grads), _ = jax.lax.scan(accumulate, (sums, grads), jax.tree.map(lambda x: x[1:], micro))
-    denominator = jnp.maximum(sums["tokens"], 1.0)
+    denominator = jnp.maximum(sums["count"], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = {
-        "loss": sums["loss_sum"] / denominator,
-        "token_accuracy": sums["correct"] / denominator,
-        "answer_tokens": sums["tokens"],
-        "grad_norm": optax.global_norm(grads),
-        "learning_rate": schedule(step),
-        "param_norm": optax.global_norm(params),
-    }
+    metrics = {k[: -len("_sum")]: v / denominator for k, v in sums.items() if k.endswith("_sum")}
+    metrics.update(
+        count=sums["count"],
+        grad_norm=optax.global_norm(grads),
+        learning_rate=schedule(step),
+        param_norm=optax.global_norm(params),
+    )
     return params, opt_state, metrics
 
   return step_fn
@@ -143,13 +174,11 @@ def numeric_batch(batch: dict[str, Any]) -> dict[str, Any]:
 def build_setup(config: ml_collections.ConfigDict, model: LLVM, mesh: Mesh) -> tuple[TrainSetup, Any]:
   """Shardings, optimiser and abstract params for `model` on `mesh` (nothing allocated)."""
   rules = sharding.logical_rules(config.sharding.strategy)
-  boxed = abstract_boxed_params(model)
-  param_shardings = sharding.param_shardings(boxed, mesh, config.sharding.strategy)
-  abstract_params = nn.unbox(boxed)
+  abstract_params, param_shardings = abstract_params_and_shardings(config, model, mesh)
   tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.train.total_steps)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   # Optimiser moments take their parameter's sharding (GSPMD propagation through tx.init).
-  sharded = _sharded_abstract(abstract_params, param_shardings)
+  sharded = sharded_abstract(abstract_params, param_shardings)
   replicated = NamedSharding(mesh, PartitionSpec())
   opt_shardings = jax.tree.map(
       lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated,
@@ -200,27 +229,62 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def _sharded_abstract(abstract: Any, shardings: Any) -> Any:
+def sharded_abstract(abstract: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+def abstract_params_and_shardings(config: ml_collections.ConfigDict, model: LLVM, mesh: Mesh) -> tuple[Any, Any]:
+  """Abstract params (plus LoRA adapters if enabled) and their shardings on `mesh`."""
+  boxed = abstract_boxed_params(model)
+  shardings = sharding.param_shardings(boxed, mesh, config.sharding.strategy)
+  abstract = nn.unbox(boxed)
+  if config.lora.rank:
+    abstract[lora.LORA_KEY] = jax.eval_shape(lambda: lora.init(abstract, config.lora, jax.random.key(0)))
+    shardings[lora.LORA_KEY] = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), abstract[lora.LORA_KEY])
+  return abstract, shardings
+
+
+def param_targets(config: ml_collections.ConfigDict, model: LLVM, mesh: Mesh) -> Any:
+  """Restore targets of a params-only read (e.g. inference on another mesh): shapes + shardings."""
+  return sharded_abstract(*abstract_params_and_shardings(config, model, mesh))
+
+
 def initial_params(config: ml_collections.ConfigDict, setup: TrainSetup) -> Any:
-  """From `config.init_hf` (device_put into shards) or random, born sharded."""
-  if config.init_hf:
-    model_cfg = setup.model.config
-    _, params = convert.from_hf(
-        config.init_hf, dtype=model_cfg.decoder.dtype, param_dtype=model_cfg.decoder.param_dtype,
-        scan_layers=model_cfg.decoder.scan_layers, remat_policy=model_cfg.decoder.remat_policy,
-    )
-    expected = {k: v.shape for k, v in convert.core.flatten(nn.unbox(abstract_boxed_params(setup.model))).items()}
-    got = {k: v.shape for k, v in convert.core.flatten(params).items()}
-    if expected != got:
-      raise convert.WeightMismatchError(
-          sorted(set(expected) - set(got)), sorted(set(got) - set(expected)),
-          [k for k in expected if k in got and expected[k] != got[k]], context=f"init_hf={config.init_hf}",
-      )
-    return jax.device_put(params, setup.param_shardings)
-  return init_params_sharded(setup.model, jax.random.key(config.seed), setup.mesh, setup.rules, setup.param_shardings)
+  """Base weights (`init_hf`, or random and born sharded) plus fresh LoRA adapters if enabled."""
+  params = _initial_base_params(config, setup)
+  if config.lora.rank:
+    adapters = jax.jit(lambda p: lora.init(p, config.lora, jax.random.key(config.seed + 1)))(params)
+    params[lora.LORA_KEY] = jax.device_put(adapters, setup.param_shardings[lora.LORA_KEY])
+  return params
+
+
+# Parameters a technique adds on top of a pretrained backbone: absent from an HF checkpoint.
+TECHNIQUE_PARAMS = re.compile(r"(^|.*/)(trol_gate|phantom|pmod_router)(/.*|$)")
+
+
+def _initial_base_params(config: ml_collections.ConfigDict, setup: TrainSetup) -> Any:
+  base_shardings = {k: v for k, v in setup.param_shardings.items() if k != lora.LORA_KEY}
+  params = init_params_sharded(setup.model, jax.random.key(config.seed), setup.mesh, setup.rules, base_shardings)
+  if not config.init_hf:
+    return params
+  model_cfg = setup.model.config
+  _, pretrained = convert.from_hf(
+      config.init_hf, dtype=model_cfg.decoder.dtype, param_dtype=model_cfg.decoder.param_dtype,
+      scan_layers=model_cfg.decoder.scan_layers, remat_policy=model_cfg.decoder.remat_policy,
+  )
+  ours, theirs = convert.core.flatten(params), convert.core.flatten(pretrained)
+  missing = [k for k in ours if k not in theirs and not TECHNIQUE_PARAMS.match(k)]
+  unexpected = [k for k in theirs if k not in ours]
+  misshaped = [f"{k}: checkpoint {theirs[k].shape}, model {ours[k].shape}" for k in ours
+               if k in theirs and theirs[k].shape != ours[k].shape]
+  if missing or unexpected or misshaped:
+    raise convert.WeightMismatchError(missing, unexpected, misshaped, context=f"init_hf={config.init_hf}")
+  fresh = [k for k in ours if k not in theirs]
+  if fresh:
+    logging.info("init_hf: %d technique parameters start from their init: %s", len(fresh), ", ".join(fresh))
+  flat_shardings = convert.core.flatten(base_shardings)
+  merged = {k: jax.device_put(theirs[k], flat_shardings[k]) if k in theirs else v for k, v in ours.items()}
+  return convert.core.unflatten(merged)
 
 
 def train(
@@ -246,8 +310,8 @@ def train(
   abstract_opt = jax.eval_shape(setup.tx.init, abstract_params)
   if start is not None:
     restored = checkpoint.restore(
-        mngr, start, _sharded_abstract(abstract_params, setup.param_shardings),
-        _sharded_abstract(abstract_opt, setup.opt_shardings), data_iterator,
+        mngr, start, sharded_abstract(abstract_params, setup.param_shardings),
+        sharded_abstract(abstract_opt, setup.opt_shardings), data_iterator,
     )
     params, opt_state = restored["params"], restored["opt_state"]
     logging.info("resumed from %s at step %d", workdir, start)
@@ -257,7 +321,7 @@ def train(
     with sharding_context(mesh, setup.rules):
       opt_state = jax.jit(setup.tx.init, out_shardings=setup.opt_shardings)(params)
 
-  step_fn = make_train_step(setup, tc.loss, tc.microbatches)
+  step_fn = make_train_step(setup, loss_function(config), tc.microbatches)
   writer = MetricsWriter(workdir, tc.total_steps)
   compiled = None
   model_cfg = model.config
@@ -282,9 +346,11 @@ def train(
               "Last good checkpoint: "
               f"step {mngr.latest_step()} in {workdir}/checkpoints"
           )
-        b, s = batch["tokens"].shape[:2]
-        n_images = int(np.asarray(batch["image_mask"]).sum()) if "image_mask" in batch else 0
-        step_flops = b * flops.train_flops_per_sample(model_cfg, s, n_images / max(b, 1))
+        s = batch["tokens"].shape[-1]
+        b = int(np.prod(batch["tokens"].shape[:-1]))  # rows (2 per preference pair)
+        # jnp (not np): the batch is a global array that may span processes.
+        images_per_sample = float(jnp.mean(jnp.sum(batch["image_mask"], axis=-1))) if "image_mask" in batch else 0.0
+        step_flops = b * flops.train_flops_per_sample(model_cfg, s, images_per_sample)
         last = {k: float(v) for k, v in metrics.items()}
         last.update(step_time=step_time, tokens_per_second=b * s / step_time,
                     tflops_per_device=step_flops / step_time / jax.device_count() / 1e12)
@@ -293,9 +359,10 @@ def train(
         done = step + 1
         if done % tc.log_every == 0 or done == tc.total_steps:
           writer.write(done, last)
-          writer.progress(done, {k: last[k] for k in ("loss", "token_accuracy", "tokens_per_second") if k in last})
+          writer.progress(done, {k: last[k] for k in ("loss", "token_accuracy", "preference_accuracy",
+                                                       "tokens_per_second") if k in last})
         if evaluators and tc.eval_every and done % tc.eval_every == 0 and done != tc.total_steps:
-          _run_evals(evaluators, params, done, writer, last)
+          _run_evals(evaluators, params, done, writer, last, config.lora)
         checkpoint.save(mngr, done, params, opt_state, data_iterator, config_json,
                         force=preemption.requested or done == tc.total_steps)
         if preemption.requested:
@@ -303,7 +370,7 @@ def train(
           break
       else:
         if evaluators:
-          _run_evals(evaluators, params, tc.total_steps, writer, last)
+          _run_evals(evaluators, params, tc.total_steps, writer, last, config.lora)
   finally:
     mngr.wait_until_finished()
     mngr.close()
@@ -312,7 +379,10 @@ def train(
   return last
 
 
-def _run_evals(evaluators: dict[str, Any], params: Any, step: int, writer: MetricsWriter, into: dict) -> None:
+def _run_evals(evaluators: dict[str, Any], params: Any, step: int, writer: MetricsWriter, into: dict,
+               lora_config: ml_collections.ConfigDict) -> None:
+  if lora_config.rank:
+    params = lora.merge(params, lora.scale(lora_config))
   for name, evaluator in evaluators.items():
     results = evaluator.run(params, step)
     writer.write(step, results, prefix=f"eval/{name}")

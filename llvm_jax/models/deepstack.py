@@ -1,0 +1,173 @@
+"""DeepStack: high-resolution visual tokens stacked into layers instead of the context (DESIGN.md §4).
+
+DeepStack-L. The global low-resolution view is spliced at the image positions as usual. The
+high-resolution crops (`hires_images` (B, N, g_h*g_w, S, S, C), row-major, each the size of the
+global view) go through the same vision tower and projector, are laid out as one (g_h*P, g_w*P) map
+of projected tokens and regrouped into G = g_h*g_w groups of P*P tokens (`regroup`); group k is
+added to the hidden states at the image positions before decoder layer `start + k*interval`. No
+parameters, no extra context; the injection touches prompt positions only, so it happens at
+prefill and decode steps use the ordinary KV cache.
+
+DeepStack-V. The crops' patch embeddings (or their hidden state `vit_crop_layer`) are regrouped the
+same way and added to the global view's non-CLS hidden states before ViT layers vit_start + k.
+
+Shapes: `LLVM` turns the groups into `layer_residuals` (G, B, T, D), zero outside image positions,
+which `Decoder.__call__` adds before `DeepStackConfig.llm_layers`; the ViT gets (G, B*N, P*P, Dv).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llvm_jax.models.config import LLVMConfig
+from llvm_jax.train import flops
+
+Array = jax.Array
+
+
+def regroup(crops: Array, grid: tuple[int, int], sampling: str) -> Array:
+  """(..., g_h*g_w, P*P, C) row-major crops of row-major P x P tokens -> (..., g_h*g_w, P*P, C) groups.
+
+  The crops form one (g_h*P, g_w*P) map, map[r*P + a, c*P + b] = crops[r*g_w + c, a*P + b];
+  '2d': group i*g_w + j = map[i::g_h, j::g_w] (each group a dilated P x P view of the whole image,
+  aligned with the global tokens); '1d': group k = map.flatten()[k::g_h*g_w]; 'grid': group k = crop k.
+  """
+  g_h, g_w = grid
+  *lead, g, t, c = crops.shape
+  p = math.isqrt(t)
+  if g != g_h * g_w or p * p != t:
+    raise ValueError(f"regroup: crops {crops.shape} are not g_h*g_w={g_h * g_w} crops of a square token grid")
+  if sampling == "grid":
+    return crops
+  n = len(lead)
+  lead_axes = tuple(range(n))
+  # (..., g_h, g_w, P, P, C) -> (..., g_h, P, g_w, P, C): the map, row-major.
+  the_map = crops.reshape(*lead, g_h, g_w, p, p, c).transpose(*lead_axes, n, n + 2, n + 1, n + 3, n + 4)
+  if sampling == "2d":
+    # Map row a*g_h + i, column b*g_w + j -> group (i, j), token (a, b).
+    split = the_map.reshape(*lead, p, g_h, p, g_w, c)
+    return split.transpose(*lead_axes, n + 1, n + 3, n, n + 2, n + 4).reshape(*lead, g, t, c)
+  if sampling == "1d":
+    # Flat index q*G + k -> group k, token q.
+    return jnp.swapaxes(the_map.reshape(*lead, t, g, c), -3, -2)
+  raise ValueError(f"unknown deepstack sampling {sampling!r}")
+
+
+def token_layout(config: LLVMConfig) -> tuple[int, int]:
+  """(leading, side): a projected image is `leading` non-spatial tokens (a kept CLS) followed by a
+  row-major side x side token grid; raises for layouts with no grid to regroup."""
+  vision, projector = config.vision, config.projector
+  if projector.kind == "pixel_shuffle_mlp":
+    return 0, vision.grid // projector.shuffle_factor
+  if not vision.has_cls and vision.feature_select == "default":
+    raise ValueError(
+        "deepstack: feature_select='default' on a tower without CLS (SigLIP) drops a patch, so the "
+        "tokens form no square grid to regroup; use feature_select='full'"
+    )
+  return int(vision.has_cls and vision.feature_select == "full"), vision.grid
+
+
+def regroup_tokens(features: Array, config: LLVMConfig) -> Array:
+  """(..., G, T, D) projected crop tokens -> (..., G, T, D) groups aligned with the global view's
+  T tokens; a kept CLS position gets a zero residual (it has no place in the spatial map)."""
+  leading, _ = token_layout(config)
+  groups = regroup(features[..., leading:, :], config.deepstack.num_crops, config.deepstack.sampling)
+  pad = [(0, 0)] * (groups.ndim - 2) + [(leading, 0), (0, 0)]
+  return jnp.pad(groups, pad)
+
+
+def vit_residuals(tower: Any, crops: Array, config: LLVMConfig) -> Array:
+  """DeepStack-V: crops (M, G, S, S, C) through the bound `tower`'s embedding (and its first
+  `vit_crop_layer` layers) -> (G, M, grid*grid, Dv) regrouped patch states, CLS dropped."""
+  m, g = crops.shape[:2]
+  hidden = tower.embed(crops.reshape((m * g,) + crops.shape[2:]))
+  for layer in tower.layers[: config.deepstack.vit_crop_layer]:
+    hidden = layer(hidden)
+  patches = hidden[:, int(config.vision.has_cls):]
+  patches = patches.reshape((m, g) + patches.shape[1:])
+  return jnp.moveaxis(regroup(patches, config.deepstack.num_crops, config.deepstack.sampling), 1, 0)
+
+
+def check_hires_images(config: LLVMConfig, images: Array, hires_images: Array | None, initializing: bool) -> bool:
+  """Whether DeepStack runs on this call; raises on missing or misshaped crops.
+
+  Crops may be left out only while initialising (DeepStack adds no parameters), so a caller that
+  forgets them fails instead of silently running the base model.
+  """
+  ds = config.deepstack
+  if ds is None:
+    if hires_images is not None:
+      raise ValueError("hires_images were given but the model has no deepstack block (config.model.deepstack)")
+    return False
+  if hires_images is None:
+    if initializing:
+      return False
+    raise ValueError("the model has a deepstack block: pass hires_images (B, N, g_h*g_w, S, S, C) with the images")
+  expected = images.shape[:2] + (ds.num_groups,) + images.shape[2:]
+  if hires_images.shape != expected:
+    raise ValueError(
+        f"hires_images shape {hires_images.shape} != {expected} (images {images.shape}, "
+        f"deepstack.num_crops={ds.num_crops})"
+    )
+  return True
+
+
+def scan_residual_index(residual_layers: tuple[int, ...], num_layers: int) -> Array:
+  """(num_layers,) int32: the group added before each layer of a scanned stack, -1 for none."""
+  index = np.full((num_layers,), -1, np.int32)
+  for group, layer in enumerate(residual_layers):
+    index[layer] = group
+  return jnp.asarray(index)
+
+
+def add_layer_residual(x: Array, layer_residuals: Array, group: Array) -> Array:
+  """x + layer_residuals[group] inside a scanned layer (traced `group`; -1 adds nothing)."""
+  residual = jax.lax.dynamic_index_in_dim(layer_residuals, jnp.maximum(group, 0), keepdims=False)
+  return x + jnp.where(group >= 0, residual, 0).astype(x.dtype)
+
+
+def deepstack_cost(config: LLVMConfig, text_tokens: int = 0) -> dict[str, Any]:
+  """Analytic forward cost of DeepStack against the base model and plain LLaVA with the crops'
+  tokens in the context, per sample of `text_tokens` text tokens and one image (2 FLOPs per
+  multiply-add; train/flops.py conventions, causal attention at one half)."""
+  ds = config.deepstack
+  if ds is None:
+    raise ValueError("deepstack_cost needs a config with a deepstack block")
+  groups = ds.num_groups
+  tokens = config.tokens_per_image
+  view = flops.vision_forward_flops(config.vision) + flops.projector_forward_flops(config)
+  crops = groups * view if ds.llm else 0.0
+  injection = groups * tokens * config.decoder.embed_dim if ds.llm else 0
+  if ds.vit_start is not None:
+    crop_vision = dataclasses.replace(config.vision, feature_layer=ds.vit_crop_layer)
+    crops += groups * flops.vision_forward_flops(crop_vision)
+    injection += groups * config.vision.grid**2 * config.vision.width
+  context = text_tokens + tokens
+  plain_context = text_tokens + tokens * (1 + groups)
+  llm = flops.decoder_forward_flops(config.decoder, context)
+  llm_plain = flops.decoder_forward_flops(config.decoder, plain_context)
+  total = view + crops + llm + injection
+  total_plain = (1 + groups) * view + llm_plain
+  return {
+      "groups": groups,
+      "llm_layers": ds.llm_layers,
+      "vit_layers": () if ds.vit_start is None else tuple(range(ds.vit_start, ds.vit_start + groups)),
+      "extra_params": 0,
+      "context_tokens": context,
+      "context_tokens_plain_hires": plain_context,
+      "vision_flops_per_image": view,
+      "vision_flops_per_image_deepstack": view + crops,
+      "vision_flops_ratio": (view + crops) / view,
+      "injection_flops": float(injection),
+      "llm_flops": llm,
+      "llm_flops_plain_hires": llm_plain,
+      "total_flops": total,
+      "total_flops_plain_hires": total_plain,
+      "total_flops_ratio_vs_plain_hires": total / total_plain,
+  }

@@ -1,0 +1,359 @@
+"""DeepStack: regrouping against index-level references, layer-exact injection (LLM and ViT),
+prefill + decode parity, scan/remat, config and the analytic cost."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llvm_jax import config_utils, convert
+from llvm_jax.models import deepstack
+from llvm_jax.models.config import DeepStackConfig, LLVMConfig, PhantomConfig, ProjectorConfig, TrolConfig
+from llvm_jax.models.decoder import Decoder, DecoderLayer, attention_mask, default_positions
+from llvm_jax.models.llvm import LLVM, decode_step, prefill, splice_image_features
+from llvm_jax.models.rope import rope_cos_sin
+from llvm_jax.models.vision import VisionLayer, VisionTower
+from llvm_jax.train import flops
+
+IMAGE = 4
+TOL = 1e-5
+# 24 px at patch 8: a 3 x 3 grid, 9 tokens per image (CLIP, CLS dropped), 5 decoder layers so the
+# default 2 x 2 crops land before layers 1..4.
+_TINY = config_utils.tiny_llvm(vocab_size=64, image_token_id=IMAGE, image_size=24, embed_dim=32, num_layers=5)
+# 3 ViT layers, so DeepStack-V has a layer before and two after its start.
+BASE = dataclasses.replace(_TINY, vision=dataclasses.replace(_TINY.vision, depth=3))
+DS = dataclasses.replace(BASE, deepstack=DeepStackConfig())
+T = BASE.tokens_per_image
+
+
+def _coords_crops(lead: int, grid: tuple[int, int], p: int) -> np.ndarray:
+  """(lead, g_h*g_w, p*p, 3) crops whose entries are (batch, map row, map column) of the
+  (g_h*p, g_w*p) high-resolution map they come from."""
+  g_h, g_w = grid
+  crops = np.zeros((lead, g_h * g_w, p * p, 3), np.float32)
+  for n in range(lead):
+    for r in range(g_h):
+      for c in range(g_w):
+        for a in range(p):
+          for b in range(p):
+            crops[n, r * g_w + c, a * p + b] = (n, r * p + a, c * p + b)
+  return crops
+
+
+def _reference_groups(lead: int, grid: tuple[int, int], p: int, sampling: str) -> np.ndarray:
+  """The expected (lead, G, p*p, 3) groups, entry by entry from the definitions in DESIGN.md §4."""
+  g_h, g_w = grid
+  g, width = g_h * g_w, g_w * p
+  out = np.zeros((lead, g, p * p, 3), np.float32)
+  for n in range(lead):
+    for k in range(g):
+      for q in range(p * p):
+        a, b = divmod(q, p)
+        if sampling == "2d":  # group (i, j) = map[i::g_h, j::g_w]
+          i, j = divmod(k, g_w)
+          row, col = a * g_h + i, b * g_w + j
+        elif sampling == "1d":  # group k = flat map[k::G]
+          row, col = divmod(q * g + k, width)
+        else:  # 'grid': group k = crop k
+          r, c = divmod(k, g_w)
+          row, col = r * p + a, c * p + b
+        out[n, k, q] = (n, row, col)
+  return out
+
+
+@pytest.mark.parametrize("sampling", ["2d", "1d", "grid"])
+@pytest.mark.parametrize("grid", [(2, 2), (2, 3)])
+def test_regroup_matches_index_reference(sampling, grid):
+  p = 3
+  crops = _coords_crops(2, grid, p)
+  got = np.asarray(deepstack.regroup(jnp.asarray(crops), grid, sampling))
+  np.testing.assert_array_equal(got, _reference_groups(2, grid, p, sampling))
+  if sampling == "2d":
+    # Each group is a P x P view of the whole image: group token (a, b) lies in the global view's
+    # patch (a, b), i.e. map row // g_h == a and column // g_w == b.
+    a, b = np.divmod(np.arange(p * p), p)
+    np.testing.assert_array_equal(got[..., 1] // grid[0], np.broadcast_to(a, got.shape[:-1]))
+    np.testing.assert_array_equal(got[..., 2] // grid[1], np.broadcast_to(b, got.shape[:-1]))
+
+
+def test_token_layout_cls_and_pixel_shuffle():
+  grid = (2, 2)
+  ds = DeepStackConfig(num_crops=grid)
+  # CLIP with the CLS kept ('full'): the CLS position gets a zero residual, the patches are regrouped.
+  full = dataclasses.replace(DS, vision=dataclasses.replace(BASE.vision, feature_select="full"), deepstack=ds)
+  assert deepstack.token_layout(full) == (1, 3)
+  coords = _coords_crops(1, grid, 3)
+  with_cls = np.concatenate([np.full((1, 4, 1, 3), 7.0, np.float32), coords], axis=2)
+  got = np.asarray(deepstack.regroup_tokens(jnp.asarray(with_cls), full))
+  np.testing.assert_array_equal(got[:, :, 0], 0.0)
+  np.testing.assert_array_equal(got[:, :, 1:], _reference_groups(1, grid, 3, "2d"))
+  # InternVL pixel shuffle: a (grid / 2)^2 row-major grid after the projector.
+  vision = dataclasses.replace(BASE.vision, kind="internvit", image_size=32, feature_select="default")
+  shuffle = LLVMConfig(BASE.decoder, vision, ProjectorConfig(kind="pixel_shuffle_mlp"), IMAGE, ds)
+  assert deepstack.token_layout(shuffle) == (0, 2)
+  siglip = dataclasses.replace(BASE.vision, kind="siglip", feature_select="default")
+  with pytest.raises(ValueError, match="no square grid"):
+    deepstack.token_layout(dataclasses.replace(DS, vision=siglip))
+
+
+# --- Decoder level: the injection itself. ---------------------------------------------------------
+
+DEC = BASE.decoder
+LAYERS = (1, 3)  # two groups, interval 2
+
+
+class LM(nn.Module):
+  config: object
+
+  def setup(self):
+    self.decoder = Decoder(self.config)
+
+  def __call__(self, tokens, residuals=None, layers=()):
+    segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    return self.decoder(self.decoder.embed(tokens), segment_ids, layer_residuals=residuals, residual_layers=layers)[0]
+
+
+@pytest.fixture(scope="module")
+def lm_setup():
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 5, DEC.vocab_size)
+  tokens = tokens.at[:, 4:8].set(IMAGE)
+  params = nn.unbox(LM(DEC).init(jax.random.key(0), tokens)["params"])
+  image = np.asarray(tokens == IMAGE)
+  residuals = jax.random.normal(jax.random.key(2), (2,) + tokens.shape + (DEC.embed_dim,))
+  residuals = residuals * image[None, :, :, None]  # zero outside image positions, as LLVM builds them
+  return tokens, params, residuals, image
+
+
+def _apply_captured(cfg, params, tokens, residuals):
+  logits, state = jax.jit(
+      lambda p, t, r: LM(cfg).apply(
+          {"params": p}, t, r, LAYERS, capture_intermediates=True, mutable=["intermediates"]
+      )
+  )(params, tokens, residuals)
+  inter = state["intermediates"]["decoder"]
+  return logits, [inter[f"layers_{i}"]["__call__"][0][0] for i in range(cfg.num_layers)]
+
+
+def test_decoder_zero_groups_equal_base_and_one_group_hits_its_layer_only(lm_setup):
+  tokens, params, residuals, image = lm_setup
+  base_logits, base_hidden = _apply_captured(DEC, params, tokens, jnp.zeros_like(residuals))
+  plain = jax.jit(lambda p, t: LM(DEC).apply({"params": p}, t))(params, tokens)
+  assert np.abs(np.asarray(base_logits) - np.asarray(plain)).max() == 0.0
+
+  one_group = residuals.at[0].set(0.0)  # only group 1, before layer 3
+  logits, hidden = _apply_captured(DEC, params, tokens, one_group)
+  for i in range(LAYERS[1]):
+    np.testing.assert_array_equal(np.asarray(hidden[i]), np.asarray(base_hidden[i]))
+  # Layer 3 sees base hidden 2 + group 1 at the image positions: recompute it independently.
+  seg = jnp.ones(tokens.shape, jnp.int32)
+  pos = default_positions(seg)
+  slots = jnp.broadcast_to(jnp.arange(tokens.shape[1])[None], tokens.shape)
+  mask = attention_mask(seg, pos, slots, seg, pos, slots)
+  cos, sin = rope_cos_sin(pos, DEC.rope, DEC.head_dim, DEC.max_position_embeddings)
+  expected, _ = DecoderLayer(DEC).apply(
+      {"params": params["decoder"]["layers_3"]}, base_hidden[2] + one_group[1], cos, sin, mask, None, 0
+  )
+  assert np.abs(np.asarray(hidden[3]) - np.asarray(expected)).max() <= TOL
+  delta = np.abs(np.asarray(hidden[3]) - np.asarray(base_hidden[3])).max(axis=-1)
+  assert delta[image].min() > 1e-3  # every image position moved ...
+  assert delta[:, :4].max() == 0.0  # ... and no position before the first one (causal)
+  assert np.abs(np.asarray(logits) - np.asarray(base_logits)).max() > 1e-3
+
+
+def test_decoder_scan_and_remat_match_unscanned(lm_setup):
+  tokens, params, residuals, _ = lm_setup
+  ref = jax.jit(lambda p, t, r: LM(DEC).apply({"params": p}, t, r, LAYERS))(params, tokens, residuals)
+  scanned = dataclasses.replace(DEC, scan_layers=True, remat_policy="full")
+  stacked = dict(params, decoder=convert.stack_layers(params["decoder"], DEC.num_layers))
+  got = jax.jit(lambda p, t, r: LM(scanned).apply({"params": p}, t, r, LAYERS))(stacked, tokens, residuals)
+  assert np.abs(np.asarray(got) - np.asarray(ref)).max() <= TOL
+  # Gradients reach the residuals through the scan (a training step updates the crop path).
+  loss = lambda cfg, p: lambda r: jnp.sum(LM(cfg).apply({"params": p}, tokens, r, LAYERS) ** 2)
+  g_ref = jax.jit(jax.grad(loss(DEC, params)))(residuals)
+  g_scan = jax.jit(jax.grad(loss(scanned, stacked)))(residuals)
+  assert np.abs(np.asarray(g_scan) - np.asarray(g_ref)).max() <= 1e-4 * np.abs(np.asarray(g_ref)).max()
+
+
+# --- LLVM level: crops through the tower, regrouping, splicing, generation. ------------------------
+
+SEQ = 26
+
+
+def _llvm_batch(rng):
+  """Row 0: two images; row 1: one image in slot 1 (slot 0 unused); row 2: no image."""
+  row0 = [1, 5] + [IMAGE] * T + [6] + [IMAGE] * T + [7, 8, 9, 10, 11]
+  row1 = [1, 12, 13] + [IMAGE] * T + list(range(14, 14 + SEQ - 3 - T))
+  row2 = list(range(20, 20 + SEQ))
+  tokens = np.asarray([row0, row1, row2], np.int32)
+  images = rng.uniform(-1, 1, (3, 2, 24, 24, 3)).astype(np.float32)
+  hires = rng.uniform(-1, 1, (3, 2, 4, 24, 24, 3)).astype(np.float32)
+  image_mask = np.asarray([[True, True], [False, True], [False, False]])
+  return tuple(map(jnp.asarray, (tokens, images, image_mask, hires)))
+
+
+@pytest.fixture(scope="module")
+def params():
+  """One initialisation for every LLVM test (DeepStack has no parameters of its own)."""
+  return convert.init_params(LLVM(DS), jax.random.key(3))
+
+
+@pytest.fixture(scope="module")
+def llvm_setup(params):
+  batch = _llvm_batch(np.random.RandomState(0))
+  full = jax.jit(lambda p, t, i, m, h: LLVM(DS).apply({"params": p}, t, i, m, hires_images=h)[0])(params, *batch)
+  return batch, params, full
+
+
+def test_llvm_matches_manual_injection(llvm_setup):
+  (tokens, images, image_mask, hires), params, full = llvm_setup
+  model = LLVM(DS)
+
+  def manual(m, tokens, images, image_mask, hires):
+    x = splice_image_features(m.decoder.embed(tokens), tokens, m.encode_images(images), image_mask, IMAGE)
+    crops = m.encode_images(hires.reshape((3, 8) + hires.shape[3:])).reshape(3, 2, 4, T, -1)
+    return x, crops
+
+  x, crops = jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=manual))(params, tokens, images, image_mask, hires)
+  x, crops = np.asarray(x), np.asarray(crops)
+  # Reference: 2D dilated groups by index (DESIGN.md §4), placed at the image positions in order of
+  # the used slots (row 1's image is in slot 1).
+  residuals = np.zeros((4,) + x.shape, np.float32)
+  for b in range(3):
+    feats = [crops[b, n] for n in range(2) if image_mask[b, n]]
+    positions = np.nonzero(np.asarray(tokens[b]) == IMAGE)[0]
+    for idx, c in enumerate(feats):
+      the_map = c.reshape(2, 2, 3, 3, -1).transpose(0, 2, 1, 3, 4).reshape(6, 6, -1)
+      for k in range(4):
+        i, j = divmod(k, 2)
+        residuals[k, b, positions[idx * T:(idx + 1) * T]] = the_map[i::2, j::2].reshape(T, -1)
+  ref = jax.jit(lambda p, x, r: model.apply(
+      {"params": p}, x, r,
+      method=lambda m, x, r: m.decoder(x, jnp.ones(x.shape[:2], jnp.int32), layer_residuals=r, residual_layers=(1, 2, 3, 4))[0],
+  ))(params, jnp.asarray(x), jnp.asarray(residuals))
+  assert np.abs(np.asarray(full) - np.asarray(ref)).max() <= TOL
+
+
+def test_llvm_rows_without_images_untouched(llvm_setup):
+  (tokens, images, image_mask, _), params, full = llvm_setup
+  base = jax.jit(lambda p, t, i, m: LLVM(BASE).apply({"params": p}, t, i, m)[0])(params, tokens, images, image_mask)
+  diff = np.abs(np.asarray(full) - np.asarray(base)).max(axis=(1, 2))
+  assert diff[2] <= 1e-6 and min(diff[0], diff[1]) > 1e-3
+  # Row 1: positions before its image are untouched too (causal attention).
+  assert np.abs(np.asarray(full)[1, :3] - np.asarray(base)[1, :3]).max() <= 1e-6
+
+
+@pytest.mark.parametrize("decoder_opts", [{}, {"trol": TrolConfig(), "phantom": PhantomConfig()}], ids=["plain", "trol+phantom"])
+def test_llvm_prefill_decode_equals_full(llvm_setup, decoder_opts):
+  (tokens, images, image_mask, hires), params, full = llvm_setup
+  cfg = DS
+  if decoder_opts:
+    cfg = dataclasses.replace(DS, decoder=dataclasses.replace(DS.decoder, **decoder_opts))
+    params = convert.init_params(LLVM(cfg), jax.random.key(4))
+    full = jax.jit(lambda p, t, i, m, h: LLVM(cfg).apply({"params": p}, t, i, m, hires_images=h)[0])(
+        params, tokens, images, image_mask, hires
+    )
+  model = LLVM(cfg)
+  cut = SEQ - 3  # every image token is in the prompt
+  logits, cache = jax.jit(lambda p, t, i, m, h: prefill(model, p, t, SEQ, i, m, hires_images=h))(
+      params, tokens[:, :cut], images, image_mask, hires
+  )
+  step = jax.jit(lambda p, t, c: decode_step(model, p, t, c))
+  steps = [logits]
+  for t in range(cut, SEQ):
+    logits, cache = step(params, tokens[:, t:t + 1], cache)
+    steps.append(logits)
+  assert np.abs(np.concatenate(steps, axis=1) - np.asarray(full)).max() <= TOL
+
+
+def test_llvm_hires_images_are_checked(llvm_setup):
+  (tokens, images, image_mask, hires), params, _ = llvm_setup
+  with pytest.raises(ValueError, match="pass hires_images"):
+    LLVM(DS).apply({"params": params}, tokens, images, image_mask)
+  with pytest.raises(ValueError, match="no deepstack block"):
+    LLVM(BASE).apply({"params": params}, tokens, images, image_mask, hires_images=hires)
+  with pytest.raises(ValueError, match="hires_images shape"):
+    LLVM(DS).apply({"params": params}, tokens, images, image_mask, hires_images=hires[:, :, :2])
+
+
+# --- DeepStack-V. ----------------------------------------------------------------------------------
+
+VIT_GRID = (1, 2)
+
+
+def _vit_cfg(crop_layer):
+  ds = DeepStackConfig(num_crops=VIT_GRID, llm=False, vit_start=1, vit_crop_layer=crop_layer)
+  return dataclasses.replace(BASE, deepstack=ds)
+
+
+@pytest.mark.parametrize("crop_layer", [0, 1])
+def test_vit_injection_adds_to_patches_from_start_layer(params, crop_layer):
+  cfg = _vit_cfg(crop_layer)
+  base_cfg = dataclasses.replace(cfg, deepstack=None)
+  rng = np.random.RandomState(5)
+  images = jnp.asarray(rng.uniform(-1, 1, (2, 1, 24, 24, 3)).astype(np.float32))
+  hires = jnp.asarray(rng.uniform(-1, 1, (2, 1, 2, 24, 24, 3)).astype(np.float32))
+  vparams = {"params": params["vision"]}
+
+  @jax.jit
+  def hidden(h):
+    encode = lambda m, i, h: m.encode_images(i, h)
+    _, state = LLVM(base_cfg if h is None else cfg).apply(
+        {"params": params}, images, h, method=encode, capture_intermediates=True, mutable=["intermediates"]
+    )
+    return [state["intermediates"]["vision"][f"layers_{i}"]["__call__"][-1] for i in range(3)]
+
+  got, base = [list(map(np.asarray, hidden(h))) for h in (hires, None)]
+  np.testing.assert_array_equal(got[0], base[0])  # layer 0 runs before vit_start
+  # Independent reference: the crops' hidden state `crop_layer`, CLS dropped, 2D-regrouped by index.
+  crops = VisionTower(cfg.vision).apply(vparams, hires.reshape(4, 24, 24, 3), method="embed")
+  for i in range(crop_layer):
+    crops = VisionLayer(cfg.vision).apply({"params": params["vision"][f"layers_{i}"]}, crops)
+  crops = np.asarray(crops)[:, 1:].reshape(2, 2, 3, 3, -1)  # (image, crop, a, b, D); map 3 x 6
+  the_map = np.concatenate([crops[:, 0], crops[:, 1]], axis=2)
+  groups = [the_map[:, :, j::2].reshape(2, 9, -1) for j in range(2)]
+  expected_in = base[0].copy()
+  expected_in[:, 1:] += groups[0]  # non-CLS tokens only
+  expected_1 = VisionLayer(cfg.vision).apply({"params": params["vision"]["layers_1"]}, jnp.asarray(expected_in))
+  assert np.abs(got[1] - np.asarray(expected_1)).max() <= TOL
+  # Group 1 lands before layer 2, on top of DeepStack's own layer-1 output.
+  expected_in = got[1].copy()
+  expected_in[:, 1:] += groups[1]
+  expected_2 = VisionLayer(cfg.vision).apply({"params": params["vision"]["layers_2"]}, jnp.asarray(expected_in))
+  assert np.abs(got[2] - np.asarray(expected_2)).max() <= TOL
+
+
+# --- Config and accounting. ------------------------------------------------------------------------
+
+
+def test_config_round_trip_and_validation():
+  cfg = dataclasses.replace(DS, deepstack=DeepStackConfig(num_crops=(1, 3), sampling="1d", start=0, interval=2))
+  assert LLVMConfig.from_dict(cfg.to_dict()) == cfg
+  values = cfg.to_dict()
+  values["deepstack"] = {"num_crops": [1, 2], "interval": 2}
+  assert LLVMConfig.from_dict(values).deepstack.llm_layers == (1, 3)
+  with pytest.raises(ValueError, match="exceed num_layers=5"):
+    dataclasses.replace(BASE, deepstack=DeepStackConfig(start=2))
+  with pytest.raises(ValueError, match="exceed the 3 ViT layers"):
+    dataclasses.replace(BASE, deepstack=DeepStackConfig(num_crops=(1, 2), llm=False, vit_start=2))
+  with pytest.raises(ValueError, match="sampling"):
+    DeepStackConfig(sampling="3d")
+  with pytest.raises(ValueError, match="unknown config key"):
+    LLVMConfig.from_dict(dict(values, deepstack={"num_crop": [2, 2]}))
+
+
+def test_deepstack_cost_numbers():
+  cost = deepstack.deepstack_cost(DS, text_tokens=10)
+  view = flops.vision_forward_flops(DS.vision) + flops.projector_forward_flops(DS)
+  assert cost["context_tokens"] == 10 + T and cost["context_tokens_plain_hires"] == 10 + 5 * T
+  assert cost["vision_flops_per_image"] == view and cost["vision_flops_ratio"] == 5.0
+  assert cost["injection_flops"] == 4 * T * DS.decoder.embed_dim and cost["extra_params"] == 0
+  assert cost["llm_flops"] == flops.decoder_forward_flops(DS.decoder, 10 + T)
+  assert cost["llm_layers"] == (1, 2, 3, 4)
+  # DeepStack-V only: the crops cost just the patch embedding (vit_crop_layer 0).
+  vit = deepstack.deepstack_cost(_vit_cfg(0))
+  patch = 2 * (8 * 8 * 3) * 48 * 9  # (p*p*C) x width per patch, 3 x 3 patches
+  assert vit["vision_flops_per_image_deepstack"] - vit["vision_flops_per_image"] == 2 * patch
+  assert vit["vit_layers"] == (1, 2) and vit["llm_layers"] == ()
