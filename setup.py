@@ -27,6 +27,8 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # torch is the reference implementation in parity tests only (CPU build).
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0"],
+    # Plots of experiments/compare_techniques.py.
+    "experiments": ["matplotlib==3.10.8"],
     "cuda": ["jax[cuda12]==0.10.2"],
     "tpu": ["jax[tpu]==0.10.2"],
 }

@@ -88,6 +88,8 @@ def experiment(model: LLVMConfig, task: str = "demo", lock: bool = True) -> ml_c
   config.model = model_block(model)
   # A transformers save_pretrained directory to initialise from ('' = random init).
   config.init_hf = ""
+  # A previous stage's run to start from (workdir or step folder; params only, same model) or ''.
+  config.init_checkpoint = ""
   # Greedy tokens generated after the prompt by the demo task.
   config.max_new_tokens = 8
   # A tokenizer directory, or 'tiny' for the built-in synthetic_vqa tokenizer (built in workdir).

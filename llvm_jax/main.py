@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llvm_jax import config_utils, convert, generate
+from llvm_jax import config_utils, convert, sampler
 from llvm_jax.models.llvm import LLVM
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True)
@@ -62,7 +62,9 @@ def run_demo(config, workdir: str) -> dict:
     batch["images"] = jnp.asarray(demo_image(cfg.vision.image_size))[None, None]
     batch["image_mask"] = jnp.ones((1, 1), bool)
   start = time.perf_counter()
-  new_tokens, step_logits = generate.greedy_generate(model, params, batch, config.max_new_tokens)
+  out = sampler.sample(model, params, batch, sampler.SamplingConfig(max_new_tokens=config.max_new_tokens),
+                       return_logits=True)
+  new_tokens, step_logits = out.tokens, out.logits
   elapsed = time.perf_counter() - start
   # The same function without a cache: the full sequence's logits at the generated positions.
   full = jnp.concatenate([batch["tokens"], new_tokens[:, :-1]], axis=1)
@@ -112,9 +114,28 @@ def resolve_tokenizer(config, workdir: str):
   return tokenizer
 
 
+def make_evaluators(config, workdir: str, model: LLVM, tokenizer) -> dict:
+  from llvm_jax import evaluators
+
+  return {
+      name: evaluators.make(name, spec, model=model, tokenizer=tokenizer, data_config=config.data,
+                            workdir=workdir, image_token=config.image_token)
+      for name, spec in config.evals.items()
+  }
+
+
+def report_eval(name: str, step: int, metrics: dict) -> None:
+  """One console line per evaluator; accuracy next to the chance level when it was measured."""
+  line = f"  eval {name} at step {step}: accuracy {metrics['accuracy']:.4f} on {metrics['examples']} examples"
+  if "chance" in metrics:
+    line += f" (chance level, blind question prior: {metrics['chance']:.4f})"
+  if metrics.get("skipped"):
+    line += f", {metrics['skipped']} not scored"
+  print(line, flush=True)
+
+
 def run_train(config, workdir: str) -> dict:
   """Trains (resuming from the workdir), evaluating on schedule; see llvm_jax/train/trainer.py."""
-  from llvm_jax import evaluators
   from llvm_jax.data.pipeline import make_iterator
   from llvm_jax.train import trainer
 
@@ -123,21 +144,42 @@ def run_train(config, workdir: str) -> dict:
   mesh = trainer.mesh_from_config(config)
   data = make_iterator(config.data, tokenizer, num_image_tokens=model.config.tokens_per_image,
                        image_token=config.image_token, mesh=mesh, mode="train")
-  evals = {
-      name: evaluators.make(name, spec, model=model, tokenizer=tokenizer, data_config=config.data,
-                            workdir=workdir, image_token=config.image_token)
-      for name, spec in config.evals.items()
-  }
-  last = trainer.train(config, workdir, data, evals, model)
+  last = trainer.train(config, workdir, data, make_evaluators(config, workdir, model, tokenizer), model)
   last.pop("params")
   if jax.process_index() == 0:
-    shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}
+    shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float) and not k.startswith("eval/")}
     print(f"llvm_jax train: finished {config.train.total_steps} steps: {shown}")
     print(f"  data: {data.report()}")
+    for name in config.evals:
+      prefix = f"eval/{name}/"
+      metrics = {k[len(prefix):]: v for k, v in last.items() if k.startswith(prefix)}
+      if metrics:
+        report_eval(name, config.train.total_steps, metrics)
   return last
 
 
-TASKS = {"demo": run_demo, "train": run_train}
+def run_eval(config, workdir: str) -> dict:
+  """Evaluates a checkpoint's params (`config.eval_checkpoint`, default the workdir's latest) with
+  `config.evals`, on a mesh from `config.sharding` over the devices present."""
+  from llvm_jax.train import checkpoint, lora, trainer
+
+  if not config.evals:
+    raise ValueError("task=eval needs at least one entry in config.evals")
+  model = LLVM(config_utils.model_config(config))
+  tokenizer = resolve_tokenizer(config, workdir)
+  mesh = trainer.mesh_from_config(config)
+  params, step = checkpoint.params_only(config.eval_checkpoint or workdir, trainer.param_targets(config, model, mesh))
+  if config.lora.rank:
+    params = lora.merge(params, lora.scale(config.lora))
+  results = {}
+  for name, evaluator in make_evaluators(config, workdir, model, tokenizer).items():
+    results[name] = evaluator.run(params, step)
+    if jax.process_index() == 0:
+      report_eval(name, step, results[name])
+  return results
+
+
+TASKS = {"demo": run_demo, "train": run_train, "eval": run_eval}
 
 
 def main(argv) -> None:

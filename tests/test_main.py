@@ -22,7 +22,8 @@ def test_demo_runs_and_cache_matches_full_sequence(tmp_path):
   result = _run("--config=configs/demo.py:task=demo", f"--workdir={tmp_path}")
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads((tmp_path / "demo.json").read_text())
-  assert report["image_tokens"] == 16 and len(report["generated"]) == 8
+  model = config_utils.model_config(demo.get_config("task=demo"))
+  assert report["image_tokens"] == model.tokens_per_image and len(report["generated"]) == 8
   assert report["max_abs_diff_cached_vs_full_logits"] < 1e-5
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["model"]["decoder"]["family"] == "llama"

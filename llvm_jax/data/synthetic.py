@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -224,3 +224,33 @@ def corpus_texts(max_grid: int = 3) -> list[str]:
     for shape in SHAPES:
       texts.append(f"Where is the {color} {shape}?")
   return texts
+
+
+def preference_records(records: Sequence[Mapping[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+  """Preference triples for Phantom Optimization from synthetic_vqa records.
+
+  chosen = the record's answer; rejected = an incorrect answer of the same kind: another option's
+  letter for multiple choice, else an answer that other records give to questions of the same type
+  (a plausible, wrong answer: a colour for a colour question, a count for a count question...).
+  Records whose type has a single answer are left out.
+  """
+  def text(value):
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+  answers_by_type: dict[str, set[str]] = {}
+  for rec in records:
+    if not bool(rec["multiple_choice"]):
+      answers_by_type.setdefault(text(rec["question_type"]), set()).add(text(rec["answer"]))
+  rng = np.random.default_rng(seed)
+  out = []
+  for rec in records:
+    answer = text(rec["answer"])
+    if bool(rec["multiple_choice"]):
+      wrong = [OPTION_LETTERS[i] for i in range(len(rec["options"])) if OPTION_LETTERS[i] != answer]
+    else:
+      wrong = sorted(answers_by_type[text(rec["question_type"])] - {answer})
+    if not wrong:
+      continue
+    out.append({"id": text(rec["id"]), "image": rec["image"], "question": text(rec["question"]),
+                "chosen": answer, "rejected": wrong[int(rng.integers(len(wrong)))]})
+  return out

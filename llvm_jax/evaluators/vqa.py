@@ -1,53 +1,34 @@
-"""VQA accuracy by greedy generation on a TFDS split (exact match after VQA normalisation).
+"""Generative evaluators on a TFDS split: VQA accuracy, multiple-choice accuracy, exact match.
 
-Multiple-choice questions are scored on the option letter extracted from the prediction. Each
-process evaluates its own shard; counts are summed over processes; padding rows are not counted.
+Each process generates answers for its shard of the split (the eval pipeline shards by process;
+the padded last batch's empty rows are dropped), prompts trimmed to a length bucket so each bucket
+compiles once. Counts are summed over processes; every process writes its predictions, in data
+order, to `<workdir>/eval/<name>_step<N>_process<i>.json` and process 0 the summed metrics to
+`<workdir>/eval/<name>_step<N>_metrics.json`.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
-import re
-from typing import Any
+from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from llvm_jax import generate
-
-_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
-_ARTICLES = {"a", "an", "the"}
-_PUNCT = re.compile(r"[^\w\s]")
+from llvm_jax import sampler
+from llvm_jax.evaluators import scoring
 
 
-def normalize_answer(text: str) -> str:
-  """The standard VQA normalisation: lower case, no punctuation or articles, digits for numbers."""
-  words = _PUNCT.sub(" ", text.lower()).split()
-  return " ".join(_NUMBERS.get(w, w) for w in words if w not in _ARTICLES)
+class GenerativeEvaluator:
+  """Shared machinery: batches, sampling, host sums, JSON output. Subclasses define `score`.
 
+  baseline_split: if set (e.g. 'train'), also reports `chance`: the accuracy of the blind
+  question-prior baseline (scoring.question_prior) fitted on that split, on the same examples.
+  """
 
-def option_letter(text: str, num_options: int = 8) -> str | None:
-  """The first standalone option letter (A., (B), C) in a prediction, or None."""
-  letters = "ABCDEFGH"[:num_options]
-  match = re.search(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", text.strip())
-  return match.group(1) if match else None
-
-
-def left_pad(tokens: np.ndarray, segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Right-padded prompts -> left-padded (generation appends at the end of every row)."""
-  out_t, out_s = np.zeros_like(tokens), np.zeros_like(segment_ids)
-  for r in range(tokens.shape[0]):
-    n = int((segment_ids[r] != 0).sum())
-    if n:
-      out_t[r, -n:] = tokens[r, :n]
-      out_s[r, -n:] = segment_ids[r, :n]
-  return out_t, out_s
-
-
-class VQAEvaluator:
   def __init__(
       self,
       name: str,
@@ -57,20 +38,27 @@ class VQAEvaluator:
       data_config: Any,
       workdir: str,
       split: str = "test",
-      max_new_tokens: int = 6,
+      max_new_tokens: int = 8,
       image_token: str = "<image>",
       max_examples: int | None = None,
+      buckets: Sequence[int] = sampler.DEFAULT_BUCKETS,
+      baseline_split: str | None = None,
   ):
     self.name, self.model, self.tokenizer = name, model, tokenizer
     self.data_config = data_config.copy_and_resolve_references()
     self.data_config.unlock()
-    self.data_config.split = split
-    self.data_config.shuffle = False
-    self.data_config.packing = False
+    self.data_config.update(split=split, shuffle=False, packing=False)
     self.workdir = workdir
-    self.max_new_tokens = max_new_tokens
+    self.sampling = sampler.SamplingConfig(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id)
     self.image_token = image_token
     self.max_examples = max_examples
+    self.buckets = tuple(buckets)
+    self.baseline_split = baseline_split
+    self._prior = None
+
+  def score(self, record: dict[str, Any]) -> float | None:
+    """The record's score in [0, 1], or None if this evaluator does not score it."""
+    raise NotImplementedError
 
   def _batches(self):
     from llvm_jax.data.pipeline import make_iterator
@@ -81,59 +69,115 @@ class VQAEvaluator:
     )
 
   def predict(self, params: Any) -> list[dict[str, Any]]:
-    eos = self.tokenizer.eos_token_id
+    """Greedy answers for this process's examples, in data order (padding rows dropped)."""
     records = []
     for batch in self._batches():
-      tokens, segment_ids = left_pad(np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"]))
-      inputs = {"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(segment_ids)}
+      tokens, segment_ids, rows = sampler.left_align(
+          np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"]), self.buckets
+      )
+      inputs = {"tokens": tokens, "segment_ids": segment_ids}
       for key in ("images", "image_mask", "hires_images"):
         if key in batch:
-          inputs[key] = jnp.asarray(batch[key])
-      new_tokens, _ = generate.greedy_generate(self.model, params, inputs, self.max_new_tokens)
-      new_tokens = np.asarray(new_tokens)
-      for r in range(tokens.shape[0]):
-        if not segment_ids[r].any():
-          continue  # padding row of the last batch
-        ids = new_tokens[r].tolist()
-        if eos in ids:
-          ids = ids[: ids.index(eos)]
-        options = batch.get("options")
+          inputs[key] = np.asarray(batch[key])
+      out = sampler.sample(self.model, params, inputs, self.sampling)
+      new_tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+      for r in np.flatnonzero(rows):
+        ids = new_tokens[r, : lengths[r]].tolist()
         records.append({
             "id": _text(batch["id"][r]),
+            "question": _text(batch["question"][r]) if "question" in batch else "",
             "prediction": self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
             "answer": _text(batch["answer"][r]),
-            "options": [] if options is None else [o for o in _as_list(options[r]) if o],
+            "options": [o for o in (_text(v) for v in batch["options"][r]) if o] if "options" in batch else [],
         })
-      if self.max_examples and len(records) >= self.max_examples:
-        break
-    return records[: self.max_examples] if self.max_examples else records
+        if self.max_examples and len(records) >= self.max_examples:
+          return records
+    return records
 
-  @staticmethod
-  def score(record: dict[str, Any]) -> bool:
-    if record["options"]:
-      return option_letter(record["prediction"], len(record["options"])) == record["answer"].strip()
-    return normalize_answer(record["prediction"]) == normalize_answer(record["answer"])
+  def _baseline(self):
+    if self._prior is None:
+      from llvm_jax.data import records as data_records
+      from llvm_jax.data.pipeline import open_data_source
+
+      source = open_data_source(self.data_config.name, self.baseline_split, self.data_config.data_dir)
+      examples = []
+      for i in range(len(source)):
+        try:
+          ex = data_records.to_example(source[i])
+        except data_records.SampleError:
+          continue
+        examples.append((data_records.first_question(ex), ex.answer, bool(ex.options)))
+      self._prior = scoring.question_prior(examples)
+    return self._prior
 
   def run(self, params: Any, step: int) -> dict[str, float]:
     records = self.predict(params)
-    correct = sum(self.score(r) for r in records)
-    totals = multihost_utils.process_allgather(np.asarray([correct, len(records)], np.int64))
-    correct, count = np.asarray(totals).reshape(-1, 2).sum(axis=0)
-    metrics = {"accuracy": float(correct) / max(int(count), 1), "examples": int(count)}
+    sums: collections.Counter = collections.Counter()
+    for record in records:
+      score = self.score(record)
+      record["score"] = score
+      if score is None:
+        sums["skipped"] += 1
+        continue
+      sums["score"] += score
+      sums["scored"] += 1
+      if self.baseline_split:
+        guess = self._baseline()(record["question"], bool(record["options"]))
+        sums["chance"] += self.score(dict(record, prediction=guess))
+    keys = ("score", "scored", "skipped", "chance")
+    local = np.asarray([sums[k] for k in keys], np.float64)
+    totals = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(keys)).sum(axis=0)
+    total = dict(zip(keys, totals.tolist()))
+    metrics = {"accuracy": total["score"] / max(total["scored"], 1), "examples": int(total["scored"]),
+               "skipped": int(total["skipped"])}
+    if self.baseline_split:
+      metrics["chance"] = total["chance"] / max(total["scored"], 1)
     out_dir = os.path.join(self.workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{self.name}_step{step}_process{jax.process_index()}.json")
-    with open(path, "w") as f:
+    with open(os.path.join(out_dir, f"{self.name}_step{step}_process{jax.process_index()}.json"), "w") as f:
       json.dump({"metrics": metrics, "predictions": records}, f, indent=1)
+    if jax.process_index() == 0:
+      with open(os.path.join(out_dir, f"{self.name}_step{step}_metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
     return metrics
+
+
+class VQAEvaluator(GenerativeEvaluator):
+  """Open questions: VQA accuracy (normalised); multiple-choice questions: the extracted letter."""
+
+  def score(self, record: dict[str, Any]) -> float | None:
+    if record["options"]:
+      return float(scoring.option_letter(record["prediction"], record["options"]) == record["answer"].strip())
+    return scoring.vqa_accuracy(record["prediction"], _answers(record["answer"]))
+
+
+class MultipleChoiceEvaluator(GenerativeEvaluator):
+  """Multiple-choice questions only (others are skipped and counted): the extracted option letter."""
+
+  def score(self, record: dict[str, Any]) -> float | None:
+    if not record["options"]:
+      return None
+    return float(scoring.option_letter(record["prediction"], record["options"]) == record["answer"].strip())
+
+
+class ExactMatchEvaluator(GenerativeEvaluator):
+  """The prediction equals the answer (surrounding whitespace aside)."""
+
+  def score(self, record: dict[str, Any]) -> float | None:
+    return float(scoring.exact_match(record["prediction"], record["answer"]))
+
+
+def _answers(answer: str) -> list[str]:
+  """A stored answer, or a JSON list of human answers (VQAv2 style)."""
+  if answer.startswith("["):
+    try:
+      parsed = json.loads(answer)
+    except json.JSONDecodeError:
+      return [answer]
+    if isinstance(parsed, list) and parsed and all(isinstance(a, str) for a in parsed):
+      return parsed
+  return [answer]
 
 
 def _text(value: Any) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _as_list(value: Any) -> list[str]:
-  if isinstance(value, (list, tuple, np.ndarray)):
-    return [_text(v) for v in value]
-  text = _text(value)
-  return json.loads(text) if text.startswith("[") else [text]

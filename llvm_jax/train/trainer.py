@@ -264,6 +264,13 @@ TECHNIQUE_PARAMS = re.compile(r"(^|.*/)(trol_gate|phantom|pmod_router)(/.*|$)")
 
 def _initial_base_params(config: ml_collections.ConfigDict, setup: TrainSetup) -> Any:
   base_shardings = {k: v for k, v in setup.param_shardings.items() if k != lora.LORA_KEY}
+  if config.init_checkpoint:
+    if config.init_hf:
+      raise ValueError("set one of init_hf and init_checkpoint, not both")
+    targets = sharded_abstract(nn.unbox(abstract_boxed_params(setup.model)), base_shardings)
+    params, step = checkpoint.params_only(config.init_checkpoint, targets)
+    logging.info("init_checkpoint: params of step %d of %s", step, config.init_checkpoint)
+    return params
   params = init_params_sharded(setup.model, jax.random.key(config.seed), setup.mesh, setup.rules, base_shardings)
   if not config.init_hf:
     return params

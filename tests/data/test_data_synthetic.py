@@ -127,3 +127,24 @@ def test_extra_words_extend_the_vocabulary(tmp_path, tokenizer):
   tok = AutoTokenizer.from_pretrained(T.build_tiny_tokenizer(tmp_path, extra_words=["a zebra!"]))
   assert tok.unk_token_id not in tok("zebra", add_special_tokens=False)["input_ids"]
   assert tok.convert_tokens_to_ids("<image>") == 4
+
+
+def test_preference_records_reject_a_wrong_answer_of_the_same_kind():
+  spec = S.SyntheticSpec(mc_fraction=0.3)
+  recs = []
+  for i in range(200):
+    s = S.draw_sample(S.sample_seed(0, "train", i), spec)
+    recs.append({"id": f"r{i}", "image": b"png", "question": s["question"], "answer": s["answer"],
+                 "options": s["options"], "question_type": s["question_type"], "multiple_choice": s["multiple_choice"]})
+  pairs = S.preference_records(recs, seed=0)
+  assert len(pairs) == len(recs)  # every type has several answers in 200 samples
+  by_id = {r["id"]: r for r in recs}
+  answers = {t: {r["answer"] for r in recs if r["question_type"] == t and not r["multiple_choice"]} for t in S.QUESTION_TYPES}
+  for p in pairs:
+    rec = by_id[p["id"]]
+    assert p["chosen"] == rec["answer"] != p["rejected"]
+    if rec["multiple_choice"]:
+      assert p["rejected"] in S.OPTION_LETTERS[: len(rec["options"])]
+    else:
+      assert p["rejected"] in answers[rec["question_type"]]
+  assert S.preference_records(recs, seed=0) == pairs

@@ -1,0 +1,172 @@
+"""What a configuration costs, every technique included: parameters, FLOPs, KV cache, decode speed.
+
+Analytic FLOPs follow train/flops.py (2 FLOPs per multiply-add, causal attention at one half, a
+training step = 3 x forward) and add each technique's work:
+  TroL     a second pass of every traversed layer, plus the mixer (gate 2D, mix 3D per token);
+  Phantom  the XAttn modules (4 d x d matmuls on each of the H query and 2 x Hkv key/value heads per
+           token), the H x H sos softmax, attention over a 2d-wide head (twice the score and value
+           FLOPs) and the two gates;
+  p-MoD    MoD layers run on the text plus the kept vision tokens only; routers (2D per token);
+  DeepStack the crops through the vision tower and projector (DeepStack-L) or the crops' ViT layers
+           (DeepStack-V), and the additions.
+KV-cache bytes are exact: the leaves of `init_cache` for the prompt (technique entries included).
+
+  python -m llvm_jax.cost --config=configs/paper.py:model=pmod_llava_7b [--text_tokens=64]
+  python -m llvm_jax.cost --config=configs/demo.py --measure_decode   # also times decoding here
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from llvm_jax.models import deepstack as deepstack_lib
+from llvm_jax.models import pmod, trol
+from llvm_jax.models.config import DecoderConfig, LLVMConfig
+from llvm_jax.train import flops
+
+
+def param_count(cfg: LLVMConfig) -> int:
+  """Parameters of the model (abstract init: nothing is allocated)."""
+  from llvm_jax.train.trainer import abstract_boxed_params
+  from llvm_jax.models.llvm import LLVM
+
+  import flax.linen as nn
+
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(abstract_boxed_params(LLVM(cfg)))))
+
+
+def _phantom_layer_flops(cfg: DecoderConfig, tokens: int, keys: float) -> float:
+  """Phantom's extra forward FLOPs in one layer for `tokens` queries over `keys` keys each."""
+  d, h, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+  xattn = 2 * 4 * d * d * (h + 2 * hkv) + 2 * 2 * h * h * d
+  wider_attention = 2 * 2 * h * d * keys  # the extra d of q·k and p·v
+  gates = 2 * 2 * h * d
+  return tokens * (xattn + wider_attention + gates)
+
+
+def decoder_flops(cfg: DecoderConfig, seq_len: int, num_vision: int) -> dict[str, float]:
+  """Forward FLOPs of the decoder over a `seq_len` prompt holding `num_vision` vision tokens."""
+  ratios = pmod.layer_ratios(cfg)
+  traversed = set(trol.traversed_layers(cfg))
+  base = phantom = trol_extra = 0.0
+  for layer in range(cfg.num_layers):
+    tokens = pmod.kept_length(seq_len, num_vision, ratios[layer]) if layer in ratios else seq_len
+    layer_flops = flops.decoder_layer_forward_flops(cfg, tokens)
+    extra = _phantom_layer_flops(cfg, tokens, tokens / 2) if cfg.phantom is not None else 0.0
+    base += layer_flops
+    phantom += extra
+    if layer in traversed:
+      trol_extra += layer_flops + extra + 5 * cfg.embed_dim * tokens
+  head = 2 * cfg.embed_dim * cfg.vocab_size * seq_len
+  routers = 2 * cfg.embed_dim * seq_len * len(ratios)
+  total = base + phantom + trol_extra + head + routers
+  return {"layers": base, "phantom": phantom, "trol": trol_extra, "pmod_routers": routers, "head": head,
+          "total": total}
+
+
+def prefill_flops(cfg: LLVMConfig, text_tokens: int, images: int = 1) -> dict[str, float]:
+  """Forward FLOPs of one sample: `images` images (tiles) and `text_tokens` text tokens."""
+  n_vision = images * cfg.tokens_per_image if cfg.vision is not None else 0
+  parts = {"decoder": decoder_flops(cfg.decoder, text_tokens + n_vision, n_vision)["total"]}
+  if n_vision:
+    parts["vision"] = images * flops.vision_forward_flops(cfg.vision)
+    parts["projector"] = images * flops.projector_forward_flops(cfg)
+    if cfg.deepstack is not None:
+      ds = deepstack_lib.deepstack_cost(cfg, text_tokens)
+      parts["deepstack"] = images * (ds["vision_flops_per_image_deepstack"] - ds["vision_flops_per_image"]
+                                     + ds["injection_flops"])
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def kv_cache_bytes(cfg: LLVMConfig, text_tokens: int, images: int = 1, new_tokens: int = 0) -> int:
+  """Bytes of the KV cache of one sample after its prefill (+ `new_tokens` decode slots)."""
+  from llvm_jax.models.decoder import init_cache
+
+  n_vision = images * cfg.tokens_per_image if cfg.vision is not None else 0
+  shapes = jax.eval_shape(lambda: init_cache(cfg.decoder, 1, text_tokens + n_vision + new_tokens, num_vision=n_vision))
+  return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes)))
+
+
+def report(cfg: LLVMConfig, text_tokens: int = 64, images: int = 1, train_tokens: int | None = None) -> dict[str, Any]:
+  """Parameters, training FLOPs per sample, prefill FLOPs and KV-cache bytes of one sample."""
+  prefill = prefill_flops(cfg, text_tokens, images)
+  train_seq = train_tokens if train_tokens is not None else text_tokens
+  return {
+      "params": param_count(cfg),
+      "context_tokens": text_tokens + images * (cfg.tokens_per_image if cfg.vision is not None else 0),
+      "prefill_flops": prefill["total"],
+      "prefill_flops_parts": prefill,
+      "train_flops_per_sample": 3 * prefill_flops(cfg, train_seq, images)["total"],
+      "kv_cache_bytes": kv_cache_bytes(cfg, text_tokens, images),
+  }
+
+
+def measure_decode(cfg: LLVMConfig, batch: int = 8, text_tokens: int = 32, new_tokens: int = 32, seed: int = 0) -> dict[str, float]:
+  """Decode tokens/s of the sampler on this backend (random weights; greedy; EOS never hit)."""
+  from llvm_jax import convert, sampler
+  from llvm_jax.models.llvm import LLVM
+
+  model = LLVM(cfg)
+  params = convert.init_params(model, jax.random.key(seed))
+  rng = np.random.RandomState(seed)
+  n = cfg.tokens_per_image if cfg.vision is not None else 0
+  prompts = [[1] + [cfg.image_token_id] * n + rng.randint(5, cfg.decoder.vocab_size, text_tokens - 1).tolist()
+             for _ in range(batch)]
+  inputs = sampler.pad_prompts(prompts)
+  if n:
+    size = cfg.vision.image_size
+    inputs["images"] = rng.uniform(-1, 1, (batch, 1, size, size, 3)).astype(np.float32)
+    inputs["image_mask"] = np.ones((batch, 1), bool)
+    if cfg.deepstack is not None:
+      inputs["hires_images"] = rng.uniform(-1, 1, (batch, 1, cfg.deepstack.num_groups, size, size, 3)).astype(np.float32)
+
+  def timed(tokens: int) -> float:
+    out = sampler.sample(model, params, inputs, sampler.SamplingConfig(max_new_tokens=tokens))
+    jax.block_until_ready(out.tokens)  # compile
+    start = time.perf_counter()
+    jax.block_until_ready(sampler.sample(model, params, inputs, sampler.SamplingConfig(max_new_tokens=tokens)).tokens)
+    return time.perf_counter() - start
+
+  # Prefill + N steps minus prefill + 1 step: the decode loop alone.
+  loop = timed(new_tokens) - timed(1)
+  return {"decode_tokens_per_second": batch * (new_tokens - 1) / max(loop, 1e-9), "batch": batch,
+          "backend": jax.default_backend()}
+
+
+def main(argv) -> None:
+  from absl import flags
+
+  from llvm_jax import config_utils
+
+  del argv
+  f = flags.FLAGS
+  cfg = config_utils.model_config(f.config)
+  result = report(cfg, f.text_tokens, f.images)
+  print(f"{cfg.decoder.family} LLM, {cfg.vision.kind if cfg.vision else 'no'} vision; techniques: "
+        + ", ".join(name for name in ("trol", "phantom", "pmod") if getattr(cfg.decoder, name) is not None)
+        + (", deepstack" if cfg.deepstack is not None else ""))
+  print(f"  parameters             {result['params']:,}")
+  print(f"  context tokens         {result['context_tokens']}")
+  print(f"  prefill FLOPs/sample   {result['prefill_flops'] / 1e12:.3f} TFLOPs")
+  print(f"  train FLOPs/sample     {result['train_flops_per_sample'] / 1e12:.3f} TFLOPs")
+  print(f"  KV cache/sample        {result['kv_cache_bytes'] / 2**20:.2f} MiB")
+  if f.measure_decode:
+    decode = measure_decode(cfg)
+    print(f"  decode                 {decode['decode_tokens_per_second']:.1f} tokens/s (batch {decode['batch']}, {decode['backend']})")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py[:arg]).")
+  flags.DEFINE_integer("text_tokens", 64, "Text tokens of the sample (besides the image tokens).")
+  flags.DEFINE_integer("images", 1, "Images (tiles) per sample.")
+  flags.DEFINE_bool("measure_decode", False, "Also time decoding with random weights on this backend.")
+  app.run(main)

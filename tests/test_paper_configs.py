@@ -1,0 +1,87 @@
+"""Paper-scale configs: parameter counts against `transformers` models built on the meta device
+(no memory) plus each technique's exact additions, and the analytic cost report."""
+
+import functools
+
+import numpy as np
+import pytest
+
+from configs import paper
+from llvm_jax import config_utils, convert, cost
+from llvm_jax.models import phantom, pmod, trol
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@functools.cache
+def hf_used_params(backbone: str) -> int:
+  """Parameters of the transformers model of `backbone`, less those its vision feature layer never
+  reads (LLaVA takes CLIP's penultimate layer: the last layer and post_layernorm are dead weight)."""
+  cfg = paper.MODELS[backbone]()
+  with torch.device("meta"):
+    model = transformers.AutoModelForImageTextToText.from_config(convert.hf_config_of(cfg))
+  depth, used = cfg.vision.depth, cfg.vision.num_layers_used
+  unused = tuple(f"encoder.layers.{i}." for i in range(used, depth))
+  if used < depth:
+    unused += ("post_layernorm.",)
+  return sum(p.numel() for name, p in model.named_parameters() if not any(u in name for u in unused))
+
+
+def technique_additions(cfg) -> int:
+  dec = cfg.decoder
+  added = 0
+  if dec.trol is not None:
+    added += trol.num_gates(dec) * (dec.embed_dim + 1)
+  if dec.phantom is not None:
+    added += dec.num_layers * phantom.added_params_per_layer(dec)
+  if dec.pmod is not None:
+    added += len(pmod.layer_ratios(dec)) * (dec.embed_dim + 1)
+  return added  # DeepStack adds no parameters
+
+
+BACKBONE = {name: ("llava15_7b" if "7b" in name and ("llava" in name or "deepstack" in name) else
+                   f"internvl2_{name.split('_')[-1]}") for name in paper.MODELS}
+
+
+@pytest.mark.parametrize("name", sorted(paper.MODELS))
+def test_parameter_count_matches_transformers_plus_technique(name):
+  cfg = paper.MODELS[name]()
+  assert cost.param_count(cfg) == hf_used_params(BACKBONE[name]) + technique_additions(cfg)
+
+
+def test_known_sizes_and_additions():
+  # InternVL2-1B is 0.94B with its 0.3B ViT; LLaVA-1.5-7B is 7.06B in transformers.
+  assert hf_used_params("internvl2_0.5b") == 802_276_096
+  assert technique_additions(paper.MODELS["phantom_0.5b"]()) == 24 * (12 * 64 * 64 + 2 * 64 + 2)
+  assert technique_additions(paper.MODELS["trol_7b"]()) == 32 * 4097
+
+
+def test_cost_report_of_paper_models():
+  base = cost.report(paper.MODELS["llava15_7b"](), text_tokens=64)
+  assert base["context_tokens"] == 576 + 64
+  # fp16 K and V of 32 layers x 640 tokens x 4096, plus the int32 segment ids / positions.
+  assert base["kv_cache_bytes"] == 2 * 32 * 640 * 4096 * 4 + 2 * 640 * 4 + 4  # fp32 cache (default dtype)
+  pm = cost.report(paper.MODELS["pmod_llava15_7b"](), text_tokens=64)
+  assert 0.5 < pm["prefill_flops"] / base["prefill_flops"] < 0.7
+  assert pm["kv_cache_bytes"] < 0.7 * base["kv_cache_bytes"]
+  ds = cost.report(paper.MODELS["deepstack_l_7b"](), text_tokens=64)
+  assert ds["context_tokens"] == base["context_tokens"]  # the crops add no context
+  assert ds["kv_cache_bytes"] == base["kv_cache_bytes"]
+  tr = cost.report(paper.MODELS["trol_7b"](), text_tokens=64)
+  ref = cost.report(paper.MODELS["internvl2_7b"](), text_tokens=64)
+  decoder_ratio = tr["prefill_flops_parts"]["decoder"] / ref["prefill_flops_parts"]["decoder"]
+  assert 1.8 < decoder_ratio < 2.0  # every layer twice; the head once
+  assert tr["kv_cache_bytes"] == 2 * ref["kv_cache_bytes"] - 2 * 320 * 4 - 4  # pass-2 K/V per layer
+  ph = cost.report(paper.MODELS["phantom_7b"](), text_tokens=64)
+  assert ph["prefill_flops"] > ref["prefill_flops"] and ph["kv_cache_bytes"] > ref["kv_cache_bytes"]
+
+
+def test_paper_config_files_build():
+  from configs.paper import get_config
+
+  config = get_config("model=phantom_0.5b,stage=po2")
+  assert config.train.loss == "po" and config.data.vision == "internvl"
+  assert config_utils.model_config(config).decoder.phantom is not None
+  with pytest.raises(ValueError, match="model='trol_9b' unknown"):
+    get_config("model=trol_9b")
