@@ -70,7 +70,7 @@ def test_eval_mode_prompt_only_with_answers(tokenizer, dh, synthetic_dir):
   assert len(batches) == 4  # 13 records, batch 4: the last batch has one padding row
   seen = []
   for b in batches:
-    assert set(b) == TRAIN_KEYS | {"id", "answer", "options"}
+    assert set(b) == TRAIN_KEYS | {"id", "question", "answer", "options"}
     assert not b["target_mask"].any()
     for r, rid in enumerate(b["id"]):
       if not rid:
@@ -79,6 +79,7 @@ def test_eval_mode_prompt_only_with_answers(tokenizer, dh, synthetic_dir):
       seen.append(rid)
       rec = truth[rid]
       assert b["answer"][r] == rec["answer"].decode()
+      assert b["question"][r] == "<image>\n" + rec["question"].decode()  # the first user turn
       assert [o for o in b["options"][r] if o] == [o.decode() for o in rec["options"]]
       n = b["segment_ids"][r].sum()
       assert tokenizer.convert_ids_to_tokens(b["tokens"][r][n - 2 : n].tolist()) == ["ASSISTANT", ":"]
