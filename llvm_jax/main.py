@@ -161,16 +161,14 @@ def run_train(config, workdir: str) -> dict:
 def run_eval(config, workdir: str) -> dict:
   """Evaluates a checkpoint's params (`config.eval_checkpoint`, default the workdir's latest) with
   `config.evals`, on a mesh from `config.sharding` over the devices present."""
-  from llvm_jax.train import checkpoint, lora, trainer
+  from llvm_jax.train import trainer
 
   if not config.evals:
     raise ValueError("task=eval needs at least one entry in config.evals")
   model = LLVM(config_utils.model_config(config))
   tokenizer = resolve_tokenizer(config, workdir)
   mesh = trainer.mesh_from_config(config)
-  params, step = checkpoint.params_only(config.eval_checkpoint or workdir, trainer.param_targets(config, model, mesh))
-  if config.lora.rank:
-    params = lora.merge(params, lora.scale(config.lora))
+  params, step = trainer.restore_for_inference(config, model, mesh, config.eval_checkpoint or workdir)
   results = {}
   for name, evaluator in make_evaluators(config, workdir, model, tokenizer).items():
     results[name] = evaluator.run(params, step)

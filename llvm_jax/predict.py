@@ -110,15 +110,11 @@ def mesh_for_inference(mesh_shape: Sequence[int] | None = None) -> jax.sharding.
 def from_checkpoint(checkpoint: str, mesh_shape: Sequence[int] | None = None, step: int | None = None) -> Predictor:
   """A Predictor from a training run's checkpoint (params only; the run's config and tokenizer)."""
   from llvm_jax.train import checkpoint as ckpt
-  from llvm_jax.train import lora, trainer
+  from llvm_jax.train import trainer
 
   config, workdir, step = ckpt.read_config(checkpoint, step)
   model = LLVM(config_utils.model_config(config))
-  mesh = mesh_for_inference(mesh_shape)
-  targets = trainer.param_targets(config, model, mesh)
-  params, _ = ckpt.params_only(checkpoint, targets, step)
-  if config.lora.rank:
-    params = lora.merge(params, lora.scale(config.lora))
+  params, _ = trainer.restore_for_inference(config, model, mesh_for_inference(mesh_shape), checkpoint, step)
   tokenizer_path = config.tokenizer
   if tokenizer_path == "tiny":
     tokenizer_path = os.path.join(workdir, "tokenizer")

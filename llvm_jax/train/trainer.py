@@ -249,6 +249,15 @@ def param_targets(config: ml_collections.ConfigDict, model: LLVM, mesh: Mesh) ->
   return sharded_abstract(*abstract_params_and_shardings(config, model, mesh))
 
 
+def restore_for_inference(config: ml_collections.ConfigDict, model: LLVM, mesh: Mesh, checkpoint_dir: str,
+                          step: int | None = None) -> tuple[Any, int]:
+  """A run's params only (no optimiser state) onto `mesh`, LoRA adapters merged; -> (params, step)."""
+  params, step = checkpoint.params_only(checkpoint_dir, param_targets(config, model, mesh), step)
+  if config.lora.rank:
+    params = lora.merge(params, lora.scale(config.lora))
+  return params, step
+
+
 def initial_params(config: ml_collections.ConfigDict, setup: TrainSetup) -> Any:
   """Base weights (`init_hf`, or random and born sharded) plus fresh LoRA adapters if enabled."""
   params = _initial_base_params(config, setup)
