@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from llvm_jax.bench.common import tree_bytes
 from llvm_jax.models import deepstack as deepstack_lib
 from llvm_jax.models import pmod, trol
 from llvm_jax.models.config import DecoderConfig, LLVMConfig
@@ -90,7 +91,7 @@ def kv_cache_bytes(cfg: LLVMConfig, text_tokens: int, images: int = 1, new_token
 
   n_vision = images * cfg.tokens_per_image if cfg.vision is not None else 0
   shapes = jax.eval_shape(lambda: init_cache(cfg.decoder, 1, text_tokens + n_vision + new_tokens, num_vision=n_vision))
-  return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes)))
+  return tree_bytes(shapes)
 
 
 def report(cfg: LLVMConfig, text_tokens: int = 64, images: int = 1, train_tokens: int | None = None) -> dict[str, Any]:

@@ -15,7 +15,6 @@ counted at one half, which XLA's dense masked attention does not do).
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from llvm_jax.bench.common import time_interleaved, xla_flops
 from llvm_jax import config_utils, convert
 from llvm_jax.models import deepstack
 from llvm_jax.models.config import DeepStackConfig, LLVMConfig
@@ -36,12 +36,6 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed prefills per variant (after on
 _EMBED_DIM = flags.DEFINE_integer("embed_dim", 64, "Decoder width of the tiny config.")
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", 6, "Decoder depth (DeepStack needs start + groups layers).")
 _GRID = flags.DEFINE_list("num_crops", ["2", "2"], "DeepStack crop grid g_h,g_w.")
-
-
-def _flops(compiled) -> float:
-  analysis = compiled.cost_analysis()
-  # Older jax returns one dict per device.
-  return float((analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["flops"])
 
 
 def _prompt(config: LLVMConfig, batch: int, text_len: int, images_per_row: int) -> np.ndarray:
@@ -60,20 +54,7 @@ def compile_prefill(config: LLVMConfig, params: Any, inputs: dict[str, jax.Array
   run = lambda p, x: prefill(model, p, x["tokens"], max_len, x["images"], x["image_mask"],
                              hires_images=x.get("hires_images"))
   compiled = jax.jit(run).lower(params, inputs).compile()
-  return lambda: jax.block_until_ready(compiled(params, inputs)), _flops(compiled)
-
-
-def time_interleaved(thunks: dict[str, Callable[[], Any]], steps: int) -> dict[str, float]:
-  """Median ms per call; variants alternate within each round so load drift hits them alike."""
-  for run in thunks.values():
-    run()
-  times = {name: [] for name in thunks}
-  for _ in range(steps):
-    for name, run in thunks.items():
-      start = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - start)
-  return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+  return lambda: jax.block_until_ready(compiled(params, inputs)), xla_flops(compiled)
 
 
 def main(argv):

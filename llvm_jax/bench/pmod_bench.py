@@ -15,7 +15,6 @@ schedule on a sample of 576 vision tokens, next to the paper's 55.6% TFLOPs and 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 from absl import app, flags
 
 from configs.llava import llava_7b
+from llvm_jax.bench.common import time_interleaved, tree_bytes, xla_flops
 from llvm_jax import config_utils
 from llvm_jax.models import pmod
 from llvm_jax.models.config import DecoderConfig, LLVMConfig, PmodConfig
@@ -63,28 +63,6 @@ class _LM(nn.Module):
     )
 
 
-def _flops(compiled) -> float:
-  analysis = compiled.cost_analysis()
-  return float((analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["flops"])
-
-
-def time_interleaved(thunks: dict[str, Callable[[], Any]], steps: int) -> dict[str, float]:
-  """Median ms per call; variants alternate within each round so load drift hits them alike."""
-  for run in thunks.values():
-    run()
-  times = {name: [] for name in thunks}
-  for _ in range(steps):
-    for name, run in thunks.items():
-      start = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - start)
-  return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
-
-
-def _tree_bytes(tree: Any) -> int:
-  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
-
-
 def compile_variant(
     config: DecoderConfig, tokens: jax.Array, image_token: int, num_vision: int
 ) -> tuple[dict[str, Callable[[], Any]], dict[str, float]]:
@@ -103,7 +81,7 @@ def compile_variant(
       "train": lambda: jax.block_until_ready(train_step(params)),
       "prefill": lambda: jax.block_until_ready(prefill(params, cache)),
   }
-  return thunks, {"train_flops": _flops(train_step), "prefill_flops": _flops(prefill), "kv_bytes": _tree_bytes(cache)}
+  return thunks, {"train_flops": xla_flops(train_step), "prefill_flops": xla_flops(prefill), "kv_bytes": tree_bytes(cache)}
 
 
 def report(seq_len: int) -> None:

@@ -11,7 +11,6 @@ XLA's dense masked attention does; the MFU-style causal-½ ratio is printed besi
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from llvm_jax.bench.common import time_interleaved, xla_flops
 from llvm_jax import config_utils
 from llvm_jax.models import trol
 from llvm_jax.models.config import DecoderConfig, TrolConfig
@@ -43,12 +43,6 @@ class _LM(nn.Module):
     return self.decoder(self.decoder.embed(tokens), jnp.ones(tokens.shape, jnp.int32), None, cache, decode)
 
 
-def _flops(compiled) -> float:
-  analysis = compiled.cost_analysis()
-  # Older jax returns one dict per device.
-  return float((analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["flops"])
-
-
 def compile_variant(config: DecoderConfig, tokens: jax.Array) -> tuple[Callable[[], Any], dict[str, float]]:
   """A thunk running one jitted forward+backward step, and the XLA FLOPs of that step and of one
   decode step at context seq_len."""
@@ -64,21 +58,8 @@ def compile_variant(config: DecoderConfig, tokens: jax.Array) -> tuple[Callable[
   cache = init_cache(config, tokens.shape[0], seq + 1)
   cache["end"] = jnp.asarray(seq, jnp.int32)
   decode = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, decode=True)).lower(params, tokens[:, :1], cache)
-  flops = {"train_flops": _flops(train_step), "decode_flops": _flops(decode.compile())}
+  flops = {"train_flops": xla_flops(train_step), "decode_flops": xla_flops(decode.compile())}
   return lambda: jax.block_until_ready(train_step(params, tokens)), flops
-
-
-def time_interleaved(thunks: dict[str, Callable[[], Any]], steps: int) -> dict[str, float]:
-  """Median ms per call; variants alternate within each round so load drift hits them alike."""
-  for run in thunks.values():
-    run()
-  times = {name: [] for name in thunks}
-  for _ in range(steps):
-    for name, run in thunks.items():
-      start = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - start)
-  return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
 
 
 def main(argv):

@@ -1,0 +1,34 @@
+"""Measurement helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+
+def xla_flops(compiled: Any) -> float:
+  """FLOPs of a compiled program from XLA's cost analysis."""
+  analysis = compiled.cost_analysis()
+  # Older jax returns one dict per device.
+  return float((analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["flops"])
+
+
+def time_interleaved(thunks: dict[str, Callable[[], Any]], steps: int) -> dict[str, float]:
+  """Median ms per call; variants alternate within each round so load drift hits them alike."""
+  for run in thunks.values():
+    run()
+  times = {name: [] for name in thunks}
+  for _ in range(steps):
+    for name, run in thunks.items():
+      start = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - start)
+  return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+
+
+def tree_bytes(tree: Any) -> int:
+  """Bytes of the arrays (or ShapeDtypeStructs) of a pytree."""
+  return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree)))
