@@ -2,9 +2,6 @@
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +13,7 @@ from llvm_jax.convert.core import flatten
 from llvm_jax.data.pipeline import make_global_batch
 from llvm_jax.models.llvm import LLVM
 from llvm_jax.train import checkpoint, lora, trainer
+from multiprocess_helpers import free_port, run_workers
 from train_helpers import SyntheticBatches, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,24 +123,11 @@ def test_lora_trains_only_adapters_and_merges(tmp_path):
 def test_two_processes_match_one_process(tmp_path):
   single, _ = run(tiny_config(total_steps=3, checkpoint_every=3), tmp_path / "single")
   single_losses = [json.loads(l)["train/loss"] for l in open(tmp_path / "single" / "metrics.jsonl")]
-  with socket.socket() as sock:
-    sock.bind(("localhost", 0))
-    port = sock.getsockname()[1]
+  port = free_port()
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.path.join(REPO, "tests"), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=4")
   workdir = tmp_path / "pair"
-  procs = [subprocess.Popen([sys.executable, WORKER, str(i), str(port), str(workdir)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=240)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  run_workers(WORKER, [[str(i), str(port), str(workdir)] for i in range(2)], env, timeout=240)
   pair_losses = [json.loads(l)["train/loss"] for l in open(workdir / "metrics.jsonl")]
   np.testing.assert_allclose(pair_losses, single_losses, atol=1e-5)
   # The pair's checkpoint restores in this single process (8 devices).

@@ -4,41 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
+
+from multiprocess_helpers import free_port, run_workers
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_multihost_worker.py")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_read_disjoint_complete_shards_into_global_batches(tmp_path, synthetic_dir, tokenizer_dir):
-  port = _free_port()
+  port = free_port()
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
   outs = [tmp_path / f"p{i}.json" for i in range(2)]
-  procs = [
-      subprocess.Popen([sys.executable, WORKER, str(i), str(port), synthetic_dir, tokenizer_dir, str(outs[i])],
-                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)
-  ]
-  logs = []
-  try:
-    for p in procs:
-      out, _ = p.communicate(timeout=150)
-      logs.append(out)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  run_workers(WORKER, [[str(i), str(port), synthetic_dir, tokenizer_dir, str(outs[i])] for i in range(2)], env,
+              timeout=150)
   res = [json.loads(o.read_text()) for o in outs]
   assert [r["shard"] for r in res] == [[0, 2], [1, 2]]
   ids = [r["ids"] for r in res]
