@@ -1,7 +1,7 @@
 """Every technique against the baseline on synthetic_vqa, same tiny model, same budget, several seeds.
 
-  python experiments/compare_techniques.py                       # 3 seeds x 7 variants, ~25 min on 2 CPU cores
-  python experiments/compare_techniques.py --seeds=3 --steps=1000 --eval_examples=500   # a longer budget
+  python experiments/compare_techniques.py                       # 3 seeds x 7 variants, ~30 min on 2 CPU cores
+  python experiments/compare_techniques.py --steps=3500 --eval_examples=500   # the demo's budget, ~4 h
 
 Trains baseline, +TroL, +Phantom, +Phantom then Phantom Optimization, +DeepStack, +p-MoD and all four
 together (each a config switch on the same model) for --steps SFT steps per seed, evaluates VQA
@@ -16,7 +16,6 @@ Finished runs are kept in --workdir and reused when the script is run again.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -31,52 +30,49 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import numpy as np  # noqa: E402
 
+from configs import demo  # noqa: E402
 from llvm_jax import config_utils, cost, main  # noqa: E402
 from llvm_jax.data import synthetic  # noqa: E402
 from llvm_jax.data.pipeline import make_iterator, open_data_source  # noqa: E402
-from llvm_jax.data.tokenizer import tiny_vocabulary  # noqa: E402
-from llvm_jax.models.config import DeepStackConfig, PhantomConfig, PmodConfig, TrolConfig  # noqa: E402
+from llvm_jax.models.config import DeepStackConfig, PmodConfig  # noqa: E402
 from llvm_jax.models.llvm import LLVM  # noqa: E402
 from llvm_jax.train import trainer  # noqa: E402
 
-DATA = "synthetic_vqa/small"
 TEXT_TOKENS = 40  # a typical prompt + answer of synthetic_vqa, for the analytic costs
 # 4 layers: DeepStack's 2 x 2 crop groups go before layers 0..3 (start=0); p-MoD routes layers 1..3.
 DEEPSTACK = DeepStackConfig(start=0)
 PMOD = PmodConfig(schedule="explicit", layers=(1, 2, 3), ratios=(0.5, 0.5, 0.5))
 VARIANTS = {
-    "baseline": {},
-    "trol": {"trol": TrolConfig()},
-    "phantom": {"phantom": PhantomConfig()},
-    "phantom+po": {"phantom": PhantomConfig()},
-    "deepstack": {"deepstack": DEEPSTACK},
-    "pmod": {"pmod": PMOD},
-    "all_four": {"trol": TrolConfig(), "phantom": PhantomConfig(), "pmod": PMOD, "deepstack": DEEPSTACK},
+    "baseline": "baseline",
+    "trol": "trol",
+    "phantom": "phantom",
+    "phantom+po": "phantom",
+    "deepstack": "deepstack",
+    "pmod": "pmod",
+    "all_four": "all_four",
 }
 
 
-def model_config(options: dict):
-  vocab = tiny_vocabulary()
-  base = config_utils.tiny_llvm(vocab_size=len(vocab), image_token_id=vocab["<image>"], image_size=32, patch_size=8,
-                                embed_dim=64, num_layers=4, vision_width=48, vision_depth=2)
-  decoder = dataclasses.replace(base.decoder, **{k: v for k, v in options.items() if k != "deepstack"})
-  return dataclasses.replace(base, decoder=decoder, deepstack=options.get("deepstack"))
+def model_config(techniques: str):
+  """The demo's model (configs/demo.py) with `techniques` switched on."""
+  return config_utils.with_techniques(config_utils.model_config(demo.get_config()), techniques,
+                                      deepstack=DEEPSTACK, pmod=PMOD)
 
 
-def experiment_config(options: dict, seed: int, steps: int, data_dir: str, lr: float, eval_examples: int):
-  cfg = model_config(options)
-  config = config_utils.experiment(cfg, task="train", lock=False)
+def experiment_config(techniques: str, seed: int, steps: int, lr: float, args):
+  """The demo's recipe (data, optimiser, frozen-ViT rules) with the variant's model and this seed."""
+  config = demo.get_config(f"steps={steps},lr={lr},batch={args.batch}")
+  cfg = model_config(techniques)
+  with config.unlocked():
+    config.model = config_utils.model_block(cfg)
+    config.evals.test.max_examples = args.eval_examples
   config.seed = seed
-  config.data.update(name=DATA, data_dir=data_dir, build_if_missing=True, seq_len=96, global_batch_size=32,
-                     vision="clip", image_size=32, packing=True, max_images=3, seed=seed)
+  config.data.update(data_dir=args.data_dir, seed=seed)
   if cfg.deepstack is not None:
     config.data.deepstack_grid = cfg.deepstack.num_crops
     config.data.packing = False  # one image per row: the crops travel per image slot
     config.data.max_images = 1
-  config.optim.update(lr=lr, warmup_steps=20, min_lr_ratio=0.05, weight_decay=0.01, grad_clip=1.0)
-  config.train.update(total_steps=steps, log_every=5, checkpoint_every=steps, eval_every=0)
-  config.evals.test = dict(type="vqa", split="test", max_new_tokens=6, baseline_split="train",
-                           max_examples=eval_examples)
+  config.train.update(log_every=10, checkpoint_every=steps)
   return config
 
 
@@ -100,15 +96,15 @@ def run(name: str, seed: int, args) -> dict:
   start = time.time()
   if name == "phantom+po":
     sft = run("phantom", seed, args)
-    config = experiment_config(VARIANTS[name], seed, args.po_steps, args.data_dir, args.lr / 3, args.eval_examples)
+    config = experiment_config(VARIANTS[name], seed, args.po_steps, args.lr / 3, args)
     config_utils.set_stage(config, "po2")
     config.init_checkpoint = sft["workdir"]
     config.data.packing = False
-    records = open_data_source(DATA, "train", args.data_dir)
+    records = open_data_source(config.data.name, "train", args.data_dir)
     source = synthetic.preference_records([records[i] for i in range(len(records))], seed)
     last = train(config, workdir, source)
   else:
-    config = experiment_config(VARIANTS[name], seed, args.steps, args.data_dir, args.lr, args.eval_examples)
+    config = experiment_config(VARIANTS[name], seed, args.steps, args.lr, args)
     last = train(config, workdir)
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   train_lines = [l for l in lines if "train/loss" in l]
@@ -143,13 +139,16 @@ def write_report(results: dict[str, list[dict]], args) -> str:
                 f"{report['kv_cache_bytes'] / 1024:.1f} | {step_ratio:.2f} |")
     points.append((name, report["prefill_flops"], acc.mean(), acc.std()))
   chance = np.mean([r["chance"] for runs in results.values() for r in runs])
+  base = demo.get_config()
   command = "python experiments/compare_techniques.py " + " ".join(sys.argv[1:])
   text = "\n".join([
       "# Technique comparison on synthetic_vqa (tiny scale)",
       "",
-      f"Produced by `{command.strip()}` on {datetime.date.today()} ({args.seeds} seeds, {args.steps} SFT steps of 32 "
-      f"rows x 96 tokens, lr {args.lr}; '+po': then {args.po_steps} PO steps). Model: CLIP-style ViT (32 px, patch 8, "
-      "16 image tokens, width 48, 2 layers), mlp2x_gelu projector, 4-layer Llama-style LLM (width 64). "
+      f"Produced by `{command.strip()}` on {datetime.date.today()} ({args.seeds} seeds, {args.steps} SFT steps of "
+      f"{args.batch} rows x {base.data.seq_len} tokens, lr {args.lr}; '+po': then {args.po_steps} PO steps). Model and "
+      f"recipe of configs/demo.py ({base.data.name}, {base.model.vision.image_size} px, "
+      f"{model_config('baseline').tokens_per_image} image tokens, {base.model.decoder.num_layers}-layer LLM of width "
+      f"{base.model.decoder.embed_dim}; trainable rules {list(map(tuple, base.optim.trainable))}). "
       f"Costs per sample of one image + {TEXT_TOKENS} text tokens (fp32 cache). Step time: median steady-state "
       "train step, this CPU, ratio to the baseline measured in the same run.",
       "",
@@ -191,10 +190,11 @@ def write_report(results: dict[str, list[dict]], args) -> str:
 def main_cli() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--steps", type=int, default=100)
+  parser.add_argument("--steps", type=int, default=400)
   parser.add_argument("--po_steps", type=int, default=30)
   parser.add_argument("--eval_examples", type=int, default=200, help="first N examples of the test split")
-  parser.add_argument("--lr", type=float, default=3e-3)
+  parser.add_argument("--lr", type=float, default=demo.get_config().optim.lr)
+  parser.add_argument("--batch", type=int, default=demo.get_config().data.global_batch_size)
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--workdir", default=os.path.join(REPO, "workdirs", "compare"))
   parser.add_argument("--data_dir", default=os.path.join(REPO, "workdirs", "tfds"))

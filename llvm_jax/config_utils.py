@@ -6,11 +6,24 @@ A config file defines `get_config(arg=None)` returning a locked `ml_collections.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ml_collections
 
-from llvm_jax.models.config import DecoderConfig, LLVMConfig, ProjectorConfig, RopeConfig, VisionConfig
+from llvm_jax.models.config import (
+    DecoderConfig,
+    DeepStackConfig,
+    LLVMConfig,
+    PhantomConfig,
+    PmodConfig,
+    ProjectorConfig,
+    RopeConfig,
+    TrolConfig,
+    VisionConfig,
+)
+
+TECHNIQUES = ("trol", "phantom", "deepstack", "pmod")
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -46,6 +59,41 @@ def model_block(cfg: LLVMConfig) -> ml_collections.ConfigDict:
 def model_config(config: ml_collections.ConfigDict) -> LLVMConfig:
   """The model dataclass of an experiment config; unknown keys raise with their full name."""
   return LLVMConfig.from_dict(config.model)
+
+
+def with_techniques(
+    cfg: LLVMConfig,
+    names: str | tuple[str, ...] | list[str],
+    *,
+    trol: TrolConfig | None = None,
+    phantom: PhantomConfig | None = None,
+    deepstack: DeepStackConfig | None = None,
+    pmod: PmodConfig | None = None,
+) -> LLVMConfig:
+  """`cfg` with the named techniques switched on ('trol+pmod', 'all_four', 'baseline' or a list).
+
+  Each technique uses its block's defaults (the papers' settings) unless a block is passed.
+  """
+  if isinstance(names, str):
+    names = TECHNIQUES if names == "all_four" else tuple(n for n in names.split("+") if n and n != "baseline")
+  unknown = sorted(set(names) - set(TECHNIQUES))
+  if unknown:
+    raise ValueError(f"unknown technique(s) {unknown}; expected names from {TECHNIQUES}, 'all_four' or 'baseline'")
+  blocks = {"trol": trol or TrolConfig(), "phantom": phantom or PhantomConfig(),
+            "deepstack": deepstack or DeepStackConfig(), "pmod": pmod or PmodConfig()}
+  decoder = dataclasses.replace(cfg.decoder, **{n: blocks[n] for n in names if n != "deepstack"})
+  return dataclasses.replace(cfg, decoder=decoder, deepstack=blocks["deepstack"] if "deepstack" in names else cfg.deepstack)
+
+
+def with_precision(cfg: LLVMConfig, dtype: str = "bfloat16", param_dtype: str = "float32",
+                   remat_policy: str | None = None) -> LLVMConfig:
+  """`cfg` computing in `dtype` with `param_dtype` (master) weights in the decoder, ViT and projector,
+  and `remat_policy` in the decoder and ViT."""
+  precision = dict(dtype=dtype, param_dtype=param_dtype)
+  return dataclasses.replace(
+      cfg, decoder=dataclasses.replace(cfg.decoder, remat_policy=remat_policy, **precision),
+      vision=cfg.vision and dataclasses.replace(cfg.vision, remat_policy=remat_policy, **precision),
+      projector=dataclasses.replace(cfg.projector, **precision))
 
 
 def tiny_llvm(

@@ -85,3 +85,43 @@ def test_paper_config_files_build():
   assert config_utils.model_config(config).decoder.phantom is not None
   with pytest.raises(ValueError, match="model='trol_9b' unknown"):
     get_config("model=trol_9b")
+
+
+@pytest.mark.parametrize("technique", ["baseline", "trol", "phantom", "deepstack", "pmod", "all_four"])
+def test_bench_1b_is_internvl2_1b_plus_technique(technique):
+  from configs import bench_1b
+
+  cfg = config_utils.model_config(bench_1b.get_config(f"technique={technique}"))
+  assert cost.param_count(cfg) == hf_used_params("internvl2_0.5b") + technique_additions(cfg)
+  assert (cfg.decoder.dtype, cfg.decoder.param_dtype, cfg.vision.dtype, cfg.projector.dtype) == (
+      "bfloat16", "float32", "bfloat16", "bfloat16")
+  names = {"trol": cfg.decoder.trol, "phantom": cfg.decoder.phantom, "deepstack": cfg.deepstack, "pmod": cfg.decoder.pmod}
+  on = {n for n, block in names.items() if block is not None}
+  assert on == (set(names) if technique == "all_four" else set() if technique == "baseline" else {technique})
+
+
+def test_with_techniques_rejects_unknown_names():
+  with pytest.raises(ValueError, match="unknown technique.*'tro'"):
+    config_utils.with_techniques(paper.MODELS["internvl2_0.5b"](), "tro+pmod")
+
+
+def test_gpu_bench_script_times_every_technique_and_writes_the_table(tmp_path, monkeypatch):
+  """The GPU benchmark's own code path, on the tiny twin of the 1B config (all four at once)."""
+  import json
+  import sys
+
+  sys.path.insert(0, "experiments")
+  import gpu_bench
+
+  from configs import bench_1b
+
+  out, raw = tmp_path / "gpu.md", tmp_path / "gpu.json"
+  monkeypatch.setattr(sys, "argv", ["gpu_bench.py", "--size=tiny", "--batch=8", "--seq_len=96", "--steps=1",
+                                    "--techniques=all_four", f"--out={out}", f"--json={raw}"])
+  gpu_bench.main()
+  [result] = json.loads(raw.read_text())
+  assert "error" not in result and result["step_time_s"] > 0 and result["tokens_per_second"] > 0
+  cfg = config_utils.model_config(bench_1b.get_config("technique=all_four,size=tiny"))
+  assert result["params"] == cost.param_count(cfg)
+  table = out.read_text()
+  assert "| all_four |" in table and "--size=tiny" in table

@@ -38,6 +38,7 @@ never waits on a process that has run out.
 from __future__ import annotations
 
 import collections
+import fcntl
 import gc
 import json
 import math
@@ -66,7 +67,8 @@ def open_data_source(name: str, split: str, data_dir: str | os.PathLike | None =
   Reads the newest version built in data_dir/name with `tfds.builder_from_directory` (so custom,
   unregistered BuilderConfigs work too); with an empty data_dir, `tfds.data_source` in TFDS's
   default directory. With build_if_missing, a registered dataset that is not there is built
-  first (meant for synthetic_vqa, single process).
+  first (meant for synthetic_vqa), under a lock file in data_dir so that processes sharing the
+  directory build it once.
   """
   import tensorflow_datasets as tfds
 
@@ -83,7 +85,12 @@ def open_data_source(name: str, split: str, data_dir: str | os.PathLike | None =
           f"{name.split('/')[0]} --data_dir {data_dir}" + (f" --config {name.split('/')[1]}`" if "/" in name else "`")
           + " (or set build_if_missing=True for synthetic_vqa)"
       )
-    return builders.build_dataset(name, data_dir).as_data_source(split=split)
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, f".{name.replace('/', '_')}.build.lock"), "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+      path = builders.dataset_dir(name, data_dir)
+      if path is None:
+        return builders.build_dataset(name, data_dir).as_data_source(split=split)
   return tfds.builder_from_directory(os.fspath(path)).as_data_source(split=split)
 
 

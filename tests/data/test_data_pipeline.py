@@ -343,3 +343,19 @@ def test_open_data_source_missing_and_build_if_missing(tmp_path, tokenizer, dh):
   cfg.build_if_missing = True
   it = pipeline.make_iterator(cfg, tokenizer, num_image_tokens=1, image_token=IMG, mode="eval")
   assert sum(int(b["segment_ids"].any(1).sum()) for b in it) == 64  # the registered 'tiny' test split
+
+
+def test_build_if_missing_from_two_processes_builds_once(tmp_path):
+  """Two runs sharing a data_dir (two experiments, or the processes of one job) both get the data."""
+  import subprocess
+  import sys
+
+  code = ("import sys; from llvm_jax.data import pipeline; "
+          "s = pipeline.open_data_source('synthetic_vqa/tiny', 'train', sys.argv[1], build_if_missing=True); "
+          "print(len(s))")
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for _ in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+  assert [out.strip().splitlines()[-1] for out, _ in outs] == ["256", "256"]
+  assert [d.name for d in (tmp_path / "synthetic_vqa" / "tiny").iterdir()] == ["1.0.0"]

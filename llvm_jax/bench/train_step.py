@@ -1,0 +1,114 @@
+"""The train-step timings behind `python -m llvm_jax.bench` and experiments/gpu_bench.py.
+
+time_jax: the trainer's own jitted, sharded train step on synthetic batches of the config's shape,
+steady-state (median after 3 warm-up steps). time_torch: the same LLaVA model trained with
+`transformers` PyTorch (CPU reference).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llvm_jax import config_utils
+from llvm_jax.data.pipeline import make_global_batch
+from llvm_jax.models.llvm import LLVM
+from llvm_jax.train import flops, trainer
+
+
+def synthetic_batch(cfg, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A batch shaped like the pipeline's: one image (and its DeepStack crops) per row at the start,
+  answer on the last quarter."""
+  rng = np.random.RandomState(seed)
+  n_img = cfg.tokens_per_image if cfg.vision is not None else 0
+  tokens = rng.randint(5, cfg.decoder.vocab_size, (batch, seq_len)).astype(np.int32)
+  tokens[:, 1:1 + n_img] = cfg.image_token_id
+  out = {
+      "tokens": tokens,
+      "segment_ids": np.ones_like(tokens),
+      "positions": np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)),
+      "targets": np.concatenate([tokens[:, 1:], np.zeros((batch, 1), np.int32)], axis=1),
+      "target_mask": (np.arange(seq_len) >= seq_len * 3 // 4).astype(np.float32)[None].repeat(batch, 0),
+  }
+  if cfg.vision is not None:
+    size = cfg.vision.image_size
+    out["images"] = rng.uniform(-1, 1, (batch, 1, size, size, 3)).astype(np.float32)
+    out["image_mask"] = np.ones((batch, 1), bool)
+    if cfg.deepstack is not None:
+      out["hires_images"] = rng.uniform(-1, 1, (batch, 1, cfg.deepstack.num_groups, size, size, 3)).astype(np.float32)
+  return out
+
+
+def time_jax(config, steps: int) -> dict[str, float]:
+  model = LLVM(config_utils.model_config(config))
+  mesh = trainer.mesh_from_config(config)
+  setup, _ = trainer.build_setup(config, model, mesh)
+  params = trainer.initial_params(config, setup)
+  with trainer.sharding_context(mesh, setup.rules):
+    opt_state = jax.jit(setup.tx.init, out_shardings=setup.opt_shardings)(params)
+  b, s = config.data.global_batch_size, config.data.seq_len
+  batch = make_global_batch(synthetic_batch(model.config, b, s), mesh)
+  tick = time.perf_counter()
+  compiled = trainer.compile_step(setup, trainer.make_train_step(setup, trainer.loss_function(config), 1),
+                                  params, opt_state, batch)
+  compile_s = time.perf_counter() - tick
+  times = []
+  for step in range(steps + 3):
+    tick = time.perf_counter()
+    params, opt_state, metrics = compiled(params, opt_state, batch, jnp.asarray(step, jnp.int32))
+    jax.block_until_ready(metrics["loss"])
+    times.append(time.perf_counter() - tick)
+  step_time = float(np.median(times[3:]))
+  step_flops = b * flops.train_flops_per_sample(model.config, s, 1 if model.config.vision else 0)
+  result = {
+      "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+      "batch": b, "seq_len": s, "step_time_s": step_time, "tokens_per_second": b * s / step_time,
+      "tflops_per_device": step_flops / step_time / jax.device_count() / 1e12,
+      "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))), "compile_s": compile_s,
+  }
+  memory = compiled.memory_analysis()
+  if memory is not None and hasattr(memory, "temp_size_in_bytes"):
+    result["step_memory_gib"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                 + memory.temp_size_in_bytes - getattr(memory, "alias_size_in_bytes", 0)) / 2**30
+  peak = flops.peak_flops(jax.devices()[0].device_kind)
+  if peak:
+    result["mfu"] = step_flops / step_time / (peak * jax.device_count())
+  return result
+
+
+def time_torch(config, steps: int) -> float:
+  """Median step time of the same model in transformers PyTorch (fp32, AdamW, CPU)."""
+  import torch
+  import transformers
+
+  from llvm_jax import convert
+
+  cfg = config_utils.model_config(config)
+  torch.manual_seed(0)
+  hf_config = convert.hf_config_of(cfg)
+  model_cls = transformers.LlavaForConditionalGeneration if cfg.vision is not None else transformers.AutoModelForCausalLM
+  model = model_cls._from_config(hf_config) if cfg.vision is not None else model_cls.from_config(hf_config)
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+  b, s = config.data.global_batch_size, config.data.seq_len
+  batch = synthetic_batch(cfg, b, s)
+  inputs = {"input_ids": torch.tensor(batch["tokens"], dtype=torch.long)}
+  if cfg.vision is not None:
+    inputs["pixel_values"] = torch.tensor(batch["images"][:, 0].transpose(0, 3, 1, 2))
+  targets = torch.tensor(batch["targets"], dtype=torch.long)
+  mask = torch.tensor(batch["target_mask"])
+  times = []
+  for _ in range(steps + 3):
+    tick = time.perf_counter()
+    logits = model(**inputs).logits.float()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    loss = (nll * mask.reshape(-1)).sum() / mask.sum()
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip or 1e9)
+    opt.step()
+    times.append(time.perf_counter() - tick)
+  return float(np.median(times[3:]))
