@@ -167,7 +167,8 @@ def write_report(results: dict[str, list[dict]], args) -> str:
 
   fig, ax = plt.subplots(figsize=(7, 4))
   for name, runs in results.items():
-    steps = [s for s, _ in runs[0]["loss_curve"]]
+    offset = args.steps if name == "phantom+po" else 0  # PO continues the Phantom run
+    steps = [s + offset for s, _ in runs[0]["loss_curve"]]
     n = min(len(r["loss_curve"]) for r in runs)
     mean = np.mean([[l for _, l in r["loss_curve"][:n]] for r in runs], axis=0)
     ax.plot(steps[:n], mean, label=name)
