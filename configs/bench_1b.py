@@ -17,7 +17,7 @@ import dataclasses
 
 from configs.paper import internvl2_like
 from llvm_jax import config_utils
-from llvm_jax.models.config import DeepStackConfig, PmodConfig
+from llvm_jax.models.config import PmodConfig
 
 
 def tiny_internvl_like():
@@ -38,7 +38,7 @@ def get_config(arg=None):
   base = internvl2_like("0.5b") if args.size == "1b" else tiny_internvl_like()
   # Tiny: 6 layers, so p-MoD's schedule is explicit (the progressive decay needs depth to spread).
   pmod = PmodConfig() if args.size == "1b" else PmodConfig(schedule="explicit", layers=(2, 3, 4, 5), ratios=(0.5,) * 4)
-  model = config_utils.with_techniques(base, args.technique, deepstack=DeepStackConfig(), pmod=pmod)
+  model = config_utils.with_techniques(base, args.technique, pmod=pmod)
   model = config_utils.with_precision(model, "bfloat16", "float32", None if args.remat == "none" else args.remat)
   config = config_utils.experiment(model, task="train", lock=False)
   config.data.update(seq_len=args.seq_len, global_batch_size=args.batch, vision="internvl",

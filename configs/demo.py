@@ -2,15 +2,16 @@
 
 A CLIP-style ViT (32 px, patch 8 -> 16 image tokens), an mlp2x_gelu projector and a 4-layer
 Llama-style LLM with the built-in word-level tokenizer, trained from scratch on CPU in minutes
-(synthetic_vqa/large: 40,000 training images, built on first use in a few seconds), then scored (greedy generation, VQA accuracy) on the held-out test split, next to the chance level
-(the accuracy of the best answer given the question alone, fitted on the training split).
+(synthetic_vqa/large: 40,000 training images, built on first use in a few seconds), then scored
+(greedy generation, VQA accuracy) on the held-out test split, next to the chance level (the
+accuracy of the best answer given the question alone, fitted on the training split).
 
 Run:
   python -m llvm_jax.main --config=configs/demo.py --workdir=workdirs/demo
 Arg: task=train|eval|demo (eval: the workdir's checkpoint with config.evals; demo: a forward pass and
      greedy generation on a random model), llm=llama|qwen2|phi3, vision=clip|siglip, steps, res, patch,
-     lr, width and layers (LLM), vision_lr / projector_lr (learning-rate multipliers; vision_lr=none freezes the
-     ViT, projector_lr=none the projector), batch.
+     lr, width and layers (LLM), vision_lr / projector_lr (learning-rate multipliers; vision_lr=none
+     freezes the ViT, projector_lr=none the projector), batch.
 """
 
 from llvm_jax import config_utils

@@ -14,22 +14,11 @@ of the same shapes (InternLM2 is a Llama with fused qkv), and Phi-3-mini uses it
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 from configs.llava import llava_7b
 from llvm_jax import config_utils
-from llvm_jax.models.config import (
-    DecoderConfig,
-    DeepStackConfig,
-    LLVMConfig,
-    PhantomConfig,
-    PmodConfig,
-    ProjectorConfig,
-    RopeConfig,
-    TrolConfig,
-    VisionConfig,
-)
+from llvm_jax.models.config import DecoderConfig, LLVMConfig, ProjectorConfig, RopeConfig, VisionConfig
 
 INTERNVIT_300M = VisionConfig(
     kind="internvit", image_size=448, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096,
@@ -66,17 +55,13 @@ def internvl2_like(size: str) -> LLVMConfig:
                     image_token_id=IMAGE_TOKEN_IDS[size])
 
 
-def with_decoder(cfg: LLVMConfig, **techniques) -> LLVMConfig:
-  return dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, **techniques))
-
-
 MODELS: dict[str, Callable[[], LLVMConfig]] = {
     "llava15_7b": lambda: llava_7b("llama"),
-    "deepstack_l_7b": lambda: dataclasses.replace(llava_7b("llama"), deepstack=DeepStackConfig()),
-    "pmod_llava15_7b": lambda: with_decoder(llava_7b("llama"), pmod=PmodConfig()),
+    "deepstack_l_7b": lambda: config_utils.with_techniques(llava_7b("llama"), "deepstack"),
+    "pmod_llava15_7b": lambda: config_utils.with_techniques(llava_7b("llama"), "pmod"),
     **{f"internvl2_{s}": (lambda s=s: internvl2_like(s)) for s in ("0.5b", "1.8b", "3.8b", "7b")},
-    **{f"trol_{s}": (lambda s=s: with_decoder(internvl2_like(s), trol=TrolConfig())) for s in ("1.8b", "3.8b", "7b")},
-    **{f"phantom_{s}": (lambda s=s: with_decoder(internvl2_like(s), phantom=PhantomConfig()))
+    **{f"trol_{s}": (lambda s=s: config_utils.with_techniques(internvl2_like(s), "trol")) for s in ("1.8b", "3.8b", "7b")},
+    **{f"phantom_{s}": (lambda s=s: config_utils.with_techniques(internvl2_like(s), "phantom"))
        for s in ("0.5b", "1.8b", "3.8b", "7b")},
 }
 
