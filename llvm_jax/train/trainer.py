@@ -188,18 +188,29 @@ def build_setup(config: ml_collections.ConfigDict, model: LLVM, mesh: Mesh) -> t
   return setup, abstract_params
 
 
-def compile_step(setup: TrainSetup, step_fn: Callable, params: Any, opt_state: Any, batch: dict[str, Any]):
-  """Ahead-of-time compile with explicit shardings and donation; logs the memory analysis."""
-  batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
+def jit_train_step(setup: TrainSetup, step_fn: Callable, batch_shardings: Any) -> Callable:
+  """`step_fn` jitted with explicit in/out shardings and the params and optimiser state donated."""
   replicated = NamedSharding(setup.mesh, PartitionSpec())
-  jitted = jax.jit(
+  return jax.jit(
       step_fn,
       in_shardings=(setup.param_shardings, setup.opt_shardings, batch_shardings, replicated),
       out_shardings=(setup.param_shardings, setup.opt_shardings, replicated),
       donate_argnums=(0, 1),
   )
+
+
+def lower_step(setup: TrainSetup, step_fn: Callable, params: Any, opt_state: Any, batch: dict[str, Any]):
+  """Lowers the train step for these (concrete or abstract, sharded) arguments; nothing is allocated."""
+  batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(setup.mesh, PartitionSpec()))
   with sharding_context(setup.mesh, setup.rules):
-    compiled = jitted.lower(params, opt_state, batch, jnp.zeros((), jnp.int32)).compile()
+    return jit_train_step(setup, step_fn, batch_shardings).lower(params, opt_state, batch, step)
+
+
+def compile_step(setup: TrainSetup, step_fn: Callable, params: Any, opt_state: Any, batch: dict[str, Any]):
+  """Ahead-of-time compile with explicit shardings and donation; logs the memory analysis."""
+  with sharding_context(setup.mesh, setup.rules):
+    compiled = lower_step(setup, step_fn, params, opt_state, batch).compile()
   memory = compiled.memory_analysis()
   if memory is not None:
     logging.info(
