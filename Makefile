@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 $(STAMP): setup.py
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet -e '.[test,aot]'
 	touch $(STAMP)
 
 demo: $(STAMP)

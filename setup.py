@@ -31,6 +31,8 @@ EXTRAS_REQUIRE = {
     "experiments": ["matplotlib==3.10.8"],
     "cuda": ["jax[cuda12]==0.10.2"],
     "tpu": ["jax[tpu]==0.10.2"],
+    # Deviceless TPU compiles from any machine (python -m llvm_jax.aot): the libtpu jax[tpu]==0.10.2 pins.
+    "aot": ["libtpu==0.0.42.1"],
 }
 
 setup(

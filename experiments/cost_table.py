@@ -3,7 +3,7 @@
   python experiments/cost_table.py            # writes experiments/results/cost_7b.md
 
 One sample: one image (LLaVA: 576 tokens at 336 px; InternVL2: one 448 px tile, 256 tokens) and 64
-text tokens; bf16 KV cache; FLOPs per llvm_jax/cost.py (2 per multiply-add, causal attention at
+text tokens; bf16 KV cache; FLOPs per llvm_jax/flops.py (2 per multiply-add, causal attention at
 one half, training = 3 x forward).
 """
 
@@ -17,8 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import paper  # noqa: E402
-from llvm_jax import cost  # noqa: E402
-from llvm_jax.models import deepstack, pmod  # noqa: E402
+from llvm_jax import cost, flops  # noqa: E402
 
 TEXT_TOKENS = 64
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cost_7b.md")
@@ -48,7 +47,7 @@ def main() -> str:
 
   base, pm = reports["llava15_7b"], reports["pmod_llava15_7b"]
   seq = base["context_tokens"]
-  pc = pmod.pmod_cost(bf16(paper.MODELS["pmod_llava15_7b"]()), seq, 576)
+  pc = flops.pmod_cost(bf16(paper.MODELS["pmod_llava15_7b"]()), seq, 576)
   lines += [
       "",
       "## p-MoD vs LLaVA-1.5-7B",
@@ -64,7 +63,7 @@ def main() -> str:
   ]
 
   dcfg = bf16(paper.MODELS["deepstack_l_7b"]())
-  dc = deepstack.deepstack_cost(dcfg, TEXT_TOKENS)
+  dc = flops.deepstack_cost(dcfg, TEXT_TOKENS)
   ds = reports["deepstack_l_7b"]
   plain = dataclasses.replace(bf16(paper.MODELS["llava15_7b"]()))
   plain_kv = cost.kv_cache_bytes(plain, TEXT_TOKENS + 576 * dc["groups"])

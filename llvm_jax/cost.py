@@ -1,14 +1,7 @@
 """What a configuration costs, every technique included: parameters, FLOPs, KV cache, decode speed.
 
-Analytic FLOPs follow train/flops.py (2 FLOPs per multiply-add, causal attention at one half, a
-training step = 3 x forward) and add each technique's work:
-  TroL     a second pass of every traversed layer, plus the mixer (gate 2D, mix 3D per token);
-  Phantom  the XAttn modules (4 d x d matmuls on each of the H query and 2 x Hkv key/value heads per
-           token), the H x H sos softmax, attention over a 2d-wide head (twice the score and value
-           FLOPs) and the two gates;
-  p-MoD    MoD layers run on the text plus the kept vision tokens only; routers (2D per token);
-  DeepStack the crops through the vision tower and projector (DeepStack-L) or the crops' ViT layers
-           (DeepStack-V), and the additions.
+FLOPs come from `llvm_jax.flops` (the one module that counts them: 2 FLOPs per multiply-add, causal
+attention at one half, a training step = 3 x forward, each technique's extra work included).
 KV-cache bytes are exact: the leaves of `init_cache` for the prompt (technique entries included).
 
   python -m llvm_jax.cost --config=configs/paper.py:model=pmod_llava_7b [--text_tokens=64]
@@ -24,11 +17,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from llvm_jax import flops
 from llvm_jax.bench.common import tree_bytes
-from llvm_jax.models import deepstack as deepstack_lib
-from llvm_jax.models import pmod, trol
-from llvm_jax.models.config import DecoderConfig, LLVMConfig
-from llvm_jax.train import flops
+from llvm_jax.models.config import LLVMConfig
 
 
 def param_count(cfg: LLVMConfig) -> int:
@@ -41,50 +32,6 @@ def param_count(cfg: LLVMConfig) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(abstract_boxed_params(LLVM(cfg)))))
 
 
-def _phantom_layer_flops(cfg: DecoderConfig, tokens: int, keys: float) -> float:
-  """Phantom's extra forward FLOPs in one layer for `tokens` queries over `keys` keys each."""
-  d, h, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-  xattn = 2 * 4 * d * d * (h + 2 * hkv) + 2 * 2 * h * h * d
-  wider_attention = 2 * 2 * h * d * keys  # the extra d of q·k and p·v
-  gates = 2 * 2 * h * d
-  return tokens * (xattn + wider_attention + gates)
-
-
-def decoder_flops(cfg: DecoderConfig, seq_len: int, num_vision: int) -> dict[str, float]:
-  """Forward FLOPs of the decoder over a `seq_len` prompt holding `num_vision` vision tokens."""
-  ratios = pmod.layer_ratios(cfg)
-  traversed = set(trol.traversed_layers(cfg))
-  base = phantom = trol_extra = 0.0
-  for layer in range(cfg.num_layers):
-    tokens = pmod.kept_length(seq_len, num_vision, ratios[layer]) if layer in ratios else seq_len
-    layer_flops = flops.decoder_layer_forward_flops(cfg, tokens)
-    extra = _phantom_layer_flops(cfg, tokens, tokens / 2) if cfg.phantom is not None else 0.0
-    base += layer_flops
-    phantom += extra
-    if layer in traversed:
-      trol_extra += layer_flops + extra + 5 * cfg.embed_dim * tokens
-  head = 2 * cfg.embed_dim * cfg.vocab_size * seq_len
-  routers = 2 * cfg.embed_dim * seq_len * len(ratios)
-  total = base + phantom + trol_extra + head + routers
-  return {"layers": base, "phantom": phantom, "trol": trol_extra, "pmod_routers": routers, "head": head,
-          "total": total}
-
-
-def prefill_flops(cfg: LLVMConfig, text_tokens: int, images: int = 1) -> dict[str, float]:
-  """Forward FLOPs of one sample: `images` images (tiles) and `text_tokens` text tokens."""
-  n_vision = images * cfg.tokens_per_image if cfg.vision is not None else 0
-  parts = {"decoder": decoder_flops(cfg.decoder, text_tokens + n_vision, n_vision)["total"]}
-  if n_vision:
-    parts["vision"] = images * flops.vision_forward_flops(cfg.vision)
-    parts["projector"] = images * flops.projector_forward_flops(cfg)
-    if cfg.deepstack is not None:
-      ds = deepstack_lib.deepstack_cost(cfg, text_tokens)
-      parts["deepstack"] = images * (ds["vision_flops_per_image_deepstack"] - ds["vision_flops_per_image"]
-                                     + ds["injection_flops"])
-  parts["total"] = sum(parts.values())
-  return parts
-
-
 def kv_cache_bytes(cfg: LLVMConfig, text_tokens: int, images: int = 1, new_tokens: int = 0) -> int:
   """Bytes of the KV cache of one sample after its prefill (+ `new_tokens` decode slots)."""
   from llvm_jax.models.decoder import init_cache
@@ -94,16 +41,30 @@ def kv_cache_bytes(cfg: LLVMConfig, text_tokens: int, images: int = 1, new_token
   return tree_bytes(shapes)
 
 
+def pmod_kv_bytes(cfg: LLVMConfig, seq_len: int, n_vision: int) -> dict[str, float]:
+  """KV-cache bytes of one sample of `seq_len` tokens, `n_vision` of them vision tokens, after its
+  prefill, with and without p-MoD (the whole `init_cache` pytree in the compute dtype)."""
+  from llvm_jax.models.decoder import init_cache
+
+  def cache_bytes(decoder, num_vision: int) -> int:
+    return tree_bytes(jax.eval_shape(lambda: init_cache(decoder, 1, seq_len, num_vision=num_vision)))
+
+  dense = cache_bytes(dataclasses.replace(cfg.decoder, pmod=None), 0)
+  sparse = cache_bytes(cfg.decoder, n_vision)
+  return {"kv_bytes_dense": dense, "kv_bytes_pmod": sparse, "kv_ratio": sparse / dense}
+
+
 def report(cfg: LLVMConfig, text_tokens: int = 64, images: int = 1, train_tokens: int | None = None) -> dict[str, Any]:
   """Parameters, training FLOPs per sample, prefill FLOPs and KV-cache bytes of one sample."""
-  prefill = prefill_flops(cfg, text_tokens, images)
-  train_seq = train_tokens if train_tokens is not None else text_tokens
+  prefill = flops.prefill_flops(cfg, text_tokens, images)
+  n_vision = flops.vision_tokens(cfg, images)
+  train_seq = (train_tokens if train_tokens is not None else text_tokens) + n_vision
   return {
       "params": param_count(cfg),
-      "context_tokens": text_tokens + images * (cfg.tokens_per_image if cfg.vision is not None else 0),
+      "context_tokens": text_tokens + n_vision,
       "prefill_flops": prefill["total"],
       "prefill_flops_parts": prefill,
-      "train_flops_per_sample": 3 * prefill_flops(cfg, train_seq, images)["total"],
+      "train_flops_per_sample": flops.train_flops_per_sample(cfg, train_seq, images),
       "kv_cache_bytes": kv_cache_bytes(cfg, text_tokens, images),
   }
 

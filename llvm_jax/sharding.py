@@ -79,6 +79,31 @@ def param_shardings(abstract_params: Any, mesh: Mesh, strategy: str) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, logical_rules(strategy))
 
 
+def mirrored_shardings(state: Any, params: Any, shardings: Any, default: jax.sharding.Sharding) -> Any:
+  """Shardings for `state` (e.g. an optax state): a leaf mirroring a parameter gets that parameter's.
+
+  A state leaf mirrors a parameter when the tail of its tree path is the parameter's full path and
+  the shapes agree: optax keeps param-shaped copies (Adam's mu/nu...) under wrapper nodes (chain,
+  multi_transform, masked, inject_hyperparams), whose keys form the head of the path. Masked-out
+  entries (optax.MaskedNode) and empty states have no leaves. Anything else (step counts, factored
+  or reshaped statistics) gets `default`.
+  """
+  by_path = {
+      tuple(path): (leaf.shape, s)
+      for (path, leaf), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(shardings))
+  }
+  longest = max((len(p) for p in by_path), default=0)
+
+  def pick(path, leaf):
+    for start in range(max(len(path) - longest, 0), len(path)):  # longest tail first
+      match = by_path.get(tuple(path[start:]))
+      if match is not None and tuple(match[0]) == tuple(leaf.shape):
+        return match[1]
+    return default
+
+  return jax.tree_util.tree_map_with_path(pick, state)
+
+
 def logical_spec(names: Sequence[str | None], strategy: str) -> PartitionSpec:
   """The mesh PartitionSpec of one array with logical axis `names`."""
   return nn.logical_to_mesh_axes(tuple(names), logical_rules(strategy))

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llvm_jax.models import phantom
+from llvm_jax.models import hooks, masks, phantom
 from llvm_jax.models.config import DecoderConfig, PhantomConfig, TrolConfig
-from llvm_jax.models.decoder import Decoder, attention_mask, default_positions, init_cache
+from llvm_jax.models.decoder import Decoder, init_cache
 from llvm_jax.models.layers import attention
+from tests.model_helpers import stacked
 
 BASE = DecoderConfig(
     vocab_size=61, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
@@ -58,11 +59,7 @@ def _strip_phantom(tree):
 
 
 def _stacked(params):
-  """Unscanned parameters -> the scanned layout (layers stacked under decoder/layers/layer)."""
-  decoder = dict(params["decoder"])
-  per_layer = [decoder.pop(f"layers_{i}") for i in range(BASE.num_layers)]
-  decoder["layers"] = {"layer": jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)}
-  return dict(params, decoder=decoder)
+  return stacked(params, BASE.num_layers)
 
 
 @pytest.fixture(scope="module")
@@ -133,28 +130,31 @@ def test_attention_against_reference(params):
   v = jax.random.normal(rng[2], (bsz, t, BASE.num_kv_heads, D))
   # Left-padded, packed (two segments, right-padded), plain.
   segments = jnp.array([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 2, 2, 2, 0], [1] * 7], jnp.int32)
-  positions = default_positions(segments)
-  slots = jnp.broadcast_to(jnp.arange(t)[None], (bsz, t))
-  mask = attention_mask(segments, positions, slots, segments, positions, slots)
+  mask = masks.self_attention(segments, masks.default_positions(segments))
+  ctx = hooks.LayerContext(None, None, mask, 0)
   p = params["decoder"]["layers_0"]["attn"]["phantom"]
-  got, cache = jax.jit(phantom.Phantom(cfg).apply, static_argnums=(5, 6))(
-      {"params": p}, q, k, v, mask, None, 0, phantom.sos_slots(segments, segments)
-  )
+  got, cache = jax.jit(phantom.Phantom(cfg).apply)({"params": p}, q, k, v, ctx, None)
   assert cache is None and got.shape == q.shape
   valid = np.asarray(segments != 0)[..., None, None]
   expected = _reference(p, q, k, v, np.asarray(segments), STRONG)
   np.testing.assert_allclose(np.where(valid, got, 0), expected, rtol=TOL, atol=TOL)
   # The phantom branch matters at this eta: plain attention is far from it.
-  plain = attention(q, k, v, mask, D**-0.5)
+  plain = attention(q, k, v, mask.dense(), D**-0.5)
   assert np.abs(np.where(valid, got - plain, 0)).max() > 1e-2
 
 
 def test_sos_slots_follow_segments():
   q_segments = jnp.array([[0, 0, 1, 1], [1, 1, 2, 0]], jnp.int32)
-  np.testing.assert_array_equal(phantom.sos_slots(q_segments, q_segments), [[-1, -1, 2, 2], [0, 0, 2, -1]])
+  self_mask = masks.self_attention(q_segments, masks.default_positions(q_segments))
+  np.testing.assert_array_equal(phantom.sos_slots(self_mask), [[-1, -1, 2, 2], [0, 0, 2, -1]])
   # With a cache: a right-padded prompt then a decode token of segment 1 at slot 5.
   k_segments = jnp.array([[1, 1, 1, 0, 0, 1, 0]], jnp.int32)
-  np.testing.assert_array_equal(phantom.sos_slots(jnp.array([[1]]), k_segments), [[0]])
+  k_slots = jnp.arange(7, dtype=jnp.int32)[None]
+  one = jnp.array([[1]], jnp.int32)
+  cached = masks.MaskInfo(one, one * 5, one, k_segments, k_slots, k_slots)
+  np.testing.assert_array_equal(phantom.sos_slots(cached), [[0]])
+  # Keys sliced out of a cache (TroL's 'official' second pass) keep their absolute slots.
+  np.testing.assert_array_equal(phantom.sos_slots(cached.keys_slice(5, 2)), [[5]])
 
 
 # -- parameters ------------------------------------------------------------------------------------

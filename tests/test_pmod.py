@@ -10,13 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llvm_jax import config_utils, convert
-from llvm_jax.models import pmod, trol
+from llvm_jax import config_utils, convert, cost as cost_lib, flops
+from llvm_jax.models import hooks, masks, pmod, trol
 from llvm_jax.models.config import DecoderConfig, LLVMConfig, PhantomConfig, PmodConfig, TrolConfig
-from llvm_jax.models.decoder import MLP, Attention, Decoder, DecoderLayer, attention_mask, default_positions, init_cache
+from llvm_jax.models.decoder import MLP, Attention, Decoder, DecoderLayer, init_cache
+from llvm_jax.models.masks import default_positions
 from llvm_jax.models.layers import RMSNorm
 from llvm_jax.models.llvm import LLVM, decode_step, prefill
 from llvm_jax.models.rope import rope_cos_sin
+from tests.model_helpers import run_layer, stacked
 
 BASE = DecoderConfig(
     vocab_size=61, embed_dim=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
@@ -114,8 +116,10 @@ def _ref_mod_layer(cfg, p, h, tokens, segments, positions, ratio, router, select
     kept = np.sort(np.concatenate([np.nonzero(valid & ~vision)[0], chosen]))
     xk = jnp.asarray(h[b, kept][None])
     cos, sin = rope_cos_sin(jnp.asarray(positions[b, kept][None]), cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
-    causal = jnp.asarray(np.tril(np.ones((len(kept), len(kept)), bool))[None])
-    a = xk + Attention(cfg).apply({"params": p["attn"]}, norm("input_norm", xk), cos, sin, causal, None, 0)[0]
+    kept_positions = jnp.asarray(positions[b, kept][None])
+    causal = masks.self_attention(jnp.ones((1, len(kept)), jnp.int32), kept_positions)
+    ctx = hooks.LayerContext(cos, sin, causal, 0)
+    a = xk + Attention(cfg).apply({"params": p["attn"]}, norm("input_norm", xk), ctx, None)[0]
     m = np.asarray(MLP(cfg).apply({"params": p["mlp"]}, norm("post_attn_norm", a)))[0]
     out[b, vision] = w[vision, None] * h[b, vision]
     scale = np.where(vision[kept], w[kept], 1.0)[:, None]
@@ -129,9 +133,6 @@ def _ref_logits(cfg, params, tokens, segments, traverse=False):
   dec = params["decoder"]
   tokens, segments = np.asarray(tokens), np.asarray(segments)
   positions = np.asarray(default_positions(jnp.asarray(segments)))
-  slots = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
-  mask = attention_mask(*(jnp.asarray(a) for a in (segments, positions, slots, segments, positions, slots)))
-  cos, sin = rope_cos_sin(jnp.asarray(positions), cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
   dense_cfg = dataclasses.replace(cfg, pmod=None, trol=None)
   ratios = pmod.layer_ratios(cfg)
   passes = 2 if traverse else 1
@@ -146,7 +147,7 @@ def _ref_logits(cfg, params, tokens, segments, traverse=False):
         h, selections = _ref_mod_layer(cfg, p, h, tokens, segments, positions, ratios[i], router, selections)
     else:
       for _ in range(passes):
-        h = np.asarray(DecoderLayer(dense_cfg).apply({"params": p}, jnp.asarray(h), cos, sin, mask, None, 0)[0])
+        h = np.asarray(run_layer(dense_cfg, p, h, segments))
   h = RMSNorm(cfg.norm_eps).apply({"params": dec["final_norm"]}, jnp.asarray(h))
   return np.asarray(h) @ np.asarray(dec["lm_head"]["kernel"])
 
@@ -171,8 +172,6 @@ def test_prd_schedule_llava_7b_defaults():
 
 
 def test_config_validation_and_from_dict():
-  with pytest.raises(ValueError, match="scan_layers"):
-    _cfg(scan_layers=True)
   with pytest.raises(ValueError, match="exactly when"):
     PmodConfig(layers=(1,), ratios=(0.5,))
   with pytest.raises(ValueError, match="distinct layer indices"):
@@ -228,7 +227,7 @@ def test_select_matches_reference_choice(batch):
 
 
 class OneMoDLayer(nn.Module):
-  """A single MoD layer (the decoder's own `pmod.apply_layer`), returning the hidden state."""
+  """A single MoD layer (the decoder's own p-MoD hooks around a DecoderLayer), returning the hidden state."""
 
   config: DecoderConfig
 
@@ -236,16 +235,15 @@ class OneMoDLayer(nn.Module):
   def __call__(self, x, tokens, segments):
     cfg = self.config
     positions = default_positions(segments)
-    slots = jnp.broadcast_to(jnp.arange(tokens.shape[1])[None], tokens.shape)
-    mask = attention_mask(segments, positions, slots, segments, positions, slots)
     cos, sin = rope_cos_sin(positions, cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+    ctx = hooks.LayerContext(cos, sin, masks.self_attention(segments, positions), 0, vision_mask=tokens == IMG,
+                             num_vision=NUM_VISION)
     router = {"kernel": self.param("kernel", nn.initializers.normal(0.5), (cfg.embed_dim,)),
               "bias": self.param("bias", nn.initializers.zeros, ())}
-    out, _ = pmod.apply_layer(
-        DecoderLayer(cfg, name="layer"), self, x, segment_ids=segments, positions=positions, cos=cos, sin=sin,
-        mask=mask, layer_cache=None, router=router, vision_mask=tokens == IMG, num_vision=NUM_VISION, ratio=0.5,
-        config=cfg, decode=False, trol_gate=None,
-    )
+    layer = DecoderLayer(cfg, name="layer")
+    fn = pmod.MOD_LAYER.wrap(layer, cfg, 0.5, None)
+    fn = pmod.ROUTING.wrap(fn, cfg, 0.5, {"router": router, "table": pmod.kept_table(0.5, NUM_VISION)})
+    out, _ = fn(x, ctx, None)
     return out
 
 
@@ -397,7 +395,7 @@ def test_train_step_flops_drop(batch):
   cfg = _cfg(PmodConfig())
   assert pmod.layer_ratios(cfg) == pytest.approx({1: 0.5, 2: 0.15})
   dense, sparse = _train_flops(BASE, tokens, segments), _train_flops(cfg, tokens, segments)
-  cost = pmod.pmod_cost(LLVMConfig(decoder=cfg, vision=None), SEQ, NUM_VISION)
+  cost = flops.pmod_cost(LLVMConfig(decoder=cfg, vision=None), SEQ, NUM_VISION)
   assert cost["kept_tokens_per_layer"] == [24, 18, 13]
   # XLA counts 77.0% of the dense step; the analytic count says 77.1%.
   assert sparse / dense == pytest.approx(cost["decoder_flops_ratio"], abs=0.02)
@@ -435,7 +433,7 @@ def test_pmod_cost_llava_7b():
 
   base = llava_7b("llama")
   cfg = dataclasses.replace(base, decoder=dataclasses.replace(base.decoder, pmod=PmodConfig(), dtype="bfloat16"))
-  cost = pmod.pmod_cost(cfg, 640, 576)
+  cost = {**flops.pmod_cost(cfg, 640, 576), **cost_lib.pmod_kv_bytes(cfg, 640, 576)}
   assert cost["mod_layers"] == 24
   kept = [640 if l < 8 else 64 + int(max(math.cos(math.pi * l / 31) / 2 + 0.5, 0.15) * 576) for l in range(32)]
   assert cost["kept_tokens_per_layer"] == kept

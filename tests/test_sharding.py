@@ -1,14 +1,18 @@
-"""Logical axis names on every parameter and their mapping to the mesh (8 fake CPU devices)."""
+"""Logical axis names on every parameter and their mapping to the mesh (8 fake CPU devices); optimiser
+state sharded like the params."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from llvm_jax import config_utils, convert, sharding
 from llvm_jax.convert import core
 from llvm_jax.models.llvm import LLVM
+from llvm_jax.train import trainer
+from train_helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +68,48 @@ def test_mesh_shape_errors_are_clear():
   assert sharding.make_mesh((-1, 2, 1)).shape == {"data": 4, "fsdp": 2, "tensor": 1}
   with pytest.raises(ValueError, match="unknown sharding strategy"):
     sharding.logical_rules("zero3")
+
+
+@pytest.mark.parametrize("strategy,mesh_shape", [("fsdp", (1, 8, 1)), ("fsdp_tp", (2, 2, 2))])
+def test_optimizer_moments_are_sharded_like_their_params(strategy, mesh_shape):
+  # A frozen group (set_to_zero: empty state) and an lr-multiplier group (masked Adam states) too.
+  config = tiny_config(mesh_shape=mesh_shape, strategy=strategy)
+  config.unlock()
+  config.optim.trainable = [("vision/.*", None), ("projector/.*", 0.1), (".*", 1.0)]
+  config.lock()
+  mesh = trainer.mesh_from_config(config)
+  setup, abstract = trainer.build_setup(config, LLVM(config_utils.model_config(config)), mesh)
+  param_specs = {tuple(jax.tree_util.keystr((k,)) for k in path): s.spec
+                 for path, s in jax.tree_util.tree_flatten_with_path(setup.param_shardings)[0]}
+  moments = {}
+  for path, s in jax.tree_util.tree_flatten_with_path(setup.opt_shardings)[0]:
+    keys = tuple(jax.tree_util.keystr((k,)) for k in path)
+    moment = next((i for i, k in enumerate(keys) if k in (".mu", ".nu")), None)
+    if moment is None:
+      assert s.spec == P(), (keys, s.spec)  # counts
+      continue
+    assert s.spec == param_specs[keys[moment + 1:]], keys
+    moments[keys[moment:]] = s.spec
+  trainable = [k for k in param_specs if k[0] != "['vision']"]
+  assert len(moments) == 2 * len(trainable)
+  assert sum(any(a is not None for a in spec) for spec in moments.values()) > len(trainable)  # sharded ones
+
+  # Per-device argument bytes of the (params, optimiser state) pair, as compiled: each leaf holds
+  # 1/(devices it is split over) of its bytes; with FSDP over all 8 devices, sharded leaves 1/8.
+  abstract_opt = jax.eval_shape(setup.tx.init, abstract)
+  args = (trainer.sharded_abstract(abstract, setup.param_shardings),
+          trainer.sharded_abstract(abstract_opt, setup.opt_shardings))
+  memory = jax.jit(lambda p, o: None, keep_unused=True).lower(*args).compile().memory_analysis()
+  leaves = jax.tree.leaves(args)
+  nbytes = lambda shape, x: int(np.prod(shape)) * x.dtype.itemsize
+  split = lambda x: int(np.prod([mesh.shape[a] for axes in x.sharding.spec if axes
+                                 for a in ((axes,) if isinstance(axes, str) else axes)]))
+  assert memory.argument_size_in_bytes == sum(nbytes(x.shape, x) // split(x) for x in leaves)
+  sharded = [x for x in leaves if split(x) > 1]
+  per_device = sum(nbytes(x.sharding.shard_shape(x.shape), x) for x in sharded)
+  expected = sum(nbytes(x.shape, x) / split(x) for x in sharded)
+  assert per_device == expected
+  if strategy == "fsdp":
+    assert per_device == sum(nbytes(x.shape, x) for x in sharded) / 8
+    # The sharded leaves hold most of the bytes, so the whole state is not far from total/8.
+    assert memory.argument_size_in_bytes < 0.2 * sum(nbytes(x.shape, x) for x in leaves)

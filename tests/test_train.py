@@ -39,7 +39,9 @@ def test_loss_falls_and_metrics_are_written(tmp_path):
 
 def test_sigterm_saves_and_resume_is_exact(tmp_path):
   straight, _ = run(tiny_config(total_steps=6, checkpoint_every=100), tmp_path / "straight")
-  stopped, _ = run(tiny_config(total_steps=6, checkpoint_every=100), tmp_path / "split", sigterm_at=3)
+  # The trainer draws batch i + 1 + PREFETCH_BATCHES (1-based) while step i runs: the SIGTERM comes during step 3.
+  stopped, _ = run(tiny_config(total_steps=6, checkpoint_every=100), tmp_path / "split",
+                   sigterm_at=3 + trainer.PREFETCH_BATCHES)
   assert checkpoint.latest_step(str(tmp_path / "split")) == 3  # saved on SIGTERM, off the interval
   resumed, data = run(tiny_config(total_steps=6, checkpoint_every=100), tmp_path / "split")
   assert data.index == 6  # the data iterator resumed at batch 3, not 0
@@ -186,3 +188,80 @@ def test_checkpoint_of_another_model_is_named(tmp_path):
   setup, abstract = trainer.build_setup(config, model, trainer.mesh_from_config(config))
   with pytest.raises(convert.WeightMismatchError, match=r"missing \(9\): decoder/layers_2/"):
     checkpoint.params_only(str(tmp_path), trainer.sharded_abstract(abstract, setup.param_shardings))
+
+
+def test_log_windows_keep_params_and_average_the_loss(tmp_path):
+  # Metrics reach the host only at log steps; the updates must not depend on when that happens.
+  runs = {n: run(tiny_config(total_steps=6, checkpoint_every=100, log_every=n), tmp_path / str(n))[0]
+          for n in (1, 4, 100)}
+  lines = {n: [json.loads(l) for l in open(tmp_path / str(n) / "metrics.jsonl")] for n in runs}
+  a = flatten(runs[1]["params"])
+  for n in (4, 100):
+    b = flatten(runs[n]["params"])
+    assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a), n
+  per_step = lines[1]
+  assert [l["step"] for l in lines[4]] == [4, 6] and [l["step"] for l in lines[100]] == [6]
+  for line, window in [(lines[4][0], per_step[:4]), (lines[4][1], per_step[4:]), (lines[100][0], per_step)]:
+    assert line["train/window_steps"] == len(window)
+    assert line["train/loss"] == pytest.approx(np.mean([l["train/loss"] for l in window]), rel=1e-6)
+    assert line["train/token_accuracy"] == pytest.approx(np.mean([l["train/token_accuracy"] for l in window]), rel=1e-6)
+    for key in ("train/learning_rate", "train/param_norm"):  # the state at the log step
+      assert line[key] == window[-1][key]
+    assert line["train/step_time"] > 0 and line["train/tokens_per_second"] > 0
+
+
+class NaNImagesAt(SyntheticBatches):
+  """SyntheticBatches whose batch `nan_at` (1-based) has NaN pixels."""
+
+  def __init__(self, *args, nan_at, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.nan_at = nan_at
+
+  def __next__(self):
+    batch = super().__next__()
+    if self.index == self.nan_at:
+      batch["images"] = make_global_batch({"images": np.full(batch["images"].shape, np.nan, np.float32)},
+                                          self.mesh)["images"]
+    return batch
+
+
+def test_nan_between_log_steps_is_caught_before_the_next_save(tmp_path):
+  # NaN at step 3 (no log until 100): the save at step 4 checks steps 3-4 first and stops.
+  config = tiny_config(total_steps=8, checkpoint_every=2, log_every=100)
+  data = NaNImagesAt(trainer.mesh_from_config(config), config_utils.model_config(config), nan_at=3)
+  with pytest.raises(trainer.NonFiniteLossError, match="at step 3; .*Last good checkpoint: step 2"):
+    trainer.train(config, str(tmp_path), data)
+  assert checkpoint.latest_step(str(tmp_path)) == 2
+
+
+class _Counter:
+  def __init__(self, n):
+    self.index, self.n = 0, n
+
+  def __next__(self):
+    if self.index == self.n:
+      raise StopIteration
+    self.index += 1
+    return {"x": np.full((2,), self.index), "id": np.array(["a", "b"])}
+
+  def get_state(self):
+    return str(self.index).encode()
+
+
+def test_device_prefetch_state_is_the_consumed_batches():
+  it = _Counter(n=5)
+  prefetch = trainer.DevicePrefetch(it, size=2, limit=4)
+  assert prefetch.get_state() == b"0"
+  first = prefetch.pop()
+  assert int(first["x"][0]) == 1 and "id" not in first  # numeric fields only
+  assert it.index == 2 and prefetch.get_state() == b"1"  # one ahead after pop, ...
+  prefetch.fill()
+  assert it.index == 3 and prefetch.get_state() == b"1"  # ... two after fill; the state is still batch 1's
+  assert [int(prefetch.pop()["x"][0]) for _ in range(3)] == [2, 3, 4]
+  assert it.index == 4 and prefetch.get_state() == b"4"  # never past `limit`
+  with pytest.raises(StopIteration):
+    prefetch.pop()
+  short = trainer.DevicePrefetch(_Counter(n=1), size=2, limit=10)
+  short.pop()
+  with pytest.raises(StopIteration):  # the end of the data surfaces when a step needs a batch
+    short.pop()

@@ -9,10 +9,11 @@ import numpy as np
 import optax
 import pytest
 
+from llvm_jax import flops
 from llvm_jax.models import trol
 from llvm_jax.models.config import DecoderConfig, LLVMConfig, PhantomConfig, TrolConfig
-from llvm_jax.models.decoder import Decoder, DecoderLayer, attention_mask, default_positions, init_cache
-from llvm_jax.models.rope import rope_cos_sin
+from llvm_jax.models.decoder import Decoder, init_cache
+from tests.model_helpers import run_layer, stacked
 
 BASE = DecoderConfig(
     vocab_size=61, embed_dim=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
@@ -76,11 +77,7 @@ def _random_gates(cfg, seed=2):
 
 
 def _stacked(params):
-  """Unscanned parameters -> the scanned layout (layers stacked under decoder/layers/layer)."""
-  decoder = dict(params["decoder"])
-  per_layer = [decoder.pop(f"layers_{i}") for i in range(BASE.num_layers)]
-  decoder["layers"] = {"layer": jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)}
-  return dict(params, decoder=decoder)
+  return stacked(params, BASE.num_layers)
 
 
 def _incremental(cfg, params, tokens, steps_from):
@@ -136,11 +133,7 @@ def _reference_logits(cfg, params, tokens):
   """TroL written out from the formula: a loop over layers with numpy mixing."""
   dec = params["decoder"]
   segment_ids = jnp.ones(tokens.shape, jnp.int32)
-  positions = default_positions(segment_ids)
-  slots = jnp.broadcast_to(jnp.arange(tokens.shape[1])[None], tokens.shape)
-  mask = attention_mask(segment_ids, positions, slots, segment_ids, positions, slots)
-  cos, sin = rope_cos_sin(positions, cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
-  layer = lambda i, h: np.asarray(DecoderLayer(BASE).apply({"params": dec[f"layers_{i}"]}, h, cos, sin, mask, None, 0)[0])
+  layer = lambda i, h: np.asarray(run_layer(BASE, dec[f"layers_{i}"], h, segment_ids))
   kernel, bias = np.asarray(dec["trol_gate"]["kernel"]), np.asarray(dec["trol_gate"]["bias"])
   traversed = range(cfg.num_layers) if cfg.trol.layers is None else cfg.trol.layers
   h = np.asarray(dec["embedding"])[np.asarray(tokens)]
@@ -208,6 +201,9 @@ def test_official_decoding(scan_layers, layers, base_params, tokens):
   _, cache = jax.jit(lambda p, t, c: LM(cfg).apply({"params": p}, t, c))(
       params, tokens[:, :PROMPT], init_cache(cfg, BATCH, SEQ + 4)
   )
+  if scan_layers:
+    # TroL's scanned stack is staged by traversal; the base model's is one stage of every layer.
+    cache["layers"] = [jax.tree.map(lambda *xs: jnp.concatenate(xs), *cache["layers"])]
   expected = []
   for i in range(PROMPT, SEQ):
     logits, cache = step(base, tokens[:, i:i + 1], cache)
@@ -228,14 +224,11 @@ def test_official_prefill_extension_attends_to_its_own_chunk(base_params, tokens
   # Reference, layer by layer over the whole sequence: pass 1 causal over everything (the prompt's
   # K/V come from the cache), pass 2 block-diagonal: the prompt and the chunk each see only themselves.
   dec = params["decoder"]
-  seg = jnp.ones((BATCH, SEQ), jnp.int32)
-  pos = default_positions(seg)
-  slots = jnp.broadcast_to(jnp.arange(SEQ)[None], (BATCH, SEQ))
-  causal = attention_mask(seg, pos, slots, seg, pos, slots)
-  chunk_of = slots >= PROMPT
-  block_diagonal = causal & (chunk_of[:, :, None] == chunk_of[:, None, :])
-  cos, sin = rope_cos_sin(pos, cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
-  layer = lambda i, h, mask: DecoderLayer(BASE).apply({"params": dec[f"layers_{i}"]}, h, cos, sin, mask, None, 0)[0]
+  pos = jnp.broadcast_to(jnp.arange(SEQ)[None], (BATCH, SEQ))
+  causal = jnp.ones((BATCH, SEQ), jnp.int32)
+  # Two segments, the prompt and the chunk: each sees only itself (positions stay global).
+  block_diagonal = jnp.where(pos >= PROMPT, 2, 1)
+  layer = lambda i, h, segments: run_layer(BASE, dec[f"layers_{i}"], h, segments, positions=pos)
   h = dec["embedding"][tokens]
   for i in range(BASE.num_layers):
     h1 = layer(i, h, causal)
@@ -264,7 +257,7 @@ def test_parameter_overhead_exact(options, gates, base_params, tokens):
   cfg = _cfg(gate_init="torch", **options)
   params = nn.unbox(jax.eval_shape(LM(cfg).init, jax.random.PRNGKey(0), tokens)["params"])
   added = _count(params) - _count(base_params)
-  assert added == gates * (BASE.embed_dim + 1) == trol.trol_overhead(cfg, SEQ)["added_params"]
+  assert added == gates * (BASE.embed_dim + 1) == flops.trol_overhead(cfg, SEQ)["added_params"]
   assert params["decoder"]["trol_gate"]["kernel"].shape == (gates, BASE.embed_dim)
 
 
@@ -343,12 +336,12 @@ def test_overhead_accounting():
   cfg = dataclasses.replace(BASE, trol=TrolConfig(layers=(0, 1)))
   d, hd, f, s = BASE.embed_dim, BASE.head_dim, BASE.mlp_dim, 16
   layer = 2 * d * (4 + 2 * 2) * hd + 2 * 4 * hd * d + 6 * d * f + 4 * 4 * hd * s / 2
-  got = trol.trol_overhead(cfg, s)
+  got = flops.trol_overhead(cfg, s)
   assert got["added_flops_per_token"] == 2 * (layer + 5 * d)
   assert got["base_flops_per_token"] == 3 * layer + 2 * d * BASE.vocab_size
   assert got["decode_added_flops_per_token"] > got["added_flops_per_token"]  # 'full' decodes with all keys
   official = dataclasses.replace(cfg, trol=TrolConfig(layers=(0, 1), decode_traversal="official"))
-  assert trol.trol_overhead(official, s)["decode_added_flops_per_token"] == 0
+  assert flops.trol_overhead(official, s)["decode_added_flops_per_token"] == 0
 
 
 @pytest.mark.parametrize("options", [dict(), dict(shared_gate=True, layers=(1,))])
@@ -361,7 +354,7 @@ def test_analytic_flops_match_xla_cost_analysis(options):
 
   cfg = _cfg(**options)
   # XLA counts the masked dense attention in full, hence causal=False.
-  expected = trol.trol_overhead(cfg, 32, causal=False)["flops_ratio"]
+  expected = flops.trol_overhead(cfg, 32, causal=False)["flops_ratio"]
   np.testing.assert_allclose(xla_flops(cfg) / xla_flops(BASE), expected, rtol=5e-3)
 
 

@@ -44,7 +44,7 @@ class SyntheticBatches:
   def __next__(self):
     rng = np.random.RandomState(self.index)
     self.index += 1
-    if self.index == self.sigterm_at:  # as if the scheduler preempted the job during this step
+    if self.index == self.sigterm_at:  # as if the scheduler preempted the job while this batch is drawn
       os.kill(os.getpid(), signal.SIGTERM)
     n_img = self.cfg.tokens_per_image
     key = rng.randint(10, 20, (self.batch, 1))

@@ -2,9 +2,9 @@
 
 Times the jitted, sharded train step (the trainer's own) on synthetic batches of the config's
 shape on whatever backend jax finds: steady-state step time, tokens/s, TFLOP/s per device and MFU
-(analytic FLOPs, see train/flops.py; MFU only where the chip's peak is known). On CPU it also
-trains the same LLaVA configuration with `transformers` PyTorch (AdamW, same batch) and prints the
-step-time ratio, both measured in this one run.
+(analytic FLOPs with each technique's extra work, see llvm_jax/flops.py; MFU only where the chip's
+peak is known). On CPU it also trains the same LLaVA configuration with `transformers` PyTorch
+(AdamW, same batch) and prints the step-time ratio, both measured in this one run.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Three prefills of the same prompt batch (one image per row plus text), jitted in
   - plain hires: plain LLaVA with the global view and every crop in the context as images of their
     own (text + T*(1 + g_h*g_w) tokens), i.e. the same high-resolution tokens at full context cost.
 Per variant: the median wall time (variants interleaved), XLA `cost_analysis()` FLOPs of the compiled
-prefill, and their ratios; beside them the analytic `deepstack.deepstack_cost` (causal attention
+prefill, and their ratios; beside them the analytic `flops.deepstack_cost` (causal attention
 counted at one half, which XLA's dense masked attention does not do).
 """
 
@@ -24,8 +24,7 @@ import numpy as np
 from absl import app, flags
 
 from llvm_jax.bench.common import time_interleaved, xla_flops
-from llvm_jax import config_utils, convert
-from llvm_jax.models import deepstack
+from llvm_jax import config_utils, convert, flops
 from llvm_jax.models.config import DeepStackConfig, LLVMConfig
 from llvm_jax.models.llvm import LLVM, prefill
 
@@ -85,7 +84,7 @@ def main(argv):
   for name, (cfg, x) in inputs.items():
     compiled[name] = compile_prefill(cfg, params, jax.tree.map(jnp.asarray, x))
   ms = time_interleaved({name: thunk for name, (thunk, _) in compiled.items()}, _STEPS.value)
-  cost = deepstack.deepstack_cost(stacked, text_tokens=_TEXT_LEN.value)
+  cost = flops.deepstack_cost(stacked, text_tokens=_TEXT_LEN.value)
   analytic = {
       "base": cost["vision_flops_per_image"] + cost["llm_flops"],
       "deepstack": cost["total_flops"],

@@ -7,8 +7,8 @@
 Default: the median wall time of a jitted train step (forward+backward) and of a jitted prefill (a
 forward writing a fresh KV cache), with and without p-MoD (default PRD schedule) on the same config
 and inputs, timed interleaved in one run; their ratios; XLA `cost_analysis` FLOPs of both steps; the
-KV-cache bytes; and the analytic ratios of `pmod.pmod_cost`.
---report: `pmod.pmod_cost` of LLaVA-1.5-7B (configs/llava.py: llava_7b, bf16) with the default
+KV-cache bytes; and the analytic ratios of `flops.pmod_cost` (KV bytes: `cost.pmod_kv_bytes`).
+--report: `flops.pmod_cost` of LLaVA-1.5-7B (configs/llava.py: llava_7b, bf16) with the default
 schedule on a sample of 576 vision tokens, next to the paper's 55.6% TFLOPs and 53.8% KV cache.
 """
 
@@ -26,7 +26,7 @@ from absl import app, flags
 
 from configs.llava import llava_7b
 from llvm_jax.bench.common import time_interleaved, tree_bytes, xla_flops
-from llvm_jax import config_utils
+from llvm_jax import config_utils, cost as cost_lib, flops
 from llvm_jax.models import pmod
 from llvm_jax.models.config import DecoderConfig, LLVMConfig, PmodConfig
 from llvm_jax.models.decoder import Decoder, init_cache
@@ -87,7 +87,8 @@ def compile_variant(
 def report(seq_len: int) -> None:
   base = llava_7b("llama")
   cfg = dataclasses.replace(base, decoder=dataclasses.replace(base.decoder, pmod=PmodConfig(), dtype="bfloat16"))
-  cost = pmod.pmod_cost(cfg, seq_len, LLAVA_VISION_TOKENS)
+  n = LLAVA_VISION_TOKENS
+  cost = {**flops.pmod_cost(cfg, seq_len, n), **cost_lib.pmod_kv_bytes(cfg, seq_len, n)}
   kept = cost["kept_tokens_per_layer"]
   print(f"LLaVA-1.5-7B, default p-MoD (shiftedcos_decay_0.85_0.15, r̄=0.5, tanh_0.2_1): one sample of {seq_len} "
         f"tokens, {LLAVA_VISION_TOKENS} of them vision; {cost['mod_layers']} MoD layers ({min(pmod.layer_ratios(cfg.decoder))}.."
@@ -131,7 +132,8 @@ def main(argv):
               for name, cfg in (("dense", base), ("p-MoD", sparse))}
   thunks = {f"{variant} {step}": run for variant, (runs, _) in compiled.items() for step, run in runs.items()}
   ms = time_interleaved(thunks, _STEPS.value)
-  cost = pmod.pmod_cost(LLVMConfig(decoder=sparse, vision=None), seq_len, num_vision)
+  llvm = LLVMConfig(decoder=sparse, vision=None)
+  cost = {**flops.pmod_cost(llvm, seq_len, num_vision), **cost_lib.pmod_kv_bytes(llvm, seq_len, num_vision)}
   dense, mod = compiled["dense"][1], compiled["p-MoD"][1]
   print(f"{'':22s} {'dense':>10s} {'p-MoD':>10s} {'ratio':>7s} {'analytic':>8s}")
   rows = [

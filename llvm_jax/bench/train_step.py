@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llvm_jax import config_utils
+from llvm_jax import config_utils, flops
 from llvm_jax.data.pipeline import make_global_batch
 from llvm_jax.models.llvm import LLVM
-from llvm_jax.train import flops, trainer
+from llvm_jax.train import trainer
 
 
 def synthetic_batch(cfg, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:

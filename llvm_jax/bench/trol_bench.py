@@ -4,7 +4,7 @@
 
 Per variant: the median wall time of a jitted forward+backward step (synthetic tokens), FLOPs of
 that step and of one decode step at context seq_len from XLA's `compile().cost_analysis()`, the
-measured TroL/base ratios, and the analytic ratio of `trol.trol_overhead` (counting all keys, as
+measured TroL/base ratios, and the analytic ratio of `flops.trol_overhead` (counting all keys, as
 XLA's dense masked attention does; the MFU-style causal-½ ratio is printed beside it).
 """
 
@@ -21,8 +21,7 @@ import numpy as np
 from absl import app, flags
 
 from llvm_jax.bench.common import time_interleaved, xla_flops
-from llvm_jax import config_utils
-from llvm_jax.models import trol
+from llvm_jax import config_utils, flops
 from llvm_jax.models.config import DecoderConfig, TrolConfig
 from llvm_jax.models.decoder import Decoder, init_cache
 
@@ -58,8 +57,8 @@ def compile_variant(config: DecoderConfig, tokens: jax.Array) -> tuple[Callable[
   cache = init_cache(config, tokens.shape[0], seq + 1)
   cache["end"] = jnp.asarray(seq, jnp.int32)
   decode = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, decode=True)).lower(params, tokens[:, :1], cache)
-  flops = {"train_flops": xla_flops(train_step), "decode_flops": xla_flops(decode.compile())}
-  return lambda: jax.block_until_ready(train_step(params, tokens)), flops
+  counted = {"train_flops": xla_flops(train_step), "decode_flops": xla_flops(decode.compile())}
+  return lambda: jax.block_until_ready(train_step(params, tokens)), counted
 
 
 def main(argv):
@@ -80,7 +79,7 @@ def main(argv):
         f"V={base.vocab_size}; batch {_BATCH.value} x seq {_SEQ_LEN.value}")
   compiled = {name: compile_variant(cfg, tokens) for name, cfg in variants.items()}
   step_ms = time_interleaved({name: thunk for name, (thunk, _) in compiled.items()}, _STEPS.value)
-  results = {name: dict(flops, step_ms=step_ms[name]) for name, (_, flops) in compiled.items()}
+  results = {name: dict(counted, step_ms=step_ms[name]) for name, (_, counted) in compiled.items()}
   ref = results["base"]
   header = (f"{'variant':40s} {'step ms':>8s} {'time x':>7s} {'train GFLOP':>11s} {'FLOP x':>7s} "
             f"{'analytic x':>10s} {'causal x':>8s} {'decode x':>8s} {'analytic':>8s} {'+params':>7s}")
@@ -92,8 +91,8 @@ def main(argv):
     if cfg.trol is None:
       row += f"{1:10.3f} {1:8.3f} {r['decode_flops'] / ref['decode_flops']:8.3f} {1:8.3f} {0:7d}"
     else:
-      dense = trol.trol_overhead(cfg, _SEQ_LEN.value, causal=False)
-      causal = trol.trol_overhead(cfg, _SEQ_LEN.value)
+      dense = flops.trol_overhead(cfg, _SEQ_LEN.value, causal=False)
+      causal = flops.trol_overhead(cfg, _SEQ_LEN.value)
       decode_ratio = 1 + dense["decode_added_flops_per_token"] / dense["decode_base_flops_per_token"]
       row += f"{dense['flops_ratio']:10.3f} {causal['flops_ratio']:8.3f} "
       row += f"{r['decode_flops'] / ref['decode_flops']:8.3f} {decode_ratio:8.3f} {dense['added_params']:7d}"

@@ -16,6 +16,9 @@ import jax.numpy as jnp
 
 T = TypeVar("T")
 
+# The implementations of models/attention.py (kept here so the config imports nothing of the model).
+ATTENTION_IMPLEMENTATIONS = ("xla", "blocked", "cudnn", "splash")
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -152,10 +155,15 @@ class PmodConfig:
   # every w starts at tanh_bias), or 'torch' (PyTorch nn.Linear's U(+-1/sqrt(D))).
   router_bias: bool = True
   router_init: str = "zeros"
+  # Scanned stacks (scan_layers=True): the MoD layers form at most about this many scanned stages,
+  # each sized by its largest ratio (more stages: closer to the unrolled FLOPs, longer compiles).
+  scan_groups: int = 4
 
   def __post_init__(self):
     if self.schedule not in ("shiftedcos", "shiftedlinear", "explicit"):
       raise ValueError(f"pmod.schedule must be shiftedcos, shiftedlinear or explicit, got {self.schedule!r}")
+    if self.scan_groups < 1:
+      raise ValueError(f"pmod.scan_groups must be >= 1, got {self.scan_groups}")
     if self.router_init not in ("zeros", "torch"):
       raise ValueError(f"pmod.router_init must be zeros or torch, got {self.router_init!r}")
     if not 0.0 <= self.min_ratio <= self.max_ratio:
@@ -195,6 +203,9 @@ class DecoderConfig:
   scan_layers: bool = False
   # None (no rematerialisation) | 'full' | 'dots' | 'dots_no_batch' (see layers.REMAT_POLICIES).
   remat_policy: str | None = None
+  # Attention kernel (models/attention.py): 'xla' (einsum, the reference) | 'blocked' (online softmax,
+  # any backend, O(T) memory) | 'cudnn' (GPU flash) | 'splash' (TPU Pallas, no-cache calls).
+  attention_impl: str = "xla"
   # TroL traversal of layers; None = off.
   trol: TrolConfig | None = None
   # Phantom dimension in every attention layer; None = off.
@@ -205,6 +216,8 @@ class DecoderConfig:
   def __post_init__(self):
     if self.family not in ("llama", "qwen2", "phi3"):
       raise ValueError(f"decoder.family must be llama, qwen2 or phi3, got {self.family!r}")
+    if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"decoder.attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention_impl!r}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"decoder.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
@@ -218,11 +231,6 @@ class DecoderConfig:
             f"decoder.trol.layers={trol_layers}: need distinct layer indices in [0, {self.num_layers})"
         )
     if self.pmod is not None and self.pmod.enabled:
-      if self.scan_layers:
-        raise ValueError(
-            "decoder.pmod with scan_layers=True is not supported: MoD layers keep different numbers of "
-            "tokens (and cache lengths), so they cannot share one scanned layer body; set scan_layers=False"
-        )
       if self.pmod.layers is not None and (
           len(set(self.pmod.layers)) != len(self.pmod.layers)
           or not all(0 <= i < self.num_layers for i in self.pmod.layers)

@@ -1,27 +1,35 @@
-"""The decoder LLM (Llama / Qwen2 / Phi-3) with an explicit KV cache.
+"""The decoder LLM (Llama / Qwen2 / Phi-3) with an explicit KV cache and one layer loop.
+
+The layer loop: every layer, scanned or not, is the same pure function of (layer params, hidden
+state, `hooks.LayerContext`, layer cache), built once per stage by composing the active techniques
+(`techniques.ORDER`) around `DecoderLayer`. Consecutive layers whose techniques give them the same
+static shape form a stage; with `scan_layers` each stage is one `lax.scan` over its slice of the
+stacked params, otherwise the stage is one layer. Rematerialisation wraps that whole function, so
+it bounds every technique's activations.
 
 The cache is a plain pytree passed in and returned (never a hidden Flax collection):
 
-    {'layers': [{'k': (B, S, Hkv, d), 'v': (B, S, Hkv, d)}, ...]   # stacked on axis 0 if scanned
+    {'layers': [layer cache per stage]   # per layer (unscanned), or stacked on axis 0 per stage
      'segment_ids': (B, S) int32   # 0 = empty or padding slot
      'positions':   (B, S) int32   # RoPE position of each slot
      'end': () int32               # slots [0, end) are written; the next call writes from `end`}
 
 Rows of a batch share `end` (prompts are left-padded to one length), so a call with T new tokens
-writes slots [end, end + T) of every row. Techniques add per-layer entries (TroL 'full' decoding:
-'trol', a second {'k', 'v'} for the layer's second pass; p-MoD: a MoD layer's k/v are shorter and
-it keeps its own slot bookkeeping under 'pmod'; see init_layer_cache).
+writes slots [end, end + T) of every row. A layer cache is {'k': (B, S, Hkv, d), 'v': ...} plus the
+techniques' entries (`Technique.cache_entries`: TroL's pass-2 cache, p-MoD's own bookkeeping for a
+shorter cache, Phantom's sos).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llvm_jax.models import deepstack, layers, phantom, pmod, trol
+from llvm_jax.models import attention, hooks, layers, masks, techniques
 from llvm_jax.models.config import DecoderConfig, resolve_dtype
 from llvm_jax.models.rope import apply_rope, rope_cos_sin
 
@@ -33,11 +41,7 @@ class Attention(nn.Module):
   config: DecoderConfig
 
   @nn.compact
-  def __call__(
-      self, x: Array, cos: Array, sin: Array, mask: Array, layer_cache: Cache | None, write_index,
-      sos_slot: Array | None = None,
-  ):
-    """sos_slot (B, T): each token's sos slot (`phantom.sos_slots`), needed with cfg.phantom only."""
+  def __call__(self, x: Array, ctx: hooks.LayerContext, layer_cache: Cache | None) -> tuple[Array, Cache | None]:
     cfg = self.config
     dtype, pdtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
 
@@ -50,18 +54,20 @@ class Attention(nn.Module):
     q = proj(cfg.num_heads, "heads", "q")
     k = proj(cfg.num_kv_heads, "kv_heads", "k")
     v = proj(cfg.num_kv_heads, "kv_heads", "v")
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if cfg.phantom is not None:
-      out, new_cache = phantom.Phantom(cfg, name="phantom")(q, k, v, mask, layer_cache, write_index, sos_slot)
+    q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+    core = techniques.attention_core(cfg)
+    if core is not None:
+      core_cls, core_name = core
+      out, new_cache = core_cls(cfg, name=core_name)(q, k, v, ctx, layer_cache)
     else:
       new_cache = None
       if layer_cache is not None:
-        start = (0, write_index, 0, 0)
+        start = (0, ctx.write_index, 0, 0)
         k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
         v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
         new_cache = {"k": k, "v": v}
         k, v = k.astype(dtype), v.astype(dtype)
-      out = layers.attention(q, k, v, mask, scale=cfg.head_dim**-0.5)
+      out = attention.dot_product_attention(q, k, v, ctx.mask, cfg.head_dim**-0.5, cfg.attention_impl)
     out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", None))
     out = layers.DenseGeneral(
         (cfg.embed_dim,), ("heads", "head_dim"), ("embed",), dtype=dtype, param_dtype=pdtype, name="o"
@@ -87,79 +93,86 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block: x + Attn(norm(x)), then + MLP(norm(.)).
-
-  mlp_weight (B, T, 1): p-MoD's per-token scale of the MLP update (`pmod.apply_layer`); None = 1.
-  """
+  """Pre-norm block: x + Attn(norm(x)), then + MLP(norm(.)) (scaled by ctx.mlp_weight if set)."""
 
   config: DecoderConfig
 
   @nn.compact
-  def __call__(
-      self, x: Array, cos: Array, sin: Array, mask: Array, layer_cache: Cache | None, write_index,
-      sos_slot: Array | None = None, mlp_weight: Array | None = None,
-  ):
+  def __call__(self, x: Array, ctx: hooks.LayerContext, layer_cache: Cache | None) -> tuple[Array, Cache | None]:
     cfg = self.config
     dtype, pdtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
     norm = lambda name: layers.RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=pdtype, name=name)
-    attn_out, new_cache = Attention(cfg, name="attn")(
-        norm("input_norm")(x), cos, sin, mask, layer_cache, write_index, sos_slot
-    )
+    attn_out, new_cache = Attention(cfg, name="attn")(norm("input_norm")(x), ctx, layer_cache)
     x = x + attn_out
     mlp_out = MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
-    if mlp_weight is not None:
-      mlp_out = mlp_weight.astype(mlp_out.dtype) * mlp_out
+    if ctx.mlp_weight is not None:
+      mlp_out = ctx.mlp_weight.astype(mlp_out.dtype) * mlp_out
     x = x + mlp_out
     x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
     return x, new_cache
 
 
-class _ScanBody(nn.Module):
-  """Adapter giving DecoderLayer the (carry, xs) signature nn.scan expects."""
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """Layers [start, stop), all of one static signature (one per active technique)."""
 
-  config: DecoderConfig
-
-  @nn.compact
-  def __call__(
-      self, x, layer_cache, cos, sin, mask, write_index, trol_gate=None, decode=False, sos_slot=None,
-      residual_index=None, layer_residuals=None,
-  ):
-    if layer_residuals is not None:  # DeepStack: this layer's group (if any) is added first
-      x = deepstack.add_layer_residual(x, layer_residuals, residual_index)
-    layer_cls = layers.maybe_remat(DecoderLayer, self.config.remat_policy)
-    if self.config.trol is not None:
-
-      def bind(parent):  # TroL's nn.cond runs the second pass in a scope of its own
-        layer = layer_cls(self.config, name="layer", parent=parent)
-        return lambda h, m, c: layer(h, cos, sin, m, c, write_index, sos_slot)
-
-      return trol.apply_layer(bind, self, x, mask, layer_cache, write_index, trol_gate, self.config, decode)
-    x, new_cache = layer_cls(self.config, name="layer")(x, cos, sin, mask, layer_cache, write_index, sos_slot)
-    return x, new_cache
+  start: int
+  stop: int
+  signatures: tuple[Any, ...]
 
 
-def attention_mask(
-    q_segments: Array, q_positions: Array, q_slots: Array,
-    k_segments: Array, k_positions: Array, k_slots: Array,
-    sliding_window: int | None = None,
-) -> Array:
-  """(B, T, S) bool: same non-padding segment, causal in slot order, optional sliding window."""
-  mask = (q_segments[:, :, None] == k_segments[:, None, :]) & (q_segments[:, :, None] != 0)
-  mask &= k_slots[:, None, :] <= q_slots[:, :, None]
-  if sliding_window is not None:
-    mask &= q_positions[:, :, None] - k_positions[:, None, :] < sliding_window
-  return mask
+def layer_plan(config: DecoderConfig) -> tuple[Stage, ...]:
+  """The stages of the layer loop: one per layer unscanned; runs of equal signatures scanned."""
+  active = techniques.active(config)
+  stages: list[Stage] = []
+  for layer in range(config.num_layers):
+    signatures = techniques.layer_signatures(config, layer, active)
+    if config.scan_layers and stages and stages[-1].signatures == signatures:
+      stages[-1] = dataclasses.replace(stages[-1], stop=layer + 1)
+    else:
+      stages.append(Stage(layer, layer + 1, signatures))
+  return tuple(stages)
 
 
-def default_positions(segment_ids: Array) -> Array:
-  """Positions restarting at 0 in each segment (padding gets 0), for packed or padded rows."""
-  valid = segment_ids != 0
-  idx = jnp.arange(segment_ids.shape[1])[None, :]
-  is_start = valid & jnp.concatenate(
-      [jnp.ones_like(valid[:, :1]), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
-  )
-  start = jax.lax.cummax(jnp.where(is_start, idx, 0), axis=1)
-  return jnp.where(valid, idx - start, 0).astype(jnp.int32)
+def _dummy_context(config: DecoderConfig) -> hooks.LayerContext:
+  """A one-token context: enough to create a layer's parameters."""
+  ones = jnp.ones((1, 1), jnp.int32)
+  positions = jnp.zeros((1, 1), jnp.int32)
+  cos, sin = rope_cos_sin(positions, config.rope, config.head_dim, config.max_position_embeddings)
+  return hooks.LayerContext(cos, sin, masks.self_attention(ones, positions), 0)
+
+
+def init_layer_params(config: DecoderConfig, rng: Array) -> Any:
+  """One DecoderLayer's parameters, boxed with their logical axis names."""
+  x = jnp.zeros((1, 1, config.embed_dim), resolve_dtype(config.dtype))
+  return DecoderLayer(config, parent=None).init(rng, x, _dummy_context(config), None)["params"]
+
+
+def init_stacked_layer_params(config: DecoderConfig, rng: Array) -> Any:
+  """Every layer's parameters stacked on a leading 'layers' axis (the scanned layout)."""
+  stacked = jax.lax.map(lambda key: init_layer_params(config, key), jax.random.split(rng, config.num_layers))
+  return jax.tree.map(lambda box: box.add_axis(0, {nn.PARTITION_NAME: "layers"}), stacked,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def stage_function(config: DecoderConfig, stage: Stage):
+  """(layer params, x, ctx, layer cache, layer inputs) -> (x, new layer cache) for the stage's layers:
+  the active techniques wrapped around DecoderLayer, outermost first, under remat if configured."""
+  active = techniques.active(config)
+  layer = DecoderLayer(config, parent=None)
+
+  def apply(params: Any, x: Array, ctx: hooks.LayerContext, layer_cache: Cache | None, inputs: dict[str, Any]):
+    fn = lambda h, c, cache: layer.apply({"params": params}, h, c, cache)
+    for technique, signature in reversed(tuple(zip(active, stage.signatures))):
+      fn = technique.wrap(fn, config, signature, inputs[technique.name])
+    return fn(x, ctx, layer_cache)
+
+  if config.remat_policy is None:
+    return apply
+  if config.remat_policy not in layers.REMAT_POLICIES:
+    raise ValueError(f"unknown remat_policy {config.remat_policy!r}; expected one of {sorted(layers.REMAT_POLICIES)}")
+  # In a scan, CSE across iterations cannot happen, so the barrier is only needed unrolled.
+  return jax.checkpoint(apply, policy=layers.REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
 
 
 class Decoder(nn.Module):
@@ -177,22 +190,13 @@ class Decoder(nn.Module):
         pdtype,
     )
     if cfg.scan_layers:
-      self.layers = nn.scan(
-          _ScanBody,
-          variable_axes={"params": 0},
-          split_rngs={"params": True},
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast, 0,
-                   nn.broadcast),
-          length=cfg.num_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg, name="layers")
+      self.stacked_params = self.param("layers", lambda rng: {"layer": init_stacked_layer_params(cfg, rng)})["layer"]
     else:
-      layer_cls = layers.maybe_remat(DecoderLayer, cfg.remat_policy)
-      self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
-    if cfg.trol is not None:
-      self.trol_gate = trol.TrolGates(cfg)
-    if pmod.layer_ratios(cfg):
-      self.pmod_router = pmod.Routers(cfg)
+      self.layer_params = [self.param(f"layers_{i}", lambda rng: init_layer_params(cfg, rng))
+                           for i in range(cfg.num_layers)]
+    for technique in techniques.active(cfg):
+      if technique.param_name is not None:
+        setattr(self, technique.param_name, technique.param_module(cfg))
     self.final_norm = layers.RMSNorm(cfg.norm_eps, dtype=self.dtype, param_dtype=pdtype)
     if not cfg.tie_embeddings:
       self.lm_head = layers.DenseGeneral(
@@ -226,14 +230,12 @@ class Decoder(nn.Module):
     group; DeepStack, see deepstack.py).
     """
     cfg = self.config
-    b, t = segment_ids.shape
     segment_ids = segment_ids.astype(jnp.int32)
-    slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
     if cache is None:
       if positions is None:
-        positions = default_positions(segment_ids)
-      mask = attention_mask(segment_ids, positions, slots, segment_ids, positions, slots, cfg.sliding_window)
-      write_index, layer_caches = 0, [None] * cfg.num_layers
+        positions = masks.default_positions(segment_ids)
+      mask = masks.self_attention(segment_ids, positions.astype(jnp.int32), cfg.sliding_window)
+      write_index, layer_caches = 0, None
     else:
       write_index = cache["end"]
       if positions is None:
@@ -243,47 +245,23 @@ class Decoder(nn.Module):
       k_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, write_index))
       k_positions = jax.lax.dynamic_update_slice(cache["positions"], positions, (0, write_index))
       k_slots = jnp.broadcast_to(jnp.arange(k_segments.shape[1], dtype=jnp.int32)[None], k_segments.shape)
-      mask = attention_mask(
-          segment_ids, positions, slots + write_index, k_segments, k_positions, k_slots, cfg.sliding_window
-      )
+      q_slots = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None] + write_index
+      mask = masks.MaskInfo(segment_ids, jnp.broadcast_to(q_slots, segment_ids.shape), positions, k_segments, k_slots,
+                            k_positions, cfg.sliding_window)
       layer_caches = cache["layers"]
     cos, sin = rope_cos_sin(positions, cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
-    sos_slot = None
-    if cfg.phantom is not None:
-      sos_slot = phantom.sos_slots(segment_ids, segment_ids if cache is None else k_segments)
+    ctx = hooks.LayerContext(cos, sin, mask, write_index, vision_mask=vision_mask, layer_residuals=layer_residuals,
+                             num_vision=num_vision if vision_mask is not None else 0, decode=decode)
 
-    trol_gates = self.trol_gate() if cfg.trol is not None else None
-    mod_ratios = pmod.layer_ratios(cfg)
-    if mod_ratios and vision_mask is not None:
-      pmod.check_fits(cfg, vision_mask, segment_ids, num_vision)
-    routers = self.pmod_router() if mod_ratios else None
-    if cfg.scan_layers:
-      x, new_layer_caches = self.layers(
-          x, layer_caches if cache is not None else None, cos, sin, mask, write_index,
-          trol.scan_gate(cfg, trol_gates), decode, sos_slot,
-          None if layer_residuals is None else deepstack.scan_residual_index(residual_layers, cfg.num_layers),
-          layer_residuals,
-      )
-    else:
-      new_layer_caches = []
-      for i, (layer, layer_cache) in enumerate(zip(self.layers, layer_caches)):
-        if layer_residuals is not None and i in residual_layers:
-          x = x + layer_residuals[residual_layers.index(i)].astype(x.dtype)
-        if i in mod_ratios:
-          x, new_layer_cache = pmod.apply_layer(
-              layer, self, x, segment_ids=segment_ids, positions=positions, cos=cos, sin=sin, mask=mask,
-              layer_cache=layer_cache, router=pmod.layer_router(cfg, routers, i), vision_mask=vision_mask,
-              num_vision=num_vision, ratio=mod_ratios[i], config=cfg, decode=decode,
-              trol_gate=trol.layer_gate(trol_gates, i) if i in trol.traversed_layers(cfg) else None,
-          )
-        elif i in trol.traversed_layers(cfg):
-          run = lambda h, m, c, layer=layer: layer(h, cos, sin, m, c, write_index, sos_slot)
-          x, new_layer_cache = trol.apply_layer(
-              lambda _: run, self, x, mask, layer_cache, write_index, trol.layer_gate(trol_gates, i), cfg, decode
-          )
-        else:
-          x, new_layer_cache = layer(x, cos, sin, mask, layer_cache, write_index, sos_slot)
-        new_layer_caches.append(new_layer_cache)
+    active = techniques.active(cfg)
+    for technique in active:
+      technique.check_call(cfg, vision_mask, segment_ids, num_vision)
+    inputs = {
+        t.name: t.layer_inputs(cfg, getattr(self, t.param_name)() if t.param_name else None, ctx.num_vision,
+                               residual_layers)
+        for t in active
+    }
+    x, new_layer_caches = self._layers(x, ctx, layer_caches, inputs)
 
     x = self.final_norm(x)
     if cfg.tie_embeddings:
@@ -297,31 +275,48 @@ class Decoder(nn.Module):
           "layers": new_layer_caches,
           "segment_ids": k_segments,
           "positions": k_positions,
-          "end": cache["end"] + t,
+          "end": cache["end"] + segment_ids.shape[1],
       }
     return logits, new_cache
 
+  def _layers(self, x: Array, ctx: hooks.LayerContext, layer_caches: list[Cache] | None,
+              inputs: dict[str, Any]) -> tuple[Array, list[Cache] | None]:
+    """The one layer loop: each stage's function, scanned over its layers or applied to its one layer."""
+    cfg = self.config
+    new_caches = []
+    for index, stage in enumerate(layer_plan(cfg)):
+      fn = stage_function(cfg, stage)
+      layer_cache = None if layer_caches is None else layer_caches[index]
+      if cfg.scan_layers:
+        take = lambda tree: jax.tree.map(lambda a: a[stage.start:stage.stop], tree)
 
-def init_layer_cache(
-    config: DecoderConfig, batch: int, max_len: int, dtype: Any, layer: int | None = None, num_vision: int = 0
-) -> Cache:
-  """One layer's cache entries (techniques that cache more per layer add their entries here).
+        def body(h, xs, fn=fn):
+          params, c, layer_inputs = xs
+          return fn(params, h, ctx, c, layer_inputs)
 
-  `layer`: the layer's index; None for a layer of a scanned stack (every layer gets the same entries).
+        x, new_cache = jax.lax.scan(body, x, (take(self.stacked_params), layer_cache, take(inputs)))
+      else:
+        layer_inputs = jax.tree.map(lambda a: a[stage.start], inputs)
+        x, new_cache = fn(self.layer_params[stage.start], x, ctx, layer_cache, layer_inputs)
+      new_caches.append(new_cache)
+    return x, None if layer_caches is None else new_caches
+
+
+def init_layer_cache(config: DecoderConfig, stage: Stage, batch: int, max_len: int, dtype: Any,
+                     num_vision: int = 0) -> Cache:
+  """One layer's cache of `stage`: k/v of the length its techniques give it, and their entries.
+
   `num_vision`: vision slots per row of the prefill (p-MoD: a MoD layer caches only its kept tokens).
   """
-  max_len = pmod.cache_length(config, layer, max_len, num_vision)
-  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  active = techniques.active(config)
+  length = max_len
+  for technique, signature in zip(active, stage.signatures):
+    length = technique.cache_length(config, signature, length, num_vision)
+  shape = (batch, length, config.num_kv_heads, config.head_dim)
   layer_cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-  if config.phantom is not None:
-    # Phantom: the sos q/k/v, and 2d-wide K', V' in place of K, V with cache='expanded'.
-    layer_cache.update(phantom.init_cache_entries(config, batch, max_len, dtype))
-  if trol.caches_pass2(config, layer):
-    # TroL 'full' decoding: the layer's second pass has a cache of its own, shaped like the first's.
-    layer_cache[trol.PASS2_CACHE_KEY] = jax.tree.map(jnp.zeros_like, layer_cache)
-  if layer in pmod.layer_ratios(config):
-    # p-MoD: a MoD layer writes fewer slots than the shared cache, so it tracks its own.
-    layer_cache.update(pmod.init_cache_entries(batch, max_len))
+  # Innermost first: TroL's pass-2 cache copies what the techniques inside it keep.
+  for technique, signature in reversed(tuple(zip(active, stage.signatures))):
+    layer_cache = technique.cache_entries(config, signature, layer_cache, batch, length, dtype)
   return layer_cache
 
 
@@ -331,11 +326,12 @@ def init_cache(config: DecoderConfig, batch: int, max_len: int, dtype: Any = Non
   `num_vision`: vision slots per row of the prompt that will be prefilled (sizes p-MoD's MoD layers).
   """
   dtype = resolve_dtype(config.dtype) if dtype is None else dtype
-  per_layer = [
-      init_layer_cache(config, batch, max_len, dtype, None if config.scan_layers else i, num_vision)
-      for i in range(config.num_layers)
-  ]
-  layer_caches = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if config.scan_layers else per_layer
+  layer_caches = []
+  for stage in layer_plan(config):
+    one = init_layer_cache(config, stage, batch, max_len, dtype, num_vision)
+    if config.scan_layers:
+      one = jax.tree.map(lambda a, n=stage.stop - stage.start: jnp.broadcast_to(a, (n,) + a.shape), one)
+    layer_caches.append(one)
   return {
       "layers": layer_caches,
       "segment_ids": jnp.zeros((batch, max_len), jnp.int32),

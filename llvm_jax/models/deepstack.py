@@ -17,7 +17,6 @@ which `Decoder.__call__` adds before `DeepStackConfig.llm_layers`; the ViT gets 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -25,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llvm_jax.models import hooks
 from llvm_jax.models.config import LLVMConfig
-from llvm_jax.train import flops
 
 Array = jax.Array
 
@@ -118,56 +117,34 @@ def check_hires_images(config: LLVMConfig, images: Array, hires_images: Array | 
   return True
 
 
-def scan_residual_index(residual_layers: tuple[int, ...], num_layers: int) -> Array:
-  """(num_layers,) int32: the group added before each layer of a scanned stack, -1 for none."""
-  index = np.full((num_layers,), -1, np.int32)
-  for group, layer in enumerate(residual_layers):
-    index[layer] = group
-  return jnp.asarray(index)
+class Injection(hooks.Technique):
+  """DeepStack-L's hook: group k of the call's `layer_residuals` is added before its layer.
+
+  Active in every model (a call without residuals passes through); the layer's group index is a
+  per-layer input (-1: none), so injecting layers need no stage of their own in a scanned stack.
+  """
+
+  name = "deepstack"
+
+  def enabled(self, config: Any) -> bool:
+    return True
+
+  def layer_inputs(self, config: Any, params: Any, num_vision: int, residual_layers: tuple[int, ...]) -> np.ndarray:
+    index = np.full((config.num_layers,), -1, np.int32)
+    for group, layer in enumerate(residual_layers):
+      index[layer] = group
+    return index
+
+  def wrap(self, fn: hooks.LayerFn, config: Any, signature: Any, inputs: Any) -> hooks.LayerFn:
+    def injected(x: Array, ctx: hooks.LayerContext, layer_cache: Any) -> tuple[Array, Any]:
+      residuals = ctx.layer_residuals
+      # A static index (unrolled stack) skips the layers without a group outright.
+      if residuals is not None and not (isinstance(inputs, (int, np.integer)) and inputs < 0):
+        group = jax.lax.dynamic_index_in_dim(residuals, jnp.maximum(inputs, 0), keepdims=False)
+        x = x + jnp.where(inputs >= 0, group, 0).astype(x.dtype)
+      return fn(x, ctx, layer_cache)
+
+    return injected
 
 
-def add_layer_residual(x: Array, layer_residuals: Array, group: Array) -> Array:
-  """x + layer_residuals[group] inside a scanned layer (traced `group`; -1 adds nothing)."""
-  residual = jax.lax.dynamic_index_in_dim(layer_residuals, jnp.maximum(group, 0), keepdims=False)
-  return x + jnp.where(group >= 0, residual, 0).astype(x.dtype)
-
-
-def deepstack_cost(config: LLVMConfig, text_tokens: int = 0) -> dict[str, Any]:
-  """Analytic forward cost of DeepStack against the base model and plain LLaVA with the crops'
-  tokens in the context, per sample of `text_tokens` text tokens and one image (2 FLOPs per
-  multiply-add; train/flops.py conventions, causal attention at one half)."""
-  ds = config.deepstack
-  if ds is None:
-    raise ValueError("deepstack_cost needs a config with a deepstack block")
-  groups = ds.num_groups
-  tokens = config.tokens_per_image
-  view = flops.vision_forward_flops(config.vision) + flops.projector_forward_flops(config)
-  crops = groups * view if ds.llm else 0.0
-  injection = groups * tokens * config.decoder.embed_dim if ds.llm else 0
-  if ds.vit_start is not None:
-    crop_vision = dataclasses.replace(config.vision, feature_layer=ds.vit_crop_layer)
-    crops += groups * flops.vision_forward_flops(crop_vision)
-    injection += groups * config.vision.grid**2 * config.vision.width
-  context = text_tokens + tokens
-  plain_context = text_tokens + tokens * (1 + groups)
-  llm = flops.decoder_forward_flops(config.decoder, context)
-  llm_plain = flops.decoder_forward_flops(config.decoder, plain_context)
-  total = view + crops + llm + injection
-  total_plain = (1 + groups) * view + llm_plain
-  return {
-      "groups": groups,
-      "llm_layers": ds.llm_layers,
-      "vit_layers": () if ds.vit_start is None else tuple(range(ds.vit_start, ds.vit_start + groups)),
-      "extra_params": 0,
-      "context_tokens": context,
-      "context_tokens_plain_hires": plain_context,
-      "vision_flops_per_image": view,
-      "vision_flops_per_image_deepstack": view + crops,
-      "vision_flops_ratio": (view + crops) / view,
-      "injection_flops": float(injection),
-      "llm_flops": llm,
-      "llm_flops_plain_hires": llm_plain,
-      "total_flops": total,
-      "total_flops_plain_hires": total_plain,
-      "total_flops_ratio_vs_plain_hires": total / total_plain,
-  }
+INJECTION = Injection()

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llvm_jax.models import attention as attention_lib
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -116,20 +118,12 @@ def attention(
     mask: Array | None,
     scale: float,
 ) -> Array:
-  """Multi-head attention with grouped K/V heads.
+  """Multi-head attention with grouped K/V heads (the 'xla' einsum of `attention.dot_product_attention`).
 
   q: (B, T, H, d); k, v: (B, S, Hkv, dk/dv) with H a multiple of Hkv; mask: bool broadcastable to
   (B, T, S) (True = may attend). Logits and softmax in float32. Returns (B, T, H, dv).
   """
-  b, t, h, d = q.shape
-  hkv = k.shape[2]
-  q = q.reshape(b, t, hkv, h // hkv, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-  if mask is not None:
-    logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(b, t, h, v.shape[-1])
+  return attention_lib.einsum_attention(q, k, v, mask, scale)
 
 
 REMAT_POLICIES = {

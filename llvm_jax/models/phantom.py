@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llvm_jax.models import layers
+from llvm_jax.models import attention, hooks, layers, masks
 from llvm_jax.models.config import DecoderConfig, resolve_dtype
 
 Array = jax.Array
@@ -101,13 +101,14 @@ class Gate(nn.Module):
     return y + bias.astype(jnp.float32)
 
 
-def sos_slots(q_segments: Array, k_segments: Array) -> Array:
-  """(B, T) int32: the key slot of each query token's sos, the first slot holding its segment id.
+def sos_slots(mask: masks.MaskInfo) -> Array:
+  """(B, T) int32: the key slot of each query token's sos, the first key holding its segment id.
 
-  q_segments (B, T), k_segments (B, S) (0 = padding). Padding query tokens get -1.
+  Padding query tokens get -1. Slots are the mask's own (absolute cache slots, or a MoD layer's).
   """
-  first = jnp.argmax(k_segments[:, None, :] == q_segments[:, :, None], axis=-1)
-  return jnp.where(q_segments != 0, first, -1).astype(jnp.int32)
+  first = jnp.argmax(mask.kv_segment_ids[:, None, :] == mask.q_segment_ids[:, :, None], axis=-1)
+  slot = jnp.take_along_axis(mask.kv_slots, first, axis=1)
+  return jnp.where(mask.q_segment_ids != 0, slot, -1).astype(jnp.int32)
 
 
 def _token_sos(
@@ -147,11 +148,11 @@ class Phantom(nn.Module):
 
   @nn.compact
   def __call__(
-      self, q: Array, k: Array, v: Array, mask: Array, layer_cache: Cache | None, write_index: Any,
-      sos_slot: Array,
+      self, q: Array, k: Array, v: Array, ctx: hooks.LayerContext, layer_cache: Cache | None
   ) -> tuple[Array, Cache | None]:
-    """q (B, T, H, d), k/v (B, T, Hkv, d); sos_slot (B, T) from `sos_slots`; mask and cache as in decoder.py."""
+    """q (B, T, H, d), k/v (B, T, Hkv, d) after RoPE; context and cache as in decoder.py."""
     cfg, options = self.config, self.config.phantom
+    write_index, sos_slot = ctx.write_index, sos_slots(ctx.mask)
     dtype, pdtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
     d, eta = cfg.head_dim, options.eta
     xattn = lambda name: XAttention(d, options.init, dtype, pdtype, name=name)
@@ -185,7 +186,7 @@ class Phantom(nn.Module):
       new_cache[SOS_CACHE_KEY] = _last_segment_sos(sos, sos_slot, cached_sos)
       keys, values = keys.astype(dtype), values.astype(dtype)
 
-    out = layers.attention(concat(q, q_star), keys, values, mask, scale=d**-0.5)
+    out = attention.dot_product_attention(concat(q, q_star), keys, values, ctx.mask, d**-0.5, cfg.attention_impl)
     o1, o2 = out[..., :d], out[..., d:]
     gate = lambda name: Gate(options.init, dtype, pdtype, name=name)
     g = jax.nn.sigmoid(gate("gate_1")(o1) - gate("gate_2")(o2))
@@ -213,3 +214,19 @@ def added_params_per_layer(config: DecoderConfig) -> int:
   """12d² + 2d + 2: three XAttn modules of four Linear(d, d) and two Linear(d, 1) gates."""
   d = config.head_dim
   return 12 * d * d + 2 * d + 2
+
+
+class PhantomCache(hooks.Technique):
+  """Phantom's hook into the layer loop: its cache entries (the attention itself is `Phantom`)."""
+
+  name = "phantom"
+
+  def enabled(self, config: DecoderConfig) -> bool:
+    return config.phantom is not None
+
+  def cache_entries(self, config: DecoderConfig, signature: Any, layer_cache: Cache, batch: int, max_len: int,
+                    dtype: Any) -> Cache:
+    return {**layer_cache, **init_cache_entries(config, batch, max_len, dtype)}
+
+
+CACHE_HOOK = PhantomCache()

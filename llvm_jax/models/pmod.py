@@ -19,20 +19,24 @@ count are masked out as padding), the ordinary DecoderLayer runs on them with th
 positions, and the results are gathered back.
 
 KV cache: a MoD layer caches its kept tokens only, in arrays of S_kept-sized prefill plus the decode
-steps (`cache_length`), with its own bookkeeping under `CACHE_KEY` ({'segment_ids', 'positions',
+steps (`ModLayer.cache_length`), with its own bookkeeping under `CACHE_KEY` ({'segment_ids', 'positions',
 'end'}) since its prefill wrote fewer slots than the shared cache's. Decode steps are text, always
 kept: the dense layer runs over the shorter cache.
 
-With TroL (DESIGN.md §6) the routing is decided once, before the first pass, and reused by the
+With TroL the routing is decided once, before the first pass, and reused by the
 second: the MoD layer F (fixed kept set and weights) is applied twice, h1 = F(x), h2 = F(h1), and the
 TroL-Mixer mixes them; so a skipped vision token gives mix(w·x, w²·x).
 
-p-MoD needs `scan_layers=False` (MoD layers keep different numbers of tokens; the config raises).
+Scanned stacks: MoD layers of different ratios have different static shapes, so a scanned stack cuts
+them into `pmod.scan_groups` stages sized by their largest ratio (`stage_ratios`), each layer keeping
+its own k inside; scanned and unrolled stacks compute the same function.
+
+In the layer loop (`hooks.py`) p-MoD is two hooks: `Routing` (outside TroL: the routing is decided
+once per layer) and `ModLayer` (inside TroL: each pass runs the layer on the kept tokens).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -41,15 +45,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llvm_jax.models import layers, phantom, trol
-from llvm_jax.models.config import DecoderConfig, LLVMConfig, resolve_dtype
-from llvm_jax.train import flops
+from llvm_jax.models import hooks, layers, masks
+from llvm_jax.models.config import DecoderConfig, resolve_dtype
 
 Array = jax.Array
 Cache = dict[str, Any]
 
 # Key of a MoD layer's own slot bookkeeping inside its layer cache.
 CACHE_KEY = "pmod"
+# Key of a MoD layer's routing in LayerContext.extras (from Routing to ModLayer).
+ROUTING_KEY = "pmod_routing"
 
 
 def schedule_ratio(schedule: str, average_ratio: float, layer: int, num_layers: int) -> float:
@@ -90,13 +95,6 @@ def kept_length(seq_len: int, num_vision: int, ratio: float) -> int:
   return max(1, seq_len - num_vision + kept_count(ratio, num_vision))
 
 
-def cache_length(config: DecoderConfig, layer: int | None, max_len: int, num_vision: int) -> int:
-  """Slots of a layer's KV cache: `max_len` for a dense layer, fewer for a MoD layer (its prefill of
-  `num_vision` vision tokens writes kept_length slots, each later token one)."""
-  ratio = layer_ratios(config).get(layer)
-  return max_len if ratio is None else kept_length(max_len, num_vision, ratio)
-
-
 def init_cache_entries(batch: int, length: int) -> Cache:
   """A MoD layer's own slot bookkeeping: segment ids and positions of its `length` slots, and its end."""
   return {
@@ -131,12 +129,6 @@ class Routers(nn.Module):
     return routers
 
 
-def layer_router(config: DecoderConfig, routers: dict[str, Array], layer: int) -> dict[str, Array]:
-  """One MoD layer's router row out of `Routers()`."""
-  row = list(layer_ratios(config)).index(layer)
-  return {name: value[row] for name, value in routers.items()}
-
-
 def router_weight(x: Array, router: dict[str, Array], config: DecoderConfig) -> Array:
   """w = α·tanh(s) + β with s = router(x), (B, S) float32."""
   s = jnp.einsum("bsd,d->bs", x, router["kernel"].astype(x.dtype), preferred_element_type=jnp.float32)
@@ -145,13 +137,20 @@ def router_weight(x: Array, router: dict[str, Array], config: DecoderConfig) -> 
   return config.pmod.tanh_scale * jnp.tanh(s) + config.pmod.tanh_bias
 
 
-def select(weight: Array, vision_mask: Array, segment_ids: Array, num_vision: int, ratio: float) -> dict[str, Array]:
+def kept_table(ratio: float, num_vision: int) -> np.ndarray:
+  """(num_vision + 1,) int32: trunc(r·n) for a row holding n = 0..num_vision vision tokens."""
+  return np.asarray([kept_count(ratio, n) for n in range(num_vision + 1)], np.int32)
+
+
+def select(weight: Array, vision_mask: Array, segment_ids: Array, num_vision: int, ratio: float,
+           table: Array | None = None) -> dict[str, Array]:
   """Which tokens a MoD layer keeps, and where they go (static shapes).
 
   Returns 'kept' (B, S) bool: text tokens and each row's top-k vision tokens by weight (k = trunc(r·n)
   of its n vision tokens; ties go to the earlier token); 'index' (B, S_kept): the kept tokens in
   order, then filler; 'valid' (B, S_kept): the slots holding kept tokens; 'slot' (B, S): each kept
-  token's slot.
+  token's slot. `ratio` sizes S_kept; `table` (`kept_table`, default that of `ratio`) gives k per
+  row, so a layer of a scanned stage keeps its own k inside the stage's larger S_kept.
   """
   b, s = weight.shape
   s_kept = kept_length(s, num_vision, ratio)
@@ -160,9 +159,9 @@ def select(weight: Array, vision_mask: Array, segment_ids: Array, num_vision: in
   vision = vision_mask & present
   kept = ~vision_mask & present
   if k_max:
+    table = kept_table(ratio, num_vision) if table is None else table
     # k of a row with n vision tokens from a table, so it equals the static k_max when n = num_vision.
-    per_count = jnp.asarray([kept_count(ratio, n) for n in range(num_vision + 1)], jnp.int32)
-    k = per_count[jnp.minimum(jnp.sum(vision, axis=1), num_vision)]
+    k = jnp.asarray(table)[jnp.minimum(jnp.sum(vision, axis=1), num_vision)]
     _, top = jax.lax.top_k(jnp.where(vision, weight, -jnp.inf), k_max)
     chosen = jnp.arange(k_max)[None, :] < k[:, None]
     kept |= jnp.zeros((b, s), bool).at[jnp.arange(b)[:, None], top].set(chosen)
@@ -182,7 +181,7 @@ def select(weight: Array, vision_mask: Array, segment_ids: Array, num_vision: in
 def check_fits(config: DecoderConfig, vision_mask: Any, segment_ids: Any, num_vision: int) -> None:
   """Raises if a row's text plus kept vision tokens exceed a MoD layer's S_kept, or it has more than
   `num_vision` vision tokens. Concrete (host) arrays only; traced values are skipped."""
-  if isinstance(vision_mask, jax.core.Tracer) or isinstance(segment_ids, jax.core.Tracer):
+  if vision_mask is None or isinstance(vision_mask, jax.core.Tracer) or isinstance(segment_ids, jax.core.Tracer):
     return
   present = np.asarray(segment_ids) != 0
   vision = np.asarray(vision_mask).astype(bool) & present
@@ -207,141 +206,161 @@ def _take(a: Array, index: Array) -> Array:
   return jnp.take_along_axis(a, index.reshape(index.shape + (1,) * (a.ndim - 2)), axis=1)
 
 
-def apply_layer(
-    layer: nn.Module,
-    module: nn.Module,
-    x: Array,
-    *,
-    segment_ids: Array,
-    positions: Array,
-    cos: Array,
-    sin: Array,
-    mask: Array,
-    layer_cache: Cache | None,
-    router: dict[str, Array],
-    vision_mask: Array | None,
-    num_vision: int,
-    ratio: float,
-    config: DecoderConfig,
-    decode: bool,
-    trol_gate: dict[str, Array] | None,
-) -> tuple[Array, Cache | None]:
-  """A MoD decoder layer (optionally traversed by TroL); returns the new hidden state and layer cache.
+def stage_ratios(config: DecoderConfig, scanned: bool) -> dict[int, float]:
+  """MoD layer -> the ratio that sizes its static shapes (S_kept, cache length).
 
-  `layer` is the decoder's DecoderLayer and `module` the Decoder (TroL binds to it); segment_ids,
-  positions, cos, sin and mask are the decoder's for this call (mask is used only when nothing is
-  routed and there is no cache). Routing happens when the call holds vision slots (num_vision > 0).
+  Unrolled: the layer's own ratio. Scanned: the MoD layers are cut into `pmod.scan_groups` runs of
+  consecutive layers, each sized by its largest ratio, so each run is one scanned stage; a layer
+  keeps its own k inside (the extra slots are padding), so the function is the unrolled one.
   """
-  from llvm_jax.models.decoder import attention_mask  # decoder imports this module
-
-  routed = vision_mask is not None and num_vision > 0
-  if not routed and layer_cache is None:
-    # Nothing to route (text-only batch): the dense layer, exactly.
-    run = lambda h, m, c: layer(h, cos, sin, m, c, 0, _sos(config, segment_ids, segment_ids))
-    if trol_gate is None:
-      return run(x, mask, None)
-    return trol.apply_layer(lambda _: run, module, x, mask, None, 0, trol_gate, config, decode)
-
-  if routed:
-    weight = router_weight(x, router, config)
-    route = select(weight, vision_mask.astype(bool), segment_ids, num_vision, ratio)
-    index = route["index"]
-    x_kept = _take(x, index)
-    seg_kept = jnp.where(route["valid"], _take(segment_ids, index), 0)
-    pos_kept, cos, sin = _take(positions, index), _take(cos, index), _take(sin, index)
-    vision_kept = _take(vision_mask.astype(bool), index)
-    # STRing: kept vision tokens scale their MLP update by w, text tokens do not.
-    mlp_weight = jnp.where(vision_kept, _take(weight, index), 1.0)[..., None]
-  else:
-    # A decode step or text-only prefill into the layer's own (shorter) cache: every token is kept.
-    x_kept, seg_kept, pos_kept, mlp_weight = x, segment_ids, positions, None
-
-  s_kept = x_kept.shape[1]
-  slots = jnp.broadcast_to(jnp.arange(s_kept, dtype=jnp.int32)[None], seg_kept.shape)
-  if layer_cache is None:
-    write_index, inner_cache, book = 0, None, None
-    k_seg, k_pos, k_slots = seg_kept, pos_kept, slots
-  else:
-    if CACHE_KEY not in layer_cache:
-      raise ValueError("a p-MoD layer needs its own cache entries: build the cache with init_cache(config, ...)")
-    book = layer_cache[CACHE_KEY]
-    inner_cache = {k: v for k, v in layer_cache.items() if k != CACHE_KEY}
-    write_index = book["end"]
-    k_seg = jax.lax.dynamic_update_slice(book["segment_ids"], seg_kept, (0, write_index))
-    k_pos = jax.lax.dynamic_update_slice(book["positions"], pos_kept, (0, write_index))
-    k_slots = jnp.broadcast_to(jnp.arange(k_seg.shape[1], dtype=jnp.int32)[None], k_seg.shape)
-  kept_mask = attention_mask(seg_kept, pos_kept, slots + write_index, k_seg, k_pos, k_slots, config.sliding_window)
-  sos_slot = _sos(config, seg_kept, k_seg)
-  run = lambda h, m, c: layer(h, cos, sin, m, c, write_index, sos_slot, mlp_weight)
-  if trol_gate is None:
-    y_kept, new_cache = run(x_kept, kept_mask, inner_cache)
-  else:
-    y_kept, new_cache = trol.apply_layer(
-        lambda _: run, module, x_kept, kept_mask, inner_cache, write_index, trol_gate, config, decode
-    )
-  if book is not None:
-    new_cache = {**new_cache, CACHE_KEY: {"segment_ids": k_seg, "positions": k_pos, "end": write_index + s_kept}}
-  if not routed:
-    return y_kept, new_cache
-
-  w = weight[..., None]
-  skipped = (w * x.astype(jnp.float32)).astype(x.dtype)
-  if trol_gate is not None:
-    # Both passes skip the token: h1 = w·x, h2 = w·h1, mixed by the gate of h1.
-    skipped = trol.mix(skipped, (w * skipped.astype(jnp.float32)).astype(x.dtype), trol_gate["kernel"], trol_gate["bias"])
-  passthrough = jnp.where(vision_mask.astype(bool)[..., None], skipped, x)
-  return jnp.where(route["kept"][..., None], _take(y_kept, route["slot"]), passthrough), new_cache
+  ratios = layer_ratios(config)
+  if not scanned or not ratios:
+    return ratios
+  runs: list[list[int]] = []
+  for layer in ratios:
+    if runs and runs[-1][-1] == layer - 1:
+      runs[-1].append(layer)
+    else:
+      runs.append([layer])
+  groups = max(config.pmod.scan_groups, len(runs))
+  sized = {}
+  for run in runs:
+    # This run's share of the groups, at least one.
+    parts = max(1, round(groups * len(run) / len(ratios)))
+    for chunk in np.array_split(np.asarray(run), min(parts, len(run))):
+      top = max(ratios[int(l)] for l in chunk)
+      sized.update({int(l): top for l in chunk})
+  return sized
 
 
-def _sos(config: DecoderConfig, q_segments: Array, k_segments: Array) -> Array | None:
-  """Phantom's sos slots in the layer's own slot space (None without Phantom)."""
-  return phantom.sos_slots(q_segments, k_segments) if config.phantom is not None else None
+def route(x: Array, ctx: hooks.LayerContext, router: dict[str, Array], table: Array, ratio: float,
+          config: DecoderConfig) -> dict[str, Array]:
+  """The routing of one MoD layer on input x: router weights and `select`'s choice."""
+  weight = router_weight(x, router, config)
+  chosen = select(weight, ctx.vision_mask.astype(bool), ctx.mask.q_segment_ids, ctx.num_vision, ratio, table)
+  return {**chosen, "weight": weight}
 
 
-def pmod_cost(config: LLVMConfig, seq_len: int, n_vision: int) -> dict[str, float]:
-  """Analytic cost of one sample of `seq_len` tokens, `n_vision` of them vision tokens, with and
-  without p-MoD (`config.decoder.pmod`): forward FLOPs (flops.py conventions: causal attention at ½;
-  a training step is 3x) and the KV-cache bytes after its prefill (the whole cache pytree of
-  init_cache, in the compute dtype), and the vision tokens' own KV ratio (mean retention over the
-  layers). Other techniques' extra compute is not counted.
+def run_routed(layer: hooks.LayerFn, config: DecoderConfig) -> hooks.LayerFn:
+  """The MoD layer F: `layer` on the kept tokens of the routing in ctx.extras (decided once, outside
+  TroL, so both passes keep the same tokens), STRing outputs for the rest (see the module docstring).
+
+  Without a routing (decode steps, text-only calls) every token is kept: with a cache, the layer
+  runs over its own shorter cache; without one, it is the dense layer exactly.
   """
-  from llvm_jax.models.decoder import init_cache  # decoder imports this module
 
-  dec = config.decoder
-  ratios = layer_ratios(dec)
-  if not ratios:
-    raise ValueError("pmod_cost: config.decoder.pmod is off")
-  dense = dataclasses.replace(dec, pmod=None)
-  tokens = [kept_length(seq_len, n_vision, ratios[l]) if l in ratios else seq_len for l in range(dec.num_layers)]
-  head = 2 * dec.embed_dim * dec.vocab_size * seq_len
-  routers = len(ratios) * 2 * dec.embed_dim * seq_len
-  decoder_dense = dec.num_layers * flops.decoder_layer_forward_flops(dec, seq_len) + head
-  decoder_pmod = sum(flops.decoder_layer_forward_flops(dec, t) for t in tokens) + head + routers
-  encoder = 0.0
-  if config.vision is not None and n_vision:
-    images = n_vision / config.tokens_per_image
-    encoder = images * (flops.vision_forward_flops(config.vision) + flops.projector_forward_flops(config))
+  def mod_layer(x: Array, ctx: hooks.LayerContext, layer_cache: Cache | None) -> tuple[Array, Cache | None]:
+    routing = ctx.extras.get(ROUTING_KEY)
+    if routing is None and layer_cache is None:
+      return layer(x, ctx, None)
+    segment_ids, positions = ctx.mask.q_segment_ids, ctx.mask.q_positions
+    cos, sin, mlp_weight = ctx.cos, ctx.sin, ctx.mlp_weight
+    if routing is not None:
+      index = routing["index"]
+      x_kept = _take(x, index)
+      seg_kept = jnp.where(routing["valid"], _take(segment_ids, index), 0)
+      pos_kept, cos, sin = _take(positions, index), _take(cos, index), _take(sin, index)
+      vision_kept = _take(ctx.vision_mask.astype(bool), index)
+      # STRing: kept vision tokens scale their MLP update by w, text tokens do not.
+      mlp_weight = jnp.where(vision_kept, _take(routing["weight"], index), 1.0)[..., None]
+    else:
+      x_kept, seg_kept, pos_kept = x, segment_ids, positions
 
-  def cache_bytes(cfg: DecoderConfig, num_vision: int) -> int:
-    shapes = jax.eval_shape(lambda: init_cache(cfg, 1, seq_len, num_vision=num_vision))
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
+    s_kept = x_kept.shape[1]
+    slots = jnp.broadcast_to(jnp.arange(s_kept, dtype=jnp.int32)[None], seg_kept.shape)
+    if layer_cache is None:
+      write_index, inner_cache, book = 0, None, None
+      k_seg, k_pos, k_slots = seg_kept, pos_kept, slots
+    else:
+      if CACHE_KEY not in layer_cache:
+        raise ValueError("a p-MoD layer needs its own cache entries: build the cache with init_cache(config, ...)")
+      book = layer_cache[CACHE_KEY]
+      inner_cache = {k: v for k, v in layer_cache.items() if k != CACHE_KEY}
+      write_index = book["end"]
+      k_seg = jax.lax.dynamic_update_slice(book["segment_ids"], seg_kept, (0, write_index))
+      k_pos = jax.lax.dynamic_update_slice(book["positions"], pos_kept, (0, write_index))
+      k_slots = jnp.broadcast_to(jnp.arange(k_seg.shape[1], dtype=jnp.int32)[None], k_seg.shape)
+    kept_mask = masks.MaskInfo(seg_kept, slots + write_index, pos_kept, k_seg, k_slots, k_pos, ctx.mask.sliding_window)
+    inner_extras = {k: v for k, v in ctx.extras.items() if k != ROUTING_KEY}
+    inner_ctx = ctx.replace(cos=cos, sin=sin, mask=kept_mask, write_index=write_index, mlp_weight=mlp_weight,
+                            extras=inner_extras)
+    y_kept, new_cache = layer(x_kept, inner_ctx, inner_cache)
+    if book is not None:
+      new_cache = {**new_cache, CACHE_KEY: {"segment_ids": k_seg, "positions": k_pos, "end": write_index + s_kept}}
+    if routing is None:
+      return y_kept, new_cache
+    # Skipped vision tokens: w·x (STRing); text and padding that were not kept pass through.
+    skipped = (routing["weight"][..., None] * x.astype(jnp.float32)).astype(x.dtype)
+    passthrough = jnp.where(ctx.vision_mask.astype(bool)[..., None], skipped, x)
+    return jnp.where(routing["kept"][..., None], _take(y_kept, routing["slot"]), passthrough), new_cache
 
-  kv_dense, kv_pmod = cache_bytes(dense, 0), cache_bytes(dec, n_vision)
-  return {
-      "mod_layers": len(ratios),
-      "kept_tokens_per_layer": tokens,
-      "decoder_flops_dense": decoder_dense,
-      "decoder_flops_pmod": decoder_pmod,
-      "decoder_flops_ratio": decoder_pmod / decoder_dense,
-      "flops_dense": decoder_dense + encoder,
-      "flops_pmod": decoder_pmod + encoder,
-      "flops_ratio": (decoder_pmod + encoder) / (decoder_dense + encoder),
-      "kv_bytes_dense": kv_dense,
-      "kv_bytes_pmod": kv_pmod,
-      "kv_ratio": kv_pmod / kv_dense,
-      # The vision tokens' share of the cache alone: the mean retention over all layers.
-      "vision_kv_ratio": (
-          sum(kept_count(ratios[l], n_vision) if l in ratios else n_vision for l in range(dec.num_layers))
-          / (dec.num_layers * n_vision) if n_vision else 1.0
-      ),
-  }
+  return mod_layer
+
+
+class Routing(hooks.Technique):
+  """p-MoD's outer hook: routes a MoD layer's input once (before TroL, which reuses the routing)."""
+
+  name = "pmod_routing"
+  param_name = "pmod_router"
+
+  def enabled(self, config: DecoderConfig) -> bool:
+    return bool(layer_ratios(config))
+
+  def param_module(self, config: DecoderConfig) -> nn.Module:
+    return Routers(config)
+
+  def signature(self, config: DecoderConfig, layer: int, scanned: bool) -> float | None:
+    return stage_ratios(config, scanned).get(layer)
+
+  def layer_inputs(self, config: DecoderConfig, params: Any, num_vision: int,
+                   residual_layers: tuple[int, ...]) -> Any:
+    ratios = layer_ratios(config)
+    rows = np.zeros(config.num_layers, np.int32)
+    rows[list(ratios)] = np.arange(len(ratios))
+    tables = np.zeros((config.num_layers, num_vision + 1), np.int32)
+    for layer, ratio in ratios.items():
+      tables[layer] = kept_table(ratio, num_vision)
+    return {"router": {name: value[rows] for name, value in params.items()}, "table": tables}
+
+  def wrap(self, fn: hooks.LayerFn, config: DecoderConfig, signature: float | None, inputs: Any) -> hooks.LayerFn:
+    if signature is None:
+      return fn
+
+    def routed(x: Array, ctx: hooks.LayerContext, layer_cache: Cache | None) -> tuple[Array, Cache | None]:
+      if ctx.vision_mask is None or not ctx.num_vision:
+        return fn(x, ctx, layer_cache)
+      routing = route(x, ctx, inputs["router"], inputs["table"], signature, config)
+      return fn(x, ctx.replace(extras={**ctx.extras, ROUTING_KEY: routing}), layer_cache)
+
+    return routed
+
+  def check_call(self, config: DecoderConfig, vision_mask: Any, segment_ids: Any, num_vision: int) -> None:
+    check_fits(config, vision_mask, segment_ids, num_vision)
+
+
+class ModLayer(hooks.Technique):
+  """p-MoD's inner hook: a MoD layer runs on its kept tokens and caches only those."""
+
+  name = "pmod"
+
+  def enabled(self, config: DecoderConfig) -> bool:
+    return bool(layer_ratios(config))
+
+  def signature(self, config: DecoderConfig, layer: int, scanned: bool) -> float | None:
+    return stage_ratios(config, scanned).get(layer)
+
+  def wrap(self, fn: hooks.LayerFn, config: DecoderConfig, signature: float | None, inputs: Any) -> hooks.LayerFn:
+    return fn if signature is None else run_routed(fn, config)
+
+  def cache_length(self, config: DecoderConfig, signature: float | None, max_len: int, num_vision: int) -> int:
+    # A MoD layer's prefill of `num_vision` vision tokens writes kept_length slots, each later token one.
+    return max_len if signature is None else kept_length(max_len, num_vision, signature)
+
+  def cache_entries(self, config: DecoderConfig, signature: float | None, layer_cache: Cache, batch: int,
+                    max_len: int, dtype: Any) -> Cache:
+    # A MoD layer writes fewer slots than the shared cache, so it tracks its own.
+    return layer_cache if signature is None else {**layer_cache, **init_cache_entries(batch, max_len)}
+
+
+ROUTING = Routing()
+MOD_LAYER = ModLayer()

@@ -22,7 +22,6 @@ With a KV cache, `decode_traversal` picks how decoding treats a traversed layer:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -30,13 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llvm_jax.models import layers
+from llvm_jax.models import hooks, layers
 from llvm_jax.models.config import DecoderConfig, resolve_dtype
 
 Array = jax.Array
 Cache = dict[str, Any]
-# One pass of a decoder layer: (hidden, mask, layer cache or None) -> (hidden, new layer cache or None).
-LayerPass = Callable[[Array, Array, Cache | None], tuple[Array, Cache | None]]
 
 # Key of the pass-2 cache inside a layer cache ('full' decoding).
 PASS2_CACHE_KEY = "trol"
@@ -56,13 +53,6 @@ def num_gates(config: DecoderConfig) -> int:
   return 1 if config.trol.shared_gate else len(traversed_layers(config))
 
 
-def caches_pass2(config: DecoderConfig, layer: int | None) -> bool:
-  """Whether a layer's cache needs pass-2 entries; layer=None: a layer of a scanned stack."""
-  if config.trol is None or config.trol.decode_traversal != "full":
-    return False
-  return layer is None or layer in traversed_layers(config)
-
-
 def _gate_initializers(gate_init: str, dim: int) -> tuple[layers.Initializer, layers.Initializer]:
   if gate_init == "zeros":
     return nn.initializers.zeros, nn.initializers.zeros
@@ -78,8 +68,7 @@ class TrolGates(nn.Module):
   """The TroL-Mixer gates: kernel (G, D) and bias (G,), G rows as `num_gates`.
 
   Returns the gate of every layer, stacked on a leading layer axis (so a scanned stack can slice
-  it): {'kernel': (L, D), 'bias': (L,), 'traverse': (L,) bool}. Layers that do not traverse get
-  row 0 and traverse=False.
+  it): {'kernel': (L, D), 'bias': (L,)}. Layers that do not traverse get row 0 (unused).
   """
 
   config: DecoderConfig
@@ -94,18 +83,11 @@ class TrolGates(nn.Module):
         "kernel", layers.logical_init(kernel_init, ("trol_gates", "embed")), (gates, cfg.embed_dim), pdtype
     )
     bias = self.param("bias", layers.logical_init(bias_init, ("trol_gates",)), (gates,), pdtype)
-    traversed = traversed_layers(cfg)
     row = np.zeros(cfg.num_layers, np.int32)
     if not cfg.trol.shared_gate:
+      traversed = traversed_layers(cfg)
       row[list(traversed)] = np.arange(len(traversed))
-    traverse = np.zeros(cfg.num_layers, bool)
-    traverse[list(traversed)] = True
-    return {"kernel": kernel[row], "bias": bias[row], "traverse": jnp.asarray(traverse)}
-
-
-def layer_gate(gates: dict[str, Array], layer: int) -> dict[str, Array]:
-  """One layer's gate out of `TrolGates()` (unscanned stacks)."""
-  return {"kernel": gates["kernel"][layer], "bias": gates["bias"][layer]}
+    return {"kernel": kernel[row], "bias": bias[row]}
 
 
 def gate_weight(h1: Array, kernel: Array, bias: Array) -> Array:
@@ -134,55 +116,58 @@ def _join_cache(pass1: Cache | None, pass2: Cache | None) -> Cache | None:
   return {**pass1, PASS2_CACHE_KEY: pass2}
 
 
-def apply_layer(
-    bind: Callable[[nn.Module], LayerPass],
-    module: nn.Module,
-    x: Array,
-    mask: Array,
-    layer_cache: Cache | None,
-    write_index: Any,
-    gate: dict[str, Array],
-    config: DecoderConfig,
-    decode: bool,
-) -> tuple[Array, Cache | None]:
-  """A decoder layer under TroL; returns the (mixed) hidden state and the layer's new cache.
-
-  bind(parent) gives a pass of the layer with its submodule bound to `parent` (`module`, or the
-  scope nn.cond opens; called once per scope). gate: {'kernel': (D,), 'bias': ()} and, in a
-  scanned stack that traverses only some layers, 'traverse': () bool, which selects the traversal
-  with nn.cond.
-  """
-  run = bind(module)
+def traverse(layer: hooks.LayerFn, gate: dict[str, Array], config: DecoderConfig) -> hooks.LayerFn:
+  """The layer under TroL: h1 = L(x), h2 = L(h1), mixed by the gate ({'kernel': (D,), 'bias': ()})."""
   official = config.trol.decode_traversal == "official"
-  if decode and official:
-    return run(x, mask, layer_cache)
-  pass1_cache, pass2_cache = _split_cache(layer_cache)
-  if layer_cache is not None and not official and pass2_cache is None:
-    raise ValueError("decode_traversal='full' needs the pass-2 cache: build the cache with init_cache(config, ...)")
-  pass2_mask = mask
-  if layer_cache is not None and official:
-    # 'official' prefill: pass 2 attends only to this chunk's own pass-2 K/V and caches nothing.
-    pass2_mask = jax.lax.dynamic_slice_in_dim(mask, write_index, x.shape[1], axis=2)
-  h1, new_pass1 = run(x, mask, pass1_cache)
 
-  def traversed(mdl, h1, pass2_cache, gate):
-    # Inside nn.cond, `mdl` is a clone in the branch's own scope: the layer is bound to it anew.
-    h2, new_pass2 = (run if mdl is module else bind(mdl))(h1, pass2_mask, pass2_cache)
-    return mix(h1, h2, gate["kernel"], gate["bias"]), new_pass2
+  def traversed(x: Array, ctx: hooks.LayerContext, layer_cache: Cache | None) -> tuple[Array, Cache | None]:
+    if ctx.decode and official:
+      return layer(x, ctx, layer_cache)
+    pass1_cache, pass2_cache = _split_cache(layer_cache)
+    if layer_cache is not None and not official and pass2_cache is None:
+      raise ValueError("decode_traversal='full' needs the pass-2 cache: build the cache with init_cache(config, ...)")
+    pass2_ctx = ctx
+    if layer_cache is not None and official:
+      # 'official' prefill: pass 2 attends only to this chunk's own pass-2 K/V and caches nothing.
+      pass2_ctx = ctx.replace(mask=ctx.mask.keys_slice(ctx.write_index, x.shape[1]))
+    h1, new_pass1 = layer(x, ctx, pass1_cache)
+    h2, new_pass2 = layer(h1, pass2_ctx, pass2_cache)
+    return mix(h1, h2, gate["kernel"], gate["bias"]), _join_cache(new_pass1, new_pass2)
 
-  if "traverse" in gate:
-    skipped = lambda mdl, h1, pass2_cache, gate: (h1, pass2_cache)
-    out, new_pass2 = nn.cond(gate["traverse"], traversed, skipped, module, h1, pass2_cache, gate)
-  else:
-    out, new_pass2 = traversed(module, h1, pass2_cache, gate)
-  return out, _join_cache(new_pass1, new_pass2)
+  return traversed
 
 
-def scan_gate(config: DecoderConfig, gates: dict[str, Array] | None) -> dict[str, Array] | None:
-  """The per-layer gates a scanned stack slices; 'traverse' only kept when some layers do not."""
-  if gates is not None and len(traversed_layers(config)) == config.num_layers:
-    return {"kernel": gates["kernel"], "bias": gates["bias"]}
-  return gates
+class Traversal(hooks.Technique):
+  """TroL's hook: a traversed layer runs twice; 'full' decoding gives it a second cache."""
+
+  name = "trol"
+  param_name = "trol_gate"
+
+  def enabled(self, config: DecoderConfig) -> bool:
+    return config.trol is not None
+
+  def param_module(self, config: DecoderConfig) -> nn.Module:
+    return TrolGates(config)
+
+  def signature(self, config: DecoderConfig, layer: int, scanned: bool) -> bool:
+    return layer in traversed_layers(config)
+
+  def layer_inputs(self, config: DecoderConfig, params: Any, num_vision: int,
+                   residual_layers: tuple[int, ...]) -> Any:
+    return params
+
+  def wrap(self, fn: hooks.LayerFn, config: DecoderConfig, signature: bool, inputs: Any) -> hooks.LayerFn:
+    return traverse(fn, inputs, config) if signature else fn
+
+  def cache_entries(self, config: DecoderConfig, signature: bool, layer_cache: Cache, batch: int, max_len: int,
+                    dtype: Any) -> Cache:
+    if not signature or config.trol.decode_traversal != "full":
+      return layer_cache
+    # The second pass caches its own K/V (and whatever inner techniques keep), shaped like the first's.
+    return {**layer_cache, PASS2_CACHE_KEY: jax.tree.map(jnp.zeros_like, layer_cache)}
+
+
+TRAVERSAL = Traversal()
 
 
 def gate_param_mask(params: Any) -> Any:
@@ -198,44 +183,3 @@ def gate_param_mask(params: Any) -> Any:
     return bool(pattern.fullmatch("/".join(str(getattr(k, "key", k)) for k in path)))
 
   return jax.tree_util.tree_map_with_path(is_gate, params)
-
-
-def _layer_flops_per_token(config: DecoderConfig, keys: float) -> float:
-  """Forward FLOPs of one decoder layer for one token attending to `keys` keys (matmuls only)."""
-  d, hd = config.embed_dim, config.head_dim
-  q, kv = config.num_heads * hd, config.num_kv_heads * hd
-  projections = 2 * d * (q + 2 * kv) + 2 * q * d
-  mlp = 2 * 3 * d * config.mlp_dim
-  attention = 2 * 2 * q * keys  # q·k and p·v
-  return projections + mlp + attention
-
-
-def trol_overhead(config: DecoderConfig, seq_len: int, causal: bool = True) -> dict[str, float]:
-  """Analytic cost of TroL on `config` (forward, per token; multiply by 3 for a training step).
-
-  Training / prefill at `seq_len` tokens counts causal attention at ½ (seq_len / 2 keys per token),
-  as MFU conventions do; causal=False counts all seq_len keys, as XLA's cost analysis of a masked
-  dense attention does. Decoding one token at context `seq_len` attends to seq_len keys; it costs
-  nothing extra with 'official' decoding and a second pass of each traversed layer with 'full'.
-  Mixer: the gate's dot product (2·D) and the mix (3·D) per traversed layer.
-  """
-  if config.trol is None:
-    raise ValueError("trol_overhead: config.trol is None (TroL is off)")
-  traversed = len(traversed_layers(config))
-  d = config.embed_dim
-  mixer = 5 * d
-  layer = _layer_flops_per_token(config, seq_len / 2 if causal else seq_len)
-  base = config.num_layers * layer + 2 * d * config.vocab_size
-  added = traversed * (layer + mixer)
-  decode_layer = _layer_flops_per_token(config, seq_len)
-  decode_base = config.num_layers * decode_layer + 2 * d * config.vocab_size
-  decode_added = traversed * (decode_layer + mixer) if config.trol.decode_traversal == "full" else 0.0
-  return {
-      "traversed_layers": traversed,
-      "added_params": num_gates(config) * (d + 1),
-      "base_flops_per_token": base,
-      "added_flops_per_token": added,
-      "flops_ratio": (base + added) / base,
-      "decode_base_flops_per_token": decode_base,
-      "decode_added_flops_per_token": decode_added,
-  }

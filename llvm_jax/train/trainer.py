@@ -3,11 +3,14 @@
 Params are born sharded (jitted init with out_shardings from the logical-axis rules); the train
 step is `jax.jit` with explicit in/out shardings and donation, compiled ahead of time with its
 memory analysis logged; checkpoints are Orbax (params, optimiser state, data-iterator state,
-config) with automatic resume; SIGTERM saves and exits; a NaN/inf loss stops the run.
+config) with automatic resume; SIGTERM saves and exits; a NaN/inf loss stops the run. Batches are
+prefetched onto the devices while the previous step runs, and metrics reach the host only at log
+steps (window means), so the host never waits on the device between them.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -26,9 +29,9 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llvm_jax import config_utils, convert, sharding
+from llvm_jax import config_utils, convert, flops, sharding
 from llvm_jax.models.llvm import LLVM
-from llvm_jax.train import checkpoint, flops, lora, loss as loss_lib, optim, po_loss
+from llvm_jax.train import checkpoint, lora, loss as loss_lib, optim, po_loss
 from llvm_jax.train.metrics import MetricsWriter
 
 MODEL_INPUTS = ("tokens", "images", "image_mask", "segment_ids", "positions", "hires_images")
@@ -177,13 +180,11 @@ def build_setup(config: ml_collections.ConfigDict, model: LLVM, mesh: Mesh) -> t
   abstract_params, param_shardings = abstract_params_and_shardings(config, model, mesh)
   tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.train.total_steps)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  # Optimiser moments take their parameter's sharding (GSPMD propagation through tx.init).
-  sharded = sharded_abstract(abstract_params, param_shardings)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  opt_shardings = jax.tree.map(
-      lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated,
-      jax.jit(tx.init).lower(sharded).compile().output_shardings,
-  )
+  # Each optimiser leaf that mirrors a parameter (Adam's mu/nu, also inside multi_transform / masked
+  # groups) is sharded like it; counts are replicated. (Propagation through a compiled tx.init left
+  # the moments replicated, so FSDP kept a full copy of them on every device.)
+  opt_shardings = sharding.mirrored_shardings(abstract_opt, abstract_params, param_shardings,
+                                              NamedSharding(mesh, PartitionSpec()))
   setup = TrainSetup(model, mesh, rules, tx, schedule, param_shardings, opt_shardings)
   return setup, abstract_params
 
@@ -219,6 +220,52 @@ def compile_step(setup: TrainSetup, step_fn: Callable, params: Any, opt_state: A
         getattr(memory, "temp_size_in_bytes", "?"), getattr(memory, "generated_code_size_in_bytes", "?"),
     )
   return compiled
+
+
+# Batches kept produced (and placed on their devices) ahead of the train step.
+PREFETCH_BATCHES = 2
+
+
+class DevicePrefetch:
+  """Keeps the next `size` batches of `iterator` built and on their devices ahead of the train step.
+
+  It runs in the training thread: the loop calls `fill()` right after dispatching a step (JAX
+  dispatch is asynchronous), so the host builds and transfers the next batches while the devices
+  compute. Every batch is stored with the iterator's state right after it was produced, and
+  `get_state()` is the state after the last batch handed out by `pop()`: a checkpoint records the
+  batches training steps consumed, not the prefetched ones, so a resume continues at the next
+  unconsumed batch. At most `limit` batches are drawn (the steps left), so none is read needlessly.
+  """
+
+  def __init__(self, iterator: Iterator[dict[str, Any]], size: int, limit: int):
+    self._it, self._size, self._left = iterator, size, limit
+    self._buffer: collections.deque = collections.deque()
+    self._state = iterator.get_state()
+    self._exhausted = False
+
+  def fill(self) -> None:
+    while len(self._buffer) < self._size and self._left > 0 and not self._exhausted:
+      try:
+        batch = numeric_batch(next(self._it))
+      except StopIteration:  # raised from pop() once the buffered batches are used up
+        self._exhausted = True
+        return
+      self._left -= 1
+      self._buffer.append((batch, self._it.get_state()))
+
+  def pop(self) -> dict[str, Any]:
+    self.fill()
+    if not self._buffer:
+      raise StopIteration
+    batch, self._state = self._buffer.popleft()
+    return batch
+
+  def get_state(self) -> bytes:
+    return self._state
+
+
+# Reported as at the log step (state, not per-step quantities); the other metrics are window means.
+_LAST_VALUE_METRICS = ("learning_rate", "param_norm")
 
 
 class _Preemption:
@@ -324,8 +371,16 @@ def train(
   """Trains for `config.train.total_steps` (resuming from the workdir's latest checkpoint).
 
   `data_iterator` yields global batches (dicts of jax Arrays sharded over the data axes) and has
-  get_state/set_state. `evaluators`: name -> object with `run(params, step) -> dict`, run every
-  `config.train.eval_every` steps and at the end. Returns the last step's metrics (+ evals).
+  get_state/set_state; PREFETCH_BATCHES of them are drawn ahead (DevicePrefetch), checkpoints
+  record the consumed ones. `evaluators`: name -> object with `run(params, step) -> dict`, run every
+  `config.train.eval_every` steps and at the end.
+
+  Step metrics stay on device until a log step (every `log_every`, the last step, a SIGTERM): the
+  record written there averages the steps since the previous log (`window_steps` of them; learning
+  rate and parameter norm are the log step's), and step_time / tokens_per_second / MFU come from
+  the wall time of that window (evaluations excluded). Loss and parameter norm of every step are
+  checked for NaN/inf at log, eval and checkpoint steps, before anything is saved. Returns the last
+  log record (+ evals).
   """
   model = model or LLVM(config_utils.model_config(config))
   mesh = mesh_from_config(config)
@@ -353,46 +408,54 @@ def train(
   compiled = None
   model_cfg = model.config
   peak = flops.peak_flops(jax.devices()[0].device_kind)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  # jnp (not np): the batch is a global array that may span processes; the mean stays on device.
+  images_per_row = jax.jit(lambda mask: jnp.mean(jnp.sum(mask, axis=-1)), out_shardings=replicated)
+  batches = DevicePrefetch(data_iterator, PREFETCH_BATCHES, tc.total_steps - start)
+  # The steps since the last log: device metrics (host copies once checked), images per row.
+  window: list[dict[str, Any]] = []
+  window_images: list[Any] = []
+  checked = 0
+  window_start = 0.0
   last: dict[str, Any] = {}
   step = start
   try:
     with _Preemption() as preemption:
       for step in range(start, tc.total_steps):
-        batch = numeric_batch(next(data_iterator))
+        batch = batches.pop()
         if compiled is None:
           compiled = compile_step(setup, step_fn, params, opt_state, batch)
-        tick = time.perf_counter()
+          window_start = time.perf_counter()
         params, opt_state, metrics = compiled(params, opt_state, batch, jnp.asarray(step, jnp.int32))
-        loss = float(metrics["loss"])  # also waits for the step, so the timing below is real
-        step_time = time.perf_counter() - tick
-        param_norm = float(metrics["param_norm"])
-        if not (np.isfinite(loss) and np.isfinite(param_norm)):
-          mngr.wait_until_finished()
-          raise NonFiniteLossError(
-              f"loss {loss}, parameter norm {param_norm} at step {step + 1}; stopped without saving it. "
-              "Last good checkpoint: "
-              f"step {mngr.latest_step()} in {workdir}/checkpoints"
-          )
-        s = batch["tokens"].shape[-1]
-        b = int(np.prod(batch["tokens"].shape[:-1]))  # rows (2 per preference pair)
-        # jnp (not np): the batch is a global array that may span processes.
-        images_per_sample = float(jnp.mean(jnp.sum(batch["image_mask"], axis=-1))) if "image_mask" in batch else 0.0
-        step_flops = b * flops.train_flops_per_sample(model_cfg, s, images_per_sample)
-        last = {k: float(v) for k, v in metrics.items()}
-        last.update(step_time=step_time, tokens_per_second=b * s / step_time,
-                    tflops_per_device=step_flops / step_time / jax.device_count() / 1e12)
-        if peak:
-          last["mfu"] = step_flops / step_time / (peak * jax.device_count())
+        window.append(metrics)
+        window_images.append(images_per_row(batch["image_mask"]) if "image_mask" in batch else 0.0)
+        batches.fill()  # the next batches are built and transferred while this step runs
         done = step + 1
-        if done % tc.log_every == 0 or done == tc.total_steps:
+        preempted = preemption.requested
+        is_log = done % tc.log_every == 0 or done == tc.total_steps or preempted
+        is_eval = bool(evaluators and tc.eval_every and done % tc.eval_every == 0 and done != tc.total_steps)
+        will_save = preempted or done == tc.total_steps or mngr.should_save(done)
+        if is_log or is_eval or will_save:
+          # Metrics reach the host only here; every step of the window is checked before its params
+          # are saved or evaluated, so no checkpoint holds a state after a non-finite step.
+          window[checked:] = jax.device_get(window[checked:])
+          _check_finite(window, checked, done - len(window) + 1, mngr, workdir)
+          checked = len(window)
+        if is_log:
+          elapsed = time.perf_counter() - window_start
+          last = _window_metrics(window, jax.device_get(window_images), elapsed, batch, model_cfg, peak)
           writer.write(done, last)
           writer.progress(done, {k: last[k] for k in ("loss", "token_accuracy", "preference_accuracy",
                                                        "tokens_per_second") if k in last})
-        if evaluators and tc.eval_every and done % tc.eval_every == 0 and done != tc.total_steps:
+          window, window_images, checked = [], [], 0
+          window_start = time.perf_counter()
+        if is_eval:
+          eval_start = time.perf_counter()
           _run_evals(evaluators, params, done, writer, last, config.lora)
-        checkpoint.save(mngr, done, params, opt_state, data_iterator, config_json,
-                        force=preemption.requested or done == tc.total_steps)
-        if preemption.requested:
+          window_start += time.perf_counter() - eval_start  # evaluation time is not step time
+        if will_save:
+          checkpoint.save(mngr, done, params, opt_state, batches, config_json, force=True)
+        if preempted:
           logging.warning("SIGTERM: saved step %d, exiting", done)
           break
       else:
@@ -404,6 +467,38 @@ def train(
     writer.close()
   last["params"] = params
   return last
+
+
+def _check_finite(window: list[dict[str, Any]], start: int, first_step: int, mngr: Any, workdir: str) -> None:
+  """Raises NonFiniteLossError at the first step of `window[start:]` with a non-finite loss or norm."""
+  for i in range(start, len(window)):
+    loss, param_norm = float(window[i]["loss"]), float(window[i]["param_norm"])
+    if not (np.isfinite(loss) and np.isfinite(param_norm)):
+      mngr.wait_until_finished()
+      raise NonFiniteLossError(
+          f"loss {loss}, parameter norm {param_norm} at step {first_step + i}; stopped without saving it. "
+          "Last good checkpoint: "
+          f"step {mngr.latest_step()} in {workdir}/checkpoints"
+      )
+
+
+def _window_metrics(window: list[dict[str, Any]], images: list[Any], elapsed: float, batch: dict[str, Any],
+                    model_cfg: Any, peak: float | None) -> dict[str, Any]:
+  """The log record of the steps since the last log: means over the window (`window_steps` of them),
+  the state metrics (`_LAST_VALUE_METRICS`) of the last step, and throughput from the wall time."""
+  out = {k: float(np.mean([m[k] for m in window])) for k in window[-1]}
+  out.update({k: float(window[-1][k]) for k in _LAST_VALUE_METRICS if k in window[-1]})
+  n = len(window)
+  step_time = elapsed / n
+  s = batch["tokens"].shape[-1]
+  b = int(np.prod(batch["tokens"].shape[:-1]))  # rows (2 per preference pair)
+  images_per_sample = float(np.mean(images))
+  step_flops = b * flops.train_flops_per_sample(model_cfg, s, images_per_sample)
+  out.update(window_steps=n, step_time=step_time, tokens_per_second=b * s / step_time,
+             tflops_per_device=step_flops / step_time / jax.device_count() / 1e12)
+  if peak:
+    out["mfu"] = step_flops / step_time / (peak * jax.device_count())
+  return out
 
 
 def _run_evals(evaluators: dict[str, Any], params: Any, step: int, writer: MetricsWriter, into: dict,

@@ -1,0 +1,520 @@
+"""Compile the train step, prefill and decode step for a TPU topology from any machine (nothing allocated).
+
+  python -m llvm_jax.aot --config=configs/X.py[:arg] --topology=v5e:4x4 [--num_slices=N] \
+      [--what=train,prefill,decode] [--decode_batch=B] [--new_tokens=128] [--json=out.json] \
+      [--config.key=value ...]
+
+  python -m llvm_jax.aot --config=configs/bench_1b.py:technique=pmod --topology=v5e-8 \
+      --config.sharding.mesh_shape='(1,-1,1)'          # FSDP over the 8 chips of one v5e host
+
+Like MaxText's train_compile.py: libtpu (the `aot` extra: `pip install -e '.[aot]'`) describes a
+deviceless TPU topology, every input is an abstract `jax.ShapeDtypeStruct` with a `NamedSharding` on
+a mesh of those devices (`sharding.make_mesh(config.sharding.mesh_shape, devices=...)`, the config's
+sharding strategy), and XLA's TPU compiler compiles the real programs:
+  train    the trainer's own step (`trainer.build_setup`, `make_train_step`, `loss_function`,
+           `lower_step`: optimiser, donation, `config.train.microbatches`) on a batch shaped like
+           `bench/train_step.py: synthetic_batch` (data.global_batch_size x data.seq_len, one image
+           per row), split over the data axes;
+  prefill  `llvm.prefill` of that batch into a cache of seq_len + new_tokens slots (last logits out);
+  decode   one `llvm.decode_step` of `decode_batch` rows against a full cache (the cache donated).
+Inference programs take the weights in the compute dtype (as a server holds them); caches are split
+over the data axes by their batch axis, weights as the strategy's parameter shardings.
+
+Printed per program, per chip: HBM of arguments, outputs, temporaries and generated code from
+`compiled.memory_analysis()` (total = arguments + outputs + temporaries − aliased) against the chip's
+capacity (fits or not, headroom); XLA's compiled FLOPs and bytes accessed (`cost_analysis()`) next to
+the analytic FLOPs of `llvm_jax.flops` (XLA's differ: rematerialised forwards, masked causal attention
+counted in full, elementwise ops); an ESTIMATED step time and MFU, from XLA's `optimal_seconds`
+where it is positive and finite, otherwise the roofline max(flops / peak, bytes / HBM bandwidth) of
+the compiled numbers (the source is printed); and the compile time. Exits 1 when a program does not fit.
+
+Topologies: 'v5e:2x4' (generation:chip grid, as `get_topology_desc` takes it) or a Cloud TPU
+accelerator type: 'v5e-8', 'v5litepod-8', 'v6e-8' count chips; 'v4-8', 'v5p-8' count TensorCores
+(two per chip: v5p-8 is the 2x2x1 host of 4 chips). Hosts (`chips_per_host_bounds`): v5e / v6e
+slices of 8 chips are one 2x4 host, others 2x2 hosts; v4 / v5p hosts are 2x2x1; v4 runs 'megacore'
+(one device per chip, as on Cloud TPU). `--num_slices` > 1 describes a multi-slice (DCN) system.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Compile-only: no local accelerator is started (set before jax reads its configuration), so libtpu's
+# one-process-per-host lock (/tmp/libtpu_lockfile), which guards real chips, is not needed either.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+
+from llvm_jax import config_utils, flops, sharding  # noqa: E402
+
+GiB = 2**30
+PROGRAMS = ("train", "prefill", "decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One TPU generation: per-chip HBM and bandwidth, and how `get_topology_desc` describes it.
+
+  Numbers from the Cloud TPU system-architecture pages: v4 32 GiB HBM2 at 1,200 GB/s; v5e 16 GiB
+  HBM2 at 819 GB/s; v5p 95 GiB HBM2e at 2,765 GB/s; v6e (Trillium) 32 GiB at 1,640 GB/s. Peak bf16
+  FLOP/s (v4 275, v5e 197, v5p 459, v6e 918 TFLOP/s) live in `flops.PEAK_FLOPS`, by device kind.
+  """
+
+  name: str
+  device_kind: str  # as compile-only devices report it
+  hbm_bytes: int
+  hbm_bandwidth: float  # bytes/s
+  grid_dims: int  # 2: v5e / v6e chip grids 'AxB'; 3: v4 / v5p 'AxBxC'
+  chip_config: str
+  cores_per_chip_in_name: int  # Cloud TPU accelerator types count TensorCores for v4 / v5p
+
+  @property
+  def peak_flops(self) -> float:
+    return flops.peak_flops(self.device_kind)
+
+
+CHIPS = {
+    "v4": Chip("v4", "TPU v4", 32 * GiB, 1.2e12, 3, "megacore", 2),
+    "v5e": Chip("v5e", "TPU v5 lite", 16 * GiB, 8.19e11, 2, "default", 1),
+    "v5p": Chip("v5p", "TPU v5", 95 * GiB, 2.765e12, 3, "default", 2),
+    "v6e": Chip("v6e", "TPU v6 lite", 32 * GiB, 1.64e12, 2, "default", 1),
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "trillium": "v6e"}
+# Chip grids of the slice shapes Cloud TPU offers, by chip count.
+_GRIDS = {
+    2: {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"},
+    3: {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8",
+        1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  chip: Chip
+  grid: str  # 'AxB' or 'AxBxC'
+  num_slices: int = 1
+
+  @property
+  def name(self) -> str:
+    return f"{self.chip.name}:{self.grid}"
+
+  @property
+  def chips_per_slice(self) -> int:
+    return math.prod(int(x) for x in self.grid.split("x"))
+
+  @property
+  def chips(self) -> int:
+    return self.chips_per_slice * self.num_slices
+
+  @property
+  def chips_per_host_bounds(self) -> tuple[int, int, int] | None:
+    """v5e / v6e: an 8-chip slice is one 2x4 host (v5litepod-8, v6e-8); elsewhere libtpu's 2x2(x1) default."""
+    if self.chip.grid_dims == 2 and self.chips_per_slice == 8:
+      return (2, 4, 1)
+    return None
+
+
+def parse_topology(spec: str, num_slices: int = 1) -> Topology:
+  """'v5e:2x4' (generation:grid) or a Cloud TPU accelerator type ('v5e-8', 'v5litepod-16', 'v5p-8')."""
+  spec = spec.strip().lower()
+  if ":" in spec:
+    gen, grid = spec.split(":", 1)
+  elif "-" in spec:
+    gen, count = spec.rsplit("-", 1)
+    gen = _ALIASES.get(gen, gen)
+    if gen not in CHIPS:
+      raise ValueError(f"unknown TPU generation in {spec!r}; expected one of {sorted(CHIPS)}")
+    chip = CHIPS[gen]
+    chips = int(count) // chip.cores_per_chip_in_name
+    if chips not in _GRIDS[chip.grid_dims]:
+      raise ValueError(f"{spec!r}: no standard {gen} slice of {chips} chips; give the grid, e.g. {gen}:2x2")
+    grid = _GRIDS[chip.grid_dims][chips]
+  else:
+    raise ValueError(f"topology {spec!r}: expected 'v5e:2x4' or an accelerator type such as 'v5e-8'")
+  gen = _ALIASES.get(gen, gen)
+  if gen not in CHIPS:
+    raise ValueError(f"unknown TPU generation {gen!r}; expected one of {sorted(CHIPS)}")
+  chip = CHIPS[gen]
+  if len(grid.split("x")) != chip.grid_dims or not all(x.isdigit() for x in grid.split("x")):
+    raise ValueError(f"{spec!r}: a {gen} grid has {chip.grid_dims} dimensions, e.g. {_GRIDS[chip.grid_dims][8]}")
+  return Topology(chip, grid, num_slices)
+
+
+def topology_for_chips(generation: str, chips: int, num_slices: int = 1) -> Topology:
+  """The standard slice of `chips` chips (per slice) of a generation."""
+  chip = CHIPS[_ALIASES.get(generation, generation)]
+  return Topology(chip, _GRIDS[chip.grid_dims][chips], num_slices)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+  """Mutes file descriptor 2 (libtpu's C++ start-up warnings about the absent TPU); replays it on error."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as capture:
+    os.dup2(capture.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      os.dup2(saved, 2)
+      capture.seek(0)
+      sys.stderr.write(capture.read().decode(errors="replace"))
+      raise
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
+def topology_devices(topology: Topology) -> list[jax.Device]:
+  """The compile-only devices of the topology (needs libtpu)."""
+  from jax.experimental import topologies
+
+  kwargs = {}
+  if topology.chips_per_host_bounds is not None:
+    kwargs["chips_per_host_bounds"] = topology.chips_per_host_bounds
+  with _quiet_stderr():
+    desc = topologies.get_topology_desc(
+        topology_name=topology.name, platform="tpu", chip_config_name=topology.chip.chip_config,
+        num_slices=topology.num_slices, **kwargs,
+    )
+  devices = list(desc.devices)
+  if len(devices) != topology.chips:
+    raise RuntimeError(f"{topology.name} x {topology.num_slices} slices gave {len(devices)} devices, "
+                       f"expected {topology.chips}")
+  return devices
+
+
+# --- Abstract inputs -----------------------------------------------------------------------------
+
+
+def _batch_spec(mesh: Mesh, rows: int, axis: int = 0, ndim: int = 1) -> PartitionSpec:
+  """Rows split over the data axes ('data', 'fsdp') when they divide, else replicated."""
+  data = mesh.shape["data"] * mesh.shape["fsdp"]
+  if ndim == 0 or rows % data:
+    return PartitionSpec()
+  return PartitionSpec(*([None] * axis + [("data", "fsdp")]))
+
+
+def abstract_batch(model_cfg, rows: int, seq_len: int, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """A batch like `bench/train_step.py: synthetic_batch` (one row built to read its structure), abstract."""
+  from llvm_jax.bench.train_step import synthetic_batch
+
+  one = synthetic_batch(model_cfg, 1, seq_len)
+  return {k: jax.ShapeDtypeStruct((rows,) + v.shape[1:], v.dtype,
+                                  sharding=NamedSharding(mesh, _batch_spec(mesh, rows, 0, v.ndim)))
+          for k, v in one.items()}
+
+
+def abstract_cache(model_cfg, rows: int, max_len: int, num_vision: int, mesh: Mesh) -> Any:
+  """The KV cache of `init_cache` as abstract arrays, each split over the data axes by its batch axis."""
+  from llvm_jax.models.decoder import init_cache
+
+  shapes = jax.eval_shape(lambda: init_cache(model_cfg.decoder, rows, max_len, num_vision=num_vision))
+  scanned = model_cfg.decoder.scan_layers
+
+  def place(path, leaf):
+    in_layers = bool(path) and getattr(path[0], "key", None) == "layers"
+    axis = 1 if scanned and in_layers else 0  # a scanned stack puts the layer axis first
+    spec = _batch_spec(mesh, rows, axis, leaf.ndim) if leaf.ndim > axis and leaf.shape[axis] == rows else PartitionSpec()
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, spec))
+
+  return jax.tree_util.tree_map_with_path(place, shapes)
+
+
+def _inference_params(config: ml_collections.ConfigDict, model, mesh: Mesh) -> Any:
+  """The weights as a server holds them: abstract, sharded, floats in the compute dtype, no LoRA adapters."""
+  from llvm_jax.train import lora, trainer
+
+  abstract, shardings = trainer.abstract_params_and_shardings(config, model, mesh)
+  abstract.pop(lora.LORA_KEY, None)
+  shardings.pop(lora.LORA_KEY, None)
+  dtype = jnp.dtype(model.config.decoder.dtype)
+  cast = lambda a: jax.ShapeDtypeStruct(a.shape, dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype)
+  return trainer.sharded_abstract(jax.tree.map(cast, abstract), shardings)
+
+
+# --- The programs --------------------------------------------------------------------------------
+
+
+def lower_train(config: ml_collections.ConfigDict, model, mesh: Mesh):
+  from llvm_jax.train import trainer
+
+  setup, abstract_params = trainer.build_setup(config, model, mesh)
+  params = trainer.sharded_abstract(abstract_params, setup.param_shardings)
+  opt_state = trainer.sharded_abstract(jax.eval_shape(setup.tx.init, abstract_params), setup.opt_shardings)
+  batch = abstract_batch(model.config, config.data.global_batch_size, config.data.seq_len, mesh)
+  step_fn = trainer.make_train_step(setup, trainer.loss_function(config), config.train.microbatches)
+  return trainer.lower_step(setup, step_fn, params, opt_state, batch)
+
+
+def _with_rules(config: ml_collections.ConfigDict, mesh: Mesh):
+  from llvm_jax.train import trainer
+
+  return trainer.sharding_context(mesh, sharding.logical_rules(config.sharding.strategy))
+
+
+def lower_prefill(config: ml_collections.ConfigDict, model, mesh: Mesh, max_len: int):
+  from llvm_jax.models import llvm
+
+  cfg = model.config
+  rows, seq_len = config.data.global_batch_size, config.data.seq_len
+  params = _inference_params(config, model, mesh)
+  batch = abstract_batch(cfg, rows, seq_len, mesh)
+  batch = {k: v for k, v in batch.items() if k in ("tokens", "images", "image_mask", "segment_ids", "hires_images")}
+  num_vision = cfg.tokens_per_image if "images" in batch else 0
+  cache = abstract_cache(cfg, rows, max_len, num_vision, mesh)
+
+  def prefill(params, batch):
+    logits, new_cache = llvm.prefill(model, params, batch["tokens"], max_len, images=batch.get("images"),
+                                     image_mask=batch.get("image_mask"), segment_ids=batch.get("segment_ids"),
+                                     hires_images=batch.get("hires_images"))
+    return logits[:, -1], new_cache  # the sampler needs the last position only
+
+  shard = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  logits_sharding = NamedSharding(mesh, _batch_spec(mesh, rows, 0, 2))
+  with _with_rules(config, mesh):
+    return jax.jit(prefill, in_shardings=(shard(params), shard(batch)),
+                   out_shardings=(logits_sharding, shard(cache))).lower(params, batch)
+
+
+def lower_decode(config: ml_collections.ConfigDict, model, mesh: Mesh, rows: int, max_len: int):
+  from llvm_jax.models import llvm
+
+  cfg = model.config
+  params = _inference_params(config, model, mesh)
+  num_vision = cfg.tokens_per_image if cfg.vision is not None else 0
+  cache = abstract_cache(cfg, rows, max_len, num_vision, mesh)
+  token = jax.ShapeDtypeStruct((rows, 1), jnp.int32, sharding=NamedSharding(mesh, _batch_spec(mesh, rows, 0, 2)))
+  shard = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  step = lambda params, token, cache: llvm.decode_step(model, params, token, cache)
+  logits_sharding = NamedSharding(mesh, _batch_spec(mesh, rows, 0, 3))
+  with _with_rules(config, mesh):
+    return jax.jit(step, in_shardings=(shard(params), token.sharding, shard(cache)),
+                   out_shardings=(logits_sharding, shard(cache)), donate_argnums=(2,)).lower(params, token, cache)
+
+
+# --- Analysis ------------------------------------------------------------------------------------
+
+
+def _cost_dict(compiled) -> dict[str, float]:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per device
+    analysis = analysis[0] if analysis else {}
+  return dict(analysis or {})
+
+
+def analyse(compiled, topology: Topology, analytic_flops: float, compile_s: float) -> dict[str, Any]:
+  """Memory against the chip's HBM, XLA's and the analytic FLOPs, and the estimated step time (per chip)."""
+  chip = topology.chip
+  memory = compiled.memory_analysis()
+  mem = {name: int(getattr(memory, f"{name}_size_in_bytes", 0) or 0)
+         for name in ("argument", "output", "temp", "generated_code", "alias")}
+  total = mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
+  cost = _cost_dict(compiled)
+  xla_flops = float(cost.get("flops", 0.0))
+  xla_bytes = float(cost.get("bytes accessed", 0.0))
+  optimal = cost.get("optimal_seconds")
+  peak = chip.peak_flops
+  compute_s, memory_s = xla_flops / peak, xla_bytes / chip.hbm_bandwidth
+  if optimal is not None and math.isfinite(optimal) and optimal > 0:
+    step_s, source = float(optimal), "XLA optimal_seconds"
+  else:
+    step_s = max(compute_s, memory_s)
+    source = "roofline max(XLA flops / peak, XLA bytes / HBM bandwidth), " + (
+        "compute-bound" if compute_s >= memory_s else "memory-bound")
+  analytic_per_chip = analytic_flops / topology.chips
+  return {
+      "compile_s": compile_s,
+      "memory": {**{f"{k}_bytes": v for k, v in mem.items()}, "total_bytes": total,
+                 "peak_bytes": int(getattr(memory, "peak_memory_in_bytes", 0) or 0)},
+      "hbm_bytes": chip.hbm_bytes,
+      "fits": total <= chip.hbm_bytes,
+      "headroom_bytes": chip.hbm_bytes - total,
+      "xla_flops_per_chip": xla_flops,
+      "xla_bytes_accessed_per_chip": xla_bytes,
+      "xla_optimal_seconds": optimal,
+      "analytic_flops": analytic_flops,
+      "analytic_flops_per_chip": analytic_per_chip,
+      "estimated_step_s": step_s,
+      "estimate_source": source,
+      "roofline_compute_s": compute_s,
+      "roofline_hbm_s": memory_s,
+      # One read of every argument (weights, optimiser state or cache): the least HBM traffic there is.
+      "min_traffic_s": mem["argument"] / chip.hbm_bandwidth,
+      "estimated_mfu": analytic_per_chip / (step_s * peak) if step_s > 0 else 0.0,
+  }
+
+
+def out_of_memory(message: str, topology: Topology, analytic_flops: float, compile_s: float) -> dict[str, Any]:
+  """The report of a program XLA refused for lack of HBM ('Ran out of memory on HBM ... (404.21G) ...')."""
+  first = message.strip().splitlines()[0]
+  found = re.search(r"required for [^(]*\(([\d.]+)([KMGT])\)", first)
+  required = float(found.group(1)) * 2 ** (10 * "KMGT".index(found.group(2)) + 10) if found else None
+  return {
+      "compile_s": compile_s, "fits": False, "error": first, "hbm_bytes": topology.chip.hbm_bytes,
+      "memory": {"total_bytes": int(required) if required else None},
+      "headroom_bytes": topology.chip.hbm_bytes - int(required) if required else None,
+      "analytic_flops": analytic_flops, "analytic_flops_per_chip": analytic_flops / topology.chips,
+  }
+
+
+def compile_for_topology(
+    config: ml_collections.ConfigDict,
+    topology: str | Topology,
+    num_slices: int = 1,
+    what: Sequence[str] = PROGRAMS,
+    decode_batch: int | None = None,
+    new_tokens: int = 128,
+) -> dict[str, Any]:
+  """Compiles the `what` programs of `config` for the TPU topology; returns the report (see module doc)."""
+  from llvm_jax.models.llvm import LLVM
+
+  unknown = sorted(set(what) - set(PROGRAMS))
+  if unknown:
+    raise ValueError(f"unknown program(s) {unknown}; expected some of {PROGRAMS}")
+  topo = topology if isinstance(topology, Topology) else parse_topology(topology, num_slices)
+  devices = topology_devices(topo)
+  mesh = sharding.make_mesh(tuple(config.sharding.mesh_shape), devices=devices)
+  model = LLVM(config_utils.model_config(config))
+  cfg = model.config
+  rows, seq_len = config.data.global_batch_size, config.data.seq_len
+  images = 1 if cfg.vision is not None else 0  # synthetic_batch: one image per row
+  num_vision = images * cfg.tokens_per_image
+  max_len = seq_len + new_tokens
+  decode_rows = decode_batch or rows
+  report: dict[str, Any] = {
+      "topology": topo.name, "num_slices": topo.num_slices, "chips": topo.chips, "device_kind": devices[0].device_kind,
+      "hbm_bytes_per_chip": topo.chip.hbm_bytes, "peak_flops_per_chip": topo.chip.peak_flops,
+      "hbm_bandwidth_per_chip": topo.chip.hbm_bandwidth,
+      "mesh": dict(mesh.shape), "strategy": config.sharding.strategy,
+      "remat": cfg.decoder.remat_policy, "scan_layers": cfg.decoder.scan_layers,
+      "batch": rows, "seq_len": seq_len, "microbatches": config.train.microbatches,
+      "decode_batch": decode_rows, "cache_len": max_len, "programs": {},
+  }
+  for name in what:
+    if name == "train":
+      lower = lambda: lower_train(config, model, mesh)
+      analytic = rows * flops.train_flops_per_sample(cfg, seq_len, images)
+    elif name == "prefill":
+      lower = lambda: lower_prefill(config, model, mesh, max_len)
+      analytic = rows * flops.forward_flops(cfg, seq_len, images)["total"]
+    else:
+      lower = lambda: lower_decode(config, model, mesh, decode_rows, max_len)
+      analytic = decode_rows * flops.decode_flops_per_token(cfg, max_len, num_vision)
+    tick = time.perf_counter()
+    try:
+      with _quiet_stderr():
+        compiled = lower().compile()
+    except jax.errors.JaxRuntimeError as e:
+      # XLA's TPU compiler itself refuses a program whose buffers exceed the chip's HBM.
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      report["programs"][name] = out_of_memory(str(e), topo, analytic, time.perf_counter() - tick)
+      continue
+    report["programs"][name] = analyse(compiled, topo, analytic, time.perf_counter() - tick)
+  report["fits"] = all(p["fits"] for p in report["programs"].values())
+  return report
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+
+def _size(n: float) -> str:
+  for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+    if abs(n) >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{n:.0f} B"
+
+
+def _flop(n: float) -> str:
+  for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+    if abs(n) >= scale:
+      return f"{n / scale:.3f} {unit}"
+  return f"{n:.0f} FLOP"
+
+
+def _seconds(s: float) -> str:
+  return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.3f} s"
+
+
+def format_report(report: dict[str, Any]) -> str:
+  chips = report["chips"]
+  lines = [
+      f"{report['topology']} x {report['num_slices']} slice(s): {chips} x {report['device_kind']} "
+      f"({_size(report['hbm_bytes_per_chip'])} HBM, {report['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16, "
+      f"{report['hbm_bandwidth_per_chip'] / 1e9:.0f} GB/s per chip); mesh {report['mesh']}, strategy "
+      f"{report['strategy']}, remat {report['remat']}, scan_layers {report['scan_layers']}",
+  ]
+  shapes = {
+      "train": f"batch {report['batch']} x {report['seq_len']} tokens, {report['microbatches']} microbatch(es)",
+      "prefill": f"batch {report['batch']} x {report['seq_len']} tokens into {report['cache_len']} cache slots",
+      "decode": f"batch {report['decode_batch']}, one token against {report['cache_len']} cache slots",
+  }
+  for name, p in report["programs"].items():
+    if "error" in p:
+      lines += [f"[{name}] {shapes[name]}: DOES NOT FIT, XLA refused it after {p['compile_s']:.1f} s: {p['error']}"]
+      continue
+    m = p["memory"]
+    lines += [
+        f"[{name}] {shapes[name]}: compiled in {p['compile_s']:.1f} s",
+        f"  HBM per chip: arguments {_size(m['argument_bytes'])}, outputs {_size(m['output_bytes'])}, temporaries "
+        f"{_size(m['temp_bytes'])}, generated code {_size(m['generated_code_bytes'])}, aliased {_size(m['alias_bytes'])}",
+        f"  total {_size(m['total_bytes'])} of {_size(p['hbm_bytes'])}: "
+        + (f"fits, headroom {_size(p['headroom_bytes'])} ({p['headroom_bytes'] / p['hbm_bytes']:.0%})" if p["fits"]
+           else f"DOES NOT FIT, {_size(-p['headroom_bytes'])} over"),
+        f"  FLOPs per chip: XLA {_flop(p['xla_flops_per_chip'])} (remat recompute, masked attention in full, "
+        f"elementwise ops), analytic {_flop(p['analytic_flops_per_chip'])}; XLA bytes accessed "
+        f"{_size(p['xla_bytes_accessed_per_chip'])}",
+        f"  ESTIMATED step time {_seconds(p['estimated_step_s'])} ({p['estimate_source']}), ESTIMATED MFU "
+        f"{p['estimated_mfu']:.1%}; HBM roofline {_seconds(p['roofline_hbm_s'])}, compute roofline "
+        f"{_seconds(p['roofline_compute_s'])}",
+    ]
+  lines.append("all programs fit" if report["fits"] else "SOME PROGRAM DOES NOT FIT")
+  return "\n".join(lines)
+
+
+def main(argv) -> None:
+  del argv
+  from absl import flags
+
+  f = flags.FLAGS
+  report = compile_for_topology(f.config, f.topology, f.num_slices, [w for w in f.what.split(",") if w],
+                                f.decode_batch or None, f.new_tokens)
+  report["command"] = "python -m llvm_jax.aot " + " ".join(sys.argv[1:])
+  print(format_report(report))
+  if f.json:
+    with open(f.json, "w") as out:
+      json.dump(report, out, indent=2, default=str)
+  if not report["fits"]:
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py[:arg]).", lock_config=True)
+  flags.DEFINE_string("topology", "v5e:2x2", "TPU topology: 'v5e:2x4' or an accelerator type ('v5e-8', 'v5p-8').")
+  flags.DEFINE_integer("num_slices", 1, "Slices (multi-slice over DCN).")
+  flags.DEFINE_string("what", ",".join(PROGRAMS), "Programs to compile: train, prefill, decode (comma-separated).")
+  flags.DEFINE_integer("decode_batch", 0, "Rows of the decode step (0: data.global_batch_size).")
+  flags.DEFINE_integer("new_tokens", 128, "Cache slots past the prompt (prefill and decode cache length).")
+  flags.DEFINE_string("json", "", "Also write the report as JSON here.")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,72 @@
+"""`python -m llvm_jax.aot`: a tiny model's train and decode steps compiled for a v5e:2x2 topology.
+
+Each compile runs in a subprocess (the CLI, as a user runs it): the deviceless TPU topology comes
+from libtpu, which starts with the process, and stays out of the test workers (their 8 fake CPU
+devices, their memory). The two subprocesses start together, so the test takes as long as the
+slower one (~15 s on 2 cores).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llvm_jax import aot
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                reason="libtpu is not installed (pip install -e '.[aot]')")
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config=configs/bench_1b.py:size=tiny,batch=8,seq_len=128", "--config.model.decoder.num_layers=2"]
+# The same tiny model with a batch whose activations need ~400 GiB per chip.
+HUGE = ["--config=configs/bench_1b.py:size=tiny,batch=4096,seq_len=4096", "--config.model.decoder.num_layers=2"]
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, "-m", "llvm_jax.aot", "--topology=v5e:2x2", *args], cwd=_REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("aot") / "tiny.json")
+  procs = {"tiny": _start([*TINY, "--what=train,decode", f"--json={out}"]), "huge": _start([*HUGE, "--what=train"])}
+  results = {name: (proc.wait(timeout=600), proc.stdout.read()) for name, proc in procs.items()}
+  with open(out) as f:
+    return results, json.load(f)
+
+
+def test_tiny_train_and_decode_fit(runs):
+  (code, output), report = runs[0]["tiny"], runs[1]
+  assert code == 0, output
+  assert report["topology"] == "v5e:2x2" and report["chips"] == 4 and report["device_kind"] == "TPU v5 lite"
+  assert report["fits"] and set(report["programs"]) == {"train", "decode"}
+  for name, program in report["programs"].items():
+    assert program["memory"]["argument_bytes"] > 0, name
+    assert program["fits"] and 0 < program["memory"]["total_bytes"] < program["hbm_bytes"] == 16 * 2**30, name
+    assert program["xla_flops_per_chip"] > 0 and program["analytic_flops_per_chip"] > 0, name
+    assert program["estimated_step_s"] > 0 and program["estimate_source"].startswith(("XLA optimal_seconds", "roofline"))
+    assert program["compile_s"] > 0
+  train = report["programs"]["train"]
+  # XLA counts more: the remat='full' recompute of the forward and the masked causal attention in full.
+  assert train["xla_flops_per_chip"] > train["analytic_flops_per_chip"]
+  assert "ESTIMATED step time" in output and "fits" in output
+
+
+def test_huge_batch_does_not_fit(runs):
+  code, output = runs[0]["huge"]
+  assert code == 1, output
+  assert "DOES NOT FIT" in output and "RESOURCE_EXHAUSTED" in output
+
+
+def test_topology_names():
+  assert aot.parse_topology("v5e-8").name == "v5e:2x4" and aot.parse_topology("v5e-8").chips_per_host_bounds == (2, 4, 1)
+  assert aot.parse_topology("v5p-8").name == "v5p:2x2x1"  # Cloud TPU counts v5p TensorCores: 4 chips
+  assert aot.parse_topology("v5litepod-16").chips == 16
+  assert aot.parse_topology("v4:2x2x2", num_slices=2).chips == 16
+  assert aot.topology_for_chips("v6e", 256).name == "v6e:16x16"
+  with pytest.raises(ValueError, match="2 dimensions"):
+    aot.parse_topology("v5e:2x2x1")
