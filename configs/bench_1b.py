@@ -10,7 +10,9 @@ progressive shifted-cosine ratio decay).
 
 Arg: technique=baseline|trol|phantom|deepstack|pmod|all_four (or names joined by '+'), batch,
      seq_len, remat=none|full|dots|dots_no_batch, size=1b|tiny (tiny: the same structure at toy
-     widths, for CPU checks of the benchmark itself).
+     widths, for CPU checks of the benchmark itself), attention=blocked|xla|cudnn|splash (the kernel:
+     cudnn on GPUs, splash on TPUs), block (its tile; 128 keeps the CPU check's memory small), scan=true|false (scanned layers: one
+     compiled layer body per stage instead of one per layer).
 """
 
 import dataclasses
@@ -32,7 +34,8 @@ def tiny_internvl_like():
 
 
 def get_config(arg=None):
-  args = config_utils.parse_arg(arg, technique="baseline", batch=16, seq_len=1024, remat="full", size="1b")
+  args = config_utils.parse_arg(arg, technique="baseline", batch=16, seq_len=1024, remat="full", size="1b",
+                                attention="blocked", block=128, scan=True)
   if args.size not in ("1b", "tiny"):
     raise ValueError(f"size must be 1b or tiny, got {args.size!r}")
   base = internvl2_like("0.5b") if args.size == "1b" else tiny_internvl_like()
@@ -40,6 +43,9 @@ def get_config(arg=None):
   pmod = PmodConfig() if args.size == "1b" else PmodConfig(schedule="explicit", layers=(2, 3, 4, 5), ratios=(0.5,) * 4)
   model = config_utils.with_techniques(base, args.technique, pmod=pmod)
   model = config_utils.with_precision(model, "bfloat16", "float32", None if args.remat == "none" else args.remat)
+  model = dataclasses.replace(model, decoder=dataclasses.replace(
+      model.decoder, attention_impl=args.attention, attention_block_size=int(args.block),
+      scan_layers=args.scan))
   config = config_utils.experiment(model, task="train", lock=False)
   config.data.update(seq_len=args.seq_len, global_batch_size=args.batch, vision="internvl",
                      image_size=model.vision.image_size, image_start="<img>", image_end="</img>")

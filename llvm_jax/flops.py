@@ -14,7 +14,9 @@ vision tower (patch embedding, bidirectional layers) and the projector:
             attention over a 2d-wide head (twice the score and value FLOPs) and the two Linear(d, 1)
             gates per head;
   p-MoD     each MoD layer runs on the text plus its kept vision tokens only (S − n + trunc(r·n),
-            attention over those alone), plus the router (2D per token of the layer's input);
+            attention over those alone), plus the router (2D per token of the layer's input); a
+            scanned stack runs each stage at its largest ratio (`pmod.stage_ratios`): those extra
+            slots are overhead, not model FLOPs, and are not counted;
   DeepStack DeepStack-L runs the g_h*g_w crops through the vision tower and projector and adds G x T x D
             residuals; DeepStack-V runs the crops' patch embedding (and `vit_crop_layer` ViT layers)
             and adds G x grid² x Dv residuals.

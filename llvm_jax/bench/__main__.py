@@ -4,7 +4,8 @@ Times the jitted, sharded train step (the trainer's own) on synthetic batches of
 shape on whatever backend jax finds: steady-state step time, tokens/s, TFLOP/s per device and MFU
 (analytic FLOPs with each technique's extra work, see llvm_jax/flops.py; MFU only where the chip's
 peak is known). On CPU it also trains the same LLaVA configuration with `transformers` PyTorch
-(AdamW, same batch) and prints the step-time ratio, both measured in this one run.
+(AdamW, same batch) and prints the step-time ratio, both measured in this one run; a model with a
+technique (which transformers lacks) is not compared.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from llvm_jax import config_utils
 from llvm_jax.bench.train_step import time_jax, time_torch
+from llvm_jax.models.techniques import switched_on
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps).")
@@ -30,7 +33,10 @@ def main(argv) -> None:
   print(f"llvm_jax train step on {result['devices']} x {result['device']}: {result['step_time_s'] * 1e3:.1f} ms, "
         f"{result['tokens_per_second']:.0f} tokens/s, {result['tflops_per_device']:.3f} TFLOP/s per device"
         + (f", MFU {result['mfu']:.1%}" if "mfu" in result else ""))
-  if jax.default_backend() == "cpu" and _TORCH.value:
+  techniques = switched_on(config_utils.model_config(config))
+  if jax.default_backend() == "cpu" and _TORCH.value and techniques:
+    print(f"PyTorch comparison skipped: transformers has no {', '.join(techniques)}, so it cannot train the same model")
+  elif jax.default_backend() == "cpu" and _TORCH.value:
     torch_time = time_torch(config, _STEPS.value)
     result["torch_step_time_s"] = torch_time
     result["torch_over_jax"] = torch_time / result["step_time_s"]

@@ -206,6 +206,9 @@ class DecoderConfig:
   # Attention kernel (models/attention.py): 'xla' (einsum, the reference) | 'blocked' (online softmax,
   # any backend, O(T) memory) | 'cudnn' (GPU flash) | 'splash' (TPU Pallas, no-cache calls).
   attention_impl: str = "xla"
+  # Query and key tile of 'blocked' and 'splash' (capped at the sequence): smaller tiles hold less
+  # memory at once, larger ones run faster on accelerators.
+  attention_block_size: int = 512
   # TroL traversal of layers; None = off.
   trol: TrolConfig | None = None
   # Phantom dimension in every attention layer; None = off.

@@ -67,7 +67,8 @@ class Attention(nn.Module):
         v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
         new_cache = {"k": k, "v": v}
         k, v = k.astype(dtype), v.astype(dtype)
-      out = attention.dot_product_attention(q, k, v, ctx.mask, cfg.head_dim**-0.5, cfg.attention_impl)
+      out = attention.dot_product_attention(q, k, v, ctx.mask, cfg.head_dim**-0.5, cfg.attention_impl,
+                                          block_q=cfg.attention_block_size, block_kv=cfg.attention_block_size)
     out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", None))
     out = layers.DenseGeneral(
         (cfg.embed_dim,), ("heads", "head_dim"), ("embed",), dtype=dtype, param_dtype=pdtype, name="o"

@@ -6,6 +6,7 @@ Activations are computed in `dtype`; norms and softmax run in float32.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -55,8 +56,11 @@ class DenseGeneral(nn.Module):
     )
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
-    contract_x = tuple(range(x.ndim - n_in, x.ndim))
-    y = jax.lax.dot_general(x, kernel, ((contract_x, tuple(range(n_in))), ((), ())))
+    # One 2-D matmul over flattened axes (free reshapes of row-major arrays): its gradients are plain
+    # matmuls too, where a multi-axis dot_general makes XLA's CPU backend transpose operands.
+    fan_in, fan_out = math.prod(in_shape), math.prod(self.out_shape)
+    y = jnp.dot(x.reshape(-1, fan_in), kernel.reshape(fan_in, fan_out))
+    y = y.reshape(x.shape[: x.ndim - n_in] + self.out_shape)
     if self.use_bias:
       bias = self.param(
           "bias", logical_init(nn.initializers.zeros, self.out_names), self.out_shape, self.param_dtype

@@ -19,7 +19,7 @@ from typing import Any
 import flax.linen as nn
 
 from llvm_jax.models import deepstack, hooks, phantom, pmod, trol
-from llvm_jax.models.config import DecoderConfig
+from llvm_jax.models.config import DecoderConfig, LLVMConfig
 
 ORDER: tuple[hooks.Technique, ...] = (
     deepstack.INJECTION, pmod.ROUTING, trol.TRAVERSAL, pmod.MOD_LAYER, phantom.CACHE_HOOK,
@@ -39,3 +39,11 @@ def attention_core(config: DecoderConfig) -> tuple[type[nn.Module], str] | None:
 def layer_signatures(config: DecoderConfig, layer: int, techniques: tuple[hooks.Technique, ...]) -> tuple[Any, ...]:
   """The layer's static signature under each technique (equal signatures can share a scan)."""
   return tuple(t.signature(config, layer, config.scan_layers) for t in techniques)
+
+
+def switched_on(config: LLVMConfig) -> tuple[str, ...]:
+  """Names of the techniques `config` uses (none of them has a `transformers` equivalent)."""
+  dec = config.decoder
+  names = [name for name, on in (("trol", dec.trol is not None), ("phantom", dec.phantom is not None),
+                                 ("pmod", bool(pmod.layer_ratios(dec)))) if on]
+  return tuple(names + (["deepstack"] if config.deepstack is not None else []))

@@ -224,6 +224,9 @@ def compile_step(setup: TrainSetup, step_fn: Callable, params: Any, opt_state: A
 
 # Batches kept produced (and placed on their devices) ahead of the train step.
 PREFETCH_BATCHES = 2
+# Dispatched steps the host may run ahead of the devices between log steps: it waits for step N-2
+# (step N-1 still queued, so the devices stay busy), bounding the batches held in device memory.
+STEPS_IN_FLIGHT = 2
 
 
 class DevicePrefetch:
@@ -416,6 +419,7 @@ def train(
   window: list[dict[str, Any]] = []
   window_images: list[Any] = []
   checked = 0
+  in_flight: collections.deque = collections.deque()
   window_start = 0.0
   last: dict[str, Any] = {}
   step = start
@@ -430,6 +434,9 @@ def train(
         window.append(metrics)
         window_images.append(images_per_row(batch["image_mask"]) if "image_mask" in batch else 0.0)
         batches.fill()  # the next batches are built and transferred while this step runs
+        in_flight.append(metrics["loss"])
+        if len(in_flight) > STEPS_IN_FLIGHT:
+          in_flight.popleft().block_until_ready()
         done = step + 1
         preempted = preemption.requested
         is_log = done % tc.log_every == 0 or done == tc.total_steps or preempted

@@ -1,0 +1,105 @@
+"""The one layer loop: scanned (with full remat) equals unrolled for every technique and combination,
+forward, gradients and cached decoding."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llvm_jax.models import decoder as decoder_lib
+from llvm_jax.models.config import DecoderConfig, PhantomConfig, PmodConfig, TrolConfig
+from llvm_jax.models.decoder import Decoder, init_cache
+from tests.model_helpers import stacked
+
+BASE = DecoderConfig(
+    vocab_size=61, embed_dim=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
+    max_position_embeddings=64,
+)
+IMG, NUM_VISION, SEQ, PROMPT = 60, 8, 16, 12
+RESIDUAL_LAYERS = (1, 2)
+TECHNIQUES = {
+    "trol": dict(trol=TrolConfig(layers=(0, 1, 2), gate_init="normal")),
+    "phantom": dict(phantom=PhantomConfig(eta=0.5)),
+    # Three MoD layers of different ratios: a scanned stack needs stages for them.
+    "pmod": dict(pmod=PmodConfig(schedule="explicit", layers=(1, 2, 3), ratios=(0.75, 0.5, 0.25), scan_groups=2,
+                                 router_init="torch")),
+    "deepstack": {},
+}
+# Each technique alone, the pairing with the most interplay (TroL reusing p-MoD's routing), all four.
+COMBOS = [(name,) for name in TECHNIQUES] + [("trol", "pmod"), tuple(TECHNIQUES)]
+
+
+class LM(nn.Module):
+  config: DecoderConfig
+
+  def setup(self):
+    self.decoder = Decoder(self.config)
+
+  def __call__(self, tokens, cache=None, decode=False, residuals=None):
+    segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    vision = None if decode else tokens == IMG
+    return self.decoder(self.decoder.embed(tokens), segment_ids, None, cache, decode, vision_mask=vision,
+                        num_vision=0 if decode else NUM_VISION, layer_residuals=residuals,
+                        residual_layers=RESIDUAL_LAYERS if residuals is not None else ())
+
+
+def _cfg(combo, **overrides):
+  options = {}
+  for name in combo:
+    options.update(TECHNIQUES[name])
+  return dataclasses.replace(BASE, **options, **overrides)
+
+
+@pytest.fixture(scope="module")
+def batch():
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, IMG, (2, SEQ))
+  tokens[:, 1:1 + NUM_VISION] = IMG
+  residuals = rng.normal(size=(len(RESIDUAL_LAYERS), 2, SEQ, BASE.embed_dim)) * (tokens == IMG)[None, :, :, None]
+  return jnp.asarray(tokens), jnp.asarray(residuals, jnp.float32)
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids="+".join)
+def test_scanned_equals_unrolled(combo, batch):
+  tokens, residuals = batch
+  residuals = residuals if "deepstack" in combo else None
+  cfg = _cfg(combo)
+  params = nn.unbox(jax.jit(LM(cfg).init)(jax.random.key(0), tokens, residuals=residuals)["params"])
+
+  def loss_and_grads(config, p):
+    loss = lambda p: jnp.sum(LM(config).apply({"params": p}, tokens, residuals=residuals)[0] ** 2) / tokens.size
+    return jax.jit(jax.value_and_grad(loss))(p)
+
+  loss, grads = loss_and_grads(cfg, params)
+  scan_loss, scan_grads = loss_and_grads(_cfg(combo, scan_layers=True, remat_policy="full"), stacked(params, 4))
+  np.testing.assert_allclose(scan_loss, loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), scan_grads, stacked(grads, 4))
+
+
+def test_pmod_scan_stages():
+  cfg = _cfg(("pmod",), scan_layers=True)
+  # Layer 0 is dense; layers 1-3 split in two stages sized by their largest ratio.
+  assert [(s.start, s.stop) for s in decoder_lib.layer_plan(cfg)] == [(0, 1), (1, 3), (3, 4)]
+  assert [(s.start, s.stop) for s in decoder_lib.layer_plan(_cfg(("pmod",)))] == [(i, i + 1) for i in range(4)]
+
+
+@pytest.mark.parametrize("combo", [("pmod",), ("trol", "phantom", "pmod")], ids="+".join)
+def test_scanned_cached_decoding_equals_full_sequence(combo, batch):
+  tokens, _ = batch
+  cfg = _cfg(combo, scan_layers=True)
+  unrolled = _cfg(combo)
+  params = nn.unbox(jax.jit(LM(unrolled).init)(jax.random.key(0), tokens)["params"])
+  full = jax.jit(lambda p, t: LM(unrolled).apply({"params": p}, t)[0])(params, tokens)
+  model = LM(cfg)
+  prefill = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c))
+  step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, decode=True))
+  params = stacked(params, 4)
+  logits, cache = prefill(params, tokens[:, :PROMPT], init_cache(cfg, 2, SEQ, num_vision=NUM_VISION))
+  outs = [logits]
+  for i in range(PROMPT, SEQ):
+    logits, cache = step(params, tokens[:, i:i + 1], cache)
+    outs.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=2e-5, atol=2e-5)
