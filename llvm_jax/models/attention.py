@@ -47,6 +47,20 @@ SPLASH_HEAD_AXES = ("tensor",)
 _SPLASH_LANES = 128  # splash's block sizes must be multiples of the TPU lane width
 
 
+def for_call(impl: str, cached: bool, initializing: bool = False) -> str:
+  """The implementation a call uses when the model is configured with `impl`.
+
+  Initialisation only creates parameters, so it takes the einsum (any shape). Splash is a kernel
+  for self-attention without a cache (training, a cache-free prefill); calls with a KV cache
+  (prefill into it, decode steps) run the blocked kernel instead, which handles cache slots.
+  """
+  if initializing:
+    return "xla"
+  if cached and impl == "splash":
+    return "blocked"
+  return impl
+
+
 def dot_product_attention(
     q: Array,
     k: Array,

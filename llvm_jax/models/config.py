@@ -100,6 +100,9 @@ class TrolConfig:
   # training-time function; 'official' traverses the prompt only and decodes each token with one
   # plain pass over pass-1 K/V (the released behaviour).
   decode_traversal: str = "full"
+  # False: off, exactly as `decoder.trol = None` (the experiment config keeps every technique block
+  # present, so `--config.model.decoder.trol.enabled=True` switches it on from the command line).
+  enabled: bool = True
 
   def __post_init__(self):
     if self.gate_init not in ("zeros", "normal", "torch"):
@@ -123,6 +126,8 @@ class PhantomConfig:
   # 'torch': every weight and bias ~ U(+-1/sqrt(fan_in)), PyTorch's nn.Linear default (the official
   # code's initialisation); 'normal': kernels ~ N(0, 0.02^2), gate biases 0.
   init: str = "torch"
+  # False: off, exactly as `decoder.phantom = None`.
+  enabled: bool = True
 
   def __post_init__(self):
     if self.cache not in ("expanded", "recompute"):
@@ -136,6 +141,7 @@ class PmodConfig:
   """p-MoD, mixture-of-depths over vision tokens (models/pmod.py): MoD layers run attention and MLP
   on the text tokens plus the top-k vision tokens by a learned router, and cache only those."""
 
+  # False: off, exactly as `decoder.pmod = None` (normalised to None by DecoderConfig).
   enabled: bool = True
   # Which layers are MoD layers and their retention ratios r: 'shiftedcos' / 'shiftedlinear' (PRD,
   # progressive ratio decay: r(l) from the layer index, a MoD layer iff r(l) <= max_ratio, using
@@ -217,6 +223,11 @@ class DecoderConfig:
   pmod: PmodConfig | None = None
 
   def __post_init__(self):
+    # One way to be off: a disabled block becomes None, so the model code only tests `is not None`.
+    for name in ("trol", "phantom", "pmod"):
+      block = getattr(self, name)
+      if block is not None and not block.enabled:
+        object.__setattr__(self, name, None)
     if self.family not in ("llama", "qwen2", "phi3"):
       raise ValueError(f"decoder.family must be llama, qwen2 or phi3, got {self.family!r}")
     if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
@@ -233,7 +244,7 @@ class DecoderConfig:
         raise ValueError(
             f"decoder.trol.layers={trol_layers}: need distinct layer indices in [0, {self.num_layers})"
         )
-    if self.pmod is not None and self.pmod.enabled:
+    if self.pmod is not None:
       if self.pmod.layers is not None and (
           len(set(self.pmod.layers)) != len(self.pmod.layers)
           or not all(0 <= i < self.num_layers for i in self.pmod.layers)
@@ -400,6 +411,8 @@ class DeepStackConfig:
   # CLIP's pre-norm); vit_start reproduces the official code, which runs the crops through the layers
   # before vit_start first.
   vit_crop_layer: int = 0
+  # False: off, exactly as `model.deepstack = None`.
+  enabled: bool = True
 
   def __post_init__(self):
     if len(self.num_crops) != 2 or min(self.num_crops) < 1:
@@ -435,6 +448,8 @@ class LLVMConfig:
   deepstack: DeepStackConfig | None = None
 
   def __post_init__(self):
+    if self.deepstack is not None and not self.deepstack.enabled:
+      object.__setattr__(self, "deepstack", None)  # one way to be off (see DecoderConfig)
     ds = self.deepstack
     if ds is None:
       return
@@ -443,7 +458,8 @@ class LLVMConfig:
     if ds.llm and ds.llm_layers[-1] >= self.decoder.num_layers:
       raise ValueError(
           f"deepstack: {ds.num_groups} groups at decoder layers {ds.llm_layers} exceed num_layers="
-          f"{self.decoder.num_layers}; lower deepstack.start / interval or use fewer crops"
+          f"{self.decoder.num_layers}; lower model.deepstack.start / model.deepstack.interval or use fewer "
+          "model.deepstack.num_crops (data.deepstack_grid follows num_crops)"
       )
     used = self.vision.num_layers_used
     if ds.vit_start is not None and ds.vit_start + ds.num_groups > used:

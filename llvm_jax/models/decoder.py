@@ -67,7 +67,7 @@ class Attention(nn.Module):
         v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
         new_cache = {"k": k, "v": v}
         k, v = k.astype(dtype), v.astype(dtype)
-      out = attention.dot_product_attention(q, k, v, ctx.mask, cfg.head_dim**-0.5, cfg.attention_impl,
+      out = attention.dot_product_attention(q, k, v, ctx.mask, cfg.head_dim**-0.5, ctx.attention_impl,
                                           block_q=cfg.attention_block_size, block_kv=cfg.attention_block_size)
     out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", None))
     out = layers.DenseGeneral(
@@ -251,8 +251,10 @@ class Decoder(nn.Module):
                             k_positions, cfg.sliding_window)
       layer_caches = cache["layers"]
     cos, sin = rope_cos_sin(positions, cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+    impl = attention.for_call(cfg.attention_impl, cached=cache is not None, initializing=self.is_initializing())
     ctx = hooks.LayerContext(cos, sin, mask, write_index, vision_mask=vision_mask, layer_residuals=layer_residuals,
-                             num_vision=num_vision if vision_mask is not None else 0, decode=decode)
+                             num_vision=num_vision if vision_mask is not None else 0, decode=decode,
+                             attention_impl=impl)
 
     active = techniques.active(cfg)
     for technique in active:

@@ -33,7 +33,8 @@ class LayerContext:
   (static): the vision tokens and the vision slots per row; layer_residuals (G, B, T, D): per-layer
   additions of this call (DeepStack); mlp_weight (B, T, 1): a per-token scale of the MLP update
   (p-MoD's STRing); extras: what an outer technique hands an inner one (p-MoD's routing); decode
-  (static): a decode step rather than a prefill or a training call.
+  (static): a decode step rather than a prefill or a training call; attention_impl (static): the
+  attention kernel of this call (`attention.for_call`).
   """
 
   cos: Array
@@ -46,6 +47,7 @@ class LayerContext:
   extras: dict[str, Any] = struct.field(default_factory=dict)
   num_vision: int = struct.field(pytree_node=False, default=0)
   decode: bool = struct.field(pytree_node=False, default=False)
+  attention_impl: str = struct.field(pytree_node=False, default="xla")
 
 
 LayerFn = Callable[[Array, LayerContext, "Cache | None"], tuple[Array, "Cache | None"]]

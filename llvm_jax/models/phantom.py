@@ -186,7 +186,7 @@ class Phantom(nn.Module):
       new_cache[SOS_CACHE_KEY] = _last_segment_sos(sos, sos_slot, cached_sos)
       keys, values = keys.astype(dtype), values.astype(dtype)
 
-    out = attention.dot_product_attention(concat(q, q_star), keys, values, ctx.mask, d**-0.5, cfg.attention_impl,
+    out = attention.dot_product_attention(concat(q, q_star), keys, values, ctx.mask, d**-0.5, ctx.attention_impl,
                                           block_q=cfg.attention_block_size, block_kv=cfg.attention_block_size)
     o1, o2 = out[..., :d], out[..., d:]
     gate = lambda name: Gate(options.init, dtype, pdtype, name=name)
