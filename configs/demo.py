@@ -11,7 +11,11 @@ Run:
 Arg: task=train|eval|demo (eval: the workdir's checkpoint with config.evals; demo: a forward pass and
      greedy generation on a random model), llm=llama|qwen2|phi3, vision=clip|siglip, steps, res, patch,
      lr, width and layers (LLM), vision_lr / projector_lr (learning-rate multipliers; vision_lr=none
-     freezes the ViT, projector_lr=none the projector), batch.
+     freezes the ViT, projector_lr=none the projector), batch,
+     technique=baseline|trol|phantom|deepstack|pmod|all_four (or names joined by '+', e.g. trol+pmod;
+     each with its paper's settings, fitted to the model's depth; data.deepstack_grid follows the model).
+Every technique block is also in the config, off: e.g. --config.model.decoder.trol.enabled=True
+--config.model.decoder.trol.layers='(0,1)', --config.model.deepstack.enabled=True.
 """
 
 from llvm_jax import config_utils
@@ -20,12 +24,14 @@ from llvm_jax.data.tokenizer import tiny_vocabulary
 
 def get_config(arg=None):
   args = config_utils.parse_arg(arg, task="train", llm="llama", vision="clip", steps=3500, res=32, patch=8,
-                                lr=1e-3, width=64, vision_lr="0.1", projector_lr="1.0", batch=16, layers=4)
+                                lr=1e-3, width=64, vision_lr="0.1", projector_lr="1.0", batch=16, layers=4,
+                                technique="baseline")
   vocab = tiny_vocabulary()
   model = config_utils.tiny_llvm(
       vocab_size=len(vocab), image_token_id=vocab["<image>"], image_size=args.res, patch_size=args.patch,
       family=args.llm, vision_kind=args.vision, embed_dim=args.width, num_layers=args.layers, vision_width=48, vision_depth=2,
   )
+  model = config_utils.with_techniques(model, args.technique)
   config = config_utils.experiment(model, task=args.task, lock=False)
   config.data.update(
       name="synthetic_vqa/large", data_dir="workdirs/tfds", build_if_missing=True, split="train",
@@ -41,4 +47,4 @@ def get_config(arg=None):
   config.train.update(total_steps=args.steps, log_every=25, checkpoint_every=1000, eval_every=0)
   config.evals.test = dict(type="vqa", split="test", max_new_tokens=6, baseline_split="train")
   config.lock()
-  return config
+  return config_utils.finalize(config)

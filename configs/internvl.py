@@ -5,7 +5,9 @@ This is the backbone family of Phantom and TroL. Run (model summary + demo gener
   python -m llvm_jax.main --config=configs/internvl.py:size=1b --workdir=/tmp/internvl1b \
       --config.init_hf=/path/to/InternVL2-1B-hf
 Arg: size=tiny|1b (1b: InternViT-300M-448px + Qwen2-0.5B, the InternVL2-1B shapes),
-     stage=pretrain|sft|sft_full|po1|po2|trol1 (freeze rules and loss, see train/optim.py).
+     stage=pretrain|sft|sft_full|po1|po2|trol1 (freeze rules and loss, see train/optim.py),
+     technique=baseline|trol|phantom|deepstack|pmod|all_four (or names joined by '+', e.g. trol+pmod;
+     data.deepstack_grid follows the model). Or per block: --config.model.decoder.trol.enabled=True.
 """
 
 from llvm_jax import config_utils
@@ -37,12 +39,13 @@ def tiny() -> LLVMConfig:
 
 
 def get_config(arg=None):
-  args = config_utils.parse_arg(arg, size="tiny", stage="sft")
+  args = config_utils.parse_arg(arg, size="tiny", stage="sft", technique="baseline")
   sizes = {"tiny": tiny, "1b": internvl2_1b}
   if args.size not in sizes:
     raise ValueError(f"size must be one of {sorted(sizes)}, got {args.size!r}")
-  config = config_utils.experiment(sizes[args.size](), task="demo", lock=False)
+  model = config_utils.with_techniques(sizes[args.size](), args.technique)
+  config = config_utils.experiment(model, task="demo", lock=False)
   config.data.update(vision="internvl", image_size=config.model.vision.image_size, image_start="<img>", image_end="</img>")
   config_utils.set_stage(config, args.stage)
   config.lock()
-  return config
+  return config_utils.finalize(config)

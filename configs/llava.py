@@ -5,7 +5,9 @@ Run (model summary + one forward pass on random weights, or on an HF checkpoint 
   python -m llvm_jax.main --config=configs/llava.py:size=7b,llm=llama --workdir=/tmp/llava7b \
       --config.init_hf=/path/to/llava-1.5-7b-hf
 Arg: size=tiny|7b, llm=llama|qwen2|phi3, vision=clip|siglip, res=<pixels> (tiny only),
-     stage=pretrain|sft|sft_full|po1|po2|trol1 (freeze rules and loss, see train/optim.py).
+     stage=pretrain|sft|sft_full|po1|po2|trol1 (freeze rules and loss, see train/optim.py),
+     technique=baseline|trol|phantom|deepstack|pmod|all_four (or names joined by '+', e.g. trol+pmod;
+     data.deepstack_grid follows the model). Or per block: --config.model.decoder.pmod.enabled=True.
 Training instead of the demo: --config.task=train (with --config.data.* pointing at the data).
 """
 
@@ -28,14 +30,15 @@ def llava_7b(llm: str) -> LLVMConfig:
 
 
 def get_config(arg=None):
-  args = config_utils.parse_arg(arg, size="tiny", llm="llama", vision="clip", res=32, stage="sft")
+  args = config_utils.parse_arg(arg, size="tiny", llm="llama", vision="clip", res=32, stage="sft", technique="baseline")
   if args.size == "7b":
     model = llava_7b(args.llm)
   elif args.size == "tiny":
     model = config_utils.tiny_llvm(family=args.llm, vision_kind=args.vision, image_size=args.res)
   else:
     raise ValueError(f"size must be tiny or 7b, got {args.size!r}")
+  model = config_utils.with_techniques(model, args.technique)
   config = config_utils.experiment(model, task="demo", lock=False)
   config_utils.set_stage(config, args.stage)
   config.lock()
-  return config
+  return config_utils.finalize(config)

@@ -4,7 +4,9 @@
   python -m llvm_jax.main --config=configs/paper.py:model=trol_3.8b --workdir=/tmp/trol38 \
       --config.init_hf=/path/to/InternVL2-4B-hf --config.task=train ...     # on real hardware and data
 
-Arg: model=<one of MODELS>, stage=pretrain|sft|sft_full|po1|po2|trol1.
+Arg: model=<one of MODELS>, stage=pretrain|sft|sft_full|po1|po2|trol1, technique=<names joined by '+'>
+(switched on in addition to the model's own, e.g. model=llava15_7b,technique=trol+pmod; or per block:
+--config.model.decoder.phantom.enabled=True).
 
 LLaVA-1.5-7B (CLIP ViT-L/14-336 + Vicuna-7B) is the baseline of DeepStack and p-MoD. TroL and Phantom
 are built on InternVL2-style backbones (InternViT-300M-448px, pixel shuffle 0.5, an MLP projector)
@@ -67,16 +69,14 @@ MODELS: dict[str, Callable[[], LLVMConfig]] = {
 
 
 def get_config(arg=None):
-  args = config_utils.parse_arg(arg, model="llava15_7b", stage="sft")
+  args = config_utils.parse_arg(arg, model="llava15_7b", stage="sft", technique="baseline")
   if args.model not in MODELS:
     raise ValueError(f"model={args.model!r} unknown; expected one of {sorted(MODELS)}")
-  model = MODELS[args.model]()
+  model = config_utils.with_techniques(MODELS[args.model](), args.technique)
   config = config_utils.experiment(model, task="demo", lock=False)
   if model.vision.kind == "internvit":
     config.data.update(vision="internvl", image_start="<img>", image_end="</img>")
   config.data.image_size = model.vision.image_size
-  if model.deepstack is not None:
-    config.data.deepstack_grid = model.deepstack.num_crops
   config_utils.set_stage(config, args.stage)
   config.lock()
-  return config
+  return config_utils.finalize(config)  # data.deepstack_grid follows the model

@@ -2,6 +2,7 @@
 
   python experiments/compare_techniques.py                       # 3 seeds x 7 variants, ~30 min on 2 CPU cores
   python experiments/compare_techniques.py --steps=3500 --eval_examples=500   # the demo's budget, ~4 h
+  python experiments/compare_techniques.py --replot    # redraw compare.md and the figures from the saved runs
 
 Trains baseline, +TroL, +Phantom, +Phantom then Phantom Optimization, +DeepStack, +p-MoD and all four
 together (each a config switch on the same model) for --steps SFT steps per seed, evaluates VQA
@@ -87,8 +88,20 @@ def train(config, workdir: str, source=None) -> dict:
   return last
 
 
+def run_dir(name: str, seed: int, args) -> str:
+  return os.path.join(args.workdir, f"{name}_steps{args.steps}_eval{args.eval_examples}", f"seed{seed}")
+
+
+def replot_result(name: str, seed: int, args) -> dict:
+  """The saved result of a finished run (--replot); a missing one is an error, never a training run."""
+  done = os.path.join(run_dir(name, seed, args), "result.json")
+  if not os.path.exists(done):
+    raise SystemExit(f"--replot: {done} is missing; run without --replot to train it")
+  return json.load(open(done))
+
+
 def run(name: str, seed: int, args) -> dict:
-  workdir = os.path.join(args.workdir, f"{name}_steps{args.steps}_eval{args.eval_examples}", f"seed{seed}")
+  workdir = run_dir(name, seed, args)
   done = os.path.join(workdir, "result.json")
   if os.path.exists(done):
     return json.load(open(done))
@@ -121,11 +134,6 @@ def run(name: str, seed: int, args) -> dict:
 
 
 def write_report(results: dict[str, list[dict]], args) -> str:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   os.makedirs(args.out, exist_ok=True)
   base_step = np.mean([r["step_time"] for r in results["baseline"]])
   rows, points = [], []
@@ -165,27 +173,94 @@ def write_report(results: dict[str, list[dict]], args) -> str:
   with open(os.path.join(args.out, "compare.md"), "w") as f:
     f.write(text)
 
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for name, runs in results.items():
-    offset = args.steps if name == "phantom+po" else 0  # PO continues the Phantom run
-    steps = [s + offset for s, _ in runs[0]["loss_curve"]]
-    n = min(len(r["loss_curve"]) for r in runs)
-    mean = np.mean([[l for _, l in r["loss_curve"][:n]] for r in runs], axis=0)
-    ax.plot(steps[:n], mean, label=name)
-  ax.set(xlabel="step (PO steps follow the Phantom SFT run)", ylabel="train loss (mean over seeds)", yscale="log")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(args.out, "compare_loss.png"), dpi=100)
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for name, flops_, mean, std in points:
-    ax.errorbar(flops_ / 1e6, mean, yerr=std, fmt="o", capsize=3)
-    ax.annotate(name, (flops_ / 1e6, mean), fontsize=8, xytext=(4, 4), textcoords="offset points")
-  ax.axhline(chance, color="gray", ls="--", lw=1, label="chance (question prior)")
-  ax.set(xlabel="prefill MFLOPs / sample", ylabel="test accuracy")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(args.out, "compare_accuracy_vs_flops.png"), dpi=100)
+  plot(results, points, chance, args.out)
   return text
+
+
+# One colour, line style and marker per variant, the same in both figures (the baseline dashed and black,
+# so no curve hides it).
+STYLES = {
+    "baseline": dict(color="black", ls="--", marker="o"), "trol": dict(color="tab:blue", ls="-", marker="s"),
+    "phantom": dict(color="tab:orange", ls="-", marker="^"), "phantom+po": dict(color="tab:red", ls="-", marker="v"),
+    "deepstack": dict(color="tab:green", ls="-", marker="D"), "pmod": dict(color="tab:purple", ls="-", marker="P"),
+    "all_four": dict(color="tab:brown", ls="-.", marker="X"),
+}
+
+
+def _band(ax, runs: list[dict], style: dict, label: str) -> None:
+  """Mean ± std over seeds of the runs' loss curves (the steps every seed logged)."""
+  n = min(len(r["loss_curve"]) for r in runs)
+  steps = np.asarray([s for s, _ in runs[0]["loss_curve"][:n]])
+  curves = np.asarray([[l for _, l in r["loss_curve"][:n]] for r in runs])
+  mean, std = curves.mean(0), curves.std(0)
+  ax.plot(steps, mean, color=style["color"], ls=style["ls"], lw=1.4, label=label)
+  ax.fill_between(steps, mean - std, mean + std, color=style["color"], alpha=0.15, lw=0)
+
+
+def _log_axis(ax, axis: str = "y") -> None:
+  """A log axis labelled at 1, 1.5, 2, 3, 5 and 7 of each decade (a plain log axis over less than a
+  decade may show one label)."""
+  from matplotlib import ticker
+
+  target = ax.yaxis if axis == "y" else ax.xaxis
+  target.set_major_locator(ticker.LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+  target.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+  target.set_minor_locator(ticker.LogLocator(subs=np.arange(1, 10)))
+  target.set_minor_formatter(ticker.NullFormatter())
+
+
+def plot(results: dict[str, list[dict]], points: list[tuple], chance: float, out: str) -> None:
+  """compare_loss.png (SFT loss per variant; PO's objective on its own panel) and
+  compare_accuracy_vs_flops.png, both mean ± std over the seeds (n stated)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  seeds = {len(runs) for runs in results.values()}
+  n_text = f"n={seeds.pop()} seeds" if len(seeds) == 1 else "n=" + ", ".join(f"{k}: {len(v)}" for k, v in results.items())
+  has_po = "phantom+po" in results
+  fig, axes = plt.subplots(1, 2 if has_po else 1, figsize=(11 if has_po else 7, 4.2),
+                           gridspec_kw={"width_ratios": [2.2, 1]} if has_po else None, squeeze=False)
+  ax = axes[0, 0]
+  for name, runs in results.items():
+    if name != "phantom+po":
+      _band(ax, runs, STYLES.get(name, {"color": None, "ls": "-"}), name)
+  ax.set_yscale("log")
+  _log_axis(ax)
+  ax.set(xlabel="SFT step", ylabel="train loss (cross-entropy)", title=f"SFT train loss, mean ± std over {n_text}")
+  ax.grid(True, which="major", alpha=0.3)
+  ax.legend(fontsize=8, ncol=2)
+  if has_po:
+    ax = axes[0, 1]
+    _band(ax, results["phantom+po"], STYLES["phantom+po"], "phantom+po")
+    ax.set(xlabel="PO step (after the Phantom SFT run)", ylabel="PO objective (SFT + λ·SimPO)",
+           title="Phantom Optimization")
+    ax.grid(True, alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "compare_loss.png"), dpi=110)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(7.5, 4.2))
+  seen: dict[float, int] = {}
+  for name, flops_, mean, std in points:
+    style = STYLES.get(name, {"color": None, "marker": "o"})
+    # A legend instead of annotations, and points of equal FLOPs (phantom, phantom+po) nudged apart, so
+    # neither labels nor error bars collide.
+    dodge = 1.0 + 0.025 * seen.get(flops_, 0)
+    seen[flops_] = seen.get(flops_, 0) + 1
+    ax.errorbar(flops_ / 1e6 * dodge, mean, yerr=std, fmt=style["marker"], color=style["color"], capsize=3, ms=7,
+                label=name)
+  ax.axhline(chance, color="gray", ls=":", lw=1.2, label="chance (blind question prior)")
+  ax.set_xscale("log")
+  _log_axis(ax, "x")
+  ax.set(xlabel="prefill MFLOPs / sample (log)", ylabel="test VQA accuracy",
+         title=f"Test accuracy vs compute: mean ± std over {n_text}")
+  ax.grid(True, which="major", alpha=0.3)
+  ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "compare_accuracy_vs_flops.png"), dpi=110)
+  plt.close(fig)
 
 
 def main_cli() -> None:
@@ -200,6 +275,8 @@ def main_cli() -> None:
   parser.add_argument("--workdir", default=os.path.join(REPO, "workdirs", "compare"))
   parser.add_argument("--data_dir", default=os.path.join(REPO, "workdirs", "tfds"))
   parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results"))
+  parser.add_argument("--replot", action="store_true",
+                      help="only redraw the report and figures from the finished runs in --workdir (no training)")
   args = parser.parse_args()
   names = args.variants.split(",")
   unknown = [n for n in names if n not in VARIANTS]
@@ -208,7 +285,10 @@ def main_cli() -> None:
   from absl import flags
 
   flags.FLAGS.mark_as_parsed()
-  results = {name: [run(name, seed, args) for seed in range(args.seeds)] for name in names}
+  if args.replot:
+    results = {name: [replot_result(name, seed, args) for seed in range(args.seeds)] for name in names}
+  else:
+    results = {name: [run(name, seed, args) for seed in range(args.seeds)] for name in names}
   print(write_report(results, args))
 
 

@@ -17,8 +17,8 @@ topology: HBM per chip from `memory_analysis()`, step times and MFU ESTIMATED fr
      roofline of its compiled bytes and against one read of its arguments (weights + cache).
   4. p-MoD against its dense model: estimated step times next to the analytic FLOPs (paper: 58.7%).
 Each compile is cached in .cache/tpu_aot.jsonl (keyed by its settings), so an interrupted run resumes
-where it stopped. Decoders are compiled with scan_layers=True (one layer body: faster compiles),
-except p-MoD's, which cannot scan (its MoD layers keep different token counts).
+where it stopped. Decoders are compiled unrolled (the configs' scan_layers=False): XLA's cost analysis
+counts a scanned layer body once, so a scanned program would need an unrolled twin compile anyway.
 """
 
 from __future__ import annotations
@@ -77,11 +77,11 @@ class Plan:
 # --- Configs -------------------------------------------------------------------------------------
 
 
-def _finish(config, strategy: str, tp: int, microbatches: int, scan: bool):
+def _finish(config, strategy: str, tp: int, microbatches: int):
   config.sharding.strategy = strategy
   config.sharding.mesh_shape = (1, -1, tp if strategy == "fsdp_tp" else 1)
   config.train.microbatches = microbatches
-  config.model.decoder.scan_layers = scan and not config.model.decoder.pmod
+  config.model.decoder.scan_layers = False
   config.lock()
   return config
 
@@ -91,7 +91,7 @@ def one_b_config(plan: Plan, technique: str):
   config = bench_1b.get_config(f"technique={technique},batch={batch},seq_len={seq},remat=full,"
                                f"size={'tiny' if plan.quick else '1b'}")
   config.unlock()
-  return _finish(config, "fsdp", 1, 1, scan=True)
+  return _finish(config, "fsdp", 1, 1)
 
 
 def paper_config(plan: Plan, name: str, strategy: str, microbatches: int):
@@ -104,7 +104,7 @@ def paper_config(plan: Plan, name: str, strategy: str, microbatches: int):
     config = config_utils.experiment(model, task="train", lock=False)
     config_utils.set_stage(config, "sft")
     config.data.update(global_batch_size=batch, seq_len=seq)
-  return _finish(config, strategy, plan.tensor_parallel, microbatches, scan=True)
+  return _finish(config, strategy, plan.tensor_parallel, microbatches)
 
 
 # --- Compiles, cached ----------------------------------------------------------------------------
@@ -166,6 +166,8 @@ def op_breakdown(config, topology: str, what: str = "train", top: int = 6) -> li
       continue
     dtype, dims, opcode = match.groups()
     kind = re.search(r"kind=(k\w+)", line)
+    if opcode in ("parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all"):
+      continue  # no data movement of their own
     name = f"fusion:{kind.group(1)}" if opcode == "fusion" and kind else opcode
     count = 1
     for d in dims.split(","):
@@ -189,35 +191,51 @@ def section_one_b(plan: Plan, run: Runner) -> dict[tuple[str, str], dict]:
 
 
 def _candidates(plan: Plan, chips: int) -> list[tuple[str, int]]:
-  """(strategy, microbatches) to try on `chips` chips, cheapest first; each microbatch splits over the chips."""
+  """(strategy, microbatches) to try on `chips` chips, in order: FSDP, FSDP with 4 microbatches (a quarter
+  of the activations live at once), FSDP + tensor parallelism; each microbatch must split over the data axes."""
   batch = plan.paper_shape[0]
   out = []
-  for strategy in ("fsdp", "fsdp_tp"):
+  for strategy, microbatches in (("fsdp", 1), ("fsdp", 4), ("fsdp_tp", 1)):
     data = chips // (plan.tensor_parallel if strategy == "fsdp_tp" else 1)
-    for microbatches in (1, 2, 4, 8):
-      if batch % microbatches == 0 and (batch // microbatches) % data == 0:
-        out.append((strategy, microbatches))
-  # FSDP with 1 microbatch first, then FSDP+TP, then more microbatches (slower steps, less activation memory).
-  return sorted(out, key=lambda c: (c[1], c[0] != "fsdp"))
+    if batch % microbatches == 0 and (batch // microbatches) % data == 0:
+      out.append((strategy, microbatches))
+  return out
+
+
+def _required_bytes(report: dict) -> float | None:
+  p = (report.get("programs") or {}).get("train") or {}
+  return (p.get("memory") or {}).get("total_bytes")
 
 
 def section_paper(plan: Plan, run: Runner) -> dict[tuple[str, str], dict]:
-  """The smallest slice (and the first strategy) each 7B model's train step fits on, per generation."""
+  """The smallest slice (and the first strategy) each 7B model's train step fits on, per generation.
+
+  A refused compile reports the bytes it needed (R on c chips): sizes where R·c/c' is still over 1.5x
+  the chip's HBM are skipped (microbatches and tensor parallelism cut activations, not that much).
+  """
   found = {}
   for name in PAPER_7B:
     for generation in ("v5e", "v5p"):
-      found[(name, generation)] = {"tried": []}
+      entry = found[(name, generation)] = {"tried": []}
+      hbm = aot.CHIPS[generation].hbm_bytes
+      lower_bound = None  # bytes x chips that the smallest refused program needed
       for chips in plan.chips:
+        if lower_bound is not None and lower_bound / chips > 1.5 * hbm:
+          continue
         topology = aot.topology_for_chips(generation, chips).name
         for strategy, microbatches in _candidates(plan, chips):
           key = f"7b:{plan.quick}:{name}:{topology}:{strategy}:{microbatches}:{plan.paper_shape}"
           report = run(key, paper_config(plan, name, strategy, microbatches), topology, ("train",))
-          found[(name, generation)]["tried"].append((topology, strategy, microbatches, report))
+          entry["tried"].append((topology, strategy, microbatches, report))
           if report.get("fits"):
-            found[(name, generation)].update(topology=topology, strategy=strategy, microbatches=microbatches,
-                                             report=report)
+            entry.update(topology=topology, strategy=strategy, microbatches=microbatches, report=report)
             break
-        if "report" in found[(name, generation)]:
+          needed = _required_bytes(report)
+          if needed:
+            lower_bound = needed * chips if lower_bound is None else min(lower_bound, needed * chips)
+            if needed > 1.5 * hbm:
+              break  # far over: the other strategies will not close the gap on this size
+        if "report" in entry:
           break
   return found
 
@@ -253,14 +271,16 @@ def markdown(plan: Plan, command: str, one_b: dict, paper_found: dict, run: Runn
       "",
       f"## 1. ~1B LLVM, train step, FSDP (batch {plan.one_b_shape[0]} x {plan.one_b_shape[1]} tokens, remat full)",
       "",
-      "| technique | slice | HBM / chip (GiB) | fits | est. step time | source | est. MFU | XLA / analytic FLOPs | compile |",
+      "| technique | slice | HBM / chip (GiB) | fits | est. step time | source | est. MFU | XLA / analytic FLOPs "
+      "| compile |",
       "|---|---|---:|---|---:|---|---:|---:|---:|",
   ]
   for (technique, topology), report in one_b.items():
     p = _program(report, "train")
     if p is None or "error" in p:
       error = (p or report).get("error", "failed")
-      lines.append(f"| {technique} | {topology} | {_gib((p or {}).get('memory', {}).get('total_bytes'))} | no | – | – "
+      needed = _gib((p or {}).get('memory', {}).get('total_bytes'))
+      lines.append(f"| {technique} | {topology} | {needed} | no | – | – "
                    f"| – | – | {report.get('wall_s', 0):.0f} s |  <!-- {error} -->")
       continue
     lines.append(
@@ -276,7 +296,8 @@ def markdown(plan: Plan, command: str, one_b: dict, paper_found: dict, run: Runn
   for (name, generation), found in paper_found.items():
     tried = len(found["tried"])
     if "report" not in found:
-      lines.append(f"| {PAPER_7B[name]} | {generation} | none up to {plan.chips[-1]} chips | – | – | – | – | – | – | "
+      lines.append(f"| {PAPER_7B[name]} | {generation} | none up to {plan.chips[-1]} chips | – | – | – | – | – "
+                   f"| – | "
                    f"{tried} |")
       continue
     p = found["report"]["programs"]["train"]
@@ -310,20 +331,22 @@ def markdown(plan: Plan, command: str, one_b: dict, paper_found: dict, run: Runn
     if dense and sparse and "error" not in dense and "error" not in sparse:
       ratio = sparse["estimated_step_s"] / dense["estimated_step_s"]
       pmod_ratios[f"1B {topology}"] = ratio
-      lines.append(f"| ~1B, 256 of {plan.one_b_shape[1]} tokens vision | {topology} | {ratio:.3f} | "
+      tokens = config_utils.model_config(one_b_config(plan, "pmod")).tokens_per_image
+      lines.append(f"| ~1B, {tokens} of {plan.one_b_shape[1]} tokens vision | {topology} | {ratio:.3f} | "
                    f"{sparse['analytic_flops'] / dense['analytic_flops']:.3f} | – |")
   dense_found = paper_found.get(("llava15_7b", "v5p"), {})
   if "report" in dense_found:
     # p-MoD on the dense model's slice and strategy, for a like-for-like step time.
     key = (f"7b:{plan.quick}:pmod_llava15_7b:{dense_found['topology']}:{dense_found['strategy']}:"
            f"{dense_found['microbatches']}:{plan.paper_shape}")
-    sparse_report = run(key, paper_config(plan, "pmod_llava15_7b", dense_found["strategy"], dense_found["microbatches"]),
-                        dense_found["topology"], ("train",))
+    sparse_config = paper_config(plan, "pmod_llava15_7b", dense_found["strategy"], dense_found["microbatches"])
+    sparse_report = run(key, sparse_config, dense_found["topology"], ("train",))
     dense, sparse = dense_found["report"]["programs"]["train"], _program(sparse_report, "train")
     if sparse and "error" not in sparse:
       ratio = sparse["estimated_step_s"] / dense["estimated_step_s"]
       pmod_ratios["7B"] = ratio
-      lines.append(f"| LLaVA-1.5-7B, 576 of {plan.paper_shape[1]} tokens vision | {dense_found['topology']} | "
+      lines.append(f"| LLaVA-1.5-7B{' (tiny stand-in)' if plan.quick else ''}, one image per sample | "
+                   f"{dense_found['topology']} | "
                    f"{ratio:.3f} | {sparse['analytic_flops'] / dense['analytic_flops']:.3f} | {PAPER_PMOD_FLOPS:.3f} |")
 
   lines += ["", "## Targets", ""]
@@ -340,7 +363,8 @@ def markdown(plan: Plan, command: str, one_b: dict, paper_found: dict, run: Runn
     ok = ratio >= TARGETS["decode_of_roofline"]
     lines.append(f"- decode ({technique}): HBM roofline / est. time {ratio:.0%} (target >= "
                  f"{TARGETS['decode_of_roofline']:.0%}): {'met' if ok else 'MISSED'}.")
-  lines += [""] + notes + ["", f"Compile time of this run: {run.compile_s / 60:.1f} min (cached compiles excluded).", ""]
+  lines += [""] + notes + [""]
+  lines += [f"Compile time of this run: {run.compile_s / 60:.1f} min (cached compiles excluded).", ""]
   return "\n".join(lines)
 
 
@@ -368,7 +392,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="tiny stand-in models: checks the script in minutes")
   parser.add_argument("--out", default=None, help=f"report path (default {OUT}; --quick: /tmp/tpu_aot_quick.md)")
-  parser.add_argument("--cache", default=None, help=f"compile cache (default {CACHE}; --quick: /tmp/tpu_aot_quick.jsonl)")
+  parser.add_argument("--cache", default=None,
+                      help=f"compile cache (default {CACHE}; --quick: /tmp/tpu_aot_quick.jsonl)")
   parser.add_argument("--refresh", action="store_true", help="ignore the cache (recompile everything)")
   args = parser.parse_args()
   plan = Plan.make(args.quick)

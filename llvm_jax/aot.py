@@ -27,6 +27,9 @@ the analytic FLOPs of `llvm_jax.flops` (XLA's differ: rematerialised forwards, m
 counted in full, elementwise ops); an ESTIMATED step time and MFU, from XLA's `optimal_seconds`
 where it is positive and finite, otherwise the roofline max(flops / peak, bytes / HBM bandwidth) of
 the compiled numbers (the source is printed); and the compile time. Exits 1 when a program does not fit.
+XLA's cost analysis counts a while loop's body once, so with scan_layers=True each program is compiled
+a second time unrolled for its FLOPs, bytes and estimates (memory stays the scanned program's;
+--nounrolled_costs skips the twin and flags the undercount).
 
 Topologies: 'v5e:2x4' (generation:chip grid, as `get_topology_desc` takes it) or a Cloud TPU
 accelerator type: 'v5e-8', 'v5litepod-8', 'v6e-8' count chips; 'v4-8', 'v5p-8' count TensorCores
@@ -45,6 +48,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import contextlib  # noqa: E402
+import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -58,7 +62,6 @@ from typing import Any  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from llvm_jax import config_utils, flops, sharding  # noqa: E402
@@ -231,7 +234,8 @@ def abstract_cache(model_cfg, rows: int, max_len: int, num_vision: int, mesh: Me
   def place(path, leaf):
     in_layers = bool(path) and getattr(path[0], "key", None) == "layers"
     axis = 1 if scanned and in_layers else 0  # a scanned stack puts the layer axis first
-    spec = _batch_spec(mesh, rows, axis, leaf.ndim) if leaf.ndim > axis and leaf.shape[axis] == rows else PartitionSpec()
+    batched = leaf.ndim > axis and leaf.shape[axis] == rows
+    spec = _batch_spec(mesh, rows, axis, leaf.ndim) if batched else PartitionSpec()
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, spec))
 
   return jax.tree_util.tree_map_with_path(place, shapes)
@@ -319,14 +323,19 @@ def _cost_dict(compiled) -> dict[str, float]:
   return dict(analysis or {})
 
 
-def analyse(compiled, topology: Topology, analytic_flops: float, compile_s: float) -> dict[str, Any]:
-  """Memory against the chip's HBM, XLA's and the analytic FLOPs, and the estimated step time (per chip)."""
+def analyse(compiled, topology: Topology, analytic_flops: float, compile_s: float,
+            cost_compiled: Any = None) -> dict[str, Any]:
+  """Memory against the chip's HBM, XLA's and the analytic FLOPs, and the estimated step time (per chip).
+
+  cost_compiled: the program whose cost analysis to use instead of `compiled`'s (the unrolled twin of
+  a scanned program).
+  """
   chip = topology.chip
   memory = compiled.memory_analysis()
   mem = {name: int(getattr(memory, f"{name}_size_in_bytes", 0) or 0)
          for name in ("argument", "output", "temp", "generated_code", "alias")}
   total = mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
-  cost = _cost_dict(compiled)
+  cost = _cost_dict(compiled if cost_compiled is None else cost_compiled)
   xla_flops = float(cost.get("flops", 0.0))
   xla_bytes = float(cost.get("bytes accessed", 0.0))
   optimal = cost.get("optimal_seconds")
@@ -381,8 +390,15 @@ def compile_for_topology(
     what: Sequence[str] = PROGRAMS,
     decode_batch: int | None = None,
     new_tokens: int = 128,
+    unrolled_costs: bool = True,
 ) -> dict[str, Any]:
-  """Compiles the `what` programs of `config` for the TPU topology; returns the report (see module doc)."""
+  """Compiles the `what` programs of `config` for the TPU topology; returns the report (see module doc).
+
+  XLA's cost analysis counts a while loop's body once, so a scanned decoder (scan_layers=True) reports
+  the FLOPs and bytes of one layer of L. With `unrolled_costs`, each program is compiled a second
+  time unrolled and the FLOPs, bytes and step-time estimate come from that twin (the same math);
+  memory and fit stay those of the scanned program.
+  """
   from llvm_jax.models.llvm import LLVM
 
   unknown = sorted(set(what) - set(PROGRAMS))
@@ -407,27 +423,55 @@ def compile_for_topology(
       "batch": rows, "seq_len": seq_len, "microbatches": config.train.microbatches,
       "decode_batch": decode_rows, "cache_len": max_len, "programs": {},
   }
+  twin = None
+  if cfg.decoder.scan_layers and unrolled_costs:
+    twin_config = copy.deepcopy(config)
+    twin_config.model.decoder.scan_layers = False
+    twin = (twin_config, LLVM(config_utils.model_config(twin_config)))
+    report["costs_from"] = "unrolled twin (XLA's cost analysis counts a scanned layer body once)"
+  elif cfg.decoder.scan_layers:
+    report["costs_from"] = "scanned program: FLOPs, bytes and estimates count ONE layer body of the scan"
+
+  def lower(name: str, config, model):
+    if name == "train":
+      return lower_train(config, model, mesh)
+    if name == "prefill":
+      return lower_prefill(config, model, mesh, max_len)
+    return lower_decode(config, model, mesh, decode_rows, max_len)
+
   for name in what:
     if name == "train":
-      lower = lambda: lower_train(config, model, mesh)
       analytic = rows * flops.train_flops_per_sample(cfg, seq_len, images)
     elif name == "prefill":
-      lower = lambda: lower_prefill(config, model, mesh, max_len)
       analytic = rows * flops.forward_flops(cfg, seq_len, images)["total"]
     else:
-      lower = lambda: lower_decode(config, model, mesh, decode_rows, max_len)
       analytic = decode_rows * flops.decode_flops_per_token(cfg, max_len, num_vision)
     tick = time.perf_counter()
     try:
       with _quiet_stderr():
-        compiled = lower().compile()
+        compiled = lower(name, config, model).compile()
     except jax.errors.JaxRuntimeError as e:
       # XLA's TPU compiler itself refuses a program whose buffers exceed the chip's HBM.
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
       report["programs"][name] = out_of_memory(str(e), topo, analytic, time.perf_counter() - tick)
       continue
-    report["programs"][name] = analyse(compiled, topo, analytic, time.perf_counter() - tick)
+    compile_s = time.perf_counter() - tick
+    cost_compiled = None
+    if twin is not None:
+      tick = time.perf_counter()
+      try:
+        with _quiet_stderr():
+          cost_compiled = lower(name, *twin).compile()
+      except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+          raise
+        # The unrolled twin may not fit where the scanned program does; its costs are then unknown.
+        cost_compiled = None
+        report["costs_from"] = "scanned program (its unrolled twin does not fit): estimates count ONE layer body"
+    report["programs"][name] = analyse(compiled, topo, analytic, compile_s, cost_compiled)
+    if twin is not None:
+      report["programs"][name]["cost_compile_s"] = time.perf_counter() - tick
   report["fits"] = all(p["fits"] for p in report["programs"].values())
   return report
 
@@ -461,6 +505,8 @@ def format_report(report: dict[str, Any]) -> str:
       f"{report['hbm_bandwidth_per_chip'] / 1e9:.0f} GB/s per chip); mesh {report['mesh']}, strategy "
       f"{report['strategy']}, remat {report['remat']}, scan_layers {report['scan_layers']}",
   ]
+  if "costs_from" in report:
+    lines.append(f"FLOPs, bytes and estimates from the {report['costs_from']}")
   shapes = {
       "train": f"batch {report['batch']} x {report['seq_len']} tokens, {report['microbatches']} microbatch(es)",
       "prefill": f"batch {report['batch']} x {report['seq_len']} tokens into {report['cache_len']} cache slots",
@@ -474,7 +520,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [
         f"[{name}] {shapes[name]}: compiled in {p['compile_s']:.1f} s",
         f"  HBM per chip: arguments {_size(m['argument_bytes'])}, outputs {_size(m['output_bytes'])}, temporaries "
-        f"{_size(m['temp_bytes'])}, generated code {_size(m['generated_code_bytes'])}, aliased {_size(m['alias_bytes'])}",
+        f"{_size(m['temp_bytes'])}, generated code {_size(m['generated_code_bytes'])}, "
+        f"aliased {_size(m['alias_bytes'])}",
         f"  total {_size(m['total_bytes'])} of {_size(p['hbm_bytes'])}: "
         + (f"fits, headroom {_size(p['headroom_bytes'])} ({p['headroom_bytes'] / p['hbm_bytes']:.0%})" if p["fits"]
            else f"DOES NOT FIT, {_size(-p['headroom_bytes'])} over"),
@@ -495,7 +542,7 @@ def main(argv) -> None:
 
   f = flags.FLAGS
   report = compile_for_topology(f.config, f.topology, f.num_slices, [w for w in f.what.split(",") if w],
-                                f.decode_batch or None, f.new_tokens)
+                                f.decode_batch or None, f.new_tokens, f.unrolled_costs)
   report["command"] = "python -m llvm_jax.aot " + " ".join(sys.argv[1:])
   print(format_report(report))
   if f.json:
@@ -516,5 +563,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("decode_batch", 0, "Rows of the decode step (0: data.global_batch_size).")
   flags.DEFINE_integer("new_tokens", 128, "Cache slots past the prompt (prefill and decode cache length).")
   flags.DEFINE_string("json", "", "Also write the report as JSON here.")
+  flags.DEFINE_bool("unrolled_costs", True, "scan_layers=True: take FLOPs, bytes and estimates from an unrolled "
+                    "twin compile (XLA counts a scanned layer body once).")
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -6,10 +6,14 @@ A config file defines `get_config(arg=None)` returning a locked `ml_collections.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import types
+import typing
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from llvm_jax.models.config import (
     DecoderConfig,
@@ -51,9 +55,58 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return result
 
 
+# The technique blocks: where each lives in the model config and its dataclass.
+_TECHNIQUE_BLOCKS = {"trol": ("decoder", TrolConfig), "phantom": ("decoder", PhantomConfig),
+                     "pmod": ("decoder", PmodConfig), "deepstack": (None, DeepStackConfig)}
+
+
 def model_block(cfg: LLVMConfig) -> ml_collections.ConfigDict:
-  """A ConfigDict mirroring `cfg` field for field (so overrides and typos are checked)."""
-  return ml_collections.ConfigDict(cfg.to_dict())
+  """A ConfigDict mirroring `cfg` field for field (so overrides and typos are checked).
+
+  Every technique block is present: a technique that is off is its defaults (fitted to this model,
+  see `default_technique`) with `enabled=False`, so `--config.model.decoder.trol.enabled=True`
+  switches it on. Optional scalar fields are typed placeholders, so `--config.model.decoder.trol.layers
+  ='(0,1)'` can override a None.
+  """
+  values = cfg.to_dict()
+  for name, (parent, _) in _TECHNIQUE_BLOCKS.items():
+    holder = values[parent] if parent else values
+    if holder[name] is None:
+      holder[name] = {**dataclasses.asdict(default_technique(cfg, name)), "enabled": False}
+  return ml_collections.ConfigDict(_with_placeholders(LLVMConfig, values))
+
+
+def _with_placeholders(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+  """`values` (a dataclass's asdict) with each None of an Optional scalar field as a typed placeholder."""
+  hints = typing.get_type_hints(cls)
+  out = {}
+  for name, value in values.items():
+    kinds = [t for t in typing.get_args(hints[name]) if t is not type(None)] or [hints[name]]
+    kind = typing.get_origin(kinds[0]) or kinds[0]
+    if dataclasses.is_dataclass(kind):
+      out[name] = None if value is None else _with_placeholders(kind, value)
+    elif value is None and kind in (int, float, str, bool, tuple):
+      out[name] = config_dict.placeholder(kind)
+    else:
+      out[name] = value
+  return out
+
+
+def default_technique(cfg: LLVMConfig, name: str) -> Any:
+  """Technique `name`'s default block (the paper's settings), clamped where `cfg` is too small for them.
+
+  DeepStack-L adds its 2x2 crop groups before decoder layers 1..4; a model with fewer than 5 layers
+  starts earlier, and one with fewer than 4 uses 1x2 (or 1x1) crops. p-MoD's PRD schedule works at
+  any depth.
+  """
+  block = _TECHNIQUE_BLOCKS[name][1]()
+  if name == "deepstack":
+    layers = cfg.decoder.num_layers
+    if block.llm and block.llm_layers[-1] >= layers:
+      crops = block.num_crops if layers >= block.num_groups else (1, 2) if layers >= 2 else (1, 1)
+      groups = crops[0] * crops[1]
+      block = dataclasses.replace(block, num_crops=crops, start=min(block.start, layers - groups), interval=1)
+  return block
 
 
 def model_config(config: ml_collections.ConfigDict) -> LLVMConfig:
@@ -72,17 +125,25 @@ def with_techniques(
 ) -> LLVMConfig:
   """`cfg` with the named techniques switched on ('trol+pmod', 'all_four', 'baseline' or a list).
 
-  Each technique uses its block's defaults (the papers' settings) unless a block is passed.
+  Each technique uses its block's defaults (the papers' settings, clamped to fit a small model: see
+  `default_technique`) unless a block is passed.
   """
+  names = technique_names(names)
+  given = {"trol": trol, "phantom": phantom, "deepstack": deepstack, "pmod": pmod}
+  blocks = {n: given[n] or default_technique(cfg, n) for n in TECHNIQUES}
+  decoder = dataclasses.replace(cfg.decoder, **{n: blocks[n] for n in names if n != "deepstack"})
+  return dataclasses.replace(cfg, decoder=decoder, deepstack=blocks["deepstack"] if "deepstack" in names else cfg.deepstack)
+
+
+def technique_names(names: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+  """'trol+pmod' -> ('trol', 'pmod'); 'all_four' -> all; 'baseline' or '' -> (); unknown names raise."""
   if isinstance(names, str):
     names = TECHNIQUES if names == "all_four" else tuple(n for n in names.split("+") if n and n != "baseline")
   unknown = sorted(set(names) - set(TECHNIQUES))
   if unknown:
-    raise ValueError(f"unknown technique(s) {unknown}; expected names from {TECHNIQUES}, 'all_four' or 'baseline'")
-  blocks = {"trol": trol or TrolConfig(), "phantom": phantom or PhantomConfig(),
-            "deepstack": deepstack or DeepStackConfig(), "pmod": pmod or PmodConfig()}
-  decoder = dataclasses.replace(cfg.decoder, **{n: blocks[n] for n in names if n != "deepstack"})
-  return dataclasses.replace(cfg, decoder=decoder, deepstack=blocks["deepstack"] if "deepstack" in names else cfg.deepstack)
+    raise ValueError(f"unknown technique(s) {unknown}; expected names from {TECHNIQUES} joined by '+', "
+                     "'all_four' or 'baseline'")
+  return tuple(names)
 
 
 def with_precision(cfg: LLVMConfig, dtype: str = "bfloat16", param_dtype: str = "float32",
@@ -150,11 +211,80 @@ def experiment(model: LLVMConfig, task: str = "demo", lock: bool = True) -> ml_c
   config.sharding = ml_collections.ConfigDict({"mesh_shape": (-1, 1, 1), "strategy": "fsdp"})
   # name -> dict(type=..., **kwargs), big_vision style (see llvm_jax/evaluators).
   config.evals = ml_collections.ConfigDict()
+  # Evals added or changed from the command line (a locked ConfigDict takes no new keys):
+  # 'NAME[:TYPE][,key=value...][;...]'; a new NAME needs its TYPE, an existing one is updated, '-NAME'
+  # drops one, e.g. --config.eval_specs='val:vqa,split=test,max_examples=50;test,max_examples=100'.
+  config.eval_specs = ""
   # task='eval': the checkpoint to evaluate (a workdir, its checkpoints/ or a step folder; '' = the
   # workdir's latest).
   config.eval_checkpoint = ""
   if lock:
     config.lock()
+  return config
+
+
+def parse_eval_specs(specs: str) -> dict[str, dict[str, Any] | None]:
+  """'val:vqa,split=test,max_examples=50;test,max_examples=9;-old' -> {'val': dict(type='vqa', split=..., ...),
+  'test': dict(max_examples=9), 'old': None}.
+
+  Values are Python literals where they parse as one (50, 0.5, True, (1, 2)), else strings.
+  """
+  out: dict[str, Any] = {}
+  for spec in filter(None, (s.strip() for s in specs.split(";"))):
+    if spec.startswith("-"):
+      out[spec[1:]] = None  # drop
+      continue
+    head, *items = spec.split(",")
+    name, *kind = head.split(":")
+    if not name or len(kind) > 1 or (kind and not kind[0]):
+      raise ValueError(f"config.eval_specs entry {spec!r}: expected NAME[:TYPE][,key=value...]")
+    entry: dict[str, Any] = {"type": kind[0]} if kind else {}
+    for item in items:
+      if "=" not in item:
+        raise ValueError(f"config.eval_specs entry {spec!r}: {item!r} is not key=value")
+      key, value = item.split("=", 1)
+      try:
+        entry[key] = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        entry[key] = value
+    out[name] = entry
+  return out
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Settings that follow from others, applied after command-line overrides (main calls it; idempotent).
+
+  - `config.eval_specs` entries are added to `config.evals` (with a TYPE: replacing an entry of that name;
+    without: updating the existing entry; '-NAME': dropping it).
+  - `data.deepstack_grid` follows `model.deepstack.num_crops` when DeepStack is on (a different
+    explicit value raises, naming both fields).
+  """
+  if config.get("eval_specs"):
+    with config.unlocked():
+      for name, entry in parse_eval_specs(config.eval_specs).items():
+        if entry is None:
+          if name not in config.evals:
+            raise ValueError(f"config.eval_specs: -{name}: no such eval; existing evals: {sorted(config.evals)}")
+          config.evals = {k: v for k, v in config.evals.items() if k != name}
+        elif "type" in entry:
+          config.evals[name] = entry
+        elif name in config.evals:
+          config.evals[name].update(entry)
+        else:
+          raise ValueError(f"config.eval_specs: eval {name!r} is new, so it needs a type ({name}:vqa,...); "
+                           f"existing evals: {sorted(config.evals)}")
+  model = model_config(config)
+  grid = config.data.get("deepstack_grid", None)
+  if model.deepstack is not None:
+    crops = tuple(model.deepstack.num_crops)
+    if grid is None:
+      config.data.deepstack_grid = crops
+    elif tuple(grid) != crops:
+      raise ValueError(f"data.deepstack_grid={tuple(grid)} differs from model.deepstack.num_crops={crops}; "
+                       "leave data.deepstack_grid unset (it follows the model) or make them equal")
+  elif grid is not None:
+    raise ValueError(f"data.deepstack_grid={tuple(grid)} is set but DeepStack is off; enable it with "
+                     "--config.model.deepstack.enabled=True or unset data.deepstack_grid")
   return config
 
 
@@ -169,6 +299,9 @@ def train_block() -> ml_collections.ConfigDict:
   t.checkpoint_every = 50
   t.keep_checkpoints = 3
   t.async_checkpoints = True
+  # Resume only params (and the data position) with a fresh optimiser state, e.g. after changing
+  # the optimiser's parameter groups, whose saved state then no longer matches.
+  t.resume_params_only = False
   # Phantom Optimization (train.loss='po'): L_SFT + lam * L_pref with SimPO's beta and margin gamma.
   t.po = ml_collections.ConfigDict({"beta": 2.0, "gamma": 1.0, "lam": 1.0})
   return t

@@ -4,7 +4,7 @@ FLOPs come from `llvm_jax.flops` (the one module that counts them: 2 FLOPs per m
 attention at one half, a training step = 3 x forward, each technique's extra work included).
 KV-cache bytes are exact: the leaves of `init_cache` for the prompt (technique entries included).
 
-  python -m llvm_jax.cost --config=configs/paper.py:model=pmod_llava_7b [--text_tokens=64]
+  python -m llvm_jax.cost --config=configs/paper.py:model=pmod_llava15_7b [--text_tokens=64]
   python -m llvm_jax.cost --config=configs/demo.py --measure_decode   # also times decoding here
 """
 
@@ -101,6 +101,14 @@ def measure_decode(cfg: LLVMConfig, batch: int = 8, text_tokens: int = 32, new_t
           "backend": jax.default_backend()}
 
 
+def _scaled(value: float, base: int, prefixes: tuple[str, ...]) -> str:
+  """`value` with the largest prefix that keeps it >= 1: _scaled(2.5e9, 1000, ...) -> '2.50 G'."""
+  i = 0
+  while i + 1 < len(prefixes) and abs(value) >= base ** (i + 1):
+    i += 1
+  return f"{value / base**i:.3g} {prefixes[i]}" if i else f"{value:,.0f} "
+
+
 def main(argv) -> None:
   from absl import flags
 
@@ -115,9 +123,11 @@ def main(argv) -> None:
         + (", deepstack" if cfg.deepstack is not None else ""))
   print(f"  parameters             {result['params']:,}")
   print(f"  context tokens         {result['context_tokens']}")
-  print(f"  prefill FLOPs/sample   {result['prefill_flops'] / 1e12:.3f} TFLOPs")
-  print(f"  train FLOPs/sample     {result['train_flops_per_sample'] / 1e12:.3f} TFLOPs")
-  print(f"  KV cache/sample        {result['kv_cache_bytes'] / 2**20:.2f} MiB")
+  print(f"  prefill FLOPs/sample   {_scaled(result['prefill_flops'], 1000, ('', 'k', 'M', 'G', 'T', 'P'))}FLOPs")
+  print(f"  train FLOPs/sample     {_scaled(result['train_flops_per_sample'], 1000, ('', 'k', 'M', 'G', 'T', 'P'))}FLOPs")
+  # The cache holds K/V in the decoder's compute dtype.
+  print(f"  KV cache/sample        {_scaled(result['kv_cache_bytes'], 1024, ('', 'Ki', 'Mi', 'Gi', 'Ti'))}B "
+        f"({cfg.decoder.dtype} K/V, {result['context_tokens']} tokens)")
   if f.measure_decode:
     decode = measure_decode(cfg)
     print(f"  decode                 {decode['decode_tokens_per_second']:.1f} tokens/s (batch {decode['batch']}, {decode['backend']})")

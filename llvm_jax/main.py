@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import jax
@@ -18,6 +19,7 @@ from ml_collections import config_flags
 
 from llvm_jax import config_utils, convert, sampler
 from llvm_jax.models.llvm import LLVM
+from llvm_jax.train.metrics import console
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (created if missing).")
@@ -25,6 +27,12 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with auto-detection (TPU pods, SLURM).")
+
+# Exit codes (README "What a kill, a preemption and a bad record cost"). 0: trained to total_steps, or
+# the run was already complete. Any other failure: 1 (a Python exception).
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: SIGTERM, the current step's checkpoint is committed; rerun to resume.
+EXIT_NONFINITE = 65  # EX_DATAERR: NaN/inf loss; stopped, the last good checkpoint kept; fix the config first.
+EXIT_WORKDIR_LOCKED = 73  # EX_CANTCREAT: another run holds the workdir's lock; nothing was written.
 
 
 def build_model(config) -> tuple[LLVM, dict]:
@@ -114,14 +122,34 @@ def resolve_tokenizer(config, workdir: str):
   return tokenizer
 
 
-def make_evaluators(config, workdir: str, model: LLVM, tokenizer) -> dict:
+class _Reported:
+  """An evaluator whose every `run` prints its result line (process 0), so intermediate evals show too."""
+
+  def __init__(self, name: str, evaluator):
+    self.name, self.evaluator = name, evaluator
+
+  def run(self, params, step: int) -> dict:
+    metrics = self.evaluator.run(params, step)
+    if jax.process_index() == 0:
+      report_eval(self.name, step, metrics)
+    return metrics
+
+  def __getattr__(self, attr):
+    if attr == "evaluator":  # not set yet (copy, pickle): no recursion
+      raise AttributeError(attr)
+    return getattr(self.evaluator, attr)
+
+
+def make_evaluators(config, workdir: str, model: LLVM, tokenizer, report: bool = True) -> dict:
+  """`config.evals` as evaluators; with `report`, each prints its result whenever it runs."""
   from llvm_jax import evaluators
 
-  return {
+  made = {
       name: evaluators.make(name, spec, model=model, tokenizer=tokenizer, data_config=config.data,
                             workdir=workdir, image_token=config.image_token)
       for name, spec in config.evals.items()
   }
+  return {name: _Reported(name, e) for name, e in made.items()} if report else made
 
 
 def report_eval(name: str, step: int, metrics: dict) -> None:
@@ -131,7 +159,7 @@ def report_eval(name: str, step: int, metrics: dict) -> None:
     line += f" (chance level, blind question prior: {metrics['chance']:.4f})"
   if metrics.get("skipped"):
     line += f", {metrics['skipped']} not scored"
-  print(line, flush=True)
+  console(line)  # ends an open progress bar line first
 
 
 def run_train(config, workdir: str) -> dict:
@@ -148,13 +176,16 @@ def run_train(config, workdir: str) -> dict:
   last.pop("params")
   if jax.process_index() == 0:
     shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float) and not k.startswith("eval/")}
+    if last["status"] == trainer.STATUS_PREEMPTED:
+      print(f"llvm_jax train: preempted (SIGTERM) at step {last['step']}/{config.train.total_steps}; "
+            f"checkpoint committed, rerun the same command to resume (exit code {EXIT_PREEMPTED})")
+      return last
+    if last["status"] == trainer.STATUS_ALREADY_COMPLETE:
+      print(f"llvm_jax train: {workdir} is already complete at step {last['step']} "
+            f"(train.total_steps={config.train.total_steps}), nothing trained; last logged: {shown}")
+      return last
     print(f"llvm_jax train: finished {config.train.total_steps} steps: {shown}")
-    print(f"  data: {data.report()}")
-    for name in config.evals:
-      prefix = f"eval/{name}/"
-      metrics = {k[len(prefix):]: v for k, v in last.items() if k.startswith(prefix)}
-      if metrics:
-        report_eval(name, config.train.total_steps, metrics)
+    print(f"  data: {data.report()}")  # eval results were printed as they ran
   return last
 
 
@@ -171,9 +202,7 @@ def run_eval(config, workdir: str) -> dict:
   params, step = trainer.restore_for_inference(config, model, mesh, config.eval_checkpoint or workdir)
   results = {}
   for name, evaluator in make_evaluators(config, workdir, model, tokenizer).items():
-    results[name] = evaluator.run(params, step)
-    if jax.process_index() == 0:
-      report_eval(name, step, results[name])
+    results[name] = evaluator.run(params, step)  # prints its line
   return results
 
 
@@ -182,21 +211,65 @@ TASKS = {"demo": run_demo, "train": run_train, "eval": run_eval}
 
 def main(argv) -> None:
   del argv
+  # Library INFO (absl, Orbax, JAX: most of a run's lines) is off unless --verbosity is given (absl's
+  # app.run raises an unset verbosity to INFO); --verbosity=0 shows it. The run's own progress, eval
+  # results and summary are printed, so they show at any verbosity.
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required")
+  config = config_utils.finalize(config)  # eval_specs, data settings that follow the model
   if config.task not in TASKS:
     raise app.UsageError(f"config.task={config.task!r} unknown; expected one of {sorted(TASKS)}")
-  config_utils.model_config(config)  # validates the model block before anything heavy runs
+  model_cfg = config_utils.model_config(config)  # validates the model block before anything heavy runs
+  if model_cfg.vision is not None and config.task in ("train", "eval"):
+    # A tower fed another tower's preprocessing (SigLIP with CLIP mean/std) trains silently wrong.
+    from llvm_jax.data import pipeline, vision
+
+    vision.check_matches_tower(pipeline.vision_spec_from_config(config.data), model_cfg.vision.kind)
+  if config.task == "train":  # bad values fail here, naming the field, before any data or model is built
+    from llvm_jax.data.config import validate_data_config
+    from llvm_jax.train.trainer import validate_train_config
+
+    validate_train_config(config)
+    validate_data_config(config.data)
   if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _DISTRIBUTED.value:
     jax.distributed.initialize()
   workdir = os.path.abspath(_WORKDIR.value or os.path.join("workdirs", config.task))
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  TASKS[config.task](config, workdir)
+  if config.task != "train":  # training writes it under the workdir lock (never over a running run's)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  code = run_task(config, workdir)
+  if code:
+    sys.exit(code)
+
+
+def run_task(config, workdir: str) -> int:
+  """Runs `config.task`; returns the exit code (EXIT_*), printing why when it is not 0."""
+  from llvm_jax.train import trainer
+  from llvm_jax.train.workdir_lock import WorkdirLockedError
+
+  try:
+    result = TASKS[config.task](config, workdir)
+  except trainer.NonFiniteLossError as e:
+    logging.error("%s", e)
+    print(f"llvm_jax {config.task}: stopped on a non-finite loss: {e} (exit code {EXIT_NONFINITE})", flush=True)
+    return EXIT_NONFINITE
+  except WorkdirLockedError as e:
+    print(f"llvm_jax {config.task}: {e} (exit code {EXIT_WORKDIR_LOCKED})", flush=True)
+    return EXIT_WORKDIR_LOCKED
+  return exit_code(result)
+
+
+def exit_code(result) -> int:
+  """The process exit code of a task's result: EXIT_PREEMPTED for a preempted training, else 0."""
+  from llvm_jax.train import trainer
+
+  return EXIT_PREEMPTED if isinstance(result, dict) and result.get("status") == trainer.STATUS_PREEMPTED else 0
 
 
 if __name__ == "__main__":

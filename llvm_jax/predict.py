@@ -88,15 +88,20 @@ class Predictor:
     on_token = None
     if stream is not None:
       emitted: list[int] = []
+      shown = [""]  # the text streamed so far
 
       def on_token(step, tokens):
         del step
         token = int(np.asarray(tokens)[0])
         if token == sampling.eos_id:
           return
-        before = self.tokenizer.decode(emitted, skip_special_tokens=True)
         emitted.append(token)
-        stream(self.tokenizer.decode(emitted, skip_special_tokens=True)[len(before):])
+        # The returned answer is stripped, so the stream is too: no leading space (' triangle'), and
+        # trailing whitespace is held back until text follows it.
+        text = self.tokenizer.decode(emitted, skip_special_tokens=True).strip()
+        if text.startswith(shown[0]) and len(text) > len(shown[0]):
+          stream(text[len(shown[0]):])
+          shown[0] = text
 
     out = sampler.sample(self.model, self.params, self.inputs(images, question), sampling, key, stream=on_token)
     ids = np.asarray(out.tokens)[0, : int(out.lengths[0])].tolist()
@@ -134,8 +139,9 @@ def from_hf(path: str, chat_template: str | None = None, image_token: str = "<im
   if model.config.vision is None:
     raise ValueError(f"{path} holds a text-only model; predict needs an LLVM")
   data = default_data_config()
-  data.update(vision=model.config.vision.kind, image_size=model.config.vision.image_size,
-              chat_template=chat_template or "")
+  data.update(chat_template=chat_template or "")
+  # The directory's image processor (size, crop, pad, mean/std), as configs/hf.py uses it for training.
+  data.update(vision.data_settings_from_dir(path, model.config.vision.kind, model.config.vision.image_size))
   tokenizer = load_tokenizer(path, chat_template)
   if tokenizer.chat_template is None:
     raise ValueError(f"the tokenizer in {path} has no chat template; pass --chat_template (e.g. vicuna_v1)")

@@ -48,7 +48,8 @@ def test_tiny_train_and_decode_fit(runs):
     assert program["memory"]["argument_bytes"] > 0, name
     assert program["fits"] and 0 < program["memory"]["total_bytes"] < program["hbm_bytes"] == 16 * 2**30, name
     assert program["xla_flops_per_chip"] > 0 and program["analytic_flops_per_chip"] > 0, name
-    assert program["estimated_step_s"] > 0 and program["estimate_source"].startswith(("XLA optimal_seconds", "roofline"))
+    assert program["estimated_step_s"] > 0
+    assert program["estimate_source"].startswith(("XLA optimal_seconds", "roofline")), name
     assert program["compile_s"] > 0
   train = report["programs"]["train"]
   # XLA counts more: the remat='full' recompute of the forward and the masked causal attention in full.
@@ -63,7 +64,8 @@ def test_huge_batch_does_not_fit(runs):
 
 
 def test_topology_names():
-  assert aot.parse_topology("v5e-8").name == "v5e:2x4" and aot.parse_topology("v5e-8").chips_per_host_bounds == (2, 4, 1)
+  v5e_8 = aot.parse_topology("v5e-8")
+  assert v5e_8.name == "v5e:2x4" and v5e_8.chips_per_host_bounds == (2, 4, 1)  # one 8-chip host
   assert aot.parse_topology("v5p-8").name == "v5p:2x2x1"  # Cloud TPU counts v5p TensorCores: 4 chips
   assert aot.parse_topology("v5litepod-16").chips == 16
   assert aot.parse_topology("v4:2x2x2", num_slices=2).chips == 16

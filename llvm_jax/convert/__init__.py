@@ -6,6 +6,11 @@
 Supported: LlamaForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM (text only), LlavaForConditionalGeneration
 (CLIP or SigLIP tower, Llama/Qwen2/Phi-3 LLM) and InternVLForConditionalGeneration (InternViT +
 pixel-shuffle projector + Qwen2/Llama LLM).
+
+A model using a technique (TroL, Phantom, p-MoD, DeepStack) has no transformers equivalent: `to_hf`
+refuses it unless `allow_custom=True`, which writes the technique's parameters as extra `llvm_jax/...`
+tensors (transformers ignores them) and `llvm_jax_config.json`, which `from_hf` reads back, so the
+round trip is exact. The command line: `python -m llvm_jax.convert to_hf|from_hf ...` (see __main__.py).
 """
 
 from __future__ import annotations
@@ -34,8 +39,22 @@ from llvm_jax.convert.vision_table import (
 )
 from llvm_jax.models.config import LLVMConfig, resolve_dtype
 from llvm_jax.models.llvm import LLVM
+from llvm_jax.models.techniques import switched_on
 
-__all__ = ["from_hf", "to_hf", "llvm_config_from_hf", "WeightMismatchError", "stack_layers", "unstack_layers"]
+# Safetensors key prefix of the parameters only llvm_jax has (techniques), written with allow_custom.
+CUSTOM_PREFIX = "llvm_jax/"
+CUSTOM_CONFIG = "llvm_jax_config.json"
+# Fields that say how the model runs, not what it computes: never a contradiction with a checkpoint.
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl", "trol", "phantom", "pmod",
+                   "deepstack")
+
+
+class CustomModelError(ValueError):
+  """The model uses a technique that no transformers class implements."""
+
+__all__ = ["from_hf", "to_hf", "llvm_config_from_hf", "WeightMismatchError", "stack_layers", "unstack_layers",
+           "CustomModelError", "unused_hf_state", "config_differences", "check_exportable",
+           "checkpoint_differences"]
 
 _TEXT_ONLY = ("llama", "qwen2", "phi3")
 _MULTIMODAL = ("llava", "internvl")
@@ -161,9 +180,16 @@ def from_hf(
   """
   hf_config, state = _hf_state(source)
   cfg = llvm_config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **decoder_overrides)
+  custom = _custom_config(source, cfg)
+  if custom is not None:  # an allow_custom export: the techniques' config and tensors come back
+    cfg = custom
   model = LLVM(cfg)
-  state = {canonical_key(k): v for k, v in state.items()}
-  params = core.hf_to_ours(state, full_table(cfg), expected_shapes(model), context=str(getattr(hf_config, "model_type", "")))
+  extra = {k[len(CUSTOM_PREFIX):]: v for k, v in state.items() if k.startswith(CUSTOM_PREFIX)}
+  state = {canonical_key(k): v for k, v in state.items() if not k.startswith(CUSTOM_PREFIX)}
+  expected = {k: v for k, v in expected_shapes(model).items() if k not in extra}
+  params = core.hf_to_ours(state, full_table(cfg), expected, context=str(getattr(hf_config, "model_type", "")))
+  if extra:
+    params = core.unflatten({**core.flatten(params), **extra})
   target = resolve_dtype(param_dtype)
   params = jax.tree.map(lambda x: np.asarray(x).astype(target), params)
   if cfg.decoder.scan_layers:
@@ -197,21 +223,97 @@ def hf_config_of(cfg: LLVMConfig, **text_extra: Any) -> Any:
   )
 
 
-def to_hf(cfg: LLVMConfig, params: dict[str, Any], out_dir: str, dtype: str = "float32", **text_extra: Any) -> str:
+def to_hf(
+    cfg: LLVMConfig,
+    params: dict[str, Any],
+    out_dir: str,
+    dtype: str = "float32",
+    *,
+    allow_custom: bool = False,
+    extra_state: dict[str, np.ndarray] | None = None,
+    max_shard_bytes: int = 5 << 30,
+    **text_extra: Any,
+) -> str:
   """Writes `out_dir` (config.json + safetensors) that transformers' from_pretrained loads.
 
   `text_extra` goes into the language model's transformers config (e.g. bos/eos/pad token ids).
+  A model with techniques raises CustomModelError unless `allow_custom` (see the module docstring).
+  `extra_state`: HF-keyed tensors the model does not hold (the tower layers past the feature layer,
+  `unused_hf_state`), written too so that HF -> llvm_jax -> HF keeps every weight.
   """
+  check_exportable(cfg, allow_custom)
   params = dict(params)
   if cfg.decoder.scan_layers:
     params["decoder"] = unstack_layers(params["decoder"], cfg.decoder.num_layers)
   target = resolve_dtype(dtype)
-  state = core.ours_to_hf(jax.tree.map(lambda x: np.asarray(jnp.asarray(x, target)), params), full_table(cfg))
+  flat = {k: np.asarray(jnp.asarray(v, target)) for k, v in core.flatten(params).items()}
+  table = full_table(cfg)
+  mapped = {o for r in table.rules for o in r.ours}
+  custom = {CUSTOM_PREFIX + k: np.ascontiguousarray(v) for k, v in flat.items() if k not in mapped}
+  state = core.ours_to_hf(core.unflatten({k: v for k, v in flat.items() if k in mapped}), table)
+  for key, value in (extra_state or {}).items():
+    state.setdefault(key, np.ascontiguousarray(np.asarray(value).astype(target)))
+  state.update(custom)
   hf_config = hf_config_of(cfg, **text_extra)
-  hf_config.torch_dtype = dtype
+  hf_config.dtype = dtype  # transformers 5's name (torch_dtype is deprecated)
   os.makedirs(out_dir, exist_ok=True)
   hf_config.save_pretrained(out_dir)
-  core.write_safetensors_dir(state, out_dir)
-  with open(os.path.join(out_dir, "llvm_jax_config.json"), "w") as f:
+  core.write_safetensors_dir(state, out_dir, max_shard_bytes)
+  with open(os.path.join(out_dir, CUSTOM_CONFIG), "w") as f:
     json.dump(cfg.to_dict(), f, indent=2)
   return out_dir
+
+
+def check_exportable(cfg: LLVMConfig, allow_custom: bool = False) -> None:
+  """Raises CustomModelError for a model with techniques unless `allow_custom`."""
+  techniques = switched_on(cfg)
+  if techniques and not allow_custom:
+    raise CustomModelError(
+        f"the model uses {', '.join(techniques)}, which no transformers class implements: the export would load "
+        "as a plain model computing a different function. Pass allow_custom (--allow_custom) to export anyway "
+        f"(the {CUSTOM_CONFIG} written beside it lets llvm_jax read it back exactly)."
+    )
+
+
+def _custom_config(source: Any, base: LLVMConfig) -> LLVMConfig | None:
+  """The llvm_jax config saved by an allow_custom export, if `source` is one (techniques switched on)."""
+  if not isinstance(source, (str, os.PathLike)):
+    return None
+  path = os.path.join(os.fspath(source), CUSTOM_CONFIG)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    saved = LLVMConfig.from_dict(json.load(f))
+  if not switched_on(saved):
+    return None  # a plain model: config.json alone describes it
+  # Precision and runtime settings are the caller's, as for any checkpoint.
+  decoder = dataclasses.replace(saved.decoder, **{k: getattr(base.decoder, k) for k in
+                                                  ("dtype", "param_dtype", "scan_layers", "remat_policy")})
+  precision = dict(dtype=base.decoder.dtype, param_dtype=base.decoder.param_dtype)
+  return dataclasses.replace(
+      saved, decoder=decoder, vision=saved.vision and dataclasses.replace(saved.vision, **precision),
+      projector=dataclasses.replace(saved.projector, **precision))
+
+
+def unused_hf_state(cfg: LLVMConfig, hf_dir: str) -> dict[str, np.ndarray]:
+  """The tensors of `hf_dir` that `cfg`'s model never reads (tower layers past the feature layer,
+  post-layernorm, SigLIP's head: the tables' `ignore` list), keyed as `to_hf` writes them."""
+  ignore = [re.compile(p) for p in full_table(cfg).ignore]
+  state = {canonical_key(k): v for k, v in core.read_safetensors_dir(hf_dir).items()}
+  return {k: v for k, v in state.items() if any(p.match(k) for p in ignore)}
+
+
+def config_differences(ours: LLVMConfig, theirs: LLVMConfig) -> list[str]:
+  """'field: ours vs checkpoint' for every model field that differs (runtime settings and technique
+  blocks, which a checkpoint does not have, are not compared)."""
+  a, b = core.flatten(ours.to_dict()), core.flatten(theirs.to_dict())
+  skip = lambda k: any(part in _RUNTIME_FIELDS for part in k.split("/"))
+  return [f"model.{k.replace('/', '.')}: config {a.get(k)!r}, checkpoint {b.get(k)!r}"
+          for k in sorted(set(a) | set(b)) if not skip(k) and a.get(k) != b.get(k)]
+
+
+def checkpoint_differences(cfg: LLVMConfig, hf_dir: str) -> list[str]:
+  """`config_differences` between `cfg` and the model of the save_pretrained directory `hf_dir`."""
+  import transformers
+
+  return config_differences(cfg, llvm_config_from_hf(transformers.AutoConfig.from_pretrained(hf_dir)))

@@ -58,24 +58,70 @@ class _CodePathMixin:
 
 
 # -- shared helpers ------------------------------------------------------------------------------
-def _load_json_records(path: epath.Path) -> list[Any]:
-  """A JSON list (or {"data": [...]}) or JSONL file -> list of records."""
-  text = path.read_text()
+class _BadLine:
+  """A JSONL line that is not UTF-8 or not JSON: skipped and counted like any bad record."""
+
+  def __init__(self, detail: str):
+    self.detail = detail
+
+
+def _load_json_records(path: epath.Path) -> list[tuple[str, Any]]:
+  """A JSON list (or {"data": [...]}) or JSONL file -> [(default id, record)].
+
+  The default id names the file and the JSONL line number (or the record index in a JSON list). A
+  JSONL line that does not decode gives a _BadLine (skipped and counted by the caller); a JSON
+  file that does not parse raises ValueError naming the file, line and column.
+  """
+  raw = path.read_bytes()
   if path.suffix == ".jsonl":
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-  data = json.loads(text)
+    out = []
+    for lineno, line in enumerate(raw.splitlines(), start=1):
+      if not line.strip():
+        continue
+      try:
+        out.append((f"{path.name}:{lineno}", json.loads(line.decode("utf-8"))))
+      except UnicodeDecodeError as e:
+        out.append((f"{path.name}:{lineno}", _BadLine(f"{path}:{lineno}: not UTF-8 (byte {e.start} of the line)")))
+      except ValueError as e:
+        out.append((f"{path.name}:{lineno}", _BadLine(f"{path}:{lineno}: not JSON ({e})")))
+    return out
+  try:
+    data = json.loads(raw.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    line = raw[: e.start].count(b"\n") + 1
+    raise ValueError(f"{path}:{line}: not UTF-8 (byte offset {e.start}); a JSON list is read whole, so fix the file "
+                     "(or convert it to JSONL, whose bad lines are skipped and counted)") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}); a JSON list is read whole, so fix the "
+                     "file (or convert it to JSONL, whose bad lines are skipped and counted)") from None
   if isinstance(data, Mapping) and isinstance(data.get("data"), list):
     data = data["data"]
   if not isinstance(data, list):
     raise ValueError(f"{path}: expected a JSON list of records")
-  return data
+  return [(f"{path.name}:{i}", rec) for i, rec in enumerate(data)]
+
+
+def _record_id(rec: Any, default: str) -> str:
+  """The record's id for reports and the stored `id` feature (always valid UTF-8 text)."""
+  rid = records.record_id(rec, default=default) if isinstance(rec, Mapping) else default
+  return rid.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _unexpected(e: Exception) -> SampleError:
+  """Any other error of one record's content (wrong types deep inside it): the record is skipped."""
+  return SampleError("malformed_record", f"{type(e).__name__}: {str(e)[:200]}")
 
 
 def _read_image(path: epath.Path, verify: bool) -> bytes:
   """The file's bytes; SampleError if missing, empty or (with verify) not a decodable image."""
-  if not path.exists():
-    raise SampleError("missing_image", f"no file {path}")
-  data = path.read_bytes()
+  try:
+    if not path.exists():
+      raise SampleError("missing_image", f"no file {path}")
+    if not path.is_file():
+      raise SampleError("missing_image", f"{path} is not a file")
+    data = path.read_bytes()
+  except (OSError, ValueError) as e:  # a directory, no permission, NUL or surrogate in the path...
+    raise SampleError("missing_image", f"cannot read {path}: {type(e).__name__}: {e}") from None
   if not data:
     raise SampleError("missing_image", f"empty file {path}")
   if verify:
@@ -89,6 +135,8 @@ def _image_paths(value: Any) -> list[str]:
   if isinstance(value, str):
     return [value]
   if isinstance(value, Sequence) and all(isinstance(v, str) and v for v in value):
+    for v in value:
+      records.as_text(v, "image path")  # valid Unicode (stored as text)
     return list(value)
   raise SampleError("malformed_record", f"'image' must be a path or a list of paths, got {value!r}")
 
@@ -313,16 +361,25 @@ class LlavaInstruct(_CodePathMixin, _LocalFilesMixin, tfds.core.GeneratorBasedBu
     report = self._report(split)
     verify = self.builder_config.verify_images
     for f, path in enumerate(paths):
-      for i, rec in enumerate(_load_json_records(path)):
-        rid = records.record_id(rec, default=f"{path.name}:{i}") if isinstance(rec, Mapping) else f"{path.name}:{i}"
+      for i, (default_id, rec) in enumerate(_load_json_records(path)):
+        rid = _record_id(rec, default_id)
         try:
-          if not isinstance(rec, Mapping):
-            raise SampleError("malformed_record", f"record is a {type(rec).__name__}, not an object")
-          rel = _image_paths(rec.get("image"))
-          conv = rec.get("conversations")
-          turns = records.normalize_conversation(conv, len(rel))
-          del turns  # validation only: the stored turns are the original ones
-          images = [_read_image(root / p, verify) for p in rel]
+          try:
+            if isinstance(rec, _BadLine):
+              raise SampleError("malformed_record", rec.detail)
+            if not isinstance(rec, Mapping):
+              raise SampleError("malformed_record", f"record is a {type(rec).__name__}, not an object")
+            records.as_text(records.record_id(rec, default_id), "id")
+            rel = _image_paths(rec.get("image"))
+            conv = rec.get("conversations")
+            turns = records.normalize_conversation(conv, len(rel))
+            del turns  # validation only: the stored turns are the original ones
+            stored = [{"from": str(w), "value": str(v)} for w, v in records.turns_as_list(conv)]
+            images = [_read_image(root / p, verify) for p in rel]
+          except SampleError:
+            raise
+          except Exception as e:
+            raise _unexpected(e) from None
         except SampleError as e:
           report.skip(rid, e.reason, e.detail, strict=self.strict)
           continue
@@ -331,7 +388,7 @@ class LlavaInstruct(_CodePathMixin, _LocalFilesMixin, tfds.core.GeneratorBasedBu
             "id": rid,
             "images": images,
             "image_paths": rel,
-            "conversations": [{"from": str(t["from"]), "value": str(t["value"])} for t in conv],
+            "conversations": stored,
         }
     self._finish(report)
 
@@ -380,16 +437,24 @@ class Preference(_CodePathMixin, _LocalFilesMixin, tfds.core.GeneratorBasedBuild
     report = self._report(split)
     verify = self.builder_config.verify_images
     for f, path in enumerate(paths):
-      for i, rec in enumerate(_load_json_records(path)):
-        rid = records.record_id(rec, default=f"{path.name}:{i}") if isinstance(rec, Mapping) else f"{path.name}:{i}"
+      for i, (default_id, rec) in enumerate(_load_json_records(path)):
+        rid = _record_id(rec, default_id)
         try:
-          if not isinstance(rec, Mapping):
-            raise SampleError("malformed_record", f"record is a {type(rec).__name__}, not an object")
-          rel = _image_paths(rec.get("image", rec.get("images")))
-          fields = {k: rec.get(k) for k in ("question", "chosen", "rejected")}
-          # Same validation as the pipeline (empty / identical answers, <image> markers).
-          records.to_example({"id": rid, "images": [b"x"] * len(rel), **fields})
-          images = [_read_image(root / p, verify) for p in rel]
+          try:
+            if isinstance(rec, _BadLine):
+              raise SampleError("malformed_record", rec.detail)
+            if not isinstance(rec, Mapping):
+              raise SampleError("malformed_record", f"record is a {type(rec).__name__}, not an object")
+            records.as_text(records.record_id(rec, default_id), "id")
+            rel = _image_paths(rec.get("image", rec.get("images")))
+            fields = {k: rec.get(k) for k in ("question", "chosen", "rejected")}
+            # Same validation as the pipeline (empty / identical answers, <image> markers).
+            records.to_example({"id": rid, "images": [b"x"] * len(rel), **fields})
+            images = [_read_image(root / p, verify) for p in rel]
+          except SampleError:
+            raise
+          except Exception as e:
+            raise _unexpected(e) from None
         except SampleError as e:
           report.skip(rid, e.reason, e.detail, strict=self.strict)
           continue

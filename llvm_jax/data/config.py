@@ -62,3 +62,14 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.shuffle = True
   cfg.drop_remainder = False
   return cfg
+
+
+def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the `config.data` field whose value cannot work (before anything runs)."""
+  for name, low in (("global_batch_size", 1), ("seq_len", 1), ("num_workers", 0), ("max_images", 0),
+                    ("image_size", 1), ("read_threads", 1), ("worker_buffer_size", 1)):
+    value = cfg.get(name, None)
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ValueError(f"config.data.{name}={value!r}: must be an integer >= {low}")

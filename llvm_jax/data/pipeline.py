@@ -39,11 +39,14 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import functools
 import gc
 import json
 import math
 import os
 import pickle
+import threading
+import time
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -52,6 +55,7 @@ import grain.python as grain
 import numpy as np
 
 from llvm_jax.data import records, vision
+from llvm_jax.data.config import validate_data_config
 from llvm_jax.data.records import SampleError, SkipReport
 from llvm_jax.data.text import ChatEncoder, Encoded
 from llvm_jax.data.tokenizer import load_tokenizer
@@ -130,6 +134,34 @@ def records_repr(source) -> str:
 
 
 # -- per-record processing (runs in grain workers) -----------------------------------------------
+_WATCHED_PARENT: int | None = None
+
+
+def exit_with_parent(parent_pid: int, interval: float = 0.5) -> None:
+  """In a grain worker: starts (once per process) a thread that exits the process when `parent_pid` dies.
+
+  grain's worker processes outlive a trainer killed with SIGKILL (it cannot stop them), holding
+  their memory for minutes; polling the parent is portable and, unlike PR_SET_PDEATHSIG, does not
+  depend on which thread of the parent started the worker.
+  """
+  global _WATCHED_PARENT
+  if _WATCHED_PARENT == parent_pid or os.getpid() == parent_pid:
+    return
+  _WATCHED_PARENT = parent_pid
+
+  def watch():
+    while True:
+      try:
+        os.kill(parent_pid, 0)
+      except ProcessLookupError:
+        os._exit(0)  # no cleanup to do: the parent that consumed our output is gone
+      except PermissionError:  # the pid was reused by another user's process: our parent is gone
+        os._exit(0)
+      time.sleep(interval)
+
+  threading.Thread(target=watch, name="exit_with_parent", daemon=True).start()
+
+
 class ProcessRecord(grain.MapTransform):
   """Record -> processed example dict, or a skip marker {'skip': reason, 'id', 'detail'}."""
 
@@ -165,8 +197,12 @@ class ProcessRecord(grain.MapTransform):
   # When set (worker processes), outputs travel as one pickled bytes object: much cheaper than
   # grain's per-array shared-memory blocks for the small arrays of one example.
   serialize: bool = False
+  # The process that built the pipeline; workers exit when it is gone (see exit_with_parent).
+  parent_pid: int = os.getpid()
 
   def map(self, record):
+    if self.serialize:
+      exit_with_parent(self.parent_pid)
     rid = records.record_id(record) if isinstance(record, Mapping) else "?"
     try:
       out = self._process(record, rid)
@@ -486,6 +522,38 @@ def _close_loader_iterator(it) -> None:
 
 
 # -- multi-host ----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=32)
+def check_data_sharding(mesh, data_axes: Sequence[str] = ("data", "fsdp")) -> None:
+  """Raises ValueError unless every process holds batch rows that no other process holds.
+
+  Each process feeds its own rows (its data shard) to make_global_batch; if a mesh replicates
+  batch rows across processes (the data axes do not span them, e.g. mesh (1, 1, 4) over 2
+  processes), the "replicated" copies would differ per process and the global batch would silently
+  shrink. Replicating one batch across processes is not supported: put the processes on a data axis.
+  """
+  import jax
+
+  axes = tuple(a for a in data_axes if a in mesh.axis_names)
+  processes = {d.process_index for d in mesh.devices.flat}
+  if len(processes) <= 1 or not axes:
+    return
+  # The data-axes coordinates of each device = which rows of the batch it holds.
+  owners: dict[tuple[int, ...], set[int]] = collections.defaultdict(set)
+  names = list(mesh.axis_names)
+  for index in np.ndindex(mesh.devices.shape):
+    owners[tuple(index[names.index(a)] for a in axes)].add(mesh.devices[index].process_index)
+  shared = {k: v for k, v in owners.items() if len(v) > 1}
+  if shared:
+    shape = dict(zip(mesh.axis_names, mesh.devices.shape))
+    raise ValueError(
+        f"mesh {shape} over {len(processes)} processes ({jax.process_count()} in the run): the batch is split only "
+        f"over the data axes {axes}, whose {len(owners)} shard(s) are each held by devices of several processes "
+        f"(e.g. processes {sorted(next(iter(shared.values())))}), but each process feeds different rows. "
+        f"Use a mesh whose data axes ({'/'.join(axes)}) have a multiple of {len(processes)} shards spanning the "
+        "processes, e.g. --config.sharding.mesh_shape='(-1, 1, 1)' or fsdp over all devices "
+        "(sharding.strategy and the other axes then shard the model within a process).")
+
+
 def make_global_batch(local_batch: Mapping[str, Any], mesh, data_axes: Sequence[str] = ("data", "fsdp")) -> dict[str, Any]:
   """Process-local numpy batch -> global jax arrays sharded on the batch dim over `data_axes`.
 
@@ -500,6 +568,7 @@ def make_global_batch(local_batch: Mapping[str, Any], mesh, data_axes: Sequence[
   axes = tuple(a for a in data_axes if a in mesh.axis_names)
   if not axes:
     raise ValueError(f"mesh axes {mesh.axis_names} contain none of the data axes {tuple(data_axes)}")
+  check_data_sharding(mesh, tuple(data_axes))
   out: dict[str, Any] = {}
   for key, value in local_batch.items():
     value = np.asarray(value)
@@ -521,6 +590,7 @@ def vision_spec_from_config(data_cfg) -> vision.VisionSpec:
       max_tiles=data_cfg.get("max_tiles", 6),
       use_thumbnail=data_cfg.get("use_thumbnail", True),
       deepstack_grid=None if grid is None else tuple(grid),
+      processor=data_cfg.get("image_processor", "") or "",  # set by configs/hf.py
   )
 
 
@@ -555,6 +625,9 @@ def make_iterator(
   """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  validate_data_config(data_cfg)
+  if mesh is not None:
+    check_data_sharding(mesh, tuple(data_axes))
   if num_epochs is None and mode == "eval":
     num_epochs = 1
   tokenizer = load_tokenizer(tokenizer, data_cfg.get("chat_template", "") or None)
@@ -586,6 +659,7 @@ def make_iterator(
       system_prompt=data_cfg.get("system_prompt", None),
   )
   process.serialize = int(data_cfg.num_workers) > 0
+  process.parent_pid = os.getpid()
   channels = _channels(shard[0], mode)
   sampler = grain.IndexSampler(
       num_records=len(shard),

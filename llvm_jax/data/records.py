@@ -114,6 +114,11 @@ def as_text(value: Any, what: str) -> str:
   if isinstance(value, np.ndarray) and value.shape == ():
     return as_text(value.item(), what)
   if isinstance(value, str):
+    try:  # valid JSON can hold lone surrogates ("\ud800"), which no UTF-8 writer accepts
+      value.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise SampleError("malformed_record",
+                        f"{what} is not valid Unicode (lone surrogate at character {e.start})") from None
     return value
   raise SampleError("malformed_record", f"{what} must be text, got {type(value).__name__}")
 
@@ -138,7 +143,8 @@ def turns_as_list(conversations: Any) -> list[tuple[Any, Any]]:
     return []
   if isinstance(conversations, Mapping):
     froms, values = conversations.get("from"), conversations.get("value")
-    if froms is None or values is None or len(froms) != len(values):
+    lists = all(isinstance(x, Sequence) and not isinstance(x, (str, bytes)) for x in (froms, values))
+    if not lists or len(froms) != len(values):
       raise SampleError("malformed_conversation", "conversations needs equal-length 'from' and 'value'")
     return list(zip(list(froms), list(values)))
   if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence):
@@ -217,7 +223,7 @@ def decode_image(data: Any):
   from PIL import Image
 
   if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 3:
-    return Image.fromarray(data).convert("RGB")
+    return to_rgb8(Image.fromarray(data))
   if isinstance(data, np.ndarray) and data.shape == ():
     data = data.item()
   if not isinstance(data, (bytes, bytearray)):
@@ -227,9 +233,46 @@ def decode_image(data: Any):
   try:
     with Image.open(io.BytesIO(data)) as img:
       img.load()
-      return img.convert("RGB")
+      return to_rgb8(img)
   except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
     raise SampleError("corrupt_image", f"{type(e).__name__}: {e}") from None
+
+
+def to_rgb8(img):
+  """Any PIL image -> 8-bit RGB with the same brightness.
+
+  PIL's `convert("RGB")` clips high-bit-depth modes (16-bit PNG/TIFF -> almost all white, float
+  TIFF in [0, 1] -> black), so those are scaled first: 16-bit integer modes by 65535 (their bit
+  depth); 32-bit integer ('I') by 65535 when the values fit 16 bits (PIL opens 16-bit PNGs as 'I'),
+  else by their range; float ('F') as is when in [0, 1], else by their range. 8-bit modes (L, LA,
+  P, PA, RGBA, CMYK, YCbCr, 1...) convert with PIL (alpha dropped).
+  """
+  from PIL import Image
+
+  mode = img.mode
+  if mode == "RGB":
+    return img
+  if mode.startswith("I") or mode == "F":
+    values = np.asarray(img).astype(np.float64)
+    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    if mode.startswith("I;16"):
+      unit = values / 65535.0
+    elif mode == "F" and lo >= 0.0 and hi <= 1.0:
+      unit = values
+    elif mode.startswith("I") and lo >= 0.0 and hi <= 65535.0:
+      unit = values / 65535.0
+    else:  # other ranges: stretch the range present to [0, 1]
+      unit = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    gray = np.round(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if gray.ndim == 3:  # multi-channel high-bit-depth: keep the first three channels
+      gray = gray[..., :3] if gray.shape[-1] >= 3 else gray[..., :1].repeat(3, -1)
+      return Image.fromarray(gray, "RGB")
+    return Image.fromarray(gray, "L").convert("RGB")
+  try:
+    return img.convert("RGB")
+  except ValueError:  # modes PIL cannot convert directly (e.g. LAB, HSV)
+    return img.convert("RGBA").convert("RGB")
 
 
 @dataclasses.dataclass

@@ -11,6 +11,10 @@ the answer text is searched in the rendering instead and the special tokens righ
 
 Each `<image>` marker becomes image_start + image_token + image_end in the text; after
 tokenisation the single image token is repeated `num_image_tokens * tiles` times.
+
+Special-token strings typed inside a message (e.g. the literal text "</s>" in an answer) are
+tokenised as plain text (`split_special_tokens`): only the template's own special tokens, and the
+image token that `<image>` markers become, are special tokens.
 """
 
 from __future__ import annotations
@@ -112,11 +116,40 @@ class ChatEncoder:
     return spans
 
   # -- encoding ----------------------------------------------------------------------------------
-  def _tokenize(self, text: str):
+  def _tokenize(self, text: str, msgs: list[dict[str, str]]):
     enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], np.int32)
     offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
-    return ids, offsets
+    spans = self._content_spans(msgs, text)
+    literal = [k for k in range(len(ids)) if int(ids[k]) in self._special_ids
+               and any(a <= offsets[k, 0] < b for a, b in spans)]
+    if not literal:
+      return ids, offsets
+    # A special token spelled out inside a message's text: re-tokenise its characters as plain text.
+    out_ids, out_offsets, prev = [], [], 0
+    for k in literal:
+      out_ids.append(ids[prev:k])
+      out_offsets.append(offsets[prev:k])
+      a, b = int(offsets[k, 0]), int(offsets[k, 1])
+      piece = self.tokenizer(text[a:b], add_special_tokens=False, return_offsets_mapping=True,
+                             split_special_tokens=True)
+      out_ids.append(np.asarray(piece["input_ids"], np.int32))
+      out_offsets.append(np.asarray(piece["offset_mapping"], np.int64).reshape(-1, 2) + a)
+      prev = k + 1
+    out_ids.append(ids[prev:])
+    out_offsets.append(offsets[prev:])
+    return np.concatenate(out_ids).astype(np.int32), np.concatenate(out_offsets)
+
+  @staticmethod
+  def _content_spans(msgs: list[dict[str, str]], full: str) -> list[tuple[int, int]]:
+    """Character spans of the messages' own text in the rendering (searched in order)."""
+    spans, cursor = [], 0
+    for m in msgs:
+      pos = full.find(m["content"], cursor) if m["content"] else -1
+      if pos >= 0:
+        spans.append((pos, pos + len(m["content"])))
+        cursor = pos + len(m["content"])
+    return spans
 
   def _expand_images(self, ids: np.ndarray, loss: np.ndarray, tiles_per_image: list[int]) -> Encoded:
     where = np.nonzero(ids == self.image_token_id)[0]
@@ -136,7 +169,7 @@ class ChatEncoder:
     msgs = self.messages(turns)
     full = self.render(msgs, add_generation_prompt=False)
     spans, exact = self._answer_spans(msgs, full)
-    ids, offsets = self._tokenize(full)
+    ids, offsets = self._tokenize(full, msgs)
     starts = offsets[:, 0]
     nonempty = offsets[:, 1] > offsets[:, 0]
     loss = np.zeros(len(ids), bool)
@@ -158,5 +191,5 @@ class ChatEncoder:
     if not turns or turns[-1][0] != ASSISTANT:
       raise SampleError("malformed_conversation", "the conversation does not end with an answer")
     msgs = self.messages(turns[:-1])
-    ids, _ = self._tokenize(self.render(msgs, add_generation_prompt=True))
+    ids, _ = self._tokenize(self.render(msgs, add_generation_prompt=True), msgs)
     return self._expand_images(ids, np.zeros(len(ids), bool), tiles_per_image), turns[-1][1]

@@ -10,6 +10,11 @@ processors:
            `dynamic_preprocess(min_num=1, max_num=N, use_thumbnail=True)` tiling into
            image_size tiles plus a thumbnail ('tile').
 
+From a `transformers` image processor (`VisionSpec.processor`, a `save_pretrained` directory holding
+`preprocessor_config.json`): size, crop, pad and mean/std are read from the processor's attributes
+(`processor_settings`) and the base slot of CLIP / SigLIP towers is the processor's own output, so
+training, evaluation and `predict` see the pixels transformers' `AutoProcessor` produces.
+
 DeepStack high-resolution crops: the (aspect-processed) image is resized to
 (g_h * S, g_w * S) and cut into g_h x g_w crops of S x S, row-major; for InternVL each tile is
 cropped that way.
@@ -18,6 +23,8 @@ cropped that way.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -48,6 +55,7 @@ class VisionSpec:
   max_tiles: int = 6  # InternVL dynamic_preprocess max_num
   use_thumbnail: bool = True
   deepstack_grid: tuple[int, int] | None = None  # (g_h, g_w)
+  processor: str = ""  # an HF image-processor directory whose own output is the base slot ('' = built in)
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -67,14 +75,96 @@ def make_vision_spec(
     max_tiles: int = 6,
     use_thumbnail: bool = True,
     deepstack_grid=None,
+    processor: str = "",
 ) -> VisionSpec:
-  """A VisionSpec with the tower's mean/std and default aspect mode ('internvit' = 'internvl')."""
+  """A VisionSpec with the tower's mean/std and default aspect mode ('internvit' = 'internvl').
+
+  With `processor` (an HF image-processor directory), image size, aspect mode and mean/std are the
+  processor's (`processor_settings`); an `image_size` / `aspect_mode` contradicting it raises.
+  """
   kind = {"internvit": "internvl"}.get(kind, kind)
   if kind not in _DEFAULTS:
     raise ValueError(f"vision kind must be one of {KINDS}, got {kind!r}")
   mean, std, default_mode = _DEFAULTS[kind]
   grid = None if deepstack_grid is None else tuple(int(g) for g in deepstack_grid)
-  return VisionSpec(kind, int(image_size), aspect_mode or default_mode, mean, std, int(max_tiles), bool(use_thumbnail), grid)
+  if processor:
+    hf = processor_settings(processor)
+    if hf["kind"] != kind:
+      raise ValueError(f"data.vision={kind!r} but the image processor in {processor} is {hf['kind']!r} preprocessing")
+    theirs = {"image_size": hf["image_size"], "aspect_mode": hf["aspect_mode"]}
+    ours = {"image_size": int(image_size), "aspect_mode": aspect_mode or hf["aspect_mode"]}
+    diff = [f"data.{k}={ours[k]!r} (processor: {theirs[k]!r})" for k in theirs if ours[k] != theirs[k]]
+    if diff:
+      raise ValueError(f"data settings contradict the image processor in {processor}: " + ", ".join(diff))
+    mean, std, default_mode = hf["mean"], hf["std"], hf["aspect_mode"]
+  return VisionSpec(kind, int(image_size), aspect_mode or default_mode, mean, std, int(max_tiles), bool(use_thumbnail),
+                    grid, processor)
+
+
+# Image-processor classes of transformers -> our preprocessing kind.
+_PROCESSOR_KINDS = {"CLIPImageProcessor": "clip", "LlavaImageProcessor": "clip", "SiglipImageProcessor": "siglip",
+                    "GotOcr2ImageProcessor": "internvl"}
+
+
+@functools.lru_cache(maxsize=8)
+def load_image_processor(path: str):
+  """transformers' `AutoImageProcessor.from_pretrained(path)`, once per process."""
+  import transformers
+
+  return transformers.AutoImageProcessor.from_pretrained(path)
+
+
+def _side(size: Any) -> int:
+  """An HF `size` / `crop_size` (dict or int) -> the square side it describes."""
+  if isinstance(size, int):
+    return size
+  size = {k: v for k, v in dict(size).items() if v is not None}  # SizeDicts carry every key, unset ones None
+  if "shortest_edge" in size:
+    return int(size["shortest_edge"])
+  if size.get("height") != size.get("width"):
+    raise ValueError(f"non-square image processor size {size} is not supported")
+  return int(size["height"])
+
+
+def processor_settings(path: str) -> dict[str, Any]:
+  """What an HF image processor does, in our terms: kind, image_size, aspect_mode, mean, std
+  (and `max_tiles` / `use_thumbnail` for InternVL's tiling)."""
+  proc = load_image_processor(path)
+  name = type(proc).__name__.removesuffix("Fast").removesuffix("Pil")
+  kind = _PROCESSOR_KINDS.get(name)
+  if kind is None:
+    raise ValueError(f"image processor {name} in {path} unsupported; supported: {sorted(_PROCESSOR_KINDS)}")
+  out: dict[str, Any] = {"kind": kind, "mean": tuple(float(v) for v in proc.image_mean),
+                         "std": tuple(float(v) for v in proc.image_std)}
+  if kind == "internvl":
+    out.update(image_size=_side(proc.size), aspect_mode="tile", max_tiles=int(getattr(proc, "max_patches", 12)),
+               use_thumbnail=True)
+  elif getattr(proc, "do_pad", False):
+    out.update(image_size=_side(proc.crop_size if getattr(proc, "do_center_crop", False) else proc.size),
+               aspect_mode="pad")
+  elif getattr(proc, "do_center_crop", False):
+    if _side(proc.size) != _side(proc.crop_size):
+      raise ValueError(f"{path}: resize to {proc.size} then crop to {proc.crop_size} is not supported (equal sides only)")
+    out.update(image_size=_side(proc.crop_size), aspect_mode="crop")
+  else:
+    out.update(image_size=_side(proc.size), aspect_mode="resize")
+  if not (proc.do_resize and proc.do_rescale and proc.do_normalize):
+    raise ValueError(f"{path}: do_resize / do_rescale / do_normalize must all be true")
+  return out
+
+
+def check_matches_tower(spec: VisionSpec, tower_kind: str) -> None:
+  """Raises if `spec` is not the preprocessing the tower was trained with (e.g. SigLIP fed CLIP
+  normalisation): kind, mean and std must be the tower's."""
+  expected = {"clip": "clip", "siglip": "siglip", "internvit": "internvl"}[tower_kind]
+  mean, std, _ = _DEFAULTS[expected]
+  problems = []
+  if spec.kind != expected:
+    problems.append(f"data.vision={spec.kind!r} (the tower needs {expected!r})")
+  if not (np.allclose(spec.mean, mean, atol=1e-3) and np.allclose(spec.std, std, atol=1e-3)):
+    problems.append(f"mean/std {spec.mean}/{spec.std} (the tower's: {mean}/{std})")
+  if problems:
+    raise ValueError(f"image preprocessing does not match the {tower_kind} vision tower: " + "; ".join(problems))
 
 
 def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -195,11 +285,15 @@ def preprocess_image(img: Image.Image, spec: VisionSpec) -> tuple[np.ndarray, np
       hires = np.stack([deepstack_crops(t, spec.deepstack_grid, size, spec.mean, spec.std) for t in tiles])
     return slots, hires
   src = _aspect(img, spec)
-  if spec.aspect_mode == "crop":
+  if spec.processor:  # transformers' own pixels (NCHW) -> HWC
+    base = load_image_processor(spec.processor)(images=img.convert("RGB"), return_tensors="np")["pixel_values"]
+    slots = np.ascontiguousarray(np.asarray(base, np.float32)[0].transpose(1, 2, 0))[None]
+  elif spec.aspect_mode == "crop":
     base = resize_short_center_crop(img, size)
   else:
     base = src.resize((size, size), Image.BICUBIC)
-  slots = normalize(base, spec.mean, spec.std)[None]
+  if not spec.processor:
+    slots = normalize(base, spec.mean, spec.std)[None]
   hires = None
   if spec.deepstack_grid is not None:
     hires = deepstack_crops(src, spec.deepstack_grid, size, spec.mean, spec.std)[None]
@@ -212,3 +306,23 @@ def num_tiles(width: int, height: int, spec: VisionSpec) -> int:
     return 1
   cols, rows = tile_grid(width, height, 1, spec.max_tiles, spec.image_size)
   return cols * rows + (1 if spec.use_thumbnail and cols * rows != 1 else 0)
+
+
+def data_settings_from_dir(path: str, tower_kind: str, tower_image_size: int) -> dict[str, Any]:
+  """The data block's image settings for a model saved in `path` (a save_pretrained directory):
+  `vision`, `image_size` and, when it holds an image processor, `image_processor` (= path),
+  `aspect_mode` and InternVL's `max_tiles`. Raises if they do not match the tower (`check_matches_tower`)."""
+  import os
+
+  kind = {"internvit": "internvl"}.get(tower_kind, tower_kind)
+  out: dict[str, Any] = {"vision": kind, "image_size": int(tower_image_size), "image_processor": ""}
+  # transformers 5 nests the image processor in processor_config.json; older saves use preprocessor_config.json.
+  if any(os.path.isfile(os.path.join(path, f)) for f in ("preprocessor_config.json", "processor_config.json")):
+    hf = processor_settings(path)
+    out.update(image_processor=path, image_size=hf["image_size"], aspect_mode=hf["aspect_mode"])
+    if kind == "internvl":
+      out["max_tiles"] = hf["max_tiles"]
+  spec = make_vision_spec(kind, out["image_size"], out.get("aspect_mode"), out.get("max_tiles", 6),
+                          processor=out["image_processor"])
+  check_matches_tower(spec, tower_kind)
+  return out

@@ -215,11 +215,11 @@ class DecoderConfig:
   # Query and key tile of 'blocked' and 'splash' (capped at the sequence): smaller tiles hold less
   # memory at once, larger ones run faster on accelerators.
   attention_block_size: int = 512
-  # TroL traversal of layers; None = off.
+  # TroL traversal of layers; None (or a block with enabled=False, normalised to None) = off.
   trol: TrolConfig | None = None
-  # Phantom dimension in every attention layer; None = off.
+  # Phantom dimension in every attention layer; None (or enabled=False) = off.
   phantom: PhantomConfig | None = None
-  # p-MoD mixture-of-depths over vision tokens; None = off.
+  # p-MoD mixture-of-depths over vision tokens; None (or enabled=False) = off.
   pmod: PmodConfig | None = None
 
   def __post_init__(self):
@@ -444,7 +444,7 @@ class LLVMConfig:
   vision: VisionConfig | None = dataclasses.field(default_factory=VisionConfig)
   projector: ProjectorConfig = dataclasses.field(default_factory=ProjectorConfig)
   image_token_id: int = 32000
-  # DeepStack high-resolution crops stacked into layers; None = off.
+  # DeepStack high-resolution crops stacked into layers; None (or enabled=False, normalised to None) = off.
   deepstack: DeepStackConfig | None = None
 
   def __post_init__(self):

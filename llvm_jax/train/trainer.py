@@ -14,6 +14,8 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import json
+import os
 import re
 import signal
 import time
@@ -30,15 +32,38 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llvm_jax import config_utils, convert, flops, sharding
+from llvm_jax.data.pipeline import check_data_sharding
 from llvm_jax.models.llvm import LLVM
 from llvm_jax.train import checkpoint, lora, loss as loss_lib, optim, po_loss
 from llvm_jax.train.metrics import MetricsWriter
+from llvm_jax.train.workdir_lock import WorkdirLock, WorkdirLockedError
 
 MODEL_INPUTS = ("tokens", "images", "image_mask", "segment_ids", "positions", "hires_images")
 
 
 class NonFiniteLossError(FloatingPointError):
   pass
+
+
+class OptimizerStateMismatchError(ValueError):
+  """The checkpoint's optimiser state does not fit the current optimiser (e.g. changed parameter groups)."""
+
+
+# `train()`'s result["status"]: trained to total_steps; stopped by SIGTERM after a committed save
+# (rerun to resume); or nothing to do, the workdir's checkpoint is already at total_steps.
+STATUS_COMPLETED = "completed"
+STATUS_PREEMPTED = "preempted"
+STATUS_ALREADY_COMPLETE = "already_complete"
+
+
+def validate_train_config(config: ml_collections.ConfigDict) -> None:
+  """Clear errors, naming the field, for train settings that would otherwise fail late or silently."""
+  tc = config.train
+  for name, low in (("total_steps", 1), ("log_every", 1), ("checkpoint_every", 1), ("microbatches", 1),
+                    ("eval_every", 0)):
+    value = tc[name]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+      raise ValueError(f"config.train.{name}={value!r}: must be an integer >= {low}")
 
 
 @dataclasses.dataclass
@@ -345,6 +370,10 @@ def _initial_base_params(config: ml_collections.ConfigDict, setup: TrainSetup) -
   if not config.init_hf:
     return params
   model_cfg = setup.model.config
+  # Overrides that contradict the checkpoint, field by field (they explain any mismatch error below).
+  differences = convert.checkpoint_differences(model_cfg, config.init_hf)
+  if differences and jax.process_index() == 0:
+    print(f"config.model differs from init_hf={config.init_hf}:\n  " + "\n  ".join(differences), flush=True)
   _, pretrained = convert.from_hf(
       config.init_hf, dtype=model_cfg.decoder.dtype, param_dtype=model_cfg.decoder.param_dtype,
       scan_layers=model_cfg.decoder.scan_layers, remat_policy=model_cfg.decoder.remat_policy,
@@ -355,7 +384,8 @@ def _initial_base_params(config: ml_collections.ConfigDict, setup: TrainSetup) -
   misshaped = [f"{k}: checkpoint {theirs[k].shape}, model {ours[k].shape}" for k in ours
                if k in theirs and theirs[k].shape != ours[k].shape]
   if missing or unexpected or misshaped:
-    raise convert.WeightMismatchError(missing, unexpected, misshaped, context=f"init_hf={config.init_hf}")
+    context = f"init_hf={config.init_hf}" + (f"; config.model differs: {'; '.join(differences)}" if differences else "")
+    raise convert.WeightMismatchError(missing, unexpected, misshaped, context=context)
   fresh = [k for k in ours if k not in theirs]
   if fresh:
     logging.info("init_hf: %d technique parameters start from their init: %s", len(fresh), ", ".join(fresh))
@@ -383,10 +413,122 @@ def train(
   rate and parameter norm are the log step's), and step_time / tokens_per_second / MFU come from
   the wall time of that window (evaluations excluded). Loss and parameter norm of every step are
   checked for NaN/inf at log, eval and checkpoint steps, before anything is saved. Returns the last
-  log record (+ evals).
+  log record (+ evals), with `params`, `status` (STATUS_*) and `step` (the last step trained or saved).
+
+  The workdir is locked for the run (WorkdirLock, held by process 0): a second run on it raises
+  WorkdirLockedError. On resume, metrics.jsonl records after the restored step (those of steps that
+  will be replayed) are dropped. SIGTERM: the current step is saved, the save committed, then
+  `status` is STATUS_PREEMPTED.
   """
+  validate_train_config(config)
+  lock = _lock_workdir(workdir)
+  try:
+    return _train(config, workdir, data_iterator, evaluators, model)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _lock_workdir(workdir: str) -> WorkdirLock | None:
+  """Process 0 takes the workdir lock; every process raises WorkdirLockedError if it could not."""
+  lock, error = None, ""
+  if jax.process_index() == 0:
+    try:
+      lock = WorkdirLock(workdir)
+      lock.acquire()
+    except WorkdirLockedError as e:
+      lock, error = None, str(e)
+  if jax.process_count() > 1:  # the other processes must not start training (and block in collectives)
+    from jax.experimental import multihost_utils
+
+    if int(multihost_utils.broadcast_one_to_all(np.int32(bool(error)))) and not error:
+      error = f"process 0 could not lock workdir {workdir} (its log says why)"
+  if error:
+    raise WorkdirLockedError(error)
+  return lock
+
+
+def _truncate_metrics(workdir: str, step: int) -> None:
+  """Drops metrics.jsonl records after `step` (steps a resume replays) and torn lines; atomic rewrite."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  kept, dropped = [], 0
+  with open(path, "rb") as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+        keep = int(record["step"]) <= step
+      except (ValueError, KeyError, TypeError):  # a line torn by a kill
+        keep = False
+      if keep:
+        kept.append(line if line.endswith(b"\n") else line + b"\n")
+      else:
+        dropped += 1
+  if dropped:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+      f.writelines(kept)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+    logging.info("metrics.jsonl: dropped %d records after step %d (replayed on resume)", dropped, step)
+
+
+def _last_logged_metrics(workdir: str) -> dict[str, Any]:
+  """The last train record of metrics.jsonl (keys without 'train/') and the evals of its step."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  out: dict[str, Any] = {}
+  if not os.path.exists(path):
+    return out
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if not isinstance(record, dict):
+        continue
+      if any(k.startswith("train/") for k in record):
+        out = {k[len("train/"):]: v for k, v in record.items() if k.startswith("train/")}
+      out.update({k: v for k, v in record.items() if k.startswith("eval/")})
+  return out
+
+
+def _restore(config: ml_collections.ConfigDict, setup: TrainSetup, mngr: Any, step: int, abstract_params: Any,
+             abstract_opt: Any, data_iterator: Any, workdir: str) -> tuple[Any, Any]:
+  """(params, opt_state) of checkpoint `step`; with train.resume_params_only a fresh optimiser state."""
+  params_target = sharded_abstract(abstract_params, setup.param_shardings)
+  if config.train.resume_params_only:
+    params = checkpoint.restore(mngr, step, params_target, None, data_iterator)["params"]
+    with sharding_context(setup.mesh, setup.rules):
+      opt_state = jax.jit(setup.tx.init, out_shardings=setup.opt_shardings)(params)
+    logging.warning("resumed params and data position of step %d from %s with a fresh optimiser state "
+                    "(train.resume_params_only)", step, workdir)
+    return params, opt_state
+  checkpoint.check_structure(mngr, step, "params", params_target)  # the params' own error names weights
+  try:
+    restored = checkpoint.restore(mngr, step, params_target, sharded_abstract(abstract_opt, setup.opt_shardings),
+                                  data_iterator)
+  except Exception as e:  # Orbax raises assorted types (ValueError, KeyError...) for a tree mismatch
+    raise OptimizerStateMismatchError(
+        f"the optimiser state of checkpoint step {step} in {workdir}/checkpoints does not match the current "
+        f"optimiser (were optim.trainable groups, their lr multipliers or the optimiser changed?): "
+        f"{type(e).__name__}: {str(e)[:500]}. To resume the params and data position with a fresh optimiser "
+        "state, rerun with --config.train.resume_params_only=True") from e
+  logging.info("resumed from %s at step %d", workdir, step)
+  return restored["params"], restored["opt_state"]
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterator[dict[str, Any]],
+           evaluators: dict[str, Any] | None, model: LLVM | None) -> dict[str, Any]:
   model = model or LLVM(config_utils.model_config(config))
   mesh = mesh_from_config(config)
+  try:  # before anything is built: a mesh replicating batch rows over processes trains on wrong batches
+    check_data_sharding(mesh)
+  except ValueError as e:
+    raise ValueError(f"sharding.strategy={config.sharding.strategy!r}, sharding.mesh_shape="
+                     f"{tuple(config.sharding.mesh_shape)}: {e}") from None
   setup, abstract_params = build_setup(config, model, mesh)
   tc = config.train
   mngr = checkpoint.manager(workdir, tc.checkpoint_every, tc.keep_checkpoints, tc.async_checkpoints)
@@ -394,17 +536,28 @@ def train(
   start = mngr.latest_step()
   abstract_opt = jax.eval_shape(setup.tx.init, abstract_params)
   if start is not None:
-    restored = checkpoint.restore(
-        mngr, start, sharded_abstract(abstract_params, setup.param_shardings),
-        sharded_abstract(abstract_opt, setup.opt_shardings), data_iterator,
-    )
-    params, opt_state = restored["params"], restored["opt_state"]
-    logging.info("resumed from %s at step %d", workdir, start)
+    try:
+      params, opt_state = _restore(config, setup, mngr, start, abstract_params, abstract_opt, data_iterator, workdir)
+    except BaseException:
+      mngr.close()
+      raise
+    if start >= tc.total_steps:
+      mngr.close()
+      last = _last_logged_metrics(workdir)
+      logging.info("%s is already complete at step %d (train.total_steps=%d): nothing to train", workdir, start,
+                   tc.total_steps)
+      return {**last, "params": params, "status": STATUS_ALREADY_COMPLETE, "step": start}
   else:
     start = 0
     params = initial_params(config, setup)
     with sharding_context(mesh, setup.rules):
       opt_state = jax.jit(setup.tx.init, out_shardings=setup.opt_shardings)(params)
+  _truncate_metrics(workdir, start)
+  if jax.process_index() == 0:  # the run's config, written only under the workdir lock
+    tmp = os.path.join(workdir, f"config.json.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(tmp, os.path.join(workdir, "config.json"))
 
   step_fn = make_train_step(setup, loss_function(config), tc.microbatches)
   writer = MetricsWriter(workdir, tc.total_steps)
@@ -422,7 +575,8 @@ def train(
   in_flight: collections.deque = collections.deque()
   window_start = 0.0
   last: dict[str, Any] = {}
-  step = start
+  step = done = start
+  status = STATUS_COMPLETED
   try:
     with _Preemption() as preemption:
       for step in range(start, tc.total_steps):
@@ -453,7 +607,7 @@ def train(
           last = _window_metrics(window, jax.device_get(window_images), elapsed, batch, model_cfg, peak)
           writer.write(done, last)
           writer.progress(done, {k: last[k] for k in ("loss", "token_accuracy", "preference_accuracy",
-                                                       "tokens_per_second") if k in last})
+                                                       "tokens_per_second", "step_time") if k in last})
           window, window_images, checked = [], [], 0
           window_start = time.perf_counter()
         if is_eval:
@@ -462,8 +616,19 @@ def train(
           window_start += time.perf_counter() - eval_start  # evaluation time is not step time
         if will_save:
           checkpoint.save(mngr, done, params, opt_state, batches, config_json, force=True)
-        if preempted:
-          logging.warning("SIGTERM: saved step %d, exiting", done)
+        if preempted or preemption.requested:
+          if not preempted:
+            # The signal landed after this step's flag read: check and log the window before the save.
+            window[checked:] = jax.device_get(window[checked:])
+            _check_finite(window, checked, done - len(window) + 1, mngr, workdir)
+            checked = len(window)
+            if window:
+              last = _window_metrics(window, jax.device_get(window_images), time.perf_counter() - window_start,
+                                     batch, model_cfg, peak)
+              writer.write(done, last)
+          _save_committed(mngr, done, params, opt_state, batches, config_json)
+          logging.warning("SIGTERM: saved step %d (committed), exiting; rerun to resume", done)
+          status = STATUS_PREEMPTED
           break
       else:
         if evaluators:
@@ -472,8 +637,18 @@ def train(
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
-  last["params"] = params
+  last.update(params=params, status=status, step=done)
   return last
+
+
+def _save_committed(mngr: Any, step: int, params: Any, opt_state: Any, data: Any, config_json: str) -> None:
+  """Saves `step` unless it is already committed, waits for the commit and verifies it (SIGTERM path)."""
+  mngr.wait_until_finished()
+  if mngr.latest_step() != step:
+    checkpoint.save(mngr, step, params, opt_state, data, config_json, force=True)
+    mngr.wait_until_finished()
+  if mngr.latest_step() != step:
+    raise RuntimeError(f"SIGTERM: the save of step {step} did not commit (latest checkpoint: {mngr.latest_step()})")
 
 
 def _check_finite(window: list[dict[str, Any]], start: int, first_step: int, mngr: Any, workdir: str) -> None:

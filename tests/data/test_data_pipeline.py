@@ -359,3 +359,45 @@ def test_build_if_missing_from_two_processes_builds_once(tmp_path):
   assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
   assert [out.strip().splitlines()[-1] for out, _ in outs] == ["256", "256"]
   assert [d.name for d in (tmp_path / "synthetic_vqa" / "tiny").iterdir()] == ["1.0.0"]
+
+
+def _children(pid):
+  import os
+
+  out = []
+  for entry in os.listdir("/proc"):
+    if entry.isdigit():
+      try:
+        with open(f"/proc/{entry}/stat") as f:
+          if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(entry))
+      except (OSError, ValueError, IndexError):
+        pass
+  return out
+
+
+def test_grain_workers_exit_when_the_trainer_is_killed(tokenizer_dir, synthetic_dir):
+  # Issue #17 row 5: kill -9 of the trainer must not leave its grain workers running.
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  script = os.path.join(os.path.dirname(__file__), "orphan_worker.py")
+  proc = subprocess.Popen([sys.executable, script, synthetic_dir, tokenizer_dir], stdout=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline().strip() == "READY"
+    workers = _children(proc.pid)
+    assert len(workers) >= 2, workers
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 15
+    alive = workers
+    while alive and time.time() < deadline:
+      time.sleep(0.2)
+      alive = [w for w in alive if os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z"]
+    assert not alive, f"orphaned workers still running: {alive}"
+  finally:
+    if proc.poll() is None:
+      proc.kill()

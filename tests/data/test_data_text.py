@@ -126,3 +126,18 @@ def test_vicuna_v1_template_matches_llava_format(tokenizer):
                   "USER: How many shapes are there? ASSISTANT: 2</s>")
   e = enc.encode(turns, [1])
   assert [t for t, m in zip(_tokens(tok, e.ids), e.loss) if m] == ["red", "</s>", "2", "</s>"]
+
+
+def test_special_token_text_in_a_message_stays_text(tokenizer):
+  # Issue #17 row 14: the literal "</s>" (or "<s>") typed in an answer / question is not an EOS / BOS to train on.
+  enc = ChatEncoder(tokenizer, image_token="<image>", num_image_tokens=2)
+  turns = records.normalize_conversation([{"from": "human", "value": "<image>\nsay <s> red"},
+                                          {"from": "gpt", "value": "red </s> 2"}], num_images=1)
+  e = enc.encode(turns, tiles_per_image=[1])
+  tokens = _tokens(tokenizer, e.ids)
+  assert tokens.count("</s>") == 1 and tokens[-1] == "</s>"  # only the template's end of turn
+  assert tokens.count("<s>") == 1 and tokens[0] == "<s>"
+  assert tokens.count("<image>") == 2  # the marker's image token is still expanded
+  assert [t for t, m in zip(tokens, e.loss) if m] == ["red", "<", "/", "s", ">", "2", "</s>"]
+  prompt, _ = enc.encode_prompt(turns, tiles_per_image=[1])
+  assert _tokens(tokenizer, prompt.ids).count("<s>") == 1
