@@ -6,7 +6,11 @@ import os
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+# Appended, so flags the caller set (e.g. --xla_cpu_enable_fast_math=false) keep the 8 fake devices.
+_FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0")
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", "")] + [f for f in _FLAGS if f.split("=")[0] not in os.environ.get("XLA_FLAGS", "")]
+).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # CPU only: with libtpu installed (the `aot` extra) jax would otherwise try, and fail, to start a TPU backend.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

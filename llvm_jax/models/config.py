@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -29,6 +30,14 @@ def resolve_dtype(name: str) -> Any:
   return DTYPES[name]
 
 
+def _nested_config(cls: type, name: str) -> type | None:
+  """The dataclass type of field `name` of `cls` (from its type hint, `X` or `X | None`), or None."""
+  hint = typing.get_type_hints(cls)[name]
+  candidates = typing.get_args(hint) or (hint,)
+  nested = [c for c in candidates if dataclasses.is_dataclass(c)]
+  return nested[0] if nested else None
+
+
 def _from_dict(cls: type[T], values: Mapping[str, Any] | None, where: str) -> T:
   """Builds dataclass `cls` from a mapping, recursing into nested dataclass fields.
 
@@ -46,7 +55,7 @@ def _from_dict(cls: type[T], values: Mapping[str, Any] | None, where: str) -> T:
     raise ValueError(f"unknown config key(s): {', '.join(hints)}")
   kwargs = {}
   for name, value in values.items():
-    nested = _NESTED.get((cls.__name__, name))
+    nested = _nested_config(cls, name)
     if nested is not None:
       kwargs[name] = None if value is None else _from_dict(nested, value, f"{where}.{name}")
     elif isinstance(value, list):
@@ -493,13 +502,3 @@ class LLVMConfig:
     return dataclasses.asdict(self)
 
 
-_NESTED = {
-    ("DecoderConfig", "rope"): RopeConfig,
-    ("DecoderConfig", "trol"): TrolConfig,
-    ("DecoderConfig", "phantom"): PhantomConfig,
-    ("DecoderConfig", "pmod"): PmodConfig,
-    ("LLVMConfig", "decoder"): DecoderConfig,
-    ("LLVMConfig", "vision"): VisionConfig,
-    ("LLVMConfig", "projector"): ProjectorConfig,
-    ("LLVMConfig", "deepstack"): DeepStackConfig,
-}
