@@ -5,12 +5,12 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PY := $(VENV)/bin/python
 
-.PHONY: demo test clean
+.PHONY: demo test lint format clean
 
 $(STAMP): setup.py
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test,aot]'
+	$(VENV)/bin/pip install --quiet -e '.[test,aot,lint]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -18,6 +18,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -n 2 --durations=15 tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pyink --check --quiet .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix --quiet .
+	$(VENV)/bin/pyink --quiet .
 
 clean:
 	rm -rf $(VENV) workdirs

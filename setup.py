@@ -1,6 +1,12 @@
 """llvm_jax: efficient large language-and-vision models in JAX/Flax (TroL, Phantom, DeepStack, p-MoD)."""
 
+import re
+
 from setuptools import find_packages, setup
+
+# One version, kept in the package (llvm_jax.__version__).
+with open("llvm_jax/__init__.py") as f:
+  VERSION = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
 
 # One tested set of versions (CPU, Python 3.11); `make test` and CI install exactly these.
 INSTALL_REQUIRES = [
@@ -33,11 +39,13 @@ EXTRAS_REQUIRE = {
     "tpu": ["jax[tpu]==0.10.2"],
     # Deviceless TPU compiles from any machine (python -m llvm_jax.aot): the libtpu jax[tpu]==0.10.2 pins.
     "aot": ["libtpu==0.0.42.1"],
+    # Formatting and lint (`make lint`, run by .ci/run before the tests).
+    "lint": ["pyink==26.5.1", "ruff==0.17.6"],
 }
 
 setup(
     name="llvm_jax",
-    version="0.1.0",
+    version=VERSION,
     description=__doc__,
     packages=find_packages(include=["llvm_jax", "llvm_jax.*"]),
     python_requires=">=3.11",

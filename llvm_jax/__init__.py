@@ -10,6 +10,8 @@ import importlib.util
 import os
 import sys
 
+__version__ = "0.2.0"
+
 
 def _skip_absent_tpu() -> None:
   """Runs jax on CPU when libtpu is installed but no TPU (and no GPU) is attached.

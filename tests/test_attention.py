@@ -258,6 +258,7 @@ SPLASH_CASES = [
 ]
 
 
+@pytest.mark.tpu
 @pytest.mark.parametrize("case", SPLASH_CASES, ids=lambda c: c.name)
 def test_splash_interpret_matches_reference(case):
   # Splash's Pallas kernel in the interpreter (no TPU here): checks masks, GQA, scale and layout.
@@ -279,6 +280,7 @@ def test_mask_shape_mismatch_raises():
     attention.dot_product_attention(case.q, case.k, case.v, other.mask, case.scale, "blocked")
 
 
+@pytest.mark.tpu
 def test_splash_rejects_what_it_cannot_express():
   kv = next(c for c in CASES if c.name == "kv_cache")  # T != S
   with pytest.raises(ValueError, match="use 'xla' or 'blocked'"):
@@ -350,6 +352,7 @@ _TPU_COMPILE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.tpu
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install libtpu)")
 def test_splash_compiles_for_tpu():
   # A subprocess: the deviceless TPU topology must not meet the test process's fake-CPU backend.

@@ -111,6 +111,7 @@ def _train(workdir, data_dir, arg, *flags):
     ("phantom", "technique=phantom", ()),
     ("pmod", "technique=baseline", ("--config.model.decoder.pmod.enabled=True",)),
 ])
+@pytest.mark.slow
 def test_each_technique_trains_from_the_command_line(tmp_path, data_dir, name, arg, flags):
   result, saved = _train(tmp_path, data_dir, arg, *flags, "--config.eval_specs=-test")  # no eval: fast
   model = LLVMConfig.from_dict(saved["model"])
@@ -120,6 +121,7 @@ def test_each_technique_trains_from_the_command_line(tmp_path, data_dir, name, a
   assert "step 2/2" in result.stdout and "eval " not in result.stdout
 
 
+@pytest.mark.slow
 def test_deepstack_and_evals_from_the_command_line(tmp_path, data_dir):
   # DeepStack from its block (data.deepstack_grid follows); evals: the config's own (updated) and one
   # added, at every step.

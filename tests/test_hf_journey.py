@@ -79,6 +79,9 @@ def test_hf_dir_to_training_eval_export_and_generate(tmp_path):
                  "--max_new_tokens=6").strip()
     assert answer == text, (ids, text, answer)
     answers.append(answer)
+    if k == 0:  # predict --hf reads the export's processor, tokenizer and template too
+      assert _ok("llvm_jax.predict", f"--hf={out}", f"--image={image}", f"--question={question}",
+                 "--max_new_tokens=6").strip() == text
   assert any(answers), "every answer is empty: the comparison would prove nothing"
   # An override contradicting the checkpoint is named field by field before the weight mismatch.
   failed = _cli("llvm_jax.main", f"--config=configs/hf.py:{hf}", f"--workdir={tmp_path / 'bad'}", *data_flags,

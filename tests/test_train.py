@@ -122,6 +122,7 @@ def test_lora_trains_only_adapters_and_merges(tmp_path):
   assert "lora" not in merged
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   single, _ = run(tiny_config(total_steps=3, checkpoint_every=3), tmp_path / "single")
   single_losses = [json.loads(l)["train/loss"] for l in open(tmp_path / "single" / "metrics.jsonl")]

@@ -167,6 +167,7 @@ def test_rerun_of_a_finished_run_reports_already_complete(tmp_path):
 
 
 # Row 1: processes must feed distinct batch rows.
+@pytest.mark.slow
 def test_mesh_replicating_the_batch_over_processes_is_an_error(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.path.join(REPO, "tests"), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")

@@ -56,6 +56,10 @@ def unused_tower_state(checkpoint: str, cfg: Any, step: int | None = None, depth
   if os.path.isfile(saved):
     return _read_file(saved)
   if config.get("init_hf", ""):
+    if not os.path.isdir(config.init_hf):
+      print(f"warning: init_hf={config.init_hf} is gone; the tower layers the model does not use are not written "
+            "(transformers will initialise them)", file=sys.stderr)
+      return {}
     return convert.unused_hf_state(cfg, config.init_hf)
   if config.get("init_checkpoint", "") and depth < 16:
     return unused_tower_state(config.init_checkpoint, cfg, None, depth + 1)

@@ -22,6 +22,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     image_size: side of the tower input (and of InternVL tiles).
     aspect_mode: '' = the tower's default ('pad' for clip, 'resize' for siglip, 'tile' for
       internvl); or 'pad' | 'crop' | 'resize'.
+    image_processor: '' or a transformers directory whose image processor (preprocessor_config.json /
+      processor_config.json) makes the pixels; vision, image_size and aspect_mode must agree with it
+      (configs/hf.py sets all four from the checkpoint).
     max_tiles: InternVL dynamic_preprocess max_num; use_thumbnail: InternVL thumbnail tile.
     max_images: image slots per row (InternVL: tile slots; with packing: for all packed samples).
     deepstack_grid: None or (g_h, g_w): also emit the DeepStack high-resolution crops.
@@ -48,6 +51,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.vision = "clip"
   cfg.image_size = 336
   cfg.aspect_mode = ""
+  cfg.image_processor = ""
   cfg.max_tiles = 6
   cfg.use_thumbnail = True
   cfg.max_images = 1

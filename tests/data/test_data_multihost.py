@@ -11,6 +11,7 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_multihos
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow
 def test_two_processes_read_disjoint_complete_shards_into_global_batches(tmp_path, synthetic_dir, tokenizer_dir):
   port = free_port()
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu",
