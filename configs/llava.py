@@ -40,5 +40,7 @@ def get_config(arg=None):
   model = config_utils.with_techniques(model, args.technique)
   config = config_utils.experiment(model, task="demo", lock=False)
   config_utils.set_stage(config, args.stage)
+  # The images are preprocessed for the model's tower (normalisation and size).
+  config.data.update(vision=model.vision.kind, image_size=model.vision.image_size)
   config.lock()
   return config_utils.finalize(config)

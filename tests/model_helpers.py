@@ -1,10 +1,13 @@
-"""Helpers shared by the model tests: one decoder layer applied on its own, the scanned param layout."""
+"""Helpers shared by the model tests: the decoder on token ids, one decoder layer on its own, the
+scanned param layout."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from llvm_jax.models import hooks, masks
-from llvm_jax.models.decoder import DecoderLayer
+from llvm_jax.models.config import DecoderConfig
+from llvm_jax.models.decoder import Decoder, DecoderLayer
 from llvm_jax.models.rope import rope_cos_sin
 
 
@@ -28,3 +31,27 @@ def stacked(params, num_layers):
   per_layer = [decoder.pop(f"layers_{i}") for i in range(num_layers)]
   decoder["layers"] = {"layer": jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)}
   return dict(params, decoder=decoder)
+
+
+class LM(nn.Module):
+  """The decoder on token ids, so a technique is tested at the decoder level.
+
+  Tokens equal to `image_token` are the vision tokens (p-MoD's routing targets) when the call has
+  `num_vision` vision slots per row (default: the module's). Returns (logits, cache).
+  """
+
+  config: DecoderConfig
+  image_token: int | None = None
+  num_vision: int = 0
+
+  def setup(self):
+    self.decoder = Decoder(self.config)
+
+  def __call__(self, tokens, segment_ids=None, cache=None, decode=False, num_vision=None, residuals=None,
+               residual_layers=()):
+    if segment_ids is None:
+      segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    num_vision = self.num_vision if num_vision is None else num_vision
+    vision_mask = tokens == self.image_token if num_vision else None
+    return self.decoder(self.decoder.embed(tokens), segment_ids, None, cache, decode, vision_mask=vision_mask,
+                        num_vision=num_vision, layer_residuals=residuals, residual_layers=residual_layers)

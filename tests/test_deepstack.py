@@ -12,10 +12,9 @@ import pytest
 from llvm_jax import config_utils, convert, flops
 from llvm_jax.models import deepstack
 from llvm_jax.models.config import DeepStackConfig, LLVMConfig, PhantomConfig, ProjectorConfig, TrolConfig
-from llvm_jax.models.decoder import Decoder
-from tests.model_helpers import run_layer
 from llvm_jax.models.llvm import LLVM, decode_step, prefill, splice_image_features
 from llvm_jax.models.vision import VisionLayer, VisionTower
+from tests.model_helpers import LM, run_layer
 
 IMAGE = 4
 TOL = 1e-5
@@ -43,7 +42,7 @@ def _coords_crops(lead: int, grid: tuple[int, int], p: int) -> np.ndarray:
 
 
 def _reference_groups(lead: int, grid: tuple[int, int], p: int, sampling: str) -> np.ndarray:
-  """The expected (lead, G, p*p, 3) groups, entry by entry from the definitions in DESIGN.md §4."""
+  """The expected (lead, G, p*p, 3) groups, entry by entry from the definition of `deepstack.regroup`."""
   g_h, g_w = grid
   g, width = g_h * g_w, g_w * p
   out = np.zeros((lead, g, p * p, 3), np.float32)
@@ -104,17 +103,6 @@ DEC = BASE.decoder
 LAYERS = (1, 3)  # two groups, interval 2
 
 
-class LM(nn.Module):
-  config: object
-
-  def setup(self):
-    self.decoder = Decoder(self.config)
-
-  def __call__(self, tokens, residuals=None, layers=()):
-    segment_ids = jnp.ones(tokens.shape, jnp.int32)
-    return self.decoder(self.decoder.embed(tokens), segment_ids, layer_residuals=residuals, residual_layers=layers)[0]
-
-
 @pytest.fixture(scope="module")
 def lm_setup():
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 5, DEC.vocab_size)
@@ -141,9 +129,9 @@ def _reference_logits(params, tokens, residuals):
 
 def test_decoder_zero_groups_equal_base_and_one_group_hits_its_layer_only(lm_setup):
   tokens, params, residuals, image = lm_setup
-  apply = jax.jit(lambda p, t, r: LM(DEC).apply({"params": p}, t, r, LAYERS))
+  apply = jax.jit(lambda p, t, r: LM(DEC).apply({"params": p}, t, residuals=r, residual_layers=LAYERS)[0])
   base_logits = apply(params, tokens, jnp.zeros_like(residuals))
-  plain = jax.jit(lambda p, t: LM(DEC).apply({"params": p}, t))(params, tokens)
+  plain = jax.jit(lambda p, t: LM(DEC).apply({"params": p}, t)[0])(params, tokens)
   assert np.abs(np.asarray(base_logits) - np.asarray(plain)).max() == 0.0
 
   one_group = residuals.at[0].set(0.0)  # only group 1, before layer 3
@@ -158,13 +146,13 @@ def test_decoder_zero_groups_equal_base_and_one_group_hits_its_layer_only(lm_set
 
 def test_decoder_scan_and_remat_match_unscanned(lm_setup):
   tokens, params, residuals, _ = lm_setup
-  ref = jax.jit(lambda p, t, r: LM(DEC).apply({"params": p}, t, r, LAYERS))(params, tokens, residuals)
+  ref = jax.jit(lambda p, t, r: LM(DEC).apply({"params": p}, t, residuals=r, residual_layers=LAYERS)[0])(params, tokens, residuals)
   scanned = dataclasses.replace(DEC, scan_layers=True, remat_policy="full")
   stacked = dict(params, decoder=convert.stack_layers(params["decoder"], DEC.num_layers))
-  got = jax.jit(lambda p, t, r: LM(scanned).apply({"params": p}, t, r, LAYERS))(stacked, tokens, residuals)
+  got = jax.jit(lambda p, t, r: LM(scanned).apply({"params": p}, t, residuals=r, residual_layers=LAYERS)[0])(stacked, tokens, residuals)
   assert np.abs(np.asarray(got) - np.asarray(ref)).max() <= TOL
   # Gradients reach the residuals through the scan (a training step updates the crop path).
-  loss = lambda cfg, p: lambda r: jnp.sum(LM(cfg).apply({"params": p}, tokens, r, LAYERS) ** 2)
+  loss = lambda cfg, p: lambda r: jnp.sum(LM(cfg).apply({"params": p}, tokens, residuals=r, residual_layers=LAYERS)[0] ** 2)
   g_ref = jax.jit(jax.grad(loss(DEC, params)))(residuals)
   g_scan = jax.jit(jax.grad(loss(scanned, stacked)))(residuals)
   assert np.abs(np.asarray(g_scan) - np.asarray(g_ref)).max() <= 1e-4 * np.abs(np.asarray(g_ref)).max()
@@ -211,7 +199,7 @@ def test_llvm_matches_manual_injection(llvm_setup):
 
   x, crops = jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=manual))(params, tokens, images, image_mask, hires)
   x, crops = np.asarray(x), np.asarray(crops)
-  # Reference: 2D dilated groups by index (DESIGN.md §4), placed at the image positions in order of
+  # Reference: 2D dilated groups by index (`deepstack.regroup`), placed at the image positions in order of
   # the used slots (row 1's image is in slot 1).
   residuals = np.zeros((4,) + x.shape, np.float32)
   for b in range(3):

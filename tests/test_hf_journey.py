@@ -44,6 +44,7 @@ def _hf_generate(hf_dir, image_path, question, max_new_tokens):
   return new, processor.tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
+@pytest.mark.slow
 def test_hf_dir_to_training_eval_export_and_generate(tmp_path):
   hf = build_llava_dir(str(tmp_path / "hf"))
   data = build_llava_json(str(tmp_path / "json"))
@@ -120,6 +121,7 @@ def test_checkpoint_differences_are_named_field_by_field(tmp_path):
   assert convert.checkpoint_differences(changed, str(tmp_path)) == ["model.vision.feature_layer: config -2, checkpoint -1"]
 
 
+@pytest.mark.slow
 def test_deepstack_export_is_refused_without_allow_custom_and_exact_with_it(tmp_path):
   hf = build_llava_dir(str(tmp_path / "hf"))
   base, _ = convert.from_hf(hf)

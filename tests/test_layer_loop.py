@@ -2,6 +2,7 @@
 forward, gradients and cached decoding."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -11,7 +12,8 @@ import pytest
 
 from llvm_jax.models import decoder as decoder_lib
 from llvm_jax.models.config import DecoderConfig, PhantomConfig, PmodConfig, TrolConfig
-from llvm_jax.models.decoder import Decoder, init_cache
+from llvm_jax.models.decoder import init_cache
+from tests.model_helpers import LM as DecoderLM
 from tests.model_helpers import stacked
 
 BASE = DecoderConfig(
@@ -29,21 +31,8 @@ TECHNIQUES = {
     "deepstack": {},
 }
 # Each technique alone, the pairing with the most interplay (TroL reusing p-MoD's routing), all four.
+LM = functools.partial(DecoderLM, image_token=IMG, num_vision=NUM_VISION)
 COMBOS = [(name,) for name in TECHNIQUES] + [("trol", "pmod"), tuple(TECHNIQUES)]
-
-
-class LM(nn.Module):
-  config: DecoderConfig
-
-  def setup(self):
-    self.decoder = Decoder(self.config)
-
-  def __call__(self, tokens, cache=None, decode=False, residuals=None):
-    segment_ids = jnp.ones(tokens.shape, jnp.int32)
-    vision = None if decode else tokens == IMG
-    return self.decoder(self.decoder.embed(tokens), segment_ids, None, cache, decode, vision_mask=vision,
-                        num_vision=0 if decode else NUM_VISION, layer_residuals=residuals,
-                        residual_layers=RESIDUAL_LAYERS if residuals is not None else ())
 
 
 def _cfg(combo, **overrides):
@@ -67,10 +56,11 @@ def test_scanned_equals_unrolled(combo, batch):
   tokens, residuals = batch
   residuals = residuals if "deepstack" in combo else None
   cfg = _cfg(combo)
-  params = nn.unbox(jax.jit(LM(cfg).init)(jax.random.key(0), tokens, residuals=residuals)["params"])
+  params = nn.unbox(jax.jit(LM(cfg).init)(jax.random.key(0), tokens, residuals=residuals,
+                                                residual_layers=RESIDUAL_LAYERS)["params"])
 
   def loss_and_grads(config, p):
-    loss = lambda p: jnp.sum(LM(config).apply({"params": p}, tokens, residuals=residuals)[0] ** 2) / tokens.size
+    loss = lambda p: jnp.sum(LM(config).apply({"params": p}, tokens, residuals=residuals, residual_layers=RESIDUAL_LAYERS)[0] ** 2) / tokens.size
     return jax.jit(jax.value_and_grad(loss))(p)
 
   loss, grads = loss_and_grads(cfg, params)
@@ -94,8 +84,8 @@ def test_scanned_cached_decoding_equals_full_sequence(combo, batch):
   params = nn.unbox(jax.jit(LM(unrolled).init)(jax.random.key(0), tokens)["params"])
   full = jax.jit(lambda p, t: LM(unrolled).apply({"params": p}, t)[0])(params, tokens)
   model = LM(cfg)
-  prefill = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c))
-  step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, decode=True))
+  prefill = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c))
+  step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c, decode=True, num_vision=0))
   params = stacked(params, 4)
   logits, cache = prefill(params, tokens[:, :PROMPT], init_cache(cfg, 2, SEQ, num_vision=NUM_VISION))
   outs = [logits]

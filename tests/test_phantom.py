@@ -12,9 +12,9 @@ import pytest
 
 from llvm_jax.models import hooks, masks, phantom
 from llvm_jax.models.config import DecoderConfig, PhantomConfig, TrolConfig
-from llvm_jax.models.decoder import Decoder, init_cache
+from llvm_jax.models.decoder import init_cache
 from llvm_jax.models.layers import attention
-from tests.model_helpers import stacked
+from tests.model_helpers import LM, stacked
 
 BASE = DecoderConfig(
     vocab_size=61, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
@@ -25,18 +25,6 @@ SEQ, PROMPT = 12, 7
 # A large eta so that the phantom branch moves the logits well above the tolerances below.
 STRONG = 0.5
 TOL = 1e-5
-
-
-class LM(nn.Module):
-  """The decoder on token ids (no vision), so Phantom is tested at the decoder level."""
-
-  config: DecoderConfig
-
-  def setup(self):
-    self.decoder = Decoder(self.config)
-
-  def __call__(self, tokens, segment_ids, cache=None, decode=False):
-    return self.decoder(self.decoder.embed(tokens), segment_ids, None, cache, decode)
 
 
 def _cfg(eta=STRONG, cache="expanded", **options):

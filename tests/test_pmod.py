@@ -2,6 +2,7 @@
 skipped-token isolation and router gradients, reduced KV cache with decode parity, TroL, FLOPs."""
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -10,15 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llvm_jax import config_utils, convert, cost as cost_lib, flops
+from llvm_jax import config_utils, convert, flops
+from llvm_jax import cost as cost_lib
 from llvm_jax.models import hooks, masks, pmod, trol
 from llvm_jax.models.config import DecoderConfig, LLVMConfig, PhantomConfig, PmodConfig, TrolConfig
-from llvm_jax.models.decoder import MLP, Attention, Decoder, DecoderLayer, init_cache
-from llvm_jax.models.masks import default_positions
+from llvm_jax.models.decoder import MLP, Attention, DecoderLayer, init_cache
 from llvm_jax.models.layers import RMSNorm
 from llvm_jax.models.llvm import LLVM, decode_step, prefill
+from llvm_jax.models.masks import default_positions
 from llvm_jax.models.rope import rope_cos_sin
-from tests.model_helpers import run_layer, stacked
+from tests.model_helpers import LM as DecoderLM
+from tests.model_helpers import run_layer
 
 BASE = DecoderConfig(
     vocab_size=61, embed_dim=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
@@ -30,6 +33,8 @@ IMG = 60
 NUM_VISION = 12
 SEQ, PROMPT = 24, 17
 TOL = 2e-5
+# The decoder on token ids, IMG tokens being the vision tokens (p-MoD's targets).
+LM = functools.partial(DecoderLM, image_token=IMG, num_vision=NUM_VISION)
 
 
 def _batch():
@@ -43,20 +48,6 @@ def _batch():
   segments[2, :6] = 0
   tokens[2, 9:15] = IMG
   return jnp.asarray(tokens), jnp.asarray(segments)
-
-
-class LM(nn.Module):
-  """The decoder on token ids, IMG tokens being the vision tokens (p-MoD's targets)."""
-
-  config: DecoderConfig
-
-  def setup(self):
-    self.decoder = Decoder(self.config)
-
-  def __call__(self, tokens, segment_ids, cache=None, decode=False, num_vision=NUM_VISION):
-    vision_mask = tokens == IMG if num_vision else None
-    x = self.decoder.embed(tokens)
-    return self.decoder(x, segment_ids, None, cache, decode, vision_mask=vision_mask, num_vision=num_vision)
 
 
 def _cfg(pmod_config=EXPLICIT, **overrides):

@@ -16,7 +16,7 @@ from llvm_jax.convert.core import flatten
 from llvm_jax.models.config import PhantomConfig
 from llvm_jax.models.llvm import LLVM
 from llvm_jax.train import optim
-from llvm_jax.train.po_loss import pair_rows, po_loss, phantom_trainable_patterns
+from llvm_jax.train.po_loss import pair_rows, po_loss
 
 BETA, GAMMA, LAM = 2.0, 1.0, 0.5
 LN2 = math.log(2.0)
@@ -89,8 +89,6 @@ def test_pair_rows_rejects_unpaired_fields():
     pair_rows({"tokens": jnp.zeros((2, 3, 5), jnp.int32)})
   with pytest.raises(ValueError, match="unexpected batch keys"):
     pair_rows({"tokens": jnp.zeros((2, 2, 5), jnp.int32), "labels": jnp.zeros((2, 2, 5))})
-  with pytest.raises(ValueError, match="stages 1 and 2"):
-    phantom_trainable_patterns(3)
 
 
 # -- a tiny LLVM with Phantom ----------------------------------------------------------------------
@@ -161,11 +159,11 @@ def test_adam_steps_raise_chosen_and_lower_rejected(setup):
 def test_stage_patterns(setup):
   params, batch, grad_fn = setup
   paths = list(flatten(params))
-  stage1 = [(pattern, 1.0) for pattern in phantom_trainable_patterns(1)] + [(".*", None)]
+  stage1 = optim.STAGE_RULES["po1"]  # the trainer's own presets
   trained = {path for path, on in flatten(optim.trainable_mask(params, stage1)).items() if on}
   assert trained == {p for p in paths if p.startswith("projector/") or "/attn/phantom/" in p}
   assert any("/attn/phantom/" in p for p in trained) and any(p.startswith("projector/") for p in trained)
-  stage2 = [(pattern, 1.0) for pattern in phantom_trainable_patterns(2)]
+  stage2 = optim.STAGE_RULES["po2"]
   assert all(flatten(optim.trainable_mask(params, stage2)).values())
   # One stage-1 step: the LLM and the vision tower stay bit-identical, the phantom modules move.
   labels = optim.group_labels(params, stage1)

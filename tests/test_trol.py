@@ -12,8 +12,9 @@ import pytest
 from llvm_jax import flops
 from llvm_jax.models import trol
 from llvm_jax.models.config import DecoderConfig, LLVMConfig, PhantomConfig, TrolConfig
-from llvm_jax.models.decoder import Decoder, init_cache
-from tests.model_helpers import run_layer, stacked
+from llvm_jax.models.decoder import init_cache
+from llvm_jax.train import optim
+from tests.model_helpers import LM, run_layer, stacked
 
 BASE = DecoderConfig(
     vocab_size=61, embed_dim=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
@@ -21,19 +22,6 @@ BASE = DecoderConfig(
 )
 BATCH, SEQ, PROMPT = 2, 12, 7
 TOL = 1e-5
-
-
-class LM(nn.Module):
-  """The decoder on token ids (no vision), so TroL is tested at the decoder level."""
-
-  config: DecoderConfig
-
-  def setup(self):
-    self.decoder = Decoder(self.config)
-
-  def __call__(self, tokens, cache=None, decode=False):
-    segment_ids = jnp.ones(tokens.shape, jnp.int32)
-    return self.decoder(self.decoder.embed(tokens), segment_ids, None, cache, decode)
 
 
 def _cfg(scan_layers=False, remat_policy=None, **trol_options):
@@ -83,8 +71,8 @@ def _stacked(params):
 def _incremental(cfg, params, tokens, steps_from):
   """Prefill tokens[:, :steps_from], then one decode step per remaining token; logits concatenated."""
   model = LM(cfg)
-  prefill = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c))
-  step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, decode=True))
+  prefill = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c))
+  step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c, decode=True))
   logits, cache = prefill(params, tokens[:, :steps_from], init_cache(cfg, tokens.shape[0], SEQ + 4))
   outs = [logits]
   for i in range(steps_from, tokens.shape[1]):
@@ -197,8 +185,8 @@ def test_official_decoding(scan_layers, layers, base_params, tokens):
   # Each decoded token takes one plain pass over pass-1 K/V: the base model decoding from the TroL
   # prefill cache (the cache holds pass-1 K/V only, so the base model can read it).
   base_cfg = dataclasses.replace(BASE, scan_layers=scan_layers)
-  step = jax.jit(lambda p, t, c: LM(base_cfg).apply({"params": p}, t, c, decode=True))
-  _, cache = jax.jit(lambda p, t, c: LM(cfg).apply({"params": p}, t, c))(
+  step = jax.jit(lambda p, t, c: LM(base_cfg).apply({"params": p}, t, cache=c, decode=True))
+  _, cache = jax.jit(lambda p, t, c: LM(cfg).apply({"params": p}, t, cache=c))(
       params, tokens[:, :PROMPT], init_cache(cfg, BATCH, SEQ + 4)
   )
   if scan_layers:
@@ -218,7 +206,7 @@ def test_official_prefill_extension_attends_to_its_own_chunk(base_params, tokens
   cfg = _cfg(decode_traversal="official")
   params = _with_gates(base_params, *_random_gates(cfg))
   model = LM(cfg)
-  apply = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c))
+  apply = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c))
   _, cache = apply(params, tokens[:, :PROMPT], init_cache(cfg, BATCH, SEQ))
   got, _ = apply(params, tokens[:, PROMPT:], cache)
   # Reference, layer by layer over the whole sequence: pass 1 causal over everything (the prompt's
@@ -284,7 +272,9 @@ def test_gate_init_options(tokens):
 def test_gate_only_training_step(base_params, tokens):
   cfg = _cfg(layers=(0, 1))
   params = _with_gates(base_params, *_random_gates(cfg))
-  labels = jax.tree.map(lambda is_gate: "train" if is_gate else "freeze", trol.gate_param_mask(params))
+  # The trainer's own TroL step-1 preset (projector + gates; this decoder-only model has no projector).
+  trained = optim.trainable_mask(params, optim.STAGE_RULES["trol1"])
+  labels = jax.tree.map(lambda on: "train" if on else "freeze", trained)
   assert _count([p for p, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels)) if l == "train"]) == 2 * 33
   tx = optax.multi_transform({"train": optax.adam(1e-2), "freeze": optax.set_to_zero()}, labels)
 

@@ -1,9 +1,22 @@
-"""The data block of an experiment config (`ml_collections.ConfigDict`)."""
+"""The data block of an experiment config (`ml_collections.ConfigDict`) and its one reader.
+
+`default_data_config()` holds the only defaults; `resolve(data_cfg)` merges a (possibly partial)
+data block with them, validates it and returns the frozen `DataSettings` that the pipeline reads.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
+
+from llvm_jax.data import vision
+
+log = logging.getLogger(__name__)
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -68,12 +81,93 @@ def default_data_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+VISION_KINDS = vision.KINDS + ("internvit",)  # 'internvit' is an alias of 'internvl'
+ASPECT_MODES = ("",) + vision.ASPECT_MODES  # '' = the tower's default
+# Integer fields and their smallest valid value.
+_INT_BOUNDS = {"global_batch_size": 1, "seq_len": 1, "num_workers": 0, "max_images": 0, "image_size": 1,
+               "read_threads": 1, "worker_buffer_size": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  """A resolved, validated data block (field meanings: `default_data_config`)."""
+
+  name: str
+  data_dir: str
+  split: str
+  build_if_missing: bool
+  seq_len: int
+  global_batch_size: int
+  num_workers: int
+  worker_buffer_size: int
+  read_threads: int
+  vision: str
+  image_size: int
+  aspect_mode: str
+  image_processor: str
+  max_tiles: int
+  use_thumbnail: bool
+  max_images: int
+  deepstack_grid: tuple[int, int] | None
+  image_start: str
+  image_end: str
+  system_prompt: str | None
+  chat_template: str
+  packing: bool
+  strict: bool
+  seed: int
+  shuffle: bool
+  drop_remainder: bool
+
+
+def _choice(name: str, value: Any, valid: tuple[str, ...]) -> str:
+  if value not in valid:
+    raise ValueError(f"config.data.{name}={value!r}: must be one of {valid}")
+  return value
+
+
+def _integer(name: str, value: Any) -> int:
+  low = _INT_BOUNDS.get(name)
+  if low is None:
+    return int(value)
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f"config.data.{name}={value!r}: must be an integer >= {low}")
+  return value
+
+
+def resolve(data_cfg: ml_collections.ConfigDict | Mapping[str, Any] | DataSettings) -> DataSettings:
+  """The data block merged with `default_data_config()`, validated; raises ValueError naming the field.
+
+  Fields missing from `data_cfg` take their default; unknown fields (e.g. from the config of an
+  older checkpoint) are logged and ignored. A `DataSettings` is returned unchanged.
+  """
+  if isinstance(data_cfg, DataSettings):
+    return data_cfg
+  values = default_data_config().to_dict()
+  unknown = []
+  for key in data_cfg.keys():
+    if key in values:
+      values[key] = data_cfg[key]
+    else:
+      unknown.append(key)
+  if unknown:
+    log.warning("ignoring unknown config.data field(s) %s", sorted(unknown))
+  types = {f.name: f.type for f in dataclasses.fields(DataSettings)}
+  for key, value in values.items():
+    if types[key] == "int":
+      values[key] = _integer(key, value)
+    elif types[key] == "bool":
+      values[key] = bool(value)
+  values["vision"] = _choice("vision", values["vision"], VISION_KINDS)
+  values["aspect_mode"] = _choice("aspect_mode", values["aspect_mode"] or "", ASPECT_MODES)
+  values["image_processor"] = values["image_processor"] or ""  # configs/hf.py sets it
+  values["chat_template"] = values["chat_template"] or ""
+  values["image_start"], values["image_end"] = values["image_start"] or "", values["image_end"] or ""
+  grid = values["deepstack_grid"]
+  values["deepstack_grid"] = None if grid is None else tuple(grid)
+  return DataSettings(**values)
+
+
 def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the `config.data` field whose value cannot work (before anything runs)."""
-  for name, low in (("global_batch_size", 1), ("seq_len", 1), ("num_workers", 0), ("max_images", 0),
-                    ("image_size", 1), ("read_threads", 1), ("worker_buffer_size", 1)):
-    value = cfg.get(name, None)
-    if value is None:
-      continue
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-      raise ValueError(f"config.data.{name}={value!r}: must be an integer >= {low}")
+  resolve(cfg)

@@ -28,335 +28,48 @@ The iterator state is the DataLoader state at the last record that went into (or
 before) the last returned batch, plus the counters, so restoring re-reads exactly the records of
 the following batches.
 
-Sharding: each process reads the contiguous shard `even_split(len(source), ShardByJaxProcess())`
+Sharding: each process reads the contiguous shard `sources.even_split(len(source), ShardByJaxProcess())`
 of the records (all of them when the count does not divide evenly, unless drop_remainder), and
 shuffles within it; with a finite number of epochs and several processes, every process returns
 the same number of batches (completed with all-padding batches) so that `make_global_batch`
 never waits on a process that has run out.
+
+Modules: `sources` (opening a dataset, per-process shards), `processing` (record -> tokenised
+example, in grain's workers), `batching` (examples -> rows -> arrays); this one assembles them
+into the checkpointable `DataIterator` and the global batch.
 """
 
 from __future__ import annotations
 
 import collections
-import fcntl
 import functools
 import gc
 import json
 import math
 import os
 import pickle
-import threading
-import time
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain.python as grain
+import ml_collections
 import numpy as np
 
 from llvm_jax.data import records, vision
-from llvm_jax.data.config import validate_data_config
-from llvm_jax.data.records import SampleError, SkipReport
-from llvm_jax.data.text import ChatEncoder, Encoded
+from llvm_jax.data.batching import SEQUENCE_KEYS, BatchBuilder
+from llvm_jax.data.config import DataSettings, resolve
+from llvm_jax.data.processing import MODES, ProcessRecord, exit_with_parent, num_channels
+from llvm_jax.data.records import SkipReport
+from llvm_jax.data.sources import ShardedSource, largest_shard, open_data_source, records_repr
 from llvm_jax.data.tokenizer import load_tokenizer
 
-SEQUENCE_KEYS = ("tokens", "segment_ids", "positions", "targets", "target_mask")
-MODES = ("train", "eval")
-
-
-# -- data sources --------------------------------------------------------------------------------
-def open_data_source(name: str, split: str, data_dir: str | os.PathLike | None = None, *, build_if_missing: bool = False):
-  """A random-access source of records for a built TFDS dataset ('name/config').
-
-  Reads the newest version built in data_dir/name with `tfds.builder_from_directory` (so custom,
-  unregistered BuilderConfigs work too); with an empty data_dir, `tfds.data_source` in TFDS's
-  default directory. With build_if_missing, a registered dataset that is not there is built
-  first (meant for synthetic_vqa), under a lock file in data_dir so that processes sharing the
-  directory build it once.
-  """
-  import tensorflow_datasets as tfds
-
-  from llvm_jax.data import builders
-
-  data_dir = os.fspath(data_dir) if data_dir else None
-  if data_dir is None:  # TFDS's default data_dir
-    return tfds.data_source(name, split=split, download=build_if_missing)
-  path = builders.dataset_dir(name, data_dir)
-  if path is None:
-    if not build_if_missing:
-      raise FileNotFoundError(
-          f"dataset {name!r} is not built in {data_dir}; build it with `python -m llvm_jax.data.build "
-          f"{name.split('/')[0]} --data_dir {data_dir}" + (f" --config {name.split('/')[1]}`" if "/" in name else "`")
-          + " (or set build_if_missing=True for synthetic_vqa)"
-      )
-    os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(data_dir, f".{name.replace('/', '_')}.build.lock"), "w") as lock:
-      fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-      path = builders.dataset_dir(name, data_dir)
-      if path is None:
-        return builders.build_dataset(name, data_dir).as_data_source(split=split)
-  return tfds.builder_from_directory(os.fspath(path)).as_data_source(split=split)
-
-
-class ShardedSource:
-  """The contiguous shard `even_split(len(source), shard_options)` of a random-access source."""
-
-  def __init__(self, source, shard_options: grain.ShardOptions):
-    from grain._src.core.sharding import even_split
-
-    self.source = source
-    self.shard_options = shard_options
-    self.start, self.end = even_split(len(source), shard_options)
-
-  def __len__(self) -> int:
-    return self.end - self.start
-
-  def __getitem__(self, index: int):
-    if not 0 <= index < len(self):
-      raise IndexError(index)
-    return self.source[self.start + int(index)]
-
-  def __getitems__(self, indices: Sequence[int]):
-    keys = [self.start + int(i) for i in indices]
-    if hasattr(self.source, "__getitems__"):
-      return self.source.__getitems__(keys)
-    return [self.source[k] for k in keys]
-
-  def __repr__(self) -> str:
-    o = self.shard_options
-    return f"ShardedSource({records_repr(self.source)}, shard={o.shard_index}/{o.shard_count}, records=[{self.start}, {self.end}))"
-
-
-def records_repr(source) -> str:
-  if isinstance(source, (list, tuple)):
-    return f"{type(source).__name__}(len={len(source)})"
-  return repr(source)
-
-
-# -- per-record processing (runs in grain workers) -----------------------------------------------
-_WATCHED_PARENT: int | None = None
-
-
-def exit_with_parent(parent_pid: int, interval: float = 0.5) -> None:
-  """In a grain worker: starts (once per process) a thread that exits the process when `parent_pid` dies.
-
-  grain's worker processes outlive a trainer killed with SIGKILL (it cannot stop them), holding
-  their memory for minutes; polling the parent is portable and, unlike PR_SET_PDEATHSIG, does not
-  depend on which thread of the parent started the worker.
-  """
-  global _WATCHED_PARENT
-  if _WATCHED_PARENT == parent_pid or os.getpid() == parent_pid:
-    return
-  _WATCHED_PARENT = parent_pid
-
-  def watch():
-    while True:
-      try:
-        os.kill(parent_pid, 0)
-      except ProcessLookupError:
-        os._exit(0)  # no cleanup to do: the parent that consumed our output is gone
-      except PermissionError:  # the pid was reused by another user's process: our parent is gone
-        os._exit(0)
-      time.sleep(interval)
-
-  threading.Thread(target=watch, name="exit_with_parent", daemon=True).start()
-
-
-class ProcessRecord(grain.MapTransform):
-  """Record -> processed example dict, or a skip marker {'skip': reason, 'id', 'detail'}."""
-
-  def __init__(
-      self,
-      tokenizer,
-      *,
-      image_token: str,
-      num_image_tokens: int,
-      vision_spec: vision.VisionSpec,
-      seq_len: int,
-      max_images: int,
-      mode: str = "train",
-      image_start: str = "",
-      image_end: str = "",
-      system_prompt: str | None = None,
-  ):
-    if mode not in MODES:
-      raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    self.encoder = ChatEncoder(
-        tokenizer,
-        image_token=image_token,
-        num_image_tokens=num_image_tokens,
-        image_start=image_start,
-        image_end=image_end,
-        system_prompt=system_prompt,
-    )
-    self.vision_spec = vision_spec
-    self.seq_len = int(seq_len)
-    self.max_images = int(max_images)
-    self.mode = mode
-
-  # When set (worker processes), outputs travel as one pickled bytes object: much cheaper than
-  # grain's per-array shared-memory blocks for the small arrays of one example.
-  serialize: bool = False
-  # The process that built the pipeline; workers exit when it is gone (see exit_with_parent).
-  parent_pid: int = os.getpid()
-
-  def map(self, record):
-    if self.serialize:
-      exit_with_parent(self.parent_pid)
-    rid = records.record_id(record) if isinstance(record, Mapping) else "?"
-    try:
-      out = self._process(record, rid)
-    except SampleError as e:
-      out = {"skip": e.reason, "id": rid, "detail": e.detail}
-    if self.serialize:
-      return {"pickled": pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)}
-    return out
-
-  def _images(self, images: list[Any]) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
-    spec = self.vision_spec
-    slots, hires, tiles = [], [], []
-    for k, data in enumerate(images):
-      try:
-        img = records.decode_image(data)
-      except SampleError as e:
-        raise SampleError(e.reason, f"image {k}: {e.detail}") from None
-      s, h = vision.preprocess_image(img, spec)
-      slots.append(s)
-      hires.append(h)
-      tiles.append(len(s))
-    if sum(tiles) > self.max_images:
-      raise SampleError("too_many_images", f"{sum(tiles)} image slots > max_images={self.max_images}")
-    size = spec.image_size
-    slot_arr = np.concatenate(slots) if slots else np.zeros((0, size, size, 3), np.float32)
-    hires_arr = None
-    if spec.deepstack_grid is not None:
-      g = spec.deepstack_grid[0] * spec.deepstack_grid[1]
-      hires_arr = np.concatenate(hires) if hires else np.zeros((0, g, size, size, 3), np.float32)
-    return slot_arr, hires_arr, tiles
-
-  def _fit(self, enc: Encoded) -> tuple[Encoded, bool]:
-    """Truncates to seq_len when the images and at least one answer token survive."""
-    n = len(enc.ids)
-    if n <= self.seq_len:
-      return enc, False
-    if any(end > self.seq_len for _, end in enc.image_runs):
-      raise SampleError("image_truncated", f"{n} tokens; image placeholders end past seq_len={self.seq_len}")
-    if not enc.loss[1 : self.seq_len].any():
-      raise SampleError("answer_truncated", f"{n} tokens > seq_len={self.seq_len}: no answer token left")
-    cut = Encoded(enc.ids[: self.seq_len], enc.loss[: self.seq_len], enc.image_runs)
-    return cut, True
-
-  def _process(self, record, rid: str) -> dict[str, Any]:
-    ex = records.to_example(record)
-    slots, hires, tiles = self._images(ex.images)
-    out: dict[str, Any] = {"id": ex.id, "answer": ex.answer, "options": list(ex.options), "images": slots,
-                           "question": records.first_question(ex)}
-    if hires is not None:
-      out["hires"] = hires
-    if self.mode == "eval":
-      enc, answer = self.encoder.encode_prompt(ex.conversations[0], tiles)
-      if len(enc.ids) > self.seq_len:
-        raise SampleError("prompt_too_long", f"prompt of {len(enc.ids)} tokens > seq_len={self.seq_len}")
-      out.update(tokens=[enc.ids], loss=[enc.loss], truncated=0, answer=answer if not ex.is_preference else ex.answer)
-      return out
-    seqs, truncated = [], 0
-    for conv in ex.conversations:
-      enc, cut = self._fit(self.encoder.encode(conv, tiles))
-      seqs.append(enc)
-      truncated += int(cut)
-    out.update(tokens=[e.ids for e in seqs], loss=[e.loss for e in seqs], truncated=truncated)
-    return out
-
-
-# -- row / batch assembly (calling process) ------------------------------------------------------
-class _BatchBuilder:
-  """Places processed examples into B rows (first fit when packing) and emits the arrays."""
-
-  def __init__(self, rows: int, channels: int, seq_len: int, max_images: int, packing: bool, mode: str, spec: vision.VisionSpec):
-    self.n_rows, self.channels, self.seq_len, self.max_images = rows, channels, seq_len, max_images
-    self.packing, self.mode, self.spec = packing, mode, spec
-    self.rows: list[dict[str, Any]] = []
-
-  def __len__(self) -> int:
-    return len(self.rows)
-
-  @property
-  def full(self) -> bool:
-    return not self.packing and len(self.rows) == self.n_rows
-
-  def add(self, ex: dict[str, Any]) -> bool:
-    lens = [len(t) for t in ex["tokens"]]
-    n_img = len(ex["images"])
-    if self.packing:
-      for row in self.rows:
-        if row["n_img"] + n_img <= self.max_images and all(u + l <= self.seq_len for u, l in zip(row["used"], lens)):
-          row["examples"].append(ex)
-          row["n_img"] += n_img
-          row["used"] = [u + l for u, l in zip(row["used"], lens)]
-          return True
-    if len(self.rows) == self.n_rows:
-      return False
-    self.rows.append({"examples": [ex], "n_img": n_img, "used": lens})
-    return True
-
-  def arrays(self) -> dict[str, np.ndarray]:
-    b, c, s = self.n_rows, self.channels, self.seq_len
-    size = self.spec.image_size
-    tokens = np.zeros((b, c, s), np.int32)
-    segment_ids = np.zeros((b, c, s), np.int32)
-    positions = np.zeros((b, c, s), np.int32)
-    targets = np.zeros((b, c, s), np.int32)
-    target_mask = np.zeros((b, c, s), np.float32)
-    images = np.zeros((b, self.max_images, size, size, 3), np.float32)
-    image_mask = np.zeros((b, self.max_images), bool)
-    hires = None
-    if self.spec.deepstack_grid is not None:
-      g = self.spec.deepstack_grid[0] * self.spec.deepstack_grid[1]
-      hires = np.zeros((b, self.max_images, g, size, size, 3), np.float32)
-    for r, row in enumerate(self.rows):
-      slot = 0
-      for ch in range(c):
-        off = 0
-        for k, ex in enumerate(row["examples"]):
-          ids, loss = ex["tokens"][ch], ex["loss"][ch]
-          n = len(ids)
-          tokens[r, ch, off : off + n] = ids
-          segment_ids[r, ch, off : off + n] = k + 1
-          positions[r, ch, off : off + n] = np.arange(n, dtype=np.int32)
-          targets[r, ch, off : off + n - 1] = ids[1:]
-          target_mask[r, ch, off : off + n - 1] = loss[1:]
-          off += n
-      for ex in row["examples"]:
-        n = len(ex["images"])
-        images[r, slot : slot + n] = ex["images"]
-        if hires is not None:
-          hires[r, slot : slot + n] = ex["hires"]
-        image_mask[r, slot : slot + n] = True
-        slot += n
-    squeeze = (lambda x: x[:, 0]) if c == 1 else (lambda x: x)
-    out = {
-        "tokens": squeeze(tokens),
-        "segment_ids": squeeze(segment_ids),
-        "positions": squeeze(positions),
-        "targets": squeeze(targets),
-        "target_mask": squeeze(target_mask),
-        "images": images,
-        "image_mask": image_mask,
-    }
-    if hires is not None:
-      out["hires_images"] = hires
-    if self.mode == "eval":
-      exs = [row["examples"][0] for row in self.rows] + [None] * (b - len(self.rows))
-      k = max([1] + [len(e["options"]) for e in exs if e is not None])
-      out["id"] = np.array([e["id"] if e else "" for e in exs], dtype=str)
-      out["answer"] = np.array([e["answer"] if e else "" for e in exs], dtype=str)
-      out["question"] = np.array([e["question"] if e else "" for e in exs], dtype=str)
-      options = [[""] * k for _ in range(b)]
-      for i, e in enumerate(exs):
-        if e:
-          options[i][: len(e["options"])] = e["options"]
-      out["options"] = np.array(options, dtype=str).reshape(b, k)
-    return out
+# Re-exported: callers import these from here.
+__all__ = [
+    "MODES", "SEQUENCE_KEYS", "BatchBuilder", "DataIterator", "ProcessRecord", "ShardedSource", "check_data_sharding",
+    "exit_with_parent", "make_global_batch", "make_iterator", "open_data_source", "records_repr",
+    "vision_spec_from_config",
+]
 
 
 class DataIterator:
@@ -438,7 +151,7 @@ class DataIterator:
       rec["_state_before"] = before
       return rec
 
-  def _place(self, batch: _BatchBuilder, ex: dict[str, Any]) -> bool:
+  def _place(self, batch: BatchBuilder, ex: dict[str, Any]) -> bool:
     if not batch.add(ex):
       return False
     self.stats["examples"] += 1
@@ -450,7 +163,7 @@ class DataIterator:
   def __next__(self) -> dict[str, Any]:
     if not self._finalizer.alive:
       raise RuntimeError("the data iterator was closed")
-    batch = _BatchBuilder(*self._builder_args)
+    batch = BatchBuilder(*self._builder_args)
     if self._pending is not None:
       ex, self._pending, self._pending_state = self._pending, None, None
       if not self._place(batch, ex):
@@ -581,35 +294,37 @@ def make_global_batch(local_batch: Mapping[str, Any], mesh, data_axes: Sequence[
 
 
 # -- entry point ---------------------------------------------------------------------------------
-def vision_spec_from_config(data_cfg) -> vision.VisionSpec:
-  grid = data_cfg.get("deepstack_grid", None)
+def vision_spec_from_config(data_cfg: ml_collections.ConfigDict | DataSettings) -> vision.VisionSpec:
+  """The image preprocessing that the data block asks for."""
+  s = resolve(data_cfg)
   return vision.make_vision_spec(
-      data_cfg.vision,
-      data_cfg.image_size,
-      aspect_mode=data_cfg.get("aspect_mode", "") or None,
-      max_tiles=data_cfg.get("max_tiles", 6),
-      use_thumbnail=data_cfg.get("use_thumbnail", True),
-      deepstack_grid=None if grid is None else tuple(grid),
-      processor=data_cfg.get("image_processor", "") or "",  # set by configs/hf.py
+      s.vision,
+      s.image_size,
+      aspect_mode=s.aspect_mode or None,
+      max_tiles=s.max_tiles,
+      use_thumbnail=s.use_thumbnail,
+      deepstack_grid=s.deepstack_grid,
+      processor=s.image_processor,
   )
 
 
 def make_iterator(
-    data_cfg,
-    tokenizer,
+    data_cfg: ml_collections.ConfigDict | DataSettings,
+    tokenizer: Any,
     *,
     num_image_tokens: int,
     image_token: str,
-    mesh=None,
+    mesh: Any = None,
     mode: str = "train",
     num_epochs: int | None = None,
     data_axes: Sequence[str] = ("data", "fsdp"),
-    source=None,
+    source: Any = None,
     shard_options: grain.ShardOptions | None = None,
 ) -> DataIterator:
   """Builds the deterministic, checkpointable batch iterator.
 
-  data_cfg: `config.default_data_config()` (or a ConfigDict with its fields).
+  data_cfg: `config.default_data_config()` (or a ConfigDict with some of its fields, or the
+    `config.resolve`d settings).
   tokenizer: a transformers fast tokenizer with a chat template, or the path of one
     (data_cfg.chat_template can supply / replace the template, e.g. 'vicuna_v1').
   num_image_tokens: placeholder tokens per image (per tile for InternVL).
@@ -625,83 +340,87 @@ def make_iterator(
   """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-  validate_data_config(data_cfg)
+  s = resolve(data_cfg)
   if mesh is not None:
     check_data_sharding(mesh, tuple(data_axes))
   if num_epochs is None and mode == "eval":
     num_epochs = 1
-  tokenizer = load_tokenizer(tokenizer, data_cfg.get("chat_template", "") or None)
+  tokenizer = load_tokenizer(tokenizer, s.chat_template or None)
   if source is None:
-    source = open_data_source(data_cfg.name, data_cfg.split, data_cfg.data_dir, build_if_missing=data_cfg.get("build_if_missing", False))
+    source = open_data_source(s.name, s.split, s.data_dir, build_if_missing=s.build_if_missing)
   if shard_options is None:
-    shard_options = grain.ShardByJaxProcess(drop_remainder=bool(data_cfg.get("drop_remainder", False)))
-  if data_cfg.global_batch_size % shard_options.shard_count:
-    raise ValueError(f"global_batch_size={data_cfg.global_batch_size} is not divisible by {shard_options.shard_count} processes")
-  local_batch = data_cfg.global_batch_size // shard_options.shard_count
-  if int(data_cfg.num_workers) > 0:
+    shard_options = grain.ShardByJaxProcess(drop_remainder=s.drop_remainder)
+  if s.global_batch_size % shard_options.shard_count:
+    raise ValueError(f"global_batch_size={s.global_batch_size} is not divisible by {shard_options.shard_count} processes")
+  local_batch = s.global_batch_size // shard_options.shard_count
+  if s.num_workers > 0:
     _ensure_absl_flags_parsed()
-  spec = vision_spec_from_config(data_cfg)
-  packing = bool(data_cfg.packing) and mode == "train"
+  spec = vision_spec_from_config(s)
+  packing = s.packing and mode == "train"
 
   shard = ShardedSource(source, shard_options)
   if len(shard) == 0:
     raise ValueError(f"shard {shard_options.shard_index}/{shard_options.shard_count} of {records_repr(source)} is empty")
-  process = ProcessRecord(
-      tokenizer,
-      image_token=image_token,
-      num_image_tokens=num_image_tokens,
-      vision_spec=spec,
-      seq_len=data_cfg.seq_len,
-      max_images=data_cfg.max_images,
-      mode=mode,
-      image_start=data_cfg.get("image_start", ""),
-      image_end=data_cfg.get("image_end", ""),
-      system_prompt=data_cfg.get("system_prompt", None),
-  )
-  process.serialize = int(data_cfg.num_workers) > 0
-  process.parent_pid = os.getpid()
-  channels = _channels(shard[0], mode)
-  sampler = grain.IndexSampler(
-      num_records=len(shard),
-      shard_options=grain.NoSharding(),
-      shuffle=bool(data_cfg.shuffle),
-      num_epochs=num_epochs,
-      seed=int(data_cfg.seed),
-  )
-  loader = grain.DataLoader(
-      data_source=shard,
-      sampler=sampler,
-      operations=[process],
-      worker_count=int(data_cfg.num_workers),
-      worker_buffer_size=int(data_cfg.get("worker_buffer_size", 2)),
-      shard_options=grain.NoSharding(),
-      read_options=grain.ReadOptions(num_threads=int(data_cfg.get("read_threads", 2)), prefetch_buffer_size=16),
-  )
+  process = _record_processor(s, tokenizer, spec, mode, num_image_tokens=num_image_tokens, image_token=image_token)
   target = None
   if num_epochs is not None and not packing and shard_options.shard_count > 1:
     # Every process returns as many batches as the largest shard needs.
-    from grain._src.core.sharding import even_split
-
-    largest = max(
-        (lambda r: r[1] - r[0])(even_split(len(source), grain.ShardOptions(i, shard_options.shard_count, shard_options.drop_remainder)))
-        for i in range(shard_options.shard_count)
-    )
-    target = math.ceil(largest * num_epochs / local_batch)
+    target = math.ceil(largest_shard(len(source), shard_options) * num_epochs / local_batch)
   return DataIterator(
-      loader,
+      _make_loader(s, shard, process, num_epochs),
       local_batch_size=local_batch,
-      channels=channels,
-      seq_len=data_cfg.seq_len,
-      max_images=data_cfg.max_images,
+      channels=num_channels(shard[0], mode),
+      seq_len=s.seq_len,
+      max_images=s.max_images,
       packing=packing,
       mode=mode,
-      strict=bool(data_cfg.strict),
+      strict=s.strict,
       vision_spec=spec,
       mesh=mesh,
       data_axes=data_axes,
       target_batches=target,
       shard_size=len(shard),
-      name=f"{data_cfg.get('name', '')}:{data_cfg.get('split', '')}",
+      name=f"{s.name}:{s.split}",
+  )
+
+
+def _record_processor(s: DataSettings, tokenizer: Any, spec: vision.VisionSpec, mode: str, *, num_image_tokens: int,
+                      image_token: str) -> ProcessRecord:
+  """The per-record transform that grain runs (in its workers when num_workers > 0)."""
+  process = ProcessRecord(
+      tokenizer,
+      image_token=image_token,
+      num_image_tokens=num_image_tokens,
+      vision_spec=spec,
+      seq_len=s.seq_len,
+      max_images=s.max_images,
+      mode=mode,
+      image_start=s.image_start,
+      image_end=s.image_end,
+      system_prompt=s.system_prompt,
+  )
+  process.serialize = s.num_workers > 0
+  process.parent_pid = os.getpid()
+  return process
+
+
+def _make_loader(s: DataSettings, shard: ShardedSource, process: ProcessRecord, num_epochs: int | None) -> grain.DataLoader:
+  """A grain DataLoader over this process's shard (sharding is done by `shard`, not by grain)."""
+  sampler = grain.IndexSampler(
+      num_records=len(shard),
+      shard_options=grain.NoSharding(),
+      shuffle=s.shuffle,
+      num_epochs=num_epochs,
+      seed=s.seed,
+  )
+  return grain.DataLoader(
+      data_source=shard,
+      sampler=sampler,
+      operations=[process],
+      worker_count=s.num_workers,
+      worker_buffer_size=s.worker_buffer_size,
+      shard_options=grain.NoSharding(),
+      read_options=grain.ReadOptions(num_threads=s.read_threads, prefetch_buffer_size=16),
   )
 
 
@@ -712,10 +431,3 @@ def _ensure_absl_flags_parsed() -> None:
 
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-
-
-def _channels(first_record, mode: str) -> int:
-  """2 (chosen, rejected) for preference records in train mode, else 1."""
-  if mode == "train" and isinstance(first_record, Mapping) and ("chosen" in first_record or "rejected" in first_record):
-    return 2
-  return 1

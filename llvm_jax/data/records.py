@@ -86,6 +86,9 @@ class SkipReport:
     self.counts[reason] += 1
     if len(self.ids[reason]) < self.max_ids:
       self.ids[reason].append(record_id)
+    # A detail can quote the record's own text, lone surrogates included, which a UTF-8 log handler
+    # (or pytest-xdist's report channel) cannot write: escape them.
+    detail = str(detail).encode("utf-8", "backslashreplace").decode("utf-8") if detail else ""
     log.warning("%sskipping record id=%r: %s%s", f"[{self.name}] " if self.name else "", record_id,
                 reason, f" ({detail})" if detail else "")
 
@@ -291,7 +294,7 @@ class Example:
   is_preference: bool = False
 
 
-def first_question(example: "Example") -> str:
+def first_question(example: Example) -> str:
   """The text of the first user turn (with its image markers), e.g. for question-only baselines."""
   return next(text for role, text in example.conversations[0] if role == USER)
 

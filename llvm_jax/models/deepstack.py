@@ -1,4 +1,6 @@
-"""DeepStack: high-resolution visual tokens stacked into layers instead of the context (DESIGN.md §4).
+"""DeepStack: high-resolution visual tokens stacked into layers instead of the context, following
+the official code (MengLcool/DeepStack-VL: llava/model/deepstack_arch.py, language_model/custom_llama.py,
+multimodal_encoder/clip_encoder.py).
 
 DeepStack-L. The global low-resolution view is spliced at the image positions as usual. The
 high-resolution crops (`hires_images` (B, N, g_h*g_w, S, S, C), row-major, each the size of the

@@ -39,8 +39,6 @@ Cache = dict[str, Any]
 
 # Key of the sos q/k/v inside a layer cache.
 SOS_CACHE_KEY = "phantom_sos"
-# Parameters of the phantom branch (XAttn modules and gates), e.g. 'decoder/layers_0/attn/phantom/...'.
-PARAM_REGEX = r"(^|.*/)phantom/.*"
 
 _gelu = layers.ACTIVATIONS["gelu"]
 

@@ -21,7 +21,6 @@ With a KV cache, `decode_traversal` picks how decoding treats a traversed layer:
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import flax.linen as nn
@@ -37,8 +36,6 @@ Cache = dict[str, Any]
 
 # Key of the pass-2 cache inside a layer cache ('full' decoding).
 PASS2_CACHE_KEY = "trol"
-# Parameters of the TroL-Mixer gates (the only ones trained in TroL's first training step).
-GATE_PARAM_REGEX = r"(^|.*/)trol_gate/.*"
 
 
 def traversed_layers(config: DecoderConfig) -> tuple[int, ...]:
@@ -168,18 +165,3 @@ class Traversal(hooks.Technique):
 
 
 TRAVERSAL = Traversal()
-
-
-def gate_param_mask(params: Any) -> Any:
-  """A pytree of bools like `params`, True at the TroL gate parameters (path matches GATE_PARAM_REGEX).
-
-  For TroL's first training step (gates trained, the rest frozen), e.g.
-  `optax.multi_transform({'train': adam, 'freeze': optax.set_to_zero()},
-  jax.tree.map(lambda g: 'train' if g else 'freeze', gate_param_mask(params)))`.
-  """
-  pattern = re.compile(GATE_PARAM_REGEX)
-
-  def is_gate(path, _):
-    return bool(pattern.fullmatch("/".join(str(getattr(k, "key", k)) for k in path)))
-
-  return jax.tree_util.tree_map_with_path(is_gate, params)

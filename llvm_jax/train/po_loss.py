@@ -22,7 +22,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from llvm_jax.models import phantom
 from llvm_jax.train.loss import token_log_probs
 
 Array = jax.Array
@@ -114,15 +113,3 @@ def po_loss(
 ) -> tuple[Array, dict[str, Array]]:
   """L_PO with one batched forward: `logits_fn(params, pair_rows(batch))` -> logits (2B, S, V)."""
   return po_loss_from_logits(logits_fn(params, pair_rows(batch)), batch, beta, gamma, lam)
-
-
-def phantom_trainable_patterns(stage: int) -> list[str]:
-  """Regexes (full match on '/'-joined parameter paths) of the parameters PO trains in `stage`.
-
-  Stage 1: the projector and the phantom modules (LLM and vision tower frozen); stage 2: everything.
-  """
-  if stage == 1:
-    return [r"(^|.*/)projector/.*", phantom.PARAM_REGEX]
-  if stage == 2:
-    return [r".*"]
-  raise ValueError(f"Phantom Optimization has training stages 1 and 2, got {stage!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 from multiprocess_helpers import free_port, run_workers
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_multihost_worker.py")
