@@ -102,8 +102,19 @@ _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "trillium": "v
 # Chip grids of the slice shapes Cloud TPU offers, by chip count.
 _GRIDS = {
     2: {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"},
-    3: {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8",
-        1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"},
+    3: {
+        4: "2x2x1",
+        8: "2x2x2",
+        16: "2x2x4",
+        32: "2x4x4",
+        64: "4x4x4",
+        128: "4x4x8",
+        256: "4x8x8",
+        512: "8x8x8",
+        1024: "8x8x16",
+        2048: "8x16x16",
+        4096: "16x16x16",
+    },
 }
 
 
@@ -193,13 +204,17 @@ def topology_devices(topology: Topology) -> list[jax.Device]:
     kwargs["chips_per_host_bounds"] = topology.chips_per_host_bounds
   with _quiet_stderr():
     desc = topologies.get_topology_desc(
-        topology_name=topology.name, platform="tpu", chip_config_name=topology.chip.chip_config,
-        num_slices=topology.num_slices, **kwargs,
+        topology_name=topology.name,
+        platform="tpu",
+        chip_config_name=topology.chip.chip_config,
+        num_slices=topology.num_slices,
+        **kwargs,
     )
   devices = list(desc.devices)
   if len(devices) != topology.chips:
-    raise RuntimeError(f"{topology.name} x {topology.num_slices} slices gave {len(devices)} devices, "
-                       f"expected {topology.chips}")
+    raise RuntimeError(
+        f"{topology.name} x {topology.num_slices} slices gave {len(devices)} devices, " f"expected {topology.chips}"
+    )
   return devices
 
 
@@ -219,9 +234,12 @@ def abstract_batch(model_cfg, rows: int, seq_len: int, mesh: Mesh) -> dict[str, 
   from llvm_jax.bench.train_step import synthetic_batch
 
   one = synthetic_batch(model_cfg, 1, seq_len)
-  return {k: jax.ShapeDtypeStruct((rows,) + v.shape[1:], v.dtype,
-                                  sharding=NamedSharding(mesh, _batch_spec(mesh, rows, 0, v.ndim)))
-          for k, v in one.items()}
+  return {
+      k: jax.ShapeDtypeStruct(
+          (rows,) + v.shape[1:], v.dtype, sharding=NamedSharding(mesh, _batch_spec(mesh, rows, 0, v.ndim))
+      )
+      for k, v in one.items()
+  }
 
 
 def abstract_cache(model_cfg, rows: int, max_len: int, num_vision: int, mesh: Mesh) -> Any:
@@ -285,16 +303,24 @@ def lower_prefill(config: ml_collections.ConfigDict, model, mesh: Mesh, max_len:
   cache = abstract_cache(cfg, rows, max_len, num_vision, mesh)
 
   def prefill(params, batch):
-    logits, new_cache = llvm.prefill(model, params, batch["tokens"], max_len, images=batch.get("images"),
-                                     image_mask=batch.get("image_mask"), segment_ids=batch.get("segment_ids"),
-                                     hires_images=batch.get("hires_images"))
+    logits, new_cache = llvm.prefill(
+        model,
+        params,
+        batch["tokens"],
+        max_len,
+        images=batch.get("images"),
+        image_mask=batch.get("image_mask"),
+        segment_ids=batch.get("segment_ids"),
+        hires_images=batch.get("hires_images"),
+    )
     return logits[:, -1], new_cache  # the sampler needs the last position only
 
   shard = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   logits_sharding = NamedSharding(mesh, _batch_spec(mesh, rows, 0, 2))
   with _with_rules(config, mesh):
-    return jax.jit(prefill, in_shardings=(shard(params), shard(batch)),
-                   out_shardings=(logits_sharding, shard(cache))).lower(params, batch)
+    return jax.jit(
+        prefill, in_shardings=(shard(params), shard(batch)), out_shardings=(logits_sharding, shard(cache))
+    ).lower(params, batch)
 
 
 def lower_decode(config: ml_collections.ConfigDict, model, mesh: Mesh, rows: int, max_len: int):
@@ -309,11 +335,116 @@ def lower_decode(config: ml_collections.ConfigDict, model, mesh: Mesh, rows: int
   step = lambda params, token, cache: llvm.decode_step(model, params, token, cache)
   logits_sharding = NamedSharding(mesh, _batch_spec(mesh, rows, 0, 3))
   with _with_rules(config, mesh):
-    return jax.jit(step, in_shardings=(shard(params), token.sharding, shard(cache)),
-                   out_shardings=(logits_sharding, shard(cache)), donate_argnums=(2,)).lower(params, token, cache)
+    return jax.jit(
+        step,
+        in_shardings=(shard(params), token.sharding, shard(cache)),
+        out_shardings=(logits_sharding, shard(cache)),
+        donate_argnums=(2,),
+    ).lower(params, token, cache)
 
 
 # --- Analysis ------------------------------------------------------------------------------------
+
+
+_NO_TRAFFIC = (
+    "parameter",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "constant",
+    "after-all",
+    "partition-id",
+    "replica-id",
+)
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "bf16": 2,
+    "f16": 2,
+    "s16": 2,
+    "u16": 2,
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "f64": 8,
+    "s64": 8,
+    "u64": 8,
+    "c64": 8,
+}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)$")
+
+
+def _shape_bytes(shape: str) -> int:
+  total = 0
+  for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape):
+    count = 1
+    for d in dims.split(","):
+      count *= int(d) if d else 1
+    total += count * _DTYPE_BYTES.get(dtype, 4)
+  return total
+
+
+def _closing_paren(text: str) -> int:
+  """Index of the ')' closing an already opened '(' (the end of an instruction's operand list)."""
+  depth = 1
+  for index, char in enumerate(text):
+    depth += {"(": 1, ")": -1}.get(char, 0)
+    if depth == 0:
+      return index
+  return len(text)
+
+
+def hbm_movers(compiled: Any, top: int = 8) -> list[tuple[str, int]]:
+  """Which ops move the bytes: operand + result bytes of the program's non-fused instructions, summed by
+  kind (fusions named by what they compute: 'matmul' when they hold a convolution/dot, 'reduce',
+  'elementwise'), largest first. A rough view of XLA's 'bytes accessed', per chip; a while loop's body
+  is counted once, as XLA does."""
+  computations: dict[str, list[str]] = {}
+  current = None
+  for line in compiled.as_text().splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):
+      current = line.split("(")[0].split()[-1].lstrip("%")
+      computations[current] = []
+    elif current is not None and line.strip() and line.strip() != "}":
+      computations[current].append(line)
+  called = {
+      c
+      for lines in computations.values()
+      for line in lines
+      for c in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line)
+  }
+  opcodes = {name: {m.group(3) for m in map(_INSTRUCTION.match, lines) if m} for name, lines in computations.items()}
+  totals: dict[str, int] = {}
+  for name, lines in computations.items():
+    if name in called and not name.startswith(("while", "body", "cond")) and "while" not in name:
+      continue  # fusion bodies and reducers: their traffic is their caller's operands and result
+    sizes: dict[str, int] = {}
+    for line in lines:
+      m = _INSTRUCTION.match(line)
+      if not m:
+        continue
+      result, shape, opcode, rest = m.groups()
+      sizes[result] = _shape_bytes(shape)
+      if opcode in _NO_TRAFFIC or opcode in ("while", "conditional", "call"):
+        continue
+      operands = re.findall(r"%([\w.\-]+)", rest[: _closing_paren(rest)])
+      kind = opcode
+      if opcode == "fusion":
+        body = re.search(r"calls=%?([\w.\-]+)", rest)
+        inner = opcodes.get(body.group(1), set()) if body else set()
+        kind = (
+            "matmul fusion"
+            if inner & {"convolution", "dot"}
+            else "reduce fusion"
+            if "reduce" in inner
+            else ("elementwise fusion")
+        )
+      elif opcode.endswith(("-start", "-done")):
+        kind = opcode.rsplit("-", 1)[0]
+      traffic = sizes[result] + sum(sizes.get(o, 0) for o in operands)
+      totals[kind] = totals.get(kind, 0) + traffic
+  return sorted(totals.items(), key=lambda kv: -kv[1])[:top]
 
 
 def _cost_dict(compiled) -> dict[str, float]:
@@ -323,8 +454,9 @@ def _cost_dict(compiled) -> dict[str, float]:
   return dict(analysis or {})
 
 
-def analyse(compiled, topology: Topology, analytic_flops: float, compile_s: float,
-            cost_compiled: Any = None) -> dict[str, Any]:
+def analyse(
+    compiled, topology: Topology, analytic_flops: float, compile_s: float, cost_compiled: Any = None
+) -> dict[str, Any]:
   """Memory against the chip's HBM, XLA's and the analytic FLOPs, and the estimated step time (per chip).
 
   cost_compiled: the program whose cost analysis to use instead of `compiled`'s (the unrolled twin of
@@ -332,8 +464,10 @@ def analyse(compiled, topology: Topology, analytic_flops: float, compile_s: floa
   """
   chip = topology.chip
   memory = compiled.memory_analysis()
-  mem = {name: int(getattr(memory, f"{name}_size_in_bytes", 0) or 0)
-         for name in ("argument", "output", "temp", "generated_code", "alias")}
+  mem = {
+      name: int(getattr(memory, f"{name}_size_in_bytes", 0) or 0)
+      for name in ("argument", "output", "temp", "generated_code", "alias")
+  }
   total = mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
   cost = _cost_dict(compiled if cost_compiled is None else cost_compiled)
   xla_flops = float(cost.get("flops", 0.0))
@@ -346,12 +480,21 @@ def analyse(compiled, topology: Topology, analytic_flops: float, compile_s: floa
   else:
     step_s = max(compute_s, memory_s)
     source = "roofline max(XLA flops / peak, XLA bytes / HBM bandwidth), " + (
-        "compute-bound" if compute_s >= memory_s else "memory-bound")
+        "compute-bound" if compute_s >= memory_s else "memory-bound"
+    )
   analytic_per_chip = analytic_flops / topology.chips
+  try:
+    movers = hbm_movers(compiled if cost_compiled is None else cost_compiled)
+  except Exception:  # noqa: BLE001 - a summary only; HLO text formats change
+    movers = []
   return {
+      "hbm_movers": movers,
       "compile_s": compile_s,
-      "memory": {**{f"{k}_bytes": v for k, v in mem.items()}, "total_bytes": total,
-                 "peak_bytes": int(getattr(memory, "peak_memory_in_bytes", 0) or 0)},
+      "memory": {
+          **{f"{k}_bytes": v for k, v in mem.items()},
+          "total_bytes": total,
+          "peak_bytes": int(getattr(memory, "peak_memory_in_bytes", 0) or 0),
+      },
       "hbm_bytes": chip.hbm_bytes,
       "fits": total <= chip.hbm_bytes,
       "headroom_bytes": chip.hbm_bytes - total,
@@ -376,10 +519,14 @@ def out_of_memory(message: str, topology: Topology, analytic_flops: float, compi
   found = re.search(r"required for [^(]*\(([\d.]+)([KMGT])\)", first)
   required = float(found.group(1)) * 2 ** (10 * "KMGT".index(found.group(2)) + 10) if found else None
   return {
-      "compile_s": compile_s, "fits": False, "error": first, "hbm_bytes": topology.chip.hbm_bytes,
+      "compile_s": compile_s,
+      "fits": False,
+      "error": first,
+      "hbm_bytes": topology.chip.hbm_bytes,
       "memory": {"total_bytes": int(required) if required else None},
       "headroom_bytes": topology.chip.hbm_bytes - int(required) if required else None,
-      "analytic_flops": analytic_flops, "analytic_flops_per_chip": analytic_flops / topology.chips,
+      "analytic_flops": analytic_flops,
+      "analytic_flops_per_chip": analytic_flops / topology.chips,
   }
 
 
@@ -415,14 +562,33 @@ def compile_for_topology(
   max_len = seq_len + new_tokens
   decode_rows = decode_batch or rows
   report: dict[str, Any] = {
-      "topology": topo.name, "num_slices": topo.num_slices, "chips": topo.chips, "device_kind": devices[0].device_kind,
-      "hbm_bytes_per_chip": topo.chip.hbm_bytes, "peak_flops_per_chip": topo.chip.peak_flops,
+      "topology": topo.name,
+      "num_slices": topo.num_slices,
+      "chips": topo.chips,
+      "device_kind": devices[0].device_kind,
+      "hbm_bytes_per_chip": topo.chip.hbm_bytes,
+      "peak_flops_per_chip": topo.chip.peak_flops,
       "hbm_bandwidth_per_chip": topo.chip.hbm_bandwidth,
-      "mesh": dict(mesh.shape), "strategy": config.sharding.strategy,
-      "remat": cfg.decoder.remat_policy, "scan_layers": cfg.decoder.scan_layers,
-      "batch": rows, "seq_len": seq_len, "microbatches": config.train.microbatches,
-      "decode_batch": decode_rows, "cache_len": max_len, "programs": {},
+      "mesh": dict(mesh.shape),
+      "strategy": config.sharding.strategy,
+      "remat": cfg.decoder.remat_policy,
+      "scan_layers": cfg.decoder.scan_layers,
+      "batch": rows,
+      "seq_len": seq_len,
+      "microbatches": config.train.microbatches,
+      "decode_batch": decode_rows,
+      "cache_len": max_len,
+      "programs": {},
   }
+  notes = []
+  if cfg.decoder.attention_impl == "splash":
+    notes.append("splash attention is a Pallas custom call: XLA's cost analysis counts none of its FLOPs or bytes")
+  if config.train.microbatches > 1 and "train" in what:
+    notes.append(
+        f"train: the {config.train.microbatches} microbatches loop in a scan, whose body XLA's cost analysis "
+        "counts once: its FLOPs, bytes and estimate cover 2 microbatches"
+    )
+  report["notes"] = notes
   twin = None
   if cfg.decoder.scan_layers and unrolled_costs:
     twin_config = copy.deepcopy(config)
@@ -507,6 +673,7 @@ def format_report(report: dict[str, Any]) -> str:
   ]
   if "costs_from" in report:
     lines.append(f"FLOPs, bytes and estimates from the {report['costs_from']}")
+  lines += [f"NOTE: {note}" for note in report.get("notes", ())]
   shapes = {
       "train": f"batch {report['batch']} x {report['seq_len']} tokens, {report['microbatches']} microbatch(es)",
       "prefill": f"batch {report['batch']} x {report['seq_len']} tokens into {report['cache_len']} cache slots",
@@ -518,13 +685,17 @@ def format_report(report: dict[str, Any]) -> str:
       continue
     m = p["memory"]
     lines += [
-        f"[{name}] {shapes[name]}: compiled in {p['compile_s']:.1f} s",
+        f"[{name}] {shapes[name]}: compiled in {p['compile_s']:.1f} s"
+        + (f" (+ {p['cost_compile_s']:.1f} s for the unrolled twin)" if "cost_compile_s" in p else ""),
         f"  HBM per chip: arguments {_size(m['argument_bytes'])}, outputs {_size(m['output_bytes'])}, temporaries "
         f"{_size(m['temp_bytes'])}, generated code {_size(m['generated_code_bytes'])}, "
         f"aliased {_size(m['alias_bytes'])}",
         f"  total {_size(m['total_bytes'])} of {_size(p['hbm_bytes'])}: "
-        + (f"fits, headroom {_size(p['headroom_bytes'])} ({p['headroom_bytes'] / p['hbm_bytes']:.0%})" if p["fits"]
-           else f"DOES NOT FIT, {_size(-p['headroom_bytes'])} over"),
+        + (
+            f"fits, headroom {_size(p['headroom_bytes'])} ({p['headroom_bytes'] / p['hbm_bytes']:.0%})"
+            if p["fits"]
+            else f"DOES NOT FIT, {_size(-p['headroom_bytes'])} over"
+        ),
         f"  FLOPs per chip: XLA {_flop(p['xla_flops_per_chip'])} (remat recompute, masked attention in full, "
         f"elementwise ops), analytic {_flop(p['analytic_flops_per_chip'])}; XLA bytes accessed "
         f"{_size(p['xla_bytes_accessed_per_chip'])}",
@@ -532,6 +703,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"{p['estimated_mfu']:.1%}; HBM roofline {_seconds(p['roofline_hbm_s'])}, compute roofline "
         f"{_seconds(p['roofline_compute_s'])}",
     ]
+    if p.get("hbm_movers"):
+      lines.append("  bytes moved by: " + ", ".join(f"{kind} {_size(n)}" for kind, n in p["hbm_movers"][:5]))
   lines.append("all programs fit" if report["fits"] else "SOME PROGRAM DOES NOT FIT")
   return "\n".join(lines)
 
@@ -541,8 +714,15 @@ def main(argv) -> None:
   from absl import flags
 
   f = flags.FLAGS
-  report = compile_for_topology(f.config, f.topology, f.num_slices, [w for w in f.what.split(",") if w],
-                                f.decode_batch or None, f.new_tokens, f.unrolled_costs)
+  report = compile_for_topology(
+      f.config,
+      f.topology,
+      f.num_slices,
+      [w for w in f.what.split(",") if w],
+      f.decode_batch or None,
+      f.new_tokens,
+      f.unrolled_costs,
+  )
   report["command"] = "python -m llvm_jax.aot " + " ".join(sys.argv[1:])
   print(format_report(report))
   if f.json:
@@ -563,7 +743,11 @@ if __name__ == "__main__":
   flags.DEFINE_integer("decode_batch", 0, "Rows of the decode step (0: data.global_batch_size).")
   flags.DEFINE_integer("new_tokens", 128, "Cache slots past the prompt (prefill and decode cache length).")
   flags.DEFINE_string("json", "", "Also write the report as JSON here.")
-  flags.DEFINE_bool("unrolled_costs", True, "scan_layers=True: take FLOPs, bytes and estimates from an unrolled "
-                    "twin compile (XLA counts a scanned layer body once).")
+  flags.DEFINE_bool(
+      "unrolled_costs",
+      True,
+      "scan_layers=True: take FLOPs, bytes and estimates from an unrolled "
+      "twin compile (XLA counts a scanned layer body once).",
+  )
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -24,10 +24,10 @@ from llvm_jax.models.config import LLVMConfig
 
 def param_count(cfg: LLVMConfig) -> int:
   """Parameters of the model (abstract init: nothing is allocated)."""
-  from llvm_jax.train.trainer import abstract_boxed_params
-  from llvm_jax.models.llvm import LLVM
-
   import flax.linen as nn
+
+  from llvm_jax.models.llvm import LLVM
+  from llvm_jax.train.trainer import abstract_boxed_params
 
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(abstract_boxed_params(LLVM(cfg)))))
 
@@ -69,7 +69,9 @@ def report(cfg: LLVMConfig, text_tokens: int = 64, images: int = 1, train_tokens
   }
 
 
-def measure_decode(cfg: LLVMConfig, batch: int = 8, text_tokens: int = 32, new_tokens: int = 32, seed: int = 0) -> dict[str, float]:
+def measure_decode(
+    cfg: LLVMConfig, batch: int = 8, text_tokens: int = 32, new_tokens: int = 32, seed: int = 0
+) -> dict[str, float]:
   """Decode tokens/s of the sampler on this backend (random weights; greedy; EOS never hit)."""
   from llvm_jax import convert, sampler
   from llvm_jax.models.llvm import LLVM
@@ -78,15 +80,19 @@ def measure_decode(cfg: LLVMConfig, batch: int = 8, text_tokens: int = 32, new_t
   params = convert.init_params(model, jax.random.key(seed))
   rng = np.random.RandomState(seed)
   n = cfg.tokens_per_image if cfg.vision is not None else 0
-  prompts = [[1] + [cfg.image_token_id] * n + rng.randint(5, cfg.decoder.vocab_size, text_tokens - 1).tolist()
-             for _ in range(batch)]
+  prompts = [
+      [1] + [cfg.image_token_id] * n + rng.randint(5, cfg.decoder.vocab_size, text_tokens - 1).tolist()
+      for _ in range(batch)
+  ]
   inputs = sampler.pad_prompts(prompts)
   if n:
     size = cfg.vision.image_size
     inputs["images"] = rng.uniform(-1, 1, (batch, 1, size, size, 3)).astype(np.float32)
     inputs["image_mask"] = np.ones((batch, 1), bool)
     if cfg.deepstack is not None:
-      inputs["hires_images"] = rng.uniform(-1, 1, (batch, 1, cfg.deepstack.num_groups, size, size, 3)).astype(np.float32)
+      inputs["hires_images"] = rng.uniform(-1, 1, (batch, 1, cfg.deepstack.num_groups, size, size, 3)).astype(
+          np.float32
+      )
 
   def timed(tokens: int) -> float:
     out = sampler.sample(model, params, inputs, sampler.SamplingConfig(max_new_tokens=tokens))
@@ -97,8 +103,11 @@ def measure_decode(cfg: LLVMConfig, batch: int = 8, text_tokens: int = 32, new_t
 
   # Prefill + N steps minus prefill + 1 step: the decode loop alone.
   loop = timed(new_tokens) - timed(1)
-  return {"decode_tokens_per_second": batch * (new_tokens - 1) / max(loop, 1e-9), "batch": batch,
-          "backend": jax.default_backend()}
+  return {
+      "decode_tokens_per_second": batch * (new_tokens - 1) / max(loop, 1e-9),
+      "batch": batch,
+      "backend": jax.default_backend(),
+  }
 
 
 def _scaled(value: float, base: int, prefixes: tuple[str, ...]) -> str:
@@ -118,19 +127,27 @@ def main(argv) -> None:
   f = flags.FLAGS
   cfg = config_utils.model_config(f.config)
   result = report(cfg, f.text_tokens, f.images)
-  print(f"{cfg.decoder.family} LLM, {cfg.vision.kind if cfg.vision else 'no'} vision; techniques: "
-        + ", ".join(name for name in ("trol", "phantom", "pmod") if getattr(cfg.decoder, name) is not None)
-        + (", deepstack" if cfg.deepstack is not None else ""))
+  print(
+      f"{cfg.decoder.family} LLM, {cfg.vision.kind if cfg.vision else 'no'} vision; techniques: "
+      + ", ".join(name for name in ("trol", "phantom", "pmod") if getattr(cfg.decoder, name) is not None)
+      + (", deepstack" if cfg.deepstack is not None else "")
+  )
   print(f"  parameters             {result['params']:,}")
   print(f"  context tokens         {result['context_tokens']}")
   print(f"  prefill FLOPs/sample   {_scaled(result['prefill_flops'], 1000, ('', 'k', 'M', 'G', 'T', 'P'))}FLOPs")
-  print(f"  train FLOPs/sample     {_scaled(result['train_flops_per_sample'], 1000, ('', 'k', 'M', 'G', 'T', 'P'))}FLOPs")
+  print(
+      f"  train FLOPs/sample     {_scaled(result['train_flops_per_sample'], 1000, ('', 'k', 'M', 'G', 'T', 'P'))}FLOPs"
+  )
   # The cache holds K/V in the decoder's compute dtype.
-  print(f"  KV cache/sample        {_scaled(result['kv_cache_bytes'], 1024, ('', 'Ki', 'Mi', 'Gi', 'Ti'))}B "
-        f"({cfg.decoder.dtype} K/V, {result['context_tokens']} tokens)")
+  print(
+      f"  KV cache/sample        {_scaled(result['kv_cache_bytes'], 1024, ('', 'Ki', 'Mi', 'Gi', 'Ti'))}B "
+      f"({cfg.decoder.dtype} K/V, {result['context_tokens']} tokens)"
+  )
   if f.measure_decode:
     decode = measure_decode(cfg)
-    print(f"  decode                 {decode['decode_tokens_per_second']:.1f} tokens/s (batch {decode['batch']}, {decode['backend']})")
+    print(
+        f"  decode                 {decode['decode_tokens_per_second']:.1f} tokens/s (batch {decode['batch']}, {decode['backend']})"
+    )
 
 
 if __name__ == "__main__":

@@ -174,8 +174,7 @@ def decoder_flops(cfg: DecoderConfig, seq_len: int, num_vision: int = 0, causal:
       trol_extra += layer_flops + extra + trol_mixer_flops(cfg, tokens)
   head = lm_head_flops(cfg, seq_len)
   total = base + phantom + trol_extra + routers + head
-  return {"layers": base, "phantom": phantom, "trol": trol_extra, "pmod_routers": routers, "head": head,
-          "total": total}
+  return {"layers": base, "phantom": phantom, "trol": trol_extra, "pmod_routers": routers, "head": head, "total": total}
 
 
 def decoder_forward_flops(cfg: DecoderConfig, seq_len: int, num_vision: int = 0, causal: bool = True) -> float:
@@ -192,8 +191,9 @@ def forward_flops(cfg: LLVMConfig, seq_len: int, images: float, causal: bool = T
   """Forward FLOPs of one sample of `seq_len` tokens (image tokens included) with `images` images
   (tiles; a batch mean may be fractional), by part: decoder, vision, projector, deepstack, total."""
   use_images = cfg.vision is not None and images > 0
-  parts = {"decoder": decoder_forward_flops(cfg.decoder, seq_len, vision_tokens(cfg, images) if use_images else 0,
-                                            causal)}
+  parts = {
+      "decoder": decoder_forward_flops(cfg.decoder, seq_len, vision_tokens(cfg, images) if use_images else 0, causal)
+  }
   if use_images:
     parts["vision"] = images * vision_forward_flops(cfg.vision)
     parts["projector"] = images * projector_forward_flops(cfg)
@@ -289,8 +289,9 @@ def pmod_cost(config: LLVMConfig, seq_len: int, n_vision: int) -> dict[str, Any]
   retained = sum(kept_count(ratios[l], n_vision) if l in ratios else n_vision for l in range(dec.num_layers))
   return {
       "mod_layers": len(ratios),
-      "kept_tokens_per_layer": [kept_length(seq_len, n_vision, ratios[l]) if l in ratios else seq_len
-                                for l in range(dec.num_layers)],
+      "kept_tokens_per_layer": [
+          kept_length(seq_len, n_vision, ratios[l]) if l in ratios else seq_len for l in range(dec.num_layers)
+      ],
       "decoder_flops_dense": decoder_dense,
       "decoder_flops_pmod": decoder_pmod,
       "decoder_flops_ratio": decoder_pmod / decoder_dense,

@@ -12,18 +12,13 @@ import transformers
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from llvm_jax.data import tokenizer as tokenizer_lib
+
 COLORS = ("red", "green", "blue", "yellow")
 SHAPES = ("square", "disc")
 QUESTIONS = ("What color is the shape?", "Which shape is it?")
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: {{ message['content'] }} "
-    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ message['content'] }}{{ eos_token }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+# The library's own tiny template (USER/ASSISTANT turns), as an HF tokenizer would carry it.
+CHAT_TEMPLATE = tokenizer_lib.CHAT_TEMPLATE
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 
 

@@ -2,8 +2,8 @@
 
 Each compile runs in a subprocess (the CLI, as a user runs it): the deviceless TPU topology comes
 from libtpu, which starts with the process, and stays out of the test workers (their 8 fake CPU
-devices, their memory). The two subprocesses start together, so the test takes as long as the
-slower one (~15 s on 2 cores).
+devices, their memory). The two subprocesses start together, so the tests take as long as the
+slower one (~30 s on 2 cores: the scanned programs and their unrolled twins).
 """
 
 import importlib.util
@@ -16,18 +16,28 @@ import pytest
 
 from llvm_jax import aot
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason="libtpu is not installed (pip install -e '.[aot]')")
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (pip install -e '.[aot]')"
+)
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config=configs/bench_1b.py:size=tiny,batch=8,seq_len=128", "--config.model.decoder.num_layers=2"]
+# Scanned layers: the costs come from an unrolled twin compile (XLA counts a loop body once).
+TINY = ["--config=configs/bench_1b.py:size=tiny,batch=8,seq_len=128,scan=true", "--config.model.decoder.num_layers=2"]
 # The same tiny model with a batch whose activations need ~400 GiB per chip.
-HUGE = ["--config=configs/bench_1b.py:size=tiny,batch=4096,seq_len=4096", "--config.model.decoder.num_layers=2"]
+HUGE = [
+    "--config=configs/bench_1b.py:size=tiny,batch=4096,seq_len=4096,scan=false,attention=xla",
+    "--config.model.decoder.num_layers=2",
+]
 
 
 def _start(args: list[str]) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "-m", "llvm_jax.aot", "--topology=v5e:2x2", *args], cwd=_REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+      [sys.executable, "-m", "llvm_jax.aot", "--topology=v5e:2x2", *args],
+      cwd=_REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +49,15 @@ def runs(tmp_path_factory):
     return results, json.load(f)
 
 
+@needs_libtpu
+@pytest.mark.tpu
+@pytest.mark.slow
 def test_tiny_train_and_decode_fit(runs):
   (code, output), report = runs[0]["tiny"], runs[1]
   assert code == 0, output
   assert report["topology"] == "v5e:2x2" and report["chips"] == 4 and report["device_kind"] == "TPU v5 lite"
   assert report["fits"] and set(report["programs"]) == {"train", "decode"}
+  assert report["scan_layers"] and report["costs_from"].startswith("unrolled twin")
   for name, program in report["programs"].items():
     assert program["memory"]["argument_bytes"] > 0, name
     assert program["fits"] and 0 < program["memory"]["total_bytes"] < program["hbm_bytes"] == 16 * 2**30, name
@@ -57,6 +71,9 @@ def test_tiny_train_and_decode_fit(runs):
   assert "ESTIMATED step time" in output and "fits" in output
 
 
+@needs_libtpu
+@pytest.mark.tpu
+@pytest.mark.slow
 def test_huge_batch_does_not_fit(runs):
   code, output = runs[0]["huge"]
   assert code == 1, output

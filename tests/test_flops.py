@@ -27,8 +27,9 @@ from llvm_jax.train.trainer import abstract_boxed_params
 
 # Wide enough for matmuls to dominate XLA's count: D=256, MLP 1024, 6 layers; a 56 px CLIP-style tower
 # (16 tokens per image) so DeepStack's 2x2 crops and p-MoD's routing both have vision tokens.
-_BASE = config_utils.tiny_llvm(vocab_size=512, image_token_id=500, image_size=56, patch_size=14, embed_dim=256,
-                               num_layers=6, vision_width=128)
+_BASE = config_utils.tiny_llvm(
+    vocab_size=512, image_token_id=500, image_size=56, patch_size=14, embed_dim=256, num_layers=6, vision_width=128
+)
 BASE = dataclasses.replace(_BASE, decoder=dataclasses.replace(_BASE.decoder, head_dim=64, mlp_dim=1024))
 PMOD = PmodConfig(schedule="explicit", layers=(2, 3, 4, 5), ratios=(0.5, 0.25, 0.5, 0.75))
 TECHNIQUES = ("baseline", "trol", "phantom", "deepstack", "pmod", "all_four")
@@ -42,10 +43,13 @@ def _cfg(technique: str) -> LLVMConfig:
 
 def _batch(cfg: LLVMConfig, seq_len: int) -> dict:
   tokens = np.full((BATCH, seq_len), 7, np.int32)
-  tokens[:, 1:1 + cfg.tokens_per_image] = cfg.image_token_id
+  tokens[:, 1 : 1 + cfg.tokens_per_image] = cfg.image_token_id
   size = cfg.vision.image_size
-  batch = {"tokens": jnp.asarray(tokens), "images": jnp.zeros((BATCH, 1, size, size, 3)),
-           "image_mask": jnp.ones((BATCH, 1), bool)}
+  batch = {
+      "tokens": jnp.asarray(tokens),
+      "images": jnp.zeros((BATCH, 1, size, size, 3)),
+      "image_mask": jnp.ones((BATCH, 1), bool),
+  }
   if cfg.deepstack is not None:
     batch["hires_images"] = jnp.zeros((BATCH, 1, cfg.deepstack.num_groups, size, size, 3))
   return batch
@@ -67,8 +71,9 @@ def _xattn_gelu_flops(dec: DecoderConfig, tokens_per_layer: list[int]) -> float:
 
 def _tokens_per_layer(dec: DecoderConfig, seq_len: int, num_vision: int) -> list[int]:
   ratios = pmod_lib.layer_ratios(dec)
-  return [pmod_lib.kept_length(seq_len, num_vision, ratios[l]) if l in ratios else seq_len
-          for l in range(dec.num_layers)]
+  return [
+      pmod_lib.kept_length(seq_len, num_vision, ratios[l]) if l in ratios else seq_len for l in range(dec.num_layers)
+  ]
 
 
 @pytest.mark.parametrize("technique", TECHNIQUES)

@@ -56,8 +56,8 @@ def test_scanned_equals_unrolled(combo, batch):
   tokens, residuals = batch
   residuals = residuals if "deepstack" in combo else None
   cfg = _cfg(combo)
-  params = nn.unbox(jax.jit(LM(cfg).init)(jax.random.key(0), tokens, residuals=residuals,
-                                                residual_layers=RESIDUAL_LAYERS)["params"])
+  init = jax.jit(lambda key, t, r: LM(cfg).init(key, t, residuals=r, residual_layers=RESIDUAL_LAYERS))
+  params = nn.unbox(init(jax.random.key(0), tokens, residuals)["params"])
 
   def loss_and_grads(config, p):
     loss = lambda p: jnp.sum(LM(config).apply({"params": p}, tokens, residuals=residuals, residual_layers=RESIDUAL_LAYERS)[0] ** 2) / tokens.size

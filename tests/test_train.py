@@ -14,16 +14,10 @@ from llvm_jax.data.pipeline import make_global_batch
 from llvm_jax.models.llvm import LLVM
 from llvm_jax.train import checkpoint, lora, trainer
 from multiprocess_helpers import free_port, run_workers
-from train_helpers import SyntheticBatches, tiny_config
+from train_helpers import SyntheticBatches, run, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "train_multihost_worker.py")
-
-def run(config, workdir, sigterm_at=None):
-  mesh = trainer.mesh_from_config(config)
-  data = SyntheticBatches(mesh, config_utils.model_config(config), sigterm_at=sigterm_at)
-  return trainer.train(config, str(workdir), data), data
-
 
 def test_loss_falls_and_metrics_are_written(tmp_path):
   config = tiny_config(total_steps=30, checkpoint_every=100)

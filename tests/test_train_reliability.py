@@ -12,16 +12,10 @@ from llvm_jax import config_utils
 from llvm_jax.train import checkpoint, trainer
 from llvm_jax.train.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLockedError
 from multiprocess_helpers import free_port, run_workers
-from train_helpers import SyntheticBatches, tiny_config
+from train_helpers import SyntheticBatches, run, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH_WORKER = os.path.join(REPO, "tests", "mesh_check_worker.py")
-
-
-def run(config, workdir, sigterm_at=None):
-  mesh = trainer.mesh_from_config(config)
-  data = SyntheticBatches(mesh, config_utils.model_config(config), sigterm_at=sigterm_at)
-  return trainer.train(config, str(workdir), data), data
 
 
 def steps_logged(workdir):

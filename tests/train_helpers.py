@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from llvm_jax import config_utils
+from llvm_jax.train import trainer
 from llvm_jax.data.pipeline import make_global_batch
 
 SEQ = 24
@@ -73,3 +74,8 @@ class SyntheticBatches:
     pass
 
 
+def run(config, workdir, sigterm_at=None):
+  """Trains `config` in `workdir` on SyntheticBatches; returns (train()'s result, the data)."""
+  mesh = trainer.mesh_from_config(config)
+  data = SyntheticBatches(mesh, config_utils.model_config(config), sigterm_at=sigterm_at)
+  return trainer.train(config, str(workdir), data), data

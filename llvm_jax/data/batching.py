@@ -17,7 +17,9 @@ SEQUENCE_KEYS = ("tokens", "segment_ids", "positions", "targets", "target_mask")
 class BatchBuilder:
   """Places processed examples into B rows (first fit when packing) and emits the arrays."""
 
-  def __init__(self, rows: int, channels: int, seq_len: int, max_images: int, packing: bool, mode: str, spec: vision.VisionSpec):
+  def __init__(
+      self, rows: int, channels: int, seq_len: int, max_images: int, packing: bool, mode: str, spec: vision.VisionSpec
+  ):
     self.n_rows, self.channels, self.seq_len, self.max_images = rows, channels, seq_len, max_images
     self.packing, self.mode, self.spec = packing, mode, spec
     self.rows: list[dict[str, Any]] = []

@@ -73,6 +73,9 @@ def main(argv=None) -> int:
       strict=True if args.strict else None,
       overwrite=args.overwrite,
   )
+  # The CLI's output (stdout): the skip report and example count of each split; the builders log.
+  for report in builder.skip_reports.values():
+    print(report.summary())
   for split, info in builder.info.splits.items():
     print(f"{builder.name}/{builder.builder_config.name} {split}: {info.num_examples} examples")
   print(f"built in {builder.data_path}")

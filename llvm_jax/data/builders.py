@@ -19,7 +19,7 @@ Input files come from the config (`json_files`, `image_root`) or from the manual
 (`download_config=tfds.download.DownloadConfig(manual_dir=...)`): `{split}.json` / `{split}.jsonl`
 there, image paths relative to `image_root` (default: the manual dir). Records with a missing or
 corrupt image, an empty or malformed conversation (or preference triple) are skipped, logged with
-their id and summarised in a report printed at the end of each split (`builder.skip_reports`);
+their id and summarised in a report logged at the end of each split (`builder.skip_reports`);
 with `strict=True` the first one raises `BadRecordError` naming the id.
 
     build_dataset("synthetic_vqa", data_dir, config="small")
@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -43,6 +44,7 @@ from etils import epath
 from llvm_jax.data import records, synthetic
 from llvm_jax.data.records import SampleError, SkipReport
 
+log = logging.getLogger(__name__)
 _BYTES = tfds.features.Tensor(shape=(), dtype=np.object_)
 
 
@@ -205,9 +207,60 @@ class _LocalFilesMixin:
     self.skip_reports[split] = report
     return report
 
-  def _finish(self, report: SkipReport) -> None:
-    print(f"[llvm_jax.data] {report.summary()}", flush=True)
-    records.log.info("%s", report.summary())
+  DESCRIPTION = ""
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = {
+        "id": tfds.features.Text(),
+        "images": tfds.features.Sequence(_BYTES),  # encoded bytes, in the record's order
+        "image_paths": tfds.features.Sequence(tfds.features.Text()),
+        **self._record_features(),
+    }
+    return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION, features=tfds.features.FeaturesDict(features))
+
+  def _record_features(self) -> dict[str, Any]:
+    """The builder's features besides id, images and image_paths."""
+    raise NotImplementedError
+
+  def _split_generators(self, dl_manager):
+    files, root = self._split_files(dl_manager)
+    return {split: self._generate_examples(split, paths, root) for split, paths in files.items()}
+
+  def _generate_examples(self, split: str, paths: list[epath.Path], root: epath.Path):
+    """Every valid record of the split's files; the others are skipped into the split's report."""
+    report = self._report(split)
+    verify = self.builder_config.verify_images
+    for f, path in enumerate(paths):
+      for i, (default_id, rec) in enumerate(_load_json_records(path)):
+        rid = _record_id(rec, default_id)
+        try:
+          example = self._checked_example(rec, rid, default_id, root, verify)
+        except SampleError as e:
+          report.skip(rid, e.reason, e.detail, strict=self.strict)
+          continue
+        report.written += 1
+        yield f"{f}:{i}", example
+    log.info("%s", report.summary())
+
+  def _checked_example(self, rec: Any, rid: str, default_id: str, root: epath.Path, verify: bool) -> dict[str, Any]:
+    """The stored example of one input record; SampleError (any content error) if it must be skipped."""
+    try:
+      if isinstance(rec, _BadLine):
+        raise SampleError("malformed_record", rec.detail)
+      if not isinstance(rec, Mapping):
+        raise SampleError("malformed_record", f"record is a {type(rec).__name__}, not an object")
+      records.as_text(records.record_id(rec, default_id), "id")
+      rel, fields = self._parse_record(rec, rid)
+      images = [_read_image(root / p, verify) for p in rel]
+    except SampleError:
+      raise
+    except Exception as e:
+      raise _unexpected(e) from None
+    return {"id": rid, "images": images, "image_paths": rel, **fields}
+
+  def _parse_record(self, rec: Mapping[str, Any], rid: str) -> tuple[list[str], dict[str, Any]]:
+    """(image paths, the builder's other features) of a record; raises SampleError if invalid."""
+    raise NotImplementedError
 
 
 # -- synthetic_vqa -------------------------------------------------------------------------------
@@ -302,12 +355,12 @@ class SyntheticVqa(_CodePathMixin, tfds.core.GeneratorBasedBuilder):
           "multiple_choice": s["multiple_choice"],
           "num_objects": len(s["objects"]),
       }
-    print(f"[llvm_jax.data] {report.summary()}", flush=True)
+    log.info("%s", report.summary())
 
 
 # -- llava_instruct ------------------------------------------------------------------------------
 @dataclasses.dataclass(eq=False)
-class LlavaInstructConfig(tfds.core.BuilderConfig):
+class LocalFilesConfig(tfds.core.BuilderConfig):
   """json_files: {split: path or [paths]} (relative to the manual dir) or None for
   {split}.json(l) in the manual dir; image_root: image paths are relative to it (default: the
   manual dir); verify_images: decode every image at build time to catch corrupt files."""
@@ -316,6 +369,11 @@ class LlavaInstructConfig(tfds.core.BuilderConfig):
   image_root: str | None = None
   strict: bool = False
   verify_images: bool = True
+
+
+@dataclasses.dataclass(eq=False)
+class LlavaInstructConfig(LocalFilesConfig):
+  """LocalFilesConfig of llava_instruct; records are LLaVA conversations."""
 
 
 class LlavaInstruct(_CodePathMixin, _LocalFilesMixin, tfds.core.GeneratorBasedBuilder):
@@ -339,69 +397,23 @@ class LlavaInstruct(_CodePathMixin, _LocalFilesMixin, tfds.core.GeneratorBasedBu
   ]
   DEFAULT_CONFIG_NAME = "default"
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="LLaVA-format conversations with images (llvm_jax).",
-        features=tfds.features.FeaturesDict(
-            {
-                "id": tfds.features.Text(),
-                "images": tfds.features.Sequence(_BYTES),  # encoded bytes, in conversation order
-                "image_paths": tfds.features.Sequence(tfds.features.Text()),
-                "conversations": tfds.features.Sequence({"from": tfds.features.Text(), "value": tfds.features.Text()}),
-            }
-        ),
-    )
+  DESCRIPTION = "LLaVA-format conversations with images (llvm_jax)."
 
-  def _split_generators(self, dl_manager):
-    files, root = self._split_files(dl_manager)
-    return {split: self._generate_examples(split, paths, root) for split, paths in files.items()}
+  def _record_features(self) -> dict[str, Any]:
+    return {"conversations": tfds.features.Sequence({"from": tfds.features.Text(), "value": tfds.features.Text()})}
 
-  def _generate_examples(self, split: str, paths: list[epath.Path], root: epath.Path):
-    report = self._report(split)
-    verify = self.builder_config.verify_images
-    for f, path in enumerate(paths):
-      for i, (default_id, rec) in enumerate(_load_json_records(path)):
-        rid = _record_id(rec, default_id)
-        try:
-          try:
-            if isinstance(rec, _BadLine):
-              raise SampleError("malformed_record", rec.detail)
-            if not isinstance(rec, Mapping):
-              raise SampleError("malformed_record", f"record is a {type(rec).__name__}, not an object")
-            records.as_text(records.record_id(rec, default_id), "id")
-            rel = _image_paths(rec.get("image"))
-            conv = rec.get("conversations")
-            turns = records.normalize_conversation(conv, len(rel))
-            del turns  # validation only: the stored turns are the original ones
-            stored = [{"from": str(w), "value": str(v)} for w, v in records.turns_as_list(conv)]
-            images = [_read_image(root / p, verify) for p in rel]
-          except SampleError:
-            raise
-          except Exception as e:
-            raise _unexpected(e) from None
-        except SampleError as e:
-          report.skip(rid, e.reason, e.detail, strict=self.strict)
-          continue
-        report.written += 1
-        yield f"{f}:{i}", {
-            "id": rid,
-            "images": images,
-            "image_paths": rel,
-            "conversations": stored,
-        }
-    self._finish(report)
+  def _parse_record(self, rec: Mapping[str, Any], rid: str) -> tuple[list[str], dict[str, Any]]:
+    rel = _image_paths(rec.get("image"))
+    conv = rec.get("conversations")
+    records.normalize_conversation(conv, len(rel))  # validation only: the stored turns are the original ones
+    stored = [{"from": str(w), "value": str(v)} for w, v in records.turns_as_list(conv)]
+    return rel, {"conversations": stored}
 
 
 # -- preference ----------------------------------------------------------------------------------
 @dataclasses.dataclass(eq=False)
-class PreferenceConfig(tfds.core.BuilderConfig):
-  """Same file options as LlavaInstructConfig; records are (image, question, chosen, rejected)."""
-
-  json_files: Mapping[str, Any] | None = None
-  image_root: str | None = None
-  strict: bool = False
-  verify_images: bool = True
+class PreferenceConfig(LocalFilesConfig):
+  """LocalFilesConfig of preference; records are (image, question, chosen, rejected)."""
 
 
 class Preference(_CodePathMixin, _LocalFilesMixin, tfds.core.GeneratorBasedBuilder):
@@ -413,54 +425,17 @@ class Preference(_CodePathMixin, _LocalFilesMixin, tfds.core.GeneratorBasedBuild
   BUILDER_CONFIGS = [PreferenceConfig(name="default", description="{split}.json(l) + images in the manual dir")]
   DEFAULT_CONFIG_NAME = "default"
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="Preference triples with images (llvm_jax).",
-        features=tfds.features.FeaturesDict(
-            {
-                "id": tfds.features.Text(),
-                "images": tfds.features.Sequence(_BYTES),
-                "image_paths": tfds.features.Sequence(tfds.features.Text()),
-                "question": tfds.features.Text(),
-                "chosen": tfds.features.Text(),
-                "rejected": tfds.features.Text(),
-            }
-        ),
-    )
+  DESCRIPTION = "Preference triples with images (llvm_jax)."
 
-  def _split_generators(self, dl_manager):
-    files, root = self._split_files(dl_manager)
-    return {split: self._generate_examples(split, paths, root) for split, paths in files.items()}
+  def _record_features(self) -> dict[str, Any]:
+    return {k: tfds.features.Text() for k in ("question", "chosen", "rejected")}
 
-  def _generate_examples(self, split: str, paths: list[epath.Path], root: epath.Path):
-    report = self._report(split)
-    verify = self.builder_config.verify_images
-    for f, path in enumerate(paths):
-      for i, (default_id, rec) in enumerate(_load_json_records(path)):
-        rid = _record_id(rec, default_id)
-        try:
-          try:
-            if isinstance(rec, _BadLine):
-              raise SampleError("malformed_record", rec.detail)
-            if not isinstance(rec, Mapping):
-              raise SampleError("malformed_record", f"record is a {type(rec).__name__}, not an object")
-            records.as_text(records.record_id(rec, default_id), "id")
-            rel = _image_paths(rec.get("image", rec.get("images")))
-            fields = {k: rec.get(k) for k in ("question", "chosen", "rejected")}
-            # Same validation as the pipeline (empty / identical answers, <image> markers).
-            records.to_example({"id": rid, "images": [b"x"] * len(rel), **fields})
-            images = [_read_image(root / p, verify) for p in rel]
-          except SampleError:
-            raise
-          except Exception as e:
-            raise _unexpected(e) from None
-        except SampleError as e:
-          report.skip(rid, e.reason, e.detail, strict=self.strict)
-          continue
-        report.written += 1
-        yield f"{f}:{i}", {"id": rid, "images": images, "image_paths": rel, **fields}
-    self._finish(report)
+  def _parse_record(self, rec: Mapping[str, Any], rid: str) -> tuple[list[str], dict[str, Any]]:
+    rel = _image_paths(rec.get("image", rec.get("images")))
+    fields = {k: rec.get(k) for k in ("question", "chosen", "rejected")}
+    # Same validation as the pipeline (empty / identical answers, <image> markers).
+    records.to_example({"id": rid, "images": [b"x"] * len(rel), **fields})
+    return rel, fields
 
 
 BUILDERS = {"synthetic_vqa": SyntheticVqa, "llava_instruct": LlavaInstruct, "preference": Preference}
@@ -495,7 +470,7 @@ def build_dataset(
 ):
   """Builds (download_and_prepare, ArrayRecord, no network) and returns the builder.
 
-  The skip report of each split is printed and also written to `skip_report.json` in the
+  The skip report of each split is logged and also written to `skip_report.json` in the
   dataset directory (`builder.data_path`).
   """
   builder = make_builder(name, data_dir, config, strict=strict)

@@ -84,8 +84,15 @@ def default_data_config() -> ml_collections.ConfigDict:
 VISION_KINDS = vision.KINDS + ("internvit",)  # 'internvit' is an alias of 'internvl'
 ASPECT_MODES = ("",) + vision.ASPECT_MODES  # '' = the tower's default
 # Integer fields and their smallest valid value.
-_INT_BOUNDS = {"global_batch_size": 1, "seq_len": 1, "num_workers": 0, "max_images": 0, "image_size": 1,
-               "read_threads": 1, "worker_buffer_size": 1}
+_INT_BOUNDS = {
+    "global_batch_size": 1,
+    "seq_len": 1,
+    "num_workers": 0,
+    "max_images": 0,
+    "image_size": 1,
+    "read_threads": 1,
+    "worker_buffer_size": 1,
+}
 
 
 @dataclasses.dataclass(frozen=True)

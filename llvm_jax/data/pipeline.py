@@ -66,8 +66,18 @@ from llvm_jax.data.tokenizer import load_tokenizer
 
 # Re-exported: callers import these from here.
 __all__ = [
-    "MODES", "SEQUENCE_KEYS", "BatchBuilder", "DataIterator", "ProcessRecord", "ShardedSource", "check_data_sharding",
-    "exit_with_parent", "make_global_batch", "make_iterator", "open_data_source", "records_repr",
+    "MODES",
+    "SEQUENCE_KEYS",
+    "BatchBuilder",
+    "DataIterator",
+    "ProcessRecord",
+    "ShardedSource",
+    "check_data_sharding",
+    "exit_with_parent",
+    "make_global_batch",
+    "make_iterator",
+    "open_data_source",
+    "records_repr",
     "vision_spec_from_config",
 ]
 
@@ -264,10 +274,13 @@ def check_data_sharding(mesh, data_axes: Sequence[str] = ("data", "fsdp")) -> No
         f"(e.g. processes {sorted(next(iter(shared.values())))}), but each process feeds different rows. "
         f"Use a mesh whose data axes ({'/'.join(axes)}) have a multiple of {len(processes)} shards spanning the "
         "processes, e.g. --config.sharding.mesh_shape='(-1, 1, 1)' or fsdp over all devices "
-        "(sharding.strategy and the other axes then shard the model within a process).")
+        "(sharding.strategy and the other axes then shard the model within a process)."
+    )
 
 
-def make_global_batch(local_batch: Mapping[str, Any], mesh, data_axes: Sequence[str] = ("data", "fsdp")) -> dict[str, Any]:
+def make_global_batch(
+    local_batch: Mapping[str, Any], mesh, data_axes: Sequence[str] = ("data", "fsdp")
+) -> dict[str, Any]:
   """Process-local numpy batch -> global jax arrays sharded on the batch dim over `data_axes`.
 
   The leading dim of every numeric array is split over the mesh axes in `data_axes` that the
@@ -351,7 +364,9 @@ def make_iterator(
   if shard_options is None:
     shard_options = grain.ShardByJaxProcess(drop_remainder=s.drop_remainder)
   if s.global_batch_size % shard_options.shard_count:
-    raise ValueError(f"global_batch_size={s.global_batch_size} is not divisible by {shard_options.shard_count} processes")
+    raise ValueError(
+        f"global_batch_size={s.global_batch_size} is not divisible by {shard_options.shard_count} processes"
+    )
   local_batch = s.global_batch_size // shard_options.shard_count
   if s.num_workers > 0:
     _ensure_absl_flags_parsed()
@@ -360,7 +375,9 @@ def make_iterator(
 
   shard = ShardedSource(source, shard_options)
   if len(shard) == 0:
-    raise ValueError(f"shard {shard_options.shard_index}/{shard_options.shard_count} of {records_repr(source)} is empty")
+    raise ValueError(
+        f"shard {shard_options.shard_index}/{shard_options.shard_count} of {records_repr(source)} is empty"
+    )
   process = _record_processor(s, tokenizer, spec, mode, num_image_tokens=num_image_tokens, image_token=image_token)
   target = None
   if num_epochs is not None and not packing and shard_options.shard_count > 1:
@@ -384,8 +401,9 @@ def make_iterator(
   )
 
 
-def _record_processor(s: DataSettings, tokenizer: Any, spec: vision.VisionSpec, mode: str, *, num_image_tokens: int,
-                      image_token: str) -> ProcessRecord:
+def _record_processor(
+    s: DataSettings, tokenizer: Any, spec: vision.VisionSpec, mode: str, *, num_image_tokens: int, image_token: str
+) -> ProcessRecord:
   """The per-record transform that grain runs (in its workers when num_workers > 0)."""
   process = ProcessRecord(
       tokenizer,
@@ -404,7 +422,9 @@ def _record_processor(s: DataSettings, tokenizer: Any, spec: vision.VisionSpec, 
   return process
 
 
-def _make_loader(s: DataSettings, shard: ShardedSource, process: ProcessRecord, num_epochs: int | None) -> grain.DataLoader:
+def _make_loader(
+    s: DataSettings, shard: ShardedSource, process: ProcessRecord, num_epochs: int | None
+) -> grain.DataLoader:
   """A grain DataLoader over this process's shard (sharding is done by `shard`, not by grain)."""
   sampler = grain.IndexSampler(
       num_records=len(shard),

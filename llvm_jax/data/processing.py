@@ -139,8 +139,13 @@ class ProcessRecord(grain.MapTransform):
   def _process(self, record, rid: str) -> dict[str, Any]:
     ex = records.to_example(record)
     slots, hires, tiles = self._images(ex.images)
-    out: dict[str, Any] = {"id": ex.id, "answer": ex.answer, "options": list(ex.options), "images": slots,
-                           "question": records.first_question(ex)}
+    out: dict[str, Any] = {
+        "id": ex.id,
+        "answer": ex.answer,
+        "options": list(ex.options),
+        "images": slots,
+        "question": records.first_question(ex),
+    }
     if hires is not None:
       out["hires"] = hires
     if self.mode == "eval":

@@ -42,10 +42,14 @@ def even_split(num_records: int, shard_options: grain.ShardOptions) -> tuple[int
 def largest_shard(num_records: int, shard_options: grain.ShardOptions) -> int:
   """The number of records of the largest of the `shard_options.shard_count` shards."""
   count, drop = shard_options.shard_count, shard_options.drop_remainder
-  return max(end - start for start, end in (even_split(num_records, grain.ShardOptions(i, count, drop)) for i in range(count)))
+  return max(
+      end - start for start, end in (even_split(num_records, grain.ShardOptions(i, count, drop)) for i in range(count))
+  )
 
 
-def open_data_source(name: str, split: str, data_dir: str | os.PathLike | None = None, *, build_if_missing: bool = False):
+def open_data_source(
+    name: str, split: str, data_dir: str | os.PathLike | None = None, *, build_if_missing: bool = False
+):
   """A random-access source of records for a built TFDS dataset ('name/config').
 
   Reads the newest version built in data_dir/name with `tfds.builder_from_directory` (so custom,
@@ -67,7 +71,8 @@ def open_data_source(name: str, split: str, data_dir: str | os.PathLike | None =
     if not build_if_missing:
       raise FileNotFoundError(
           f"dataset {name!r} is not built in {data_dir}; build it with `python -m llvm_jax.data.build "
-          f"{name.split('/')[0]} --data_dir {data_dir}" + (f" --config {name.split('/')[1]}`" if "/" in name else "`")
+          f"{name.split('/')[0]} --data_dir {data_dir}"
+          + (f" --config {name.split('/')[1]}`" if "/" in name else "`")
           + " (or set build_if_missing=True for synthetic_vqa)"
       )
     os.makedirs(data_dir, exist_ok=True)

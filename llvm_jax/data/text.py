@@ -176,7 +176,7 @@ class ChatEncoder:
     for a, b in spans:
       loss |= (starts >= a) & (starts < b) & nonempty
     if not exact:  # add the eos / end-of-turn tokens that directly follow each answer
-      for a, b in spans:
+      for _, b in spans:
         k = int(np.searchsorted(starts, b))
         while k < len(ids) and int(ids[k]) in self._special_ids:
           loss[k] = True

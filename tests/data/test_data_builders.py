@@ -103,14 +103,14 @@ def llava_files(tmp_path, dh):
   return root, good, bad, {"red": red, "blue": blue, "green": green}
 
 
-def test_llava_instruct_round_trip_and_skip_report(tmp_path, llava_files, caplog, capsys):
+def test_llava_instruct_round_trip_and_skip_report(tmp_path, llava_files, caplog):
   root, good, bad, imgs = llava_files
   train = good[:2] + bad + good[2:3]
   _write(root / "a.json", train)
   _write(root / "b.jsonl", good[3:], jsonl=True)
   _write(root / "val.json", good[:1])
   cfg = builders.LlavaInstructConfig(name="t_files", json_files={"train": ["a.json", "b.jsonl"], "validation": "val.json"})
-  with caplog.at_level(logging.WARNING, logger="llvm_jax.data"):
+  with caplog.at_level(logging.INFO, logger="llvm_jax.data"):
     b = builders.build_dataset("llava_instruct", tmp_path / "tfds", cfg, manual_dir=root)
   src = b.as_data_source("train")
   assert len(src) == 4 and len(b.as_data_source("validation")) == 1
@@ -131,7 +131,7 @@ def test_llava_instruct_round_trip_and_skip_report(tmp_path, llava_files, caplog
   assert report.ids["malformed_conversation"] == ["bad_roles", "bad_markers", "bad_noanswer"]
   for rid in ("bad_missing", "bad_corrupt", "bad_empty", "bad_roles", "bad_markers", "bad_noanswer"):
     assert any(rid in r.getMessage() and "skipping" in r.getMessage() for r in caplog.records), rid
-  out = capsys.readouterr().out
+  out = " ".join(r.getMessage() for r in caplog.records)  # the split's summary is logged
   assert "wrote 4 examples, skipped 6" in out and "missing_image=1" in out
   saved = json.loads((b.data_path / "skip_report.json").read_text())
   assert saved["train"]["skipped"]["corrupt_image"] == 1 and saved["validation"]["skipped"] == {}
@@ -163,7 +163,7 @@ def test_llava_instruct_without_inputs_fails_clearly(tmp_path):
 
 
 # -- preference ----------------------------------------------------------------------------------
-def test_preference_round_trip_and_skips(tmp_path, dh, capsys):
+def test_preference_round_trip_and_skips(tmp_path, dh, caplog):
   root = tmp_path / "pref"
   root.mkdir()
   (root / "a.png").write_bytes(dh.png_bytes((1, 2, 3)))
@@ -176,7 +176,8 @@ def test_preference_round_trip_and_skips(tmp_path, dh, capsys):
       {"id": "p_nofield", "image": "a.png", "question": "Q?", "chosen": "x"},
   ]
   _write(root / "train.json", data)
-  b = builders.build_dataset("preference", tmp_path / "tfds", "default", manual_dir=root)
+  with caplog.at_level(logging.INFO, logger="llvm_jax.data"):
+    b = builders.build_dataset("preference", tmp_path / "tfds", "default", manual_dir=root)
   src = tfds.data_source("preference/default", split="train", data_dir=str(tmp_path / "tfds"), download=False)
   got = {_text(src[i]["id"]): src[i] for i in range(len(src))}
   assert set(got) == {"p1", "p2"}
@@ -184,7 +185,7 @@ def test_preference_round_trip_and_skips(tmp_path, dh, capsys):
   assert _text(got["p2"]["question"]) == "Is it dark?" and list(got["p2"]["images"]) == [dh.png_bytes((1, 2, 3))]
   assert dict(b.skip_reports["train"].counts) == {"malformed_record": 3, "missing_image": 1}
   assert b.skip_reports["train"].ids["malformed_record"] == ["p_same", "p_empty", "p_nofield"]
-  assert "skipped 4" in capsys.readouterr().out
+  assert any("skipped 4" in r.getMessage() for r in caplog.records)
   with pytest.raises(BadRecordError, match="p_same"):
     builders.build_dataset("preference", tmp_path / "tfds2", "default", manual_dir=root, strict=True)
 
@@ -196,6 +197,7 @@ def test_build_cli_with_overrides(tmp_path, capsys):
                      "--set", "num_validation=2", "--set", "num_test=3", "--set", "image_size=16"]) == 0
   out = capsys.readouterr().out
   assert "synthetic_vqa/cli train: 5 examples" in out and "test: 3 examples" in out
+  assert "split 'train': wrote 5 examples, skipped 0" in out  # the skip report of each split
   src = tfds.data_source("synthetic_vqa/cli", split="train", data_dir=str(tmp_path), download=False)
   assert records.decode_image(src[0]["image"]).size == (16, 16)
   with pytest.raises(SystemExit):
