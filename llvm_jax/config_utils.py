@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from llvm_jax.data.config import default_data_config
 from llvm_jax.models.config import (
     DecoderConfig,
     DeepStackConfig,
@@ -26,6 +27,8 @@ from llvm_jax.models.config import (
     TrolConfig,
     VisionConfig,
 )
+from llvm_jax.train import lora
+from llvm_jax.train.optim import STAGE_LOSS, STAGE_RULES, default_optim_config
 
 TECHNIQUES = ("trol", "phantom", "deepstack", "pmod")
 
@@ -187,10 +190,6 @@ def experiment(model: LLVMConfig, task: str = "demo", lock: bool = True) -> ml_c
 
   Blocks: model, data (llvm_jax.data.config), optim (train.optim), train, sharding, evals.
   """
-  from llvm_jax.data.config import default_data_config
-  from llvm_jax.train import lora
-  from llvm_jax.train.optim import default_optim_config
-
   config = ml_collections.ConfigDict()
   config.task = task
   config.seed = 0
@@ -309,8 +308,6 @@ def train_block() -> ml_collections.ConfigDict:
 
 def set_stage(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
   """Applies a training-stage preset (train.optim.STAGE_RULES): freeze rules and loss."""
-  from llvm_jax.train.optim import STAGE_LOSS, STAGE_RULES
-
   if stage not in STAGE_RULES:
     raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_RULES)}")
   config.optim.trainable = STAGE_RULES[stage]

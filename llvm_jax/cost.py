@@ -14,28 +14,27 @@ import dataclasses
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-from llvm_jax import flops
-from llvm_jax.bench.common import tree_bytes
+from llvm_jax import config_utils, convert, flops, sampler
 from llvm_jax.models.config import LLVMConfig
+from llvm_jax.models.decoder import init_cache
+from llvm_jax.models.llvm import LLVM
+from llvm_jax.train.trainer import abstract_boxed_params
+from llvm_jax.tree_utils import tree_bytes
 
 
 def param_count(cfg: LLVMConfig) -> int:
   """Parameters of the model (abstract init: nothing is allocated)."""
-  import flax.linen as nn
-
-  from llvm_jax.models.llvm import LLVM
-  from llvm_jax.train.trainer import abstract_boxed_params
-
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(abstract_boxed_params(LLVM(cfg)))))
 
 
 def kv_cache_bytes(cfg: LLVMConfig, text_tokens: int, images: int = 1, new_tokens: int = 0) -> int:
   """Bytes of the KV cache of one sample after its prefill (+ `new_tokens` decode slots)."""
-  from llvm_jax.models.decoder import init_cache
-
   n_vision = images * cfg.tokens_per_image if cfg.vision is not None else 0
   shapes = jax.eval_shape(lambda: init_cache(cfg.decoder, 1, text_tokens + n_vision + new_tokens, num_vision=n_vision))
   return tree_bytes(shapes)
@@ -44,8 +43,6 @@ def kv_cache_bytes(cfg: LLVMConfig, text_tokens: int, images: int = 1, new_token
 def pmod_kv_bytes(cfg: LLVMConfig, seq_len: int, n_vision: int) -> dict[str, float]:
   """KV-cache bytes of one sample of `seq_len` tokens, `n_vision` of them vision tokens, after its
   prefill, with and without p-MoD (the whole `init_cache` pytree in the compute dtype)."""
-  from llvm_jax.models.decoder import init_cache
-
   def cache_bytes(decoder, num_vision: int) -> int:
     return tree_bytes(jax.eval_shape(lambda: init_cache(decoder, 1, seq_len, num_vision=num_vision)))
 
@@ -73,9 +70,6 @@ def measure_decode(
     cfg: LLVMConfig, batch: int = 8, text_tokens: int = 32, new_tokens: int = 32, seed: int = 0
 ) -> dict[str, float]:
   """Decode tokens/s of the sampler on this backend (random weights; greedy; EOS never hit)."""
-  from llvm_jax import convert, sampler
-  from llvm_jax.models.llvm import LLVM
-
   model = LLVM(cfg)
   params = convert.init_params(model, jax.random.key(seed))
   rng = np.random.RandomState(seed)
@@ -119,10 +113,6 @@ def _scaled(value: float, base: int, prefixes: tuple[str, ...]) -> str:
 
 
 def main(argv) -> None:
-  from absl import flags
-
-  from llvm_jax import config_utils
-
   del argv
   f = flags.FLAGS
   cfg = config_utils.model_config(f.config)
@@ -151,9 +141,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-
   config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py[:arg]).")
   flags.DEFINE_integer("text_tokens", 64, "Text tokens of the sample (besides the image tokens).")
   flags.DEFINE_integer("images", 1, "Images (tiles) per sample.")

@@ -17,9 +17,15 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llvm_jax import config_utils, convert, sampler
+from llvm_jax import config_utils, convert, evaluators, sampler
+from llvm_jax.data import pipeline, vision
+from llvm_jax.data.config import validate_data_config
+from llvm_jax.data.pipeline import make_iterator
+from llvm_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
 from llvm_jax.models.llvm import LLVM
+from llvm_jax.train import trainer
 from llvm_jax.train.metrics import console
+from llvm_jax.train.workdir_lock import WorkdirLockedError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (created if missing).")
@@ -99,8 +105,6 @@ def run_demo(config, workdir: str) -> dict:
 
 def resolve_tokenizer(config, workdir: str):
   """The tokenizer of `config.tokenizer` ('tiny' builds the synthetic_vqa one into the workdir)."""
-  from llvm_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
-
   path = config.tokenizer
   if path == "tiny":
     path = os.path.join(workdir, "tokenizer")
@@ -142,8 +146,6 @@ class _Reported:
 
 def make_evaluators(config, workdir: str, model: LLVM, tokenizer, report: bool = True) -> dict:
   """`config.evals` as evaluators; with `report`, each prints its result whenever it runs."""
-  from llvm_jax import evaluators
-
   made = {
       name: evaluators.make(name, spec, model=model, tokenizer=tokenizer, data_config=config.data,
                             workdir=workdir, image_token=config.image_token)
@@ -164,9 +166,6 @@ def report_eval(name: str, step: int, metrics: dict) -> None:
 
 def run_train(config, workdir: str) -> dict:
   """Trains (resuming from the workdir), evaluating on schedule; see llvm_jax/train/trainer.py."""
-  from llvm_jax.data.pipeline import make_iterator
-  from llvm_jax.train import trainer
-
   model = LLVM(config_utils.model_config(config))
   tokenizer = resolve_tokenizer(config, workdir)
   mesh = trainer.mesh_from_config(config)
@@ -192,8 +191,6 @@ def run_train(config, workdir: str) -> dict:
 def run_eval(config, workdir: str) -> dict:
   """Evaluates a checkpoint's params (`config.eval_checkpoint`, default the workdir's latest) with
   `config.evals`, on a mesh from `config.sharding` over the devices present."""
-  from llvm_jax.train import trainer
-
   if not config.evals:
     raise ValueError("task=eval needs at least one entry in config.evals")
   model = LLVM(config_utils.model_config(config))
@@ -225,14 +222,9 @@ def main(argv) -> None:
   model_cfg = config_utils.model_config(config)  # validates the model block before anything heavy runs
   if model_cfg.vision is not None and config.task in ("train", "eval"):
     # A tower fed another tower's preprocessing (SigLIP with CLIP mean/std) trains silently wrong.
-    from llvm_jax.data import pipeline, vision
-
     vision.check_matches_tower(pipeline.vision_spec_from_config(config.data), model_cfg.vision.kind)
   if config.task == "train":  # bad values fail here, naming the field, before any data or model is built
-    from llvm_jax.data.config import validate_data_config
-    from llvm_jax.train.trainer import validate_train_config
-
-    validate_train_config(config)
+    trainer.validate_train_config(config)
     validate_data_config(config.data)
   if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -250,9 +242,6 @@ def main(argv) -> None:
 
 def run_task(config, workdir: str) -> int:
   """Runs `config.task`; returns the exit code (EXIT_*), printing why when it is not 0."""
-  from llvm_jax.train import trainer
-  from llvm_jax.train.workdir_lock import WorkdirLockedError
-
   try:
     result = TASKS[config.task](config, workdir)
   except trainer.NonFiniteLossError as e:
@@ -267,8 +256,6 @@ def run_task(config, workdir: str) -> int:
 
 def exit_code(result) -> int:
   """The process exit code of a task's result: EXIT_PREEMPTED for a preempted training, else 0."""
-  from llvm_jax.train import trainer
-
   return EXIT_PREEMPTED if isinstance(result, dict) and result.get("status") == trainer.STATUS_PREEMPTED else 0
 
 

@@ -20,13 +20,15 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from llvm_jax import config_utils, sampler, sharding
+from llvm_jax import config_utils, convert, sampler, sharding
 from llvm_jax.data import records, vision
 from llvm_jax.data.config import default_data_config
 from llvm_jax.data.pipeline import vision_spec_from_config
 from llvm_jax.data.text import ChatEncoder
-from llvm_jax.data.tokenizer import load_tokenizer
+from llvm_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
 from llvm_jax.models.llvm import LLVM
+from llvm_jax.train import checkpoint as ckpt
+from llvm_jax.train import trainer
 
 
 @dataclasses.dataclass
@@ -114,9 +116,6 @@ def mesh_for_inference(mesh_shape: Sequence[int] | None = None) -> jax.sharding.
 
 def from_checkpoint(checkpoint: str, mesh_shape: Sequence[int] | None = None, step: int | None = None) -> Predictor:
   """A Predictor from a training run's checkpoint (params only; the run's config and tokenizer)."""
-  from llvm_jax.train import checkpoint as ckpt
-  from llvm_jax.train import trainer
-
   config, workdir, step = ckpt.read_config(checkpoint, step)
   model = LLVM(config_utils.model_config(config))
   params, _ = trainer.restore_for_inference(config, model, mesh_for_inference(mesh_shape), checkpoint, step)
@@ -124,8 +123,6 @@ def from_checkpoint(checkpoint: str, mesh_shape: Sequence[int] | None = None, st
   if tokenizer_path == "tiny":
     tokenizer_path = os.path.join(workdir, "tokenizer")
     if not os.path.exists(tokenizer_path):
-      from llvm_jax.data.tokenizer import build_tiny_tokenizer
-
       build_tiny_tokenizer(tokenizer_path)
   tokenizer = load_tokenizer(tokenizer_path, config.data.get("chat_template", "") or None)
   return Predictor(model, params, tokenizer, config.data, config.image_token)
@@ -133,8 +130,6 @@ def from_checkpoint(checkpoint: str, mesh_shape: Sequence[int] | None = None, st
 
 def from_hf(path: str, chat_template: str | None = None, image_token: str = "<image>") -> Predictor:
   """A Predictor from a `save_pretrained` directory (model, tokenizer and its chat template)."""
-  from llvm_jax import convert
-
   model, params = convert.from_hf(path)
   if model.config.vision is None:
     raise ValueError(f"{path} holds a text-only model; predict needs an LLVM")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from llvm_jax import convert
+from llvm_jax import convert, tree_utils
 from llvm_jax.convert import core
 from llvm_jax.models import rope as rope_lib
 from llvm_jax.models.config import RopeConfig
@@ -87,7 +87,7 @@ def test_logits_match_transformers(family, hf_models, saved_dirs):
 def test_in_memory_model_equals_directory(hf_models, saved_dirs):
   _, from_dir = convert.from_hf(saved_dirs["qwen2"])
   _, from_obj = convert.from_hf(hf_models["qwen2"])
-  flat_dir, flat_obj = core.flatten(from_dir), core.flatten(from_obj)
+  flat_dir, flat_obj = tree_utils.flatten(from_dir), tree_utils.flatten(from_obj)
   assert flat_dir.keys() == flat_obj.keys()
   for k in flat_dir:
     np.testing.assert_array_equal(flat_dir[k], flat_obj[k])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from llvm_jax import config_utils, convert, evaluators, predict, sampler
-from llvm_jax.convert.core import flatten
+from llvm_jax.tree_utils import flatten
 from llvm_jax.data import synthetic
 from llvm_jax.data.config import default_data_config
 from llvm_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer

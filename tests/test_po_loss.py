@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from llvm_jax import config_utils
-from llvm_jax.convert.core import flatten
+from llvm_jax.tree_utils import flatten
 from llvm_jax.models.config import PhantomConfig
 from llvm_jax.models.llvm import LLVM
 from llvm_jax.train import optim

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from llvm_jax import config_utils, convert, sharding
-from llvm_jax.convert import core
+from llvm_jax import config_utils, convert, sharding, tree_utils
 from llvm_jax.models.llvm import LLVM
 from llvm_jax.train import trainer
 from train_helpers import tiny_config
@@ -35,7 +34,7 @@ def test_partition_specs_per_strategy(abstract):
   _, boxed = abstract
   mesh = sharding.make_mesh((2, 2, 2))
   specs = {
-      s: core.flatten(jax.tree.map(lambda x: x.spec, sharding.param_shardings(boxed, mesh, s)))
+      s: tree_utils.flatten(jax.tree.map(lambda x: x.spec, sharding.param_shardings(boxed, mesh, s)))
       for s in ("dp", "fsdp", "fsdp_tp")
   }
   q = "decoder/layers_0/attn/q/kernel"  # (embed, heads, head_dim)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llvm_jax import config_utils, convert
-from llvm_jax.convert.core import flatten
+from llvm_jax.tree_utils import flatten
 from llvm_jax.data.pipeline import make_global_batch
 from llvm_jax.models.llvm import LLVM
 from llvm_jax.train import checkpoint, lora, trainer

@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 
+from llvm_jax import tree_utils
 from llvm_jax.convert import core
 from llvm_jax.convert.core import WeightMismatchError
 from llvm_jax.convert.vision_table import (
@@ -64,7 +65,7 @@ def _text_config():
 
 def _expected_shapes(module: nn.Module, example: np.ndarray) -> dict[str, tuple[int, ...]]:
   abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.asarray(example))
-  return {k: tuple(v.shape) for k, v in core.flatten(nn.unbox(abstract["params"])).items()}
+  return {k: tuple(v.shape) for k, v in tree_utils.flatten(nn.unbox(abstract["params"])).items()}
 
 
 class Case:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-import jax
 import numpy as np
 
 
@@ -27,8 +26,3 @@ def time_interleaved(thunks: dict[str, Callable[[], Any]], steps: int) -> dict[s
       run()
       times[name].append(time.perf_counter() - start)
   return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
-
-
-def tree_bytes(tree: Any) -> int:
-  """Bytes of the arrays (or ShapeDtypeStructs) of a pytree."""
-  return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree)))

@@ -16,10 +16,10 @@ import os
 import tempfile
 import time
 
+from llvm_jax.data import builders, config, pipeline, tokenizer
+
 
 def run(args) -> list[dict]:
-  from llvm_jax.data import builders, config, pipeline, tokenizer
-
   data_dir = args.data_dir or tempfile.mkdtemp(prefix="llvm_data_bench_")
   name = f"bench_{args.num_train}_{args.image_size}"
   cfg_b = builders.SyntheticVqaConfig(name=name, num_train=args.num_train, num_validation=16, num_test=16, image_size=args.image_size)

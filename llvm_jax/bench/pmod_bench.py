@@ -25,11 +25,12 @@ import numpy as np
 from absl import app, flags
 
 from configs.llava import llava_7b
-from llvm_jax.bench.common import time_interleaved, tree_bytes, xla_flops
+from llvm_jax.bench.common import time_interleaved, xla_flops
 from llvm_jax import config_utils, cost as cost_lib, flops
 from llvm_jax.models import pmod
 from llvm_jax.models.config import DecoderConfig, LLVMConfig, PmodConfig
 from llvm_jax.models.decoder import Decoder, init_cache
+from llvm_jax.tree_utils import tree_bytes
 
 _REPORT = flags.DEFINE_bool("report", False, "Print the analytic LLaVA-1.5-7B cost report only.")
 _REPORT_SEQ_LEN = flags.DEFINE_integer("report_seq_len", 640, "Tokens of the --report sample (576 are vision).")

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llvm_jax import config_utils, flops
+from llvm_jax import config_utils, convert, flops
 from llvm_jax.data.pipeline import make_global_batch
 from llvm_jax.models.llvm import LLVM
 from llvm_jax.train import trainer
@@ -81,10 +81,9 @@ def time_jax(config, steps: int) -> dict[str, float]:
 
 def time_torch(config, steps: int) -> float:
   """Median step time of the same model in transformers PyTorch (fp32, AdamW, CPU)."""
+  # torch and transformers: heavy imports, only paid when the PyTorch comparison runs.
   import torch
   import transformers
-
-  from llvm_jax import convert
 
   cfg = config_utils.model_config(config)
   torch.manual_seed(0)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llvm_jax import tree_utils
 from llvm_jax.convert import core
 from llvm_jax.convert.core import WeightMismatchError
 from llvm_jax.convert.decoder_table import decoder_table
@@ -110,7 +111,7 @@ def full_table(cfg: LLVMConfig) -> core.Table:
 
 def _hf_state(source: Any) -> tuple[Any, dict[str, np.ndarray]]:
   if isinstance(source, (str, os.PathLike)):
-    import transformers
+    import transformers  # lazy: a heavy import, only paid when an HF model is actually used
 
     path = os.fspath(source)
     if not os.path.isdir(path):
@@ -126,7 +127,7 @@ def _hf_state(source: Any) -> tuple[Any, dict[str, np.ndarray]]:
 def expected_shapes(model: LLVM) -> dict[str, tuple[int, ...]]:
   """Flat '/'-joined parameter paths -> shapes, without allocating (jax.eval_shape)."""
   shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0), unscanned=True))
-  return {k: tuple(v.shape) for k, v in core.flatten(shapes).items()}
+  return {k: tuple(v.shape) for k, v in tree_utils.flatten(shapes).items()}
 
 
 def init_params(model: LLVM, rng: jax.Array, unscanned: bool = False) -> dict[str, Any]:
@@ -189,7 +190,7 @@ def from_hf(
   expected = {k: v for k, v in expected_shapes(model).items() if k not in extra}
   params = core.hf_to_ours(state, full_table(cfg), expected, context=str(getattr(hf_config, "model_type", "")))
   if extra:
-    params = core.unflatten({**core.flatten(params), **extra})
+    params = tree_utils.unflatten({**tree_utils.flatten(params), **extra})
   target = resolve_dtype(param_dtype)
   params = jax.tree.map(lambda x: np.asarray(x).astype(target), params)
   if cfg.decoder.scan_layers:
@@ -199,7 +200,7 @@ def from_hf(
 
 def hf_config_of(cfg: LLVMConfig, **text_extra: Any) -> Any:
   """The transformers config that `to_hf` writes for `cfg` (`text_extra`: e.g. eos_token_id)."""
-  import transformers
+  import transformers  # lazy: a heavy import, only paid when an HF model is actually used
 
   text = decoder_config_to_hf(cfg.decoder, **text_extra)
   if cfg.vision is None:
@@ -246,11 +247,11 @@ def to_hf(
   if cfg.decoder.scan_layers:
     params["decoder"] = unstack_layers(params["decoder"], cfg.decoder.num_layers)
   target = resolve_dtype(dtype)
-  flat = {k: np.asarray(jnp.asarray(v, target)) for k, v in core.flatten(params).items()}
+  flat = {k: np.asarray(jnp.asarray(v, target)) for k, v in tree_utils.flatten(params).items()}
   table = full_table(cfg)
   mapped = {o for r in table.rules for o in r.ours}
   custom = {CUSTOM_PREFIX + k: np.ascontiguousarray(v) for k, v in flat.items() if k not in mapped}
-  state = core.ours_to_hf(core.unflatten({k: v for k, v in flat.items() if k in mapped}), table)
+  state = core.ours_to_hf(tree_utils.unflatten({k: v for k, v in flat.items() if k in mapped}), table)
   for key, value in (extra_state or {}).items():
     state.setdefault(key, np.ascontiguousarray(np.asarray(value).astype(target)))
   state.update(custom)
@@ -306,7 +307,7 @@ def unused_hf_state(cfg: LLVMConfig, hf_dir: str) -> dict[str, np.ndarray]:
 def config_differences(ours: LLVMConfig, theirs: LLVMConfig) -> list[str]:
   """'field: ours vs checkpoint' for every model field that differs (runtime settings and technique
   blocks, which a checkpoint does not have, are not compared)."""
-  a, b = core.flatten(ours.to_dict()), core.flatten(theirs.to_dict())
+  a, b = tree_utils.flatten(ours.to_dict()), tree_utils.flatten(theirs.to_dict())
   skip = lambda k: any(part in _RUNTIME_FIELDS for part in k.split("/"))
   return [f"model.{k.replace('/', '.')}: config {a.get(k)!r}, checkpoint {b.get(k)!r}"
           for k in sorted(set(a) | set(b)) if not skip(k) and a.get(k) != b.get(k)]
@@ -314,6 +315,6 @@ def config_differences(ours: LLVMConfig, theirs: LLVMConfig) -> list[str]:
 
 def checkpoint_differences(cfg: LLVMConfig, hf_dir: str) -> list[str]:
   """`config_differences` between `cfg` and the model of the save_pretrained directory `hf_dir`."""
-  import transformers
+  import transformers  # lazy: a heavy import, only paid when an HF model is actually used
 
   return config_differences(cfg, llvm_config_from_hf(transformers.AutoConfig.from_pretrained(hf_dir)))

@@ -33,6 +33,12 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from safetensors.numpy import load_file, save_file
+
+from llvm_jax import config_utils, convert, predict
+from llvm_jax.data.pipeline import vision_spec_from_config
+from llvm_jax.train import checkpoint as ckpt
 
 UNUSED_FILE = "hf_unused.safetensors"
 
@@ -48,9 +54,6 @@ def _hf_config_module():
 
 def unused_tower_state(checkpoint: str, cfg: Any, step: int | None = None, depth: int = 0) -> dict[str, np.ndarray]:
   """The HF tensors a run's model never reads, from where the run started (see the module docstring)."""
-  from llvm_jax import convert
-  from llvm_jax.train import checkpoint as ckpt
-
   config, workdir, _ = ckpt.read_config(checkpoint, step)
   saved = os.path.join(workdir, UNUSED_FILE)
   if os.path.isfile(saved):
@@ -67,19 +70,15 @@ def unused_tower_state(checkpoint: str, cfg: Any, step: int | None = None, depth
 
 
 def _read_file(path: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file
-
   return dict(load_file(path))
 
 
 def image_processor_for(data_cfg: Any, cfg: Any):
   """The run's image processor: `data.image_processor` if set, else one matching its data settings."""
-  import transformers
+  import transformers  # lazy: a heavy import, kept off the CLI's startup
 
   if data_cfg.get("image_processor", ""):
     return transformers.AutoImageProcessor.from_pretrained(data_cfg.image_processor)
-  from llvm_jax.data.pipeline import vision_spec_from_config
-
   spec = vision_spec_from_config(data_cfg)
   side = {"height": spec.image_size, "width": spec.image_size}
   common = dict(image_mean=list(spec.mean), image_std=list(spec.std), do_convert_rgb=True)
@@ -96,7 +95,7 @@ def image_processor_for(data_cfg: Any, cfg: Any):
 
 def write_processor(out: str, cfg: Any, tokenizer: Any, image_processor: Any, image_token: str) -> None:
   """The tokenizer, image processor and (LLaVA) processor files `AutoProcessor.from_pretrained(out)` reads."""
-  import transformers
+  import transformers  # lazy: a heavy import, kept off the CLI's startup
 
   tokenizer.save_pretrained(out)
   image_processor.save_pretrained(out)
@@ -121,10 +120,7 @@ def write_processor(out: str, cfg: Any, tokenizer: Any, image_processor: Any, im
 def to_hf(checkpoint: str, out: str, step: int | None = None, allow_custom: bool = False, dtype: str = "float32",
           max_shard_bytes: int = 5 << 30) -> str:
   """Exports a run's checkpoint to a transformers directory (see the module docstring)."""
-  import transformers
-
-  from llvm_jax import config_utils, convert, predict
-  from llvm_jax.train import checkpoint as ckpt
+  import transformers  # lazy: a heavy import, kept off the CLI's startup
 
   config, _, step = ckpt.read_config(checkpoint, step)
   cfg = config_utils.model_config(config)
@@ -146,12 +142,6 @@ def to_hf(checkpoint: str, out: str, step: int | None = None, allow_custom: bool
 
 def from_hf(hf_dir: str, out: str) -> str:
   """Writes a transformers directory as a run's step-0 checkpoint (see the module docstring)."""
-  import orbax.checkpoint as ocp
-  from safetensors.numpy import save_file
-
-  from llvm_jax import config_utils, convert
-  from llvm_jax.train import checkpoint as ckpt
-
   hf_dir, out = os.path.abspath(hf_dir), os.path.abspath(out)
   assets = os.path.join(out, "hf")
   os.makedirs(assets, exist_ok=True)
@@ -194,8 +184,6 @@ def main(argv: list[str] | None = None) -> int:
   imp.add_argument("--hf", required=True, help="a save_pretrained directory")
   imp.add_argument("--out", required=True, help="the run directory to write")
   args = parser.parse_args(argv)
-  from llvm_jax import convert
-
   try:
     if args.command == "to_hf":
       path = to_hf(args.checkpoint, args.out, args.step, args.allow_custom, args.dtype,

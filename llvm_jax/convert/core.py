@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from llvm_jax import tree_utils
+
 Params = dict[str, Any]
 
 
@@ -135,28 +137,6 @@ class Table:
     )
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    path = f"{prefix}/{k}" if prefix else str(k)
-    if isinstance(v, Mapping):
-      out.update(flatten(v, path))
-    else:
-      out[path] = v
-  return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> Params:
-  tree: Params = {}
-  for path, v in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
-
-
 def hf_to_ours(
     state: Mapping[str, np.ndarray],
     table: Table,
@@ -196,12 +176,12 @@ def hf_to_ours(
       unexpected.append(f"{path} (produced by the table but not in the model)")
   if missing or unexpected or misshaped:
     raise WeightMismatchError(missing, unexpected, misshaped, context)
-  return unflatten(flat)
+  return tree_utils.unflatten(flat)
 
 
 def ours_to_hf(params: Params, table: Table) -> dict[str, np.ndarray]:
   """Inverse of `hf_to_ours`; every parameter must be consumed by the table."""
-  flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+  flat = {k: np.asarray(v) for k, v in tree_utils.flatten(params).items()}
   out, used, missing = {}, set(), []
   for r in table.rules:
     hf_key, ours, hook = r.hf, r.ours, r.hook

@@ -90,7 +90,7 @@ def decoder_config_from_hf(hf: Any, **overrides: Any) -> DecoderConfig:
 
 def decoder_config_to_hf(cfg: DecoderConfig, **extra: Any) -> Any:
   """The matching transformers config object for a DecoderConfig."""
-  import transformers
+  import transformers  # lazy: a heavy import, only paid when an HF model is actually used
 
   common = dict(
       vocab_size=cfg.vocab_size,

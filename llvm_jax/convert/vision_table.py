@@ -220,7 +220,7 @@ def vision_config_from_hf(hf: Any, feature_layer: int, feature_select: str) -> V
 
 def vision_config_to_hf(cfg: VisionConfig) -> Any:
   """The transformers vision config matching `cfg` (full HF depth; SigLIP without its head)."""
-  import transformers
+  import transformers  # lazy: a heavy import, only paid when an HF model is actually used
 
   common = dict(
       hidden_size=cfg.width,

@@ -124,7 +124,7 @@ def load_tokenizer(path_or_tokenizer, chat_template: str | None = None):
   ('vicuna_v1', 'tiny') or a Jinja string replaces it (on a copy of a given tokenizer object).
   """
   if isinstance(path_or_tokenizer, (str, os.PathLike)):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: a heavy import, only paid when an HF model is actually used
 
     tok = AutoTokenizer.from_pretrained(os.fspath(path_or_tokenizer))
   else:

@@ -109,7 +109,7 @@ _PROCESSOR_KINDS = {"CLIPImageProcessor": "clip", "LlavaImageProcessor": "clip",
 @functools.lru_cache(maxsize=8)
 def load_image_processor(path: str):
   """transformers' `AutoImageProcessor.from_pretrained(path)`, once per process."""
-  import transformers
+  import transformers  # lazy: a heavy import, only paid when an HF model is actually used
 
   return transformers.AutoImageProcessor.from_pretrained(path)
 

@@ -19,6 +19,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llvm_jax import sampler
+from llvm_jax.data import records as data_records
+from llvm_jax.data.pipeline import make_iterator, open_data_source
 from llvm_jax.evaluators import scoring
 
 
@@ -61,8 +63,6 @@ class GenerativeEvaluator:
     raise NotImplementedError
 
   def _batches(self):
-    from llvm_jax.data.pipeline import make_iterator
-
     return make_iterator(
         self.data_config, self.tokenizer, num_image_tokens=self.model.config.tokens_per_image,
         image_token=self.image_token, mode="eval",
@@ -96,9 +96,6 @@ class GenerativeEvaluator:
 
   def _baseline(self):
     if self._prior is None:
-      from llvm_jax.data import records as data_records
-      from llvm_jax.data.pipeline import open_data_source
-
       source = open_data_source(self.data_config.name, self.baseline_split, self.data_config.data_dir)
       examples = []
       for i in range(len(source)):

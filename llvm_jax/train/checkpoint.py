@@ -18,7 +18,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from llvm_jax.convert.core import WeightMismatchError, flatten
+from llvm_jax.convert.core import WeightMismatchError
+from llvm_jax.tree_utils import flatten
 
 
 class _FrozenIteratorState:

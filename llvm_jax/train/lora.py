@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from llvm_jax.convert.core import flatten, unflatten
+from llvm_jax.tree_utils import flatten, unflatten
 
 LORA_KEY = "lora"
 

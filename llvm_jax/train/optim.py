@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import optax
 
-from llvm_jax.convert.core import flatten, unflatten
+from llvm_jax.tree_utils import flatten, unflatten
 
 FROZEN = "frozen"
 

@@ -31,7 +31,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llvm_jax import config_utils, convert, flops, sharding
+from llvm_jax import config_utils, convert, flops, sharding, tree_utils
 from llvm_jax.data.pipeline import check_data_sharding
 from llvm_jax.models.llvm import LLVM
 from llvm_jax.train import checkpoint, lora, loss as loss_lib, optim, po_loss
@@ -378,7 +378,7 @@ def _initial_base_params(config: ml_collections.ConfigDict, setup: TrainSetup) -
       config.init_hf, dtype=model_cfg.decoder.dtype, param_dtype=model_cfg.decoder.param_dtype,
       scan_layers=model_cfg.decoder.scan_layers, remat_policy=model_cfg.decoder.remat_policy,
   )
-  ours, theirs = convert.core.flatten(params), convert.core.flatten(pretrained)
+  ours, theirs = tree_utils.flatten(params), tree_utils.flatten(pretrained)
   missing = [k for k in ours if k not in theirs and not TECHNIQUE_PARAMS.match(k)]
   unexpected = [k for k in theirs if k not in ours]
   misshaped = [f"{k}: checkpoint {theirs[k].shape}, model {ours[k].shape}" for k in ours
@@ -389,9 +389,9 @@ def _initial_base_params(config: ml_collections.ConfigDict, setup: TrainSetup) -
   fresh = [k for k in ours if k not in theirs]
   if fresh:
     logging.info("init_hf: %d technique parameters start from their init: %s", len(fresh), ", ".join(fresh))
-  flat_shardings = convert.core.flatten(base_shardings)
+  flat_shardings = tree_utils.flatten(base_shardings)
   merged = {k: jax.device_put(theirs[k], flat_shardings[k]) if k in theirs else v for k, v in ours.items()}
-  return convert.core.unflatten(merged)
+  return tree_utils.unflatten(merged)
 
 
 def train(
