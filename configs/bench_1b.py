@@ -27,15 +27,32 @@ def tiny_internvl_like():
   return dataclasses.replace(
       base,
       vision=dataclasses.replace(base.vision, image_size=56, width=32, depth=2, num_heads=2, mlp_dim=64),
-      decoder=dataclasses.replace(base.decoder, vocab_size=512, embed_dim=64, num_layers=6, num_heads=4,
-                                  num_kv_heads=2, head_dim=16, mlp_dim=128),
+      decoder=dataclasses.replace(
+          base.decoder,
+          vocab_size=512,
+          embed_dim=64,
+          num_layers=6,
+          num_heads=4,
+          num_kv_heads=2,
+          head_dim=16,
+          mlp_dim=128,
+      ),
       image_token_id=500,
   )
 
 
 def get_config(arg=None):
-  args = config_utils.parse_arg(arg, technique="baseline", batch=16, seq_len=1024, remat="full", size="1b",
-                                attention="blocked", block=128, scan=True)
+  args = config_utils.parse_arg(
+      arg,
+      technique="baseline",
+      batch=16,
+      seq_len=1024,
+      remat="full",
+      size="1b",
+      attention="blocked",
+      block=128,
+      scan=True,
+  )
   if args.size not in ("1b", "tiny"):
     raise ValueError(f"size must be 1b or tiny, got {args.size!r}")
   base = internvl2_like("0.5b") if args.size == "1b" else tiny_internvl_like()
@@ -43,12 +60,21 @@ def get_config(arg=None):
   pmod = PmodConfig() if args.size == "1b" else PmodConfig(schedule="explicit", layers=(2, 3, 4, 5), ratios=(0.5,) * 4)
   model = config_utils.with_techniques(base, args.technique, pmod=pmod)
   model = config_utils.with_precision(model, "bfloat16", "float32", None if args.remat == "none" else args.remat)
-  model = dataclasses.replace(model, decoder=dataclasses.replace(
-      model.decoder, attention_impl=args.attention, attention_block_size=int(args.block),
-      scan_layers=args.scan))
+  model = dataclasses.replace(
+      model,
+      decoder=dataclasses.replace(
+          model.decoder, attention_impl=args.attention, attention_block_size=int(args.block), scan_layers=args.scan
+      ),
+  )
   config = config_utils.experiment(model, task="train", lock=False)
-  config.data.update(seq_len=args.seq_len, global_batch_size=args.batch, vision="internvl",
-                     image_size=model.vision.image_size, image_start="<img>", image_end="</img>")
+  config.data.update(
+      seq_len=args.seq_len,
+      global_batch_size=args.batch,
+      vision="internvl",
+      image_size=model.vision.image_size,
+      image_start="<img>",
+      image_end="</img>",
+  )
   if model.deepstack is not None:
     config.data.deepstack_grid = model.deepstack.num_crops
   config.optim.update(lr=1e-5, warmup_steps=10, weight_decay=0.0, grad_clip=1.0)

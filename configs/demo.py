@@ -23,26 +23,58 @@ from llvm_jax.data.tokenizer import tiny_vocabulary
 
 
 def get_config(arg=None):
-  args = config_utils.parse_arg(arg, task="train", llm="llama", vision="clip", steps=3500, res=32, patch=8,
-                                lr=1e-3, width=64, vision_lr="0.1", projector_lr="1.0", batch=16, layers=4,
-                                technique="baseline")
+  args = config_utils.parse_arg(
+      arg,
+      task="train",
+      llm="llama",
+      vision="clip",
+      steps=3500,
+      res=32,
+      patch=8,
+      lr=1e-3,
+      width=64,
+      vision_lr="0.1",
+      projector_lr="1.0",
+      batch=16,
+      layers=4,
+      technique="baseline",
+  )
   vocab = tiny_vocabulary()
   model = config_utils.tiny_llvm(
-      vocab_size=len(vocab), image_token_id=vocab["<image>"], image_size=args.res, patch_size=args.patch,
-      family=args.llm, vision_kind=args.vision, embed_dim=args.width, num_layers=args.layers, vision_width=48, vision_depth=2,
+      vocab_size=len(vocab),
+      image_token_id=vocab["<image>"],
+      image_size=args.res,
+      patch_size=args.patch,
+      family=args.llm,
+      vision_kind=args.vision,
+      embed_dim=args.width,
+      num_layers=args.layers,
+      vision_width=48,
+      vision_depth=2,
   )
   model = config_utils.with_techniques(model, args.technique)
   config = config_utils.experiment(model, task=args.task, lock=False)
   config.data.update(
-      name="synthetic_vqa/large", data_dir="workdirs/tfds", build_if_missing=True, split="train",
-      seq_len=96, global_batch_size=args.batch, vision=args.vision, image_size=args.res, packing=True, max_images=3,
+      name="synthetic_vqa/large",
+      data_dir="workdirs/tfds",
+      build_if_missing=True,
+      split="train",
+      seq_len=96,
+      global_batch_size=args.batch,
+      vision=args.vision,
+      image_size=args.res,
+      packing=True,
+      max_images=3,
   )
   # The ViT starts from random weights. At the LLM's learning rate it collapses to image-independent
   # features before the LLM learns to read them (accuracy near chance); frozen (like LLaVA-1.5's
   # SFT) or at a tenth of the rate, its random features carry the image and the LLM learns to use them.
   lr_mult = lambda value: None if value == "none" else float(value)
-  config.optim.trainable = [("vision/.*", lr_mult(args.vision_lr)), ("projector/.*", lr_mult(args.projector_lr)),
-                            (".*", 1.0)]
+  config.optim.trainable = [
+      ("vision/.*", lr_mult(args.vision_lr)),
+      ("projector/.*", lr_mult(args.projector_lr)),
+      (".*", 1.0),
+  ]
   config.optim.update(lr=args.lr, warmup_steps=30, min_lr_ratio=0.05, weight_decay=0.01, grad_clip=1.0)
   config.train.update(total_steps=args.steps, log_every=25, checkpoint_every=1000, eval_every=0)
   config.evals.test = dict(type="vqa", split="test", max_new_tokens=6, baseline_split="train")

@@ -19,12 +19,29 @@ def llava_7b(llm: str) -> LLVMConfig:
   if llm != "llama":
     raise ValueError("size=7b is LLaVA-1.5-7B (Vicuna, a Llama); use size=tiny for other families")
   decoder = DecoderConfig(
-      family="llama", vocab_size=32064, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=32,
-      head_dim=128, mlp_dim=11008, norm_eps=1e-5, max_position_embeddings=4096, rope=RopeConfig(theta=10000.0),
+      family="llama",
+      vocab_size=32064,
+      embed_dim=4096,
+      num_layers=32,
+      num_heads=32,
+      num_kv_heads=32,
+      head_dim=128,
+      mlp_dim=11008,
+      norm_eps=1e-5,
+      max_position_embeddings=4096,
+      rope=RopeConfig(theta=10000.0),
   )
   vision = VisionConfig(
-      kind="clip", image_size=336, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096,
-      norm_eps=1e-5, feature_layer=-2, feature_select="default",
+      kind="clip",
+      image_size=336,
+      patch_size=14,
+      width=1024,
+      depth=24,
+      num_heads=16,
+      mlp_dim=4096,
+      norm_eps=1e-5,
+      feature_layer=-2,
+      feature_select="default",
   )
   return LLVMConfig(decoder=decoder, vision=vision, projector=ProjectorConfig("mlp2x_gelu"), image_token_id=32000)
 

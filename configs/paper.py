@@ -16,45 +16,95 @@ of the same shapes (InternLM2 is a Llama with fused qkv), and Phi-3-mini uses it
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from configs.llava import llava_7b
 from llvm_jax import config_utils
 from llvm_jax.models.config import DecoderConfig, LLVMConfig, ProjectorConfig, RopeConfig, VisionConfig
 
 INTERNVIT_300M = VisionConfig(
-    kind="internvit", image_size=448, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096,
-    norm_eps=1e-6, feature_layer=-1, feature_select="default", qkv_bias=True, layer_scale=True,
+    kind="internvit",
+    image_size=448,
+    patch_size=14,
+    width=1024,
+    depth=24,
+    num_heads=16,
+    mlp_dim=4096,
+    norm_eps=1e-6,
+    feature_layer=-1,
+    feature_select="default",
+    qkv_bias=True,
+    layer_scale=True,
 )
 
 # LLMs of the InternVL2 family (HF shapes): Qwen2-0.5B (1B), InternLM2-1.8B (2B), Phi-3-mini (4B),
 # InternLM2.5-7B (8B).
 LLMS = {
     "0.5b": DecoderConfig(
-        family="qwen2", vocab_size=151655, embed_dim=896, num_layers=24, num_heads=14, num_kv_heads=2,
-        head_dim=64, mlp_dim=4864, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True,
-        max_position_embeddings=32768, rope=RopeConfig(theta=1000000.0),
+        family="qwen2",
+        vocab_size=151655,
+        embed_dim=896,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        mlp_dim=4864,
+        norm_eps=1e-6,
+        qkv_bias=True,
+        tie_embeddings=True,
+        max_position_embeddings=32768,
+        rope=RopeConfig(theta=1000000.0),
     ),
     "1.8b": DecoderConfig(
-        family="llama", vocab_size=92553, embed_dim=2048, num_layers=24, num_heads=16, num_kv_heads=8,
-        head_dim=128, mlp_dim=8192, norm_eps=1e-5, max_position_embeddings=32768, rope=RopeConfig(theta=1000000.0),
+        family="llama",
+        vocab_size=92553,
+        embed_dim=2048,
+        num_layers=24,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        mlp_dim=8192,
+        norm_eps=1e-5,
+        max_position_embeddings=32768,
+        rope=RopeConfig(theta=1000000.0),
     ),
     "3.8b": DecoderConfig(
-        family="phi3", vocab_size=32020, embed_dim=3072, num_layers=32, num_heads=32, num_kv_heads=32,
-        head_dim=96, mlp_dim=8192, norm_eps=1e-5, max_position_embeddings=4096, rope=RopeConfig(theta=10000.0),
+        family="phi3",
+        vocab_size=32020,
+        embed_dim=3072,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=96,
+        mlp_dim=8192,
+        norm_eps=1e-5,
+        max_position_embeddings=4096,
+        rope=RopeConfig(theta=10000.0),
     ),
     "7b": DecoderConfig(
-        family="llama", vocab_size=92553, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-        head_dim=128, mlp_dim=14336, norm_eps=1e-5, max_position_embeddings=32768, rope=RopeConfig(theta=1000000.0),
+        family="llama",
+        vocab_size=92553,
+        embed_dim=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        mlp_dim=14336,
+        norm_eps=1e-5,
+        max_position_embeddings=32768,
+        rope=RopeConfig(theta=1000000.0),
     ),
 }
 IMAGE_TOKEN_IDS = {"0.5b": 151648, "1.8b": 92546, "3.8b": 32013, "7b": 92546}
 
 
 def internvl2_like(size: str) -> LLVMConfig:
-  return LLVMConfig(decoder=LLMS[size], vision=INTERNVIT_300M,
-                    projector=ProjectorConfig("pixel_shuffle_mlp", downsample_ratio=0.5, norm_eps=1e-5),
-                    image_token_id=IMAGE_TOKEN_IDS[size])
+  return LLVMConfig(
+      decoder=LLMS[size],
+      vision=INTERNVIT_300M,
+      projector=ProjectorConfig("pixel_shuffle_mlp", downsample_ratio=0.5, norm_eps=1e-5),
+      image_token_id=IMAGE_TOKEN_IDS[size],
+  )
 
 
 MODELS: dict[str, Callable[[], LLVMConfig]] = {
@@ -62,9 +112,14 @@ MODELS: dict[str, Callable[[], LLVMConfig]] = {
     "deepstack_l_7b": lambda: config_utils.with_techniques(llava_7b("llama"), "deepstack"),
     "pmod_llava15_7b": lambda: config_utils.with_techniques(llava_7b("llama"), "pmod"),
     **{f"internvl2_{s}": (lambda s=s: internvl2_like(s)) for s in ("0.5b", "1.8b", "3.8b", "7b")},
-    **{f"trol_{s}": (lambda s=s: config_utils.with_techniques(internvl2_like(s), "trol")) for s in ("1.8b", "3.8b", "7b")},
-    **{f"phantom_{s}": (lambda s=s: config_utils.with_techniques(internvl2_like(s), "phantom"))
-       for s in ("0.5b", "1.8b", "3.8b", "7b")},
+    **{
+        f"trol_{s}": (lambda s=s: config_utils.with_techniques(internvl2_like(s), "trol"))
+        for s in ("1.8b", "3.8b", "7b")
+    },
+    **{
+        f"phantom_{s}": (lambda s=s: config_utils.with_techniques(internvl2_like(s), "phantom"))
+        for s in ("0.5b", "1.8b", "3.8b", "7b")
+    },
 }
 
 

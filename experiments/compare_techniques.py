@@ -56,8 +56,9 @@ VARIANTS = {
 
 def model_config(techniques: str):
   """The demo's model (configs/demo.py) with `techniques` switched on."""
-  return config_utils.with_techniques(config_utils.model_config(demo.get_config()), techniques,
-                                      deepstack=DEEPSTACK, pmod=PMOD)
+  return config_utils.with_techniques(
+      config_utils.model_config(demo.get_config()), techniques, deepstack=DEEPSTACK, pmod=PMOD
+  )
 
 
 def experiment_config(techniques: str, seed: int, steps: int, lr: float, args):
@@ -81,8 +82,15 @@ def train(config, workdir: str, source=None) -> dict:
   model = LLVM(config_utils.model_config(config))
   tokenizer = main.resolve_tokenizer(config, workdir)
   mesh = trainer.mesh_from_config(config)
-  data = make_iterator(config.data, tokenizer, num_image_tokens=model.config.tokens_per_image,
-                       image_token=config.image_token, mesh=mesh, mode="train", source=source)
+  data = make_iterator(
+      config.data,
+      tokenizer,
+      num_image_tokens=model.config.tokens_per_image,
+      image_token=config.image_token,
+      mesh=mesh,
+      mode="train",
+      source=source,
+  )
   last = trainer.train(config, workdir, data, main.make_evaluators(config, workdir, model, tokenizer), model)
   last.pop("params")
   return last
@@ -122,11 +130,15 @@ def run(name: str, seed: int, args) -> dict:
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   train_lines = [l for l in lines if "train/loss" in l]
   result = {
-      "name": name, "seed": seed, "workdir": workdir, "wall_seconds": time.time() - start,
-      "accuracy": last["eval/test/accuracy"], "chance": last["eval/test/chance"],
+      "name": name,
+      "seed": seed,
+      "workdir": workdir,
+      "wall_seconds": time.time() - start,
+      "accuracy": last["eval/test/accuracy"],
+      "chance": last["eval/test/chance"],
       "loss_curve": [(l["step"], l["train/loss"]) for l in train_lines],
       # Steady state: the median step time after the first logs (compile and warm-up excluded).
-      "step_time": float(np.median([l["train/step_time"] for l in train_lines[len(train_lines) // 4:]])),
+      "step_time": float(np.median([l["train/step_time"] for l in train_lines[len(train_lines) // 4 :]])),
   }
   with open(done, "w") as f:
     json.dump(result, f)
@@ -142,34 +154,38 @@ def write_report(results: dict[str, list[dict]], args) -> str:
     report = cost.report(cfg, TEXT_TOKENS)
     acc = np.asarray([r["accuracy"] for r in runs])
     step_ratio = np.mean([r["step_time"] for r in runs]) / base_step
-    rows.append(f"| {name} | {acc.mean():.3f} ± {acc.std():.3f} | {report['params']:,} | "
-                f"{report['train_flops_per_sample'] / 1e6:.1f} | {report['prefill_flops'] / 1e6:.1f} | "
-                f"{report['kv_cache_bytes'] / 1024:.1f} | {step_ratio:.2f} |")
+    rows.append(
+        f"| {name} | {acc.mean():.3f} ± {acc.std():.3f} | {report['params']:,} | "
+        f"{report['train_flops_per_sample'] / 1e6:.1f} | {report['prefill_flops'] / 1e6:.1f} | "
+        f"{report['kv_cache_bytes'] / 1024:.1f} | {step_ratio:.2f} |"
+    )
     points.append((name, report["prefill_flops"], acc.mean(), acc.std()))
   chance = np.mean([r["chance"] for runs in results.values() for r in runs])
   base = demo.get_config()
   command = "python experiments/compare_techniques.py " + " ".join(sys.argv[1:])
-  text = "\n".join([
-      "# Technique comparison on synthetic_vqa (tiny scale)",
-      "",
-      f"Produced by `{command.strip()}` on {datetime.date.today()} ({args.seeds} seeds, {args.steps} SFT steps of "
-      f"{args.batch} rows x {base.data.seq_len} tokens, lr {args.lr}; '+po': then {args.po_steps} PO steps). Model and "
-      f"recipe of configs/demo.py ({base.data.name}, {base.model.vision.image_size} px, "
-      f"{model_config('baseline').tokens_per_image} image tokens, {base.model.decoder.num_layers}-layer LLM of width "
-      f"{base.model.decoder.embed_dim}; trainable rules {list(map(tuple, base.optim.trainable))}). "
-      f"Costs per sample of one image + {TEXT_TOKENS} text tokens (fp32 cache). Step time: median steady-state "
-      "train step, this CPU, ratio to the baseline measured in the same run.",
-      "",
-      f"Test accuracy on the first {args.eval_examples} test examples. Chance level (blind question prior fitted on "
-      f"the training split, on the same examples): {chance:.3f}.",
-      "",
-      "| variant | test accuracy (mean ± std) | params | train MFLOPs / sample | prefill MFLOPs | KV cache (KiB) | step time vs baseline |",
-      "|---|---:|---:|---:|---:|---:|---:|",
-      *rows,
-      "",
-      "![loss](compare_loss.png) ![accuracy vs FLOPs](compare_accuracy_vs_flops.png)",
-      "",
-  ])
+  text = "\n".join(
+      [
+          "# Technique comparison on synthetic_vqa (tiny scale)",
+          "",
+          f"Produced by `{command.strip()}` on {datetime.date.today()} ({args.seeds} seeds, {args.steps} SFT steps of "
+          f"{args.batch} rows x {base.data.seq_len} tokens, lr {args.lr}; '+po': then {args.po_steps} PO steps). Model and "
+          f"recipe of configs/demo.py ({base.data.name}, {base.model.vision.image_size} px, "
+          f"{model_config('baseline').tokens_per_image} image tokens, {base.model.decoder.num_layers}-layer LLM of width "
+          f"{base.model.decoder.embed_dim}; trainable rules {list(map(tuple, base.optim.trainable))}). "
+          f"Costs per sample of one image + {TEXT_TOKENS} text tokens (fp32 cache). Step time: median steady-state "
+          "train step, this CPU, ratio to the baseline measured in the same run.",
+          "",
+          f"Test accuracy on the first {args.eval_examples} test examples. Chance level (blind question prior fitted on "
+          f"the training split, on the same examples): {chance:.3f}.",
+          "",
+          "| variant | test accuracy (mean ± std) | params | train MFLOPs / sample | prefill MFLOPs | KV cache (KiB) | step time vs baseline |",
+          "|---|---:|---:|---:|---:|---:|---:|",
+          *rows,
+          "",
+          "![loss](compare_loss.png) ![accuracy vs FLOPs](compare_accuracy_vs_flops.png)",
+          "",
+      ]
+  )
   with open(os.path.join(args.out, "compare.md"), "w") as f:
     f.write(text)
 
@@ -180,9 +196,12 @@ def write_report(results: dict[str, list[dict]], args) -> str:
 # One colour, line style and marker per variant, the same in both figures (the baseline dashed and black,
 # so no curve hides it).
 STYLES = {
-    "baseline": dict(color="black", ls="--", marker="o"), "trol": dict(color="tab:blue", ls="-", marker="s"),
-    "phantom": dict(color="tab:orange", ls="-", marker="^"), "phantom+po": dict(color="tab:red", ls="-", marker="v"),
-    "deepstack": dict(color="tab:green", ls="-", marker="D"), "pmod": dict(color="tab:purple", ls="-", marker="P"),
+    "baseline": dict(color="black", ls="--", marker="o"),
+    "trol": dict(color="tab:blue", ls="-", marker="s"),
+    "phantom": dict(color="tab:orange", ls="-", marker="^"),
+    "phantom+po": dict(color="tab:red", ls="-", marker="v"),
+    "deepstack": dict(color="tab:green", ls="-", marker="D"),
+    "pmod": dict(color="tab:purple", ls="-", marker="P"),
     "all_four": dict(color="tab:brown", ls="-.", marker="X"),
 }
 
@@ -218,10 +237,17 @@ def plot(results: dict[str, list[dict]], points: list[tuple], chance: float, out
   import matplotlib.pyplot as plt
 
   seeds = {len(runs) for runs in results.values()}
-  n_text = f"n={seeds.pop()} seeds" if len(seeds) == 1 else "n=" + ", ".join(f"{k}: {len(v)}" for k, v in results.items())
+  n_text = (
+      f"n={seeds.pop()} seeds" if len(seeds) == 1 else "n=" + ", ".join(f"{k}: {len(v)}" for k, v in results.items())
+  )
   has_po = "phantom+po" in results
-  fig, axes = plt.subplots(1, 2 if has_po else 1, figsize=(11 if has_po else 7, 4.2),
-                           gridspec_kw={"width_ratios": [2.2, 1]} if has_po else None, squeeze=False)
+  fig, axes = plt.subplots(
+      1,
+      2 if has_po else 1,
+      figsize=(11 if has_po else 7, 4.2),
+      gridspec_kw={"width_ratios": [2.2, 1]} if has_po else None,
+      squeeze=False,
+  )
   ax = axes[0, 0]
   for name, runs in results.items():
     if name != "phantom+po":
@@ -234,8 +260,11 @@ def plot(results: dict[str, list[dict]], points: list[tuple], chance: float, out
   if has_po:
     ax = axes[0, 1]
     _band(ax, results["phantom+po"], STYLES["phantom+po"], "phantom+po")
-    ax.set(xlabel="PO step (after the Phantom SFT run)", ylabel="PO objective (SFT + λ·SimPO)",
-           title="Phantom Optimization")
+    ax.set(
+        xlabel="PO step (after the Phantom SFT run)",
+        ylabel="PO objective (SFT + λ·SimPO)",
+        title="Phantom Optimization",
+    )
     ax.grid(True, alpha=0.3)
   fig.tight_layout()
   fig.savefig(os.path.join(out, "compare_loss.png"), dpi=110)
@@ -249,13 +278,17 @@ def plot(results: dict[str, list[dict]], points: list[tuple], chance: float, out
     # neither labels nor error bars collide.
     dodge = 1.0 + 0.025 * seen.get(flops_, 0)
     seen[flops_] = seen.get(flops_, 0) + 1
-    ax.errorbar(flops_ / 1e6 * dodge, mean, yerr=std, fmt=style["marker"], color=style["color"], capsize=3, ms=7,
-                label=name)
+    ax.errorbar(
+        flops_ / 1e6 * dodge, mean, yerr=std, fmt=style["marker"], color=style["color"], capsize=3, ms=7, label=name
+    )
   ax.axhline(chance, color="gray", ls=":", lw=1.2, label="chance (blind question prior)")
   ax.set_xscale("log")
   _log_axis(ax, "x")
-  ax.set(xlabel="prefill MFLOPs / sample (log)", ylabel="test VQA accuracy",
-         title=f"Test accuracy vs compute: mean ± std over {n_text}")
+  ax.set(
+      xlabel="prefill MFLOPs / sample (log)",
+      ylabel="test VQA accuracy",
+      title=f"Test accuracy vs compute: mean ± std over {n_text}",
+  )
   ax.grid(True, which="major", alpha=0.3)
   ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
   fig.tight_layout()
@@ -275,8 +308,11 @@ def main_cli() -> None:
   parser.add_argument("--workdir", default=os.path.join(REPO, "workdirs", "compare"))
   parser.add_argument("--data_dir", default=os.path.join(REPO, "workdirs", "tfds"))
   parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results"))
-  parser.add_argument("--replot", action="store_true",
-                      help="only redraw the report and figures from the finished runs in --workdir (no training)")
+  parser.add_argument(
+      "--replot",
+      action="store_true",
+      help="only redraw the report and figures from the finished runs in --workdir (no training)",
+  )
   args = parser.parse_args()
   names = args.variants.split(",")
   unknown = [n for n in names if n not in VARIANTS]

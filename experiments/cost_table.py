@@ -42,8 +42,10 @@ def main() -> str:
       "|---|---:|---:|---:|---:|---:|",
   ]
   for name, r in reports.items():
-    lines.append(f"| {name} | {r['params'] / 1e9:.3f} B | {r['context_tokens']} | {r['prefill_flops'] / 1e12:.3f} | "
-                 f"{r['train_flops_per_sample'] / 1e12:.3f} | {r['kv_cache_bytes'] / 2**20:.1f} |")
+    lines.append(
+        f"| {name} | {r['params'] / 1e9:.3f} B | {r['context_tokens']} | {r['prefill_flops'] / 1e12:.3f} | "
+        f"{r['train_flops_per_sample'] / 1e12:.3f} | {r['kv_cache_bytes'] / 2**20:.1f} |"
+    )
 
   base, pm = reports["llava15_7b"], reports["pmod_llava15_7b"]
   seq = base["context_tokens"]
@@ -96,13 +98,19 @@ def main() -> str:
     if not name.startswith(("trol_", "phantom_")):
       continue
     ref = reports[f"internvl2_{name.split('_')[1]}"]
-    lines.append(f"| {name} | {r['params'] - ref['params']:,} | {r['prefill_flops'] / ref['prefill_flops']:.3f}x | "
-                 f"{r['train_flops_per_sample'] / ref['train_flops_per_sample']:.3f}x | "
-                 f"{r['kv_cache_bytes'] / ref['kv_cache_bytes']:.3f}x |")
-  lines += ["", "TroL's KV cache doubles with 'full' decoding (each traversed layer's second pass caches its own "
-            "K/V); with decode_traversal='official' it stays at 1x and decoding costs no extra FLOPs. Phantom's "
-            "default cache='expanded' keeps the 2d-wide K' and V' (2x); cache='recompute' keeps d-wide K/V (1x, "
-            "plus the sos entries) and recomputes K*, V* every step, as the official code does.", ""]
+    lines.append(
+        f"| {name} | {r['params'] - ref['params']:,} | {r['prefill_flops'] / ref['prefill_flops']:.3f}x | "
+        f"{r['train_flops_per_sample'] / ref['train_flops_per_sample']:.3f}x | "
+        f"{r['kv_cache_bytes'] / ref['kv_cache_bytes']:.3f}x |"
+    )
+  lines += [
+      "",
+      "TroL's KV cache doubles with 'full' decoding (each traversed layer's second pass caches its own "
+      "K/V); with decode_traversal='official' it stays at 1x and decoding costs no extra FLOPs. Phantom's "
+      "default cache='expanded' keeps the 2d-wide K' and V' (2x); cache='recompute' keeps d-wide K/V (1x, "
+      "plus the sos entries) and recomputes K*, V* every step, as the official code does.",
+      "",
+  ]
   text = "\n".join(lines)
   os.makedirs(os.path.dirname(OUT), exist_ok=True)
   with open(OUT, "w") as f:

@@ -36,8 +36,9 @@ def run(args, command: str) -> list[dict]:
   """Times each technique; rewrites the table after each, so an interrupted run keeps what it measured."""
   results = []
   for technique in args.techniques.split(","):
-    config = bench_1b.get_config(f"technique={technique},batch={args.batch},seq_len={args.seq_len},"
-                                 f"remat={args.remat},size={args.size}")
+    config = bench_1b.get_config(
+        f"technique={technique},batch={args.batch},seq_len={args.seq_len}," f"remat={args.remat},size={args.size}"
+    )
     try:
       result = time_jax(config, args.steps)
     except Exception as e:  # noqa: BLE001 - recorded in the table; the other variants still run
@@ -87,7 +88,8 @@ def markdown(results: list[dict], args, command: str) -> str:
     memory = f"{r['step_memory_gib']:.1f}" if "step_memory_gib" in r else "-"
     lines.append(
         f"| {r['technique']} | {r['params'] / 1e6:.1f}M | {r['step_time_s'] * 1e3:.1f} | {r['tokens_per_second']:.0f} | "
-        f"{r['tflops_per_device']:.1f} | {mfu} | {r['compile_s']:.0f} | {memory} | {ratio} |")
+        f"{r['tflops_per_device']:.1f} | {mfu} | {r['compile_s']:.0f} | {memory} | {ratio} |"
+    )
   lines += [
       "",
       "TFLOP/s and MFU count the model's analytic training FLOPs (6 x matmul params x tokens plus "

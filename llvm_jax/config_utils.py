@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import types
 import typing
 from typing import Any
 
@@ -59,8 +58,12 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 
 # The technique blocks: where each lives in the model config and its dataclass.
-_TECHNIQUE_BLOCKS = {"trol": ("decoder", TrolConfig), "phantom": ("decoder", PhantomConfig),
-                     "pmod": ("decoder", PmodConfig), "deepstack": (None, DeepStackConfig)}
+_TECHNIQUE_BLOCKS = {
+    "trol": ("decoder", TrolConfig),
+    "phantom": ("decoder", PhantomConfig),
+    "pmod": ("decoder", PmodConfig),
+    "deepstack": (None, DeepStackConfig),
+}
 
 
 def model_block(cfg: LLVMConfig) -> ml_collections.ConfigDict:
@@ -135,7 +138,9 @@ def with_techniques(
   given = {"trol": trol, "phantom": phantom, "deepstack": deepstack, "pmod": pmod}
   blocks = {n: given[n] or default_technique(cfg, n) for n in TECHNIQUES}
   decoder = dataclasses.replace(cfg.decoder, **{n: blocks[n] for n in names if n != "deepstack"})
-  return dataclasses.replace(cfg, decoder=decoder, deepstack=blocks["deepstack"] if "deepstack" in names else cfg.deepstack)
+  return dataclasses.replace(
+      cfg, decoder=decoder, deepstack=blocks["deepstack"] if "deepstack" in names else cfg.deepstack
+  )
 
 
 def technique_names(names: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -144,20 +149,24 @@ def technique_names(names: str | tuple[str, ...] | list[str]) -> tuple[str, ...]
     names = TECHNIQUES if names == "all_four" else tuple(n for n in names.split("+") if n and n != "baseline")
   unknown = sorted(set(names) - set(TECHNIQUES))
   if unknown:
-    raise ValueError(f"unknown technique(s) {unknown}; expected names from {TECHNIQUES} joined by '+', "
-                     "'all_four' or 'baseline'")
+    raise ValueError(
+        f"unknown technique(s) {unknown}; expected names from {TECHNIQUES} joined by '+', " "'all_four' or 'baseline'"
+    )
   return tuple(names)
 
 
-def with_precision(cfg: LLVMConfig, dtype: str = "bfloat16", param_dtype: str = "float32",
-                   remat_policy: str | None = None) -> LLVMConfig:
+def with_precision(
+    cfg: LLVMConfig, dtype: str = "bfloat16", param_dtype: str = "float32", remat_policy: str | None = None
+) -> LLVMConfig:
   """`cfg` computing in `dtype` with `param_dtype` (master) weights in the decoder, ViT and projector,
   and `remat_policy` in the decoder and ViT."""
   precision = dict(dtype=dtype, param_dtype=param_dtype)
   return dataclasses.replace(
-      cfg, decoder=dataclasses.replace(cfg.decoder, remat_policy=remat_policy, **precision),
+      cfg,
+      decoder=dataclasses.replace(cfg.decoder, remat_policy=remat_policy, **precision),
       vision=cfg.vision and dataclasses.replace(cfg.vision, remat_policy=remat_policy, **precision),
-      projector=dataclasses.replace(cfg.projector, **precision))
+      projector=dataclasses.replace(cfg.projector, **precision),
+  )
 
 
 def tiny_llvm(
@@ -174,13 +183,30 @@ def tiny_llvm(
 ) -> LLVMConfig:
   """A few-hundred-thousand-parameter LLVM for demos and tests."""
   decoder = DecoderConfig(
-      family=family, vocab_size=vocab_size, embed_dim=embed_dim, num_layers=num_layers, num_heads=4,
-      num_kv_heads=2, head_dim=embed_dim // 4, mlp_dim=2 * embed_dim, norm_eps=1e-6,
-      qkv_bias=family == "qwen2", tie_embeddings=False, max_position_embeddings=512, rope=RopeConfig(),
+      family=family,
+      vocab_size=vocab_size,
+      embed_dim=embed_dim,
+      num_layers=num_layers,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=embed_dim // 4,
+      mlp_dim=2 * embed_dim,
+      norm_eps=1e-6,
+      qkv_bias=family == "qwen2",
+      tie_embeddings=False,
+      max_position_embeddings=512,
+      rope=RopeConfig(),
   )
   vision = VisionConfig(
-      kind=vision_kind, image_size=image_size, patch_size=patch_size, width=vision_width, depth=vision_depth,
-      num_heads=4, mlp_dim=2 * vision_width, feature_layer=-1, feature_select="default" if vision_kind != "siglip" else "full",
+      kind=vision_kind,
+      image_size=image_size,
+      patch_size=patch_size,
+      width=vision_width,
+      depth=vision_depth,
+      num_heads=4,
+      mlp_dim=2 * vision_width,
+      feature_layer=-1,
+      feature_select="default" if vision_kind != "siglip" else "full",
   )
   return LLVMConfig(decoder=decoder, vision=vision, projector=ProjectorConfig(), image_token_id=image_token_id)
 
@@ -270,8 +296,10 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         elif name in config.evals:
           config.evals[name].update(entry)
         else:
-          raise ValueError(f"config.eval_specs: eval {name!r} is new, so it needs a type ({name}:vqa,...); "
-                           f"existing evals: {sorted(config.evals)}")
+          raise ValueError(
+              f"config.eval_specs: eval {name!r} is new, so it needs a type ({name}:vqa,...); "
+              f"existing evals: {sorted(config.evals)}"
+          )
   model = model_config(config)
   grid = config.data.get("deepstack_grid", None)
   if model.deepstack is not None:
@@ -279,11 +307,15 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if grid is None:
       config.data.deepstack_grid = crops
     elif tuple(grid) != crops:
-      raise ValueError(f"data.deepstack_grid={tuple(grid)} differs from model.deepstack.num_crops={crops}; "
-                       "leave data.deepstack_grid unset (it follows the model) or make them equal")
+      raise ValueError(
+          f"data.deepstack_grid={tuple(grid)} differs from model.deepstack.num_crops={crops}; "
+          "leave data.deepstack_grid unset (it follows the model) or make them equal"
+      )
   elif grid is not None:
-    raise ValueError(f"data.deepstack_grid={tuple(grid)} is set but DeepStack is off; enable it with "
-                     "--config.model.deepstack.enabled=True or unset data.deepstack_grid")
+    raise ValueError(
+        f"data.deepstack_grid={tuple(grid)} is set but DeepStack is off; enable it with "
+        "--config.model.deepstack.enabled=True or unset data.deepstack_grid"
+    )
   return config
 
 

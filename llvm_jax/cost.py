@@ -43,6 +43,7 @@ def kv_cache_bytes(cfg: LLVMConfig, text_tokens: int, images: int = 1, new_token
 def pmod_kv_bytes(cfg: LLVMConfig, seq_len: int, n_vision: int) -> dict[str, float]:
   """KV-cache bytes of one sample of `seq_len` tokens, `n_vision` of them vision tokens, after its
   prefill, with and without p-MoD (the whole `init_cache` pytree in the compute dtype)."""
+
   def cache_bytes(decoder, num_vision: int) -> int:
     return tree_bytes(jax.eval_shape(lambda: init_cache(decoder, 1, seq_len, num_vision=num_vision)))
 

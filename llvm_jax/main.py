@@ -27,12 +27,16 @@ from llvm_jax.train import trainer
 from llvm_jax.train.metrics import console
 from llvm_jax.train.workdir_lock import WorkdirLockedError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (created if missing).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with auto-detection (TPU pods, SLURM).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "jax.distributed.initialize() with auto-detection (TPU pods, SLURM)."
+)
 
 # Exit codes (README "What a kill, a preemption and a bad record cost"). 0: trained to total_steps, or
 # the run was already complete. Any other failure: 1 (a Python exception).
@@ -76,14 +80,15 @@ def run_demo(config, workdir: str) -> dict:
     batch["images"] = jnp.asarray(demo_image(cfg.vision.image_size))[None, None]
     batch["image_mask"] = jnp.ones((1, 1), bool)
   start = time.perf_counter()
-  out = sampler.sample(model, params, batch, sampler.SamplingConfig(max_new_tokens=config.max_new_tokens),
-                       return_logits=True)
+  out = sampler.sample(
+      model, params, batch, sampler.SamplingConfig(max_new_tokens=config.max_new_tokens), return_logits=True
+  )
   new_tokens, step_logits = out.tokens, out.logits
   elapsed = time.perf_counter() - start
   # The same function without a cache: the full sequence's logits at the generated positions.
   full = jnp.concatenate([batch["tokens"], new_tokens[:, :-1]], axis=1)
   full_logits, _ = jax.jit(model.apply)({"params": params}, full, batch.get("images"), batch.get("image_mask"))
-  cache_gap = float(jnp.max(jnp.abs(full_logits[:, len(prompt) - 1:] - step_logits)))
+  cache_gap = float(jnp.max(jnp.abs(full_logits[:, len(prompt) - 1 :] - step_logits)))
   result = {
       "parameters": n_params,
       "prompt_tokens": len(prompt),
@@ -93,8 +98,10 @@ def run_demo(config, workdir: str) -> dict:
       "max_abs_diff_cached_vs_full_logits": cache_gap,
       "backend": jax.default_backend(),
   }
-  print(f"llvm_jax demo: {n_params:,} parameters ({cfg.decoder.family} LLM, "
-        f"{cfg.vision.kind if cfg.vision else 'no'} vision tower) on {jax.default_backend()}")
+  print(
+      f"llvm_jax demo: {n_params:,} parameters ({cfg.decoder.family} LLM, "
+      f"{cfg.vision.kind if cfg.vision else 'no'} vision tower) on {jax.default_backend()}"
+  )
   print(f"  prompt: {len(prompt)} tokens, {cfg.tokens_per_image} of them image placeholders")
   print(f"  greedy tokens: {result['generated']} ({elapsed:.2f}s incl. compile)")
   print(f"  KV-cache decoding vs full-sequence logits: max |diff| = {cache_gap:.2e}")
@@ -147,8 +154,15 @@ class _Reported:
 def make_evaluators(config, workdir: str, model: LLVM, tokenizer, report: bool = True) -> dict:
   """`config.evals` as evaluators; with `report`, each prints its result whenever it runs."""
   made = {
-      name: evaluators.make(name, spec, model=model, tokenizer=tokenizer, data_config=config.data,
-                            workdir=workdir, image_token=config.image_token)
+      name: evaluators.make(
+          name,
+          spec,
+          model=model,
+          tokenizer=tokenizer,
+          data_config=config.data,
+          workdir=workdir,
+          image_token=config.image_token,
+      )
       for name, spec in config.evals.items()
   }
   return {name: _Reported(name, e) for name, e in made.items()} if report else made
@@ -169,19 +183,29 @@ def run_train(config, workdir: str) -> dict:
   model = LLVM(config_utils.model_config(config))
   tokenizer = resolve_tokenizer(config, workdir)
   mesh = trainer.mesh_from_config(config)
-  data = make_iterator(config.data, tokenizer, num_image_tokens=model.config.tokens_per_image,
-                       image_token=config.image_token, mesh=mesh, mode="train")
+  data = make_iterator(
+      config.data,
+      tokenizer,
+      num_image_tokens=model.config.tokens_per_image,
+      image_token=config.image_token,
+      mesh=mesh,
+      mode="train",
+  )
   last = trainer.train(config, workdir, data, make_evaluators(config, workdir, model, tokenizer), model)
   last.pop("params")
   if jax.process_index() == 0:
     shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float) and not k.startswith("eval/")}
     if last["status"] == trainer.STATUS_PREEMPTED:
-      print(f"llvm_jax train: preempted (SIGTERM) at step {last['step']}/{config.train.total_steps}; "
-            f"checkpoint committed, rerun the same command to resume (exit code {EXIT_PREEMPTED})")
+      print(
+          f"llvm_jax train: preempted (SIGTERM) at step {last['step']}/{config.train.total_steps}; "
+          f"checkpoint committed, rerun the same command to resume (exit code {EXIT_PREEMPTED})"
+      )
       return last
     if last["status"] == trainer.STATUS_ALREADY_COMPLETE:
-      print(f"llvm_jax train: {workdir} is already complete at step {last['step']} "
-            f"(train.total_steps={config.train.total_steps}), nothing trained; last logged: {shown}")
+      print(
+          f"llvm_jax train: {workdir} is already complete at step {last['step']} "
+          f"(train.total_steps={config.train.total_steps}), nothing trained; last logged: {shown}"
+      )
       return last
     print(f"llvm_jax train: finished {config.train.total_steps} steps: {shown}")
     print(f"  data: {data.report()}")  # eval results were printed as they ran

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -42,8 +43,11 @@ class Predictor:
   def __post_init__(self):
     cfg = self.data_config
     self.encoder = ChatEncoder(
-        self.tokenizer, image_token=self.image_token, num_image_tokens=self.model.config.tokens_per_image,
-        image_start=cfg.get("image_start", ""), image_end=cfg.get("image_end", ""),
+        self.tokenizer,
+        image_token=self.image_token,
+        num_image_tokens=self.model.config.tokens_per_image,
+        image_start=cfg.get("image_start", ""),
+        image_end=cfg.get("image_end", ""),
         system_prompt=cfg.get("system_prompt", None),
     )
     self.vision_spec = vision_spec_from_config(cfg)
@@ -102,7 +106,7 @@ class Predictor:
         # trailing whitespace is held back until text follows it.
         text = self.tokenizer.decode(emitted, skip_special_tokens=True).strip()
         if text.startswith(shown[0]) and len(text) > len(shown[0]):
-          stream(text[len(shown[0]):])
+          stream(text[len(shown[0]) :])
           shown[0] = text
 
     out = sampler.sample(self.model, self.params, self.inputs(images, question), sampling, key, stream=on_token)
@@ -143,7 +147,9 @@ def from_hf(path: str, chat_template: str | None = None, image_token: str = "<im
   return Predictor(model, params, tokenizer, data, image_token)
 
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training workdir, its checkpoints/ folder or one step's folder.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "A training workdir, its checkpoints/ folder or one step's folder."
+)
 _HF = flags.DEFINE_string("hf", None, "A transformers save_pretrained directory (instead of --checkpoint).")
 _IMAGE = flags.DEFINE_multi_string("image", [], "Image file(s), one per <image> marker.")
 _QUESTION = flags.DEFINE_string("question", None, "The question.")
@@ -175,8 +181,9 @@ def main(argv) -> None:
     predictor = from_checkpoint(_CHECKPOINT.value, mesh, _STEP.value)
   else:
     predictor = from_hf(_HF.value, _CHAT_TEMPLATE.value)
-  sampling = sampler.SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
-                                    top_k=_TOP_K.value, top_p=_TOP_P.value)
+  sampling = sampler.SamplingConfig(
+      max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value
+  )
   stream = (lambda text: print(text, end="", flush=True)) if _STREAM.value else None
   answer = predictor.answer(images, _QUESTION.value, sampling, jax.random.key(_SEED.value), stream)
   print("" if _STREAM.value else answer)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -106,8 +107,14 @@ def _sample(
   b, prompt_len = tokens.shape
   n = max_new_tokens
   logits, cache = prefill(
-      model, params, tokens, prompt_len + n, batch.get("images"), batch.get("image_mask"),
-      batch.get("segment_ids"), hires_images=batch.get("hires_images"),
+      model,
+      params,
+      tokens,
+      prompt_len + n,
+      batch.get("images"),
+      batch.get("image_mask"),
+      batch.get("segment_ids"),
+      hires_images=batch.get("hires_images"),
   )
 
   def emit(step, next_logits, out, done, all_logits):
@@ -162,8 +169,9 @@ def sample(
       raise ValueError("sampling with temperature > 0 needs a PRNG key")
     key = jax.random.key(0)
   batch = {k: jnp.asarray(v) for k, v in batch.items() if v is not None}
-  out, lengths, logits = _sample(model, params, batch, key, sampling.knobs(), sampling.max_new_tokens,
-                                 return_logits, stream)
+  out, lengths, logits = _sample(
+      model, params, batch, key, sampling.knobs(), sampling.max_new_tokens, return_logits, stream
+  )
   return SampleOutput(out, lengths, logits)
 
 
@@ -195,8 +203,8 @@ def pad_prompts(
   segment_ids = np.zeros((batch_size, length), np.int32)
   for row, prompt in enumerate(prompts):
     if len(prompt):
-      tokens[row, -len(prompt):] = prompt
-      segment_ids[row, -len(prompt):] = 1
+      tokens[row, -len(prompt) :] = prompt
+      segment_ids[row, -len(prompt) :] = 1
   return {"tokens": tokens, "segment_ids": segment_ids}
 
 
@@ -207,7 +215,9 @@ def left_align(tokens: np.ndarray, segment_ids: np.ndarray, buckets: Sequence[in
   """
   lengths = (segment_ids != 0).sum(axis=1)
   rows = lengths > 0
-  width = tokens.shape[1] if buckets is None else min(bucket_length(max(int(lengths.max()), 1), buckets), tokens.shape[1])
+  width = (
+      tokens.shape[1] if buckets is None else min(bucket_length(max(int(lengths.max()), 1), buckets), tokens.shape[1])
+  )
   out_t = np.zeros((tokens.shape[0], width), tokens.dtype)
   out_s = np.zeros((tokens.shape[0], width), segment_ids.dtype)
   for r, n in enumerate(lengths):

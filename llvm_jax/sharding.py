@@ -30,13 +30,10 @@ LOGICAL_RULES: dict[str, tuple[tuple[str, Any], ...]] = {
     # Pure data parallelism: every weight replicated.
     "dp": _ACTIVATIONS,
     # ZeRO-3 style: weights sharded over 'fsdp' along their largest non-tensor axis.
-    "fsdp": _ACTIVATIONS + (
-        ("embed", "fsdp"),
-        ("vision_embed", "fsdp"),
-        ("layers", None),
-    ),
+    "fsdp": _ACTIVATIONS + (("embed", "fsdp"), ("vision_embed", "fsdp"), ("layers", None)),
     # FSDP plus Megatron-style tensor parallelism of heads and MLP width.
-    "fsdp_tp": _ACTIVATIONS + (
+    "fsdp_tp": _ACTIVATIONS
+    + (
         ("embed", "fsdp"),
         ("vision_embed", "fsdp"),
         ("vocab", "tensor"),

@@ -25,13 +25,22 @@ SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 def train_tokenizer(out_dir: str) -> transformers.PreTrainedTokenizerFast:
   """A word-level tokenizer trained with `tokenizers` on the dataset's words and the chat words."""
   tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+  tok.pre_tokenizer = pre_tokenizers.Sequence(
+      [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")]
+  )
   tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
   corpus = list(QUESTIONS) + list(COLORS) + list(SHAPES) + ["USER: ASSISTANT: a the it is"]
   tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIAL, min_frequency=1))
   fast = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-      extra_special_tokens=["<image>"], chat_template=CHAT_TEMPLATE, model_max_length=4096)
+      tokenizer_object=tok,
+      bos_token="<s>",
+      eos_token="</s>",
+      unk_token="<unk>",
+      pad_token="<pad>",
+      extra_special_tokens=["<image>"],
+      chat_template=CHAT_TEMPLATE,
+      model_max_length=4096,
+  )
   fast.save_pretrained(out_dir)
   return fast
 
@@ -42,24 +51,44 @@ def build_llava_dir(out_dir: str, seed: int = 0) -> str:
   os.makedirs(out_dir, exist_ok=True)
   tok = train_tokenizer(out_dir)
   image_id = tok.convert_tokens_to_ids("<image>")
-  text = transformers.LlamaConfig(vocab_size=len(tok) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                  pad_token_id=tok.pad_token_id)
-  vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                         num_attention_heads=4, image_size=28, patch_size=7)
-  config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_id,
-                                    vision_feature_layer=-2, vision_feature_select_strategy="default",
-                                    image_seq_length=16)
+  text = transformers.LlamaConfig(
+      vocab_size=len(tok) + 3,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=256,
+      bos_token_id=tok.bos_token_id,
+      eos_token_id=tok.eos_token_id,
+      pad_token_id=tok.pad_token_id,
+  )
+  vision = transformers.CLIPVisionConfig(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28, patch_size=7
+  )
+  config = transformers.LlavaConfig(
+      vision_config=vision,
+      text_config=text,
+      image_token_id=image_id,
+      vision_feature_layer=-2,
+      vision_feature_select_strategy="default",
+      image_seq_length=16,
+  )
   torch.manual_seed(seed)
   model = transformers.LlavaForConditionalGeneration(config).eval()
   model.save_pretrained(out_dir)
   image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-  transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=7,
-                              vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
-                              num_additional_image_tokens=1).save_pretrained(out_dir)
-  transformers.GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                pad_token_id=tok.pad_token_id).save_pretrained(out_dir)
+  transformers.LlavaProcessor(
+      image_processor=image_processor,
+      tokenizer=tok,
+      patch_size=7,
+      vision_feature_select_strategy="default",
+      chat_template=CHAT_TEMPLATE,
+      num_additional_image_tokens=1,
+  ).save_pretrained(out_dir)
+  transformers.GenerationConfig(
+      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+  ).save_pretrained(out_dir)
   return out_dir
 
 
@@ -70,8 +99,11 @@ def draw(color: str, shape: str, size: tuple[int, int], rng: np.random.Generator
   x = rng.integers(90, 140, (h, w, 3)).astype(np.uint8)
   yy, xx = np.mgrid[:h, :w]
   r = min(w, h) // 3
-  mask = (np.abs(yy - h // 2) < r) & (np.abs(xx - w // 2) < r) if shape == "square" else \
-      (yy - h // 2) ** 2 + (xx - w // 2) ** 2 < r * r
+  mask = (
+      (np.abs(yy - h // 2) < r) & (np.abs(xx - w // 2) < r)
+      if shape == "square"
+      else (yy - h // 2) ** 2 + (xx - w // 2) ** 2 < r * r
+  )
   x[mask] = rgb
   return Image.fromarray(x)
 
@@ -88,9 +120,16 @@ def build_llava_json(root: str, num_train: int = 24, num_test: int = 6, seed: in
       name = f"images/{split}{i}.png"
       draw(color, shape, size, rng).save(os.path.join(root, name))
       q = int(rng.integers(len(QUESTIONS)))
-      records.append({"id": f"{split}{i}", "image": name, "conversations": [
-          {"from": "human", "value": "<image>\n" + QUESTIONS[q]},
-          {"from": "gpt", "value": color if q == 0 else shape}]})
+      records.append(
+          {
+              "id": f"{split}{i}",
+              "image": name,
+              "conversations": [
+                  {"from": "human", "value": "<image>\n" + QUESTIONS[q]},
+                  {"from": "gpt", "value": color if q == 0 else shape},
+              ],
+          }
+      )
     with open(os.path.join(root, f"{split}.json"), "w") as f:
       json.dump(records, f)
   return root

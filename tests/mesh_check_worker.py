@@ -15,11 +15,11 @@ jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=proc
 
 import jax.numpy as jnp  # noqa: E402  (after distributed init)
 import numpy as np  # noqa: E402
+import train_helpers  # noqa: E402
+from train_helpers import SyntheticBatches, tiny_config  # noqa: E402
 
 from llvm_jax import config_utils  # noqa: E402
 from llvm_jax.train import trainer  # noqa: E402
-import train_helpers  # noqa: E402
-from train_helpers import SyntheticBatches, tiny_config  # noqa: E402
 
 for shape in ((1, 1, 4), (4, 1, 1)):
   config = tiny_config(total_steps=1, mesh_shape=shape, strategy="dp")
@@ -37,8 +37,10 @@ for shape in ((1, 1, 4), (4, 1, 1)):
       train_helpers.make_global_batch, real = (lambda local, mesh: local), train_helpers.make_global_batch
       expected = int(np.sum(next(single)["tokens"]))
       train_helpers.make_global_batch = real
-      print(f"MESH {shape} dp: ok, {batch['tokens'].shape[0]} rows, sum {'equal' if total == expected else 'DIFFERS'}",
-            flush=True)
+      print(
+          f"MESH {shape} dp: ok, {batch['tokens'].shape[0]} rows, sum {'equal' if total == expected else 'DIFFERS'}",
+          flush=True,
+      )
   except ValueError as e:
     print(f"MESH {shape} dp: ValueError {e}", flush=True)
 jax.distributed.shutdown()

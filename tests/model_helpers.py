@@ -20,8 +20,9 @@ def run_layer(cfg, layer_params, h, segment_ids, positions=None, mlp_weight=None
   mask_positions = masks.default_positions(segment_ids)
   positions = mask_positions if positions is None else jnp.asarray(positions, jnp.int32)
   cos, sin = rope_cos_sin(positions, cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
-  ctx = hooks.LayerContext(cos, sin, masks.self_attention(segment_ids, positions, cfg.sliding_window), 0,
-                           mlp_weight=mlp_weight)
+  ctx = hooks.LayerContext(
+      cos, sin, masks.self_attention(segment_ids, positions, cfg.sliding_window), 0, mlp_weight=mlp_weight
+  )
   return DecoderLayer(cfg).apply({"params": layer_params}, jnp.asarray(h), ctx, None)[0]
 
 
@@ -47,11 +48,21 @@ class LM(nn.Module):
   def setup(self):
     self.decoder = Decoder(self.config)
 
-  def __call__(self, tokens, segment_ids=None, cache=None, decode=False, num_vision=None, residuals=None,
-               residual_layers=()):
+  def __call__(
+      self, tokens, segment_ids=None, cache=None, decode=False, num_vision=None, residuals=None, residual_layers=()
+  ):
     if segment_ids is None:
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
     num_vision = self.num_vision if num_vision is None else num_vision
     vision_mask = tokens == self.image_token if num_vision else None
-    return self.decoder(self.decoder.embed(tokens), segment_ids, None, cache, decode, vision_mask=vision_mask,
-                        num_vision=num_vision, layer_residuals=residuals, residual_layers=residual_layers)
+    return self.decoder(
+        self.decoder.embed(tokens),
+        segment_ids,
+        None,
+        cache,
+        decode,
+        vision_mask=vision_mask,
+        num_vision=num_vision,
+        layer_residuals=residuals,
+        residual_layers=residual_layers,
+    )

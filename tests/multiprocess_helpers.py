@@ -14,8 +14,12 @@ def free_port() -> int:
 
 def run_workers(worker: str, argvs: list[list[str]], env: dict, timeout: float) -> list[str]:
   """Runs `python worker *argv` for each argv concurrently; asserts every one exits 0; returns the logs."""
-  procs = [subprocess.Popen([sys.executable, worker, *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for argv in argvs]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, worker, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+      )
+      for argv in argvs
+  ]
   logs = []
   try:
     for p in procs:

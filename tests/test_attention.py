@@ -150,7 +150,7 @@ def _case_kv_cache():
   q_seg[1, -1] = 0  # a padding query in this call: no valid key
   for r, (end, left) in enumerate(zip(ends, lefts)):
     kv_seg[r, left:end] = 1
-    kv_seg[r, end:end + t] = q_seg[r]  # this call's tokens, already written into the cache
+    kv_seg[r, end : end + t] = q_seg[r]  # this call's tokens, already written into the cache
   q_slots = np.arange(t)[None] + np.array(ends)[:, None]
   kv_slots = np.broadcast_to(np.arange(s), (2, s))
   q_pos = q_slots - np.array(lefts)[:, None]
@@ -166,8 +166,9 @@ def _case_pmod_keys():
   r = np.random.RandomState(5)
   q_seg = np.array([[1] * t, [0] * 4 + [1] * 20], np.int32)
   q_pos = _positions(q_seg)
-  kept = np.stack([np.sort(r.choice(t, s, replace=False)), np.r_[np.sort(r.choice(np.arange(4, t), 6, replace=False)),
-                                                                  [0] * 4]])
+  kept = np.stack(
+      [np.sort(r.choice(t, s, replace=False)), np.r_[np.sort(r.choice(np.arange(4, t), 6, replace=False)), [0] * 4]]
+  )
   kv_seg = np.array([[1] * s, [1] * 6 + [0] * 4], np.int32)
   kv_slots = np.where(kv_seg > 0, kept, 0)
   kv_pos = np.take_along_axis(q_pos, kv_slots, axis=1) * (kv_seg > 0)
@@ -182,8 +183,12 @@ def _case_bidirectional():
 
 
 CASES = [
-    _case_causal_packed_gqa(), _case_sliding_window_mqa(), _case_phantom(),
-    _case_kv_cache(), _case_pmod_keys(), _case_bidirectional(),
+    _case_causal_packed_gqa(),
+    _case_sliding_window_mqa(),
+    _case_phantom(),
+    _case_kv_cache(),
+    _case_pmod_keys(),
+    _case_bidirectional(),
 ]
 
 IMPLS = {
@@ -202,10 +207,11 @@ MATRIX = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(case: Case):
-  return reference(case.q, case.k, case.v, None if case.mask is None else dense_mask(case.mask), case.scale,
-                   case.cotangent())
+  return reference(
+      case.q, case.k, case.v, None if case.mask is None else dense_mask(case.mask), case.scale, case.cotangent()
+  )
 
 
 def _assert_matches(case: Case, got, want, fully_masked_out):
@@ -229,8 +235,9 @@ def test_matches_reference(case_index, impl, blocks):
   _assert_matches(case, got, _reference(case), "zero" if impl == "blocked" else "mean_v")
   if impl == "blocked" and not case.valid_rows.all():
     # Rows without keys pass no gradient: weighting them too leaves the gradients as they were.
-    _, grads = out_and_grads(case.q, case.k, case.v, case.mask, case.cotangent(masked_rows=True), impl=impl,
-                             scale=case.scale, **blocks)
+    _, grads = out_and_grads(
+        case.q, case.k, case.v, case.mask, case.cotangent(masked_rows=True), impl=impl, scale=case.scale, **blocks
+    )
     for g, ref_g in zip(grads, _reference(case)[1]):
       np.testing.assert_allclose(g, ref_g, atol=ATOL, rtol=0)
 
@@ -240,10 +247,20 @@ def test_blocked_bfloat16():
   # out 5.5e-3, grads 2.7e-2 vs einsum's 7.8e-3, 2.7e-2).
   case = CASES[0]
   bf16 = lambda x: x.astype(jnp.bfloat16)
-  want_out, want_grads = reference(bf16(case.q), bf16(case.k), bf16(case.v), dense_mask(case.mask), case.scale,
-                                   bf16(case.cotangent()))
-  out, grads = out_and_grads(bf16(case.q), bf16(case.k), bf16(case.v), case.mask, bf16(case.cotangent()),
-                             impl="blocked", scale=case.scale, block_q=8, block_kv=5)
+  want_out, want_grads = reference(
+      bf16(case.q), bf16(case.k), bf16(case.v), dense_mask(case.mask), case.scale, bf16(case.cotangent())
+  )
+  out, grads = out_and_grads(
+      bf16(case.q),
+      bf16(case.k),
+      bf16(case.v),
+      case.mask,
+      bf16(case.cotangent()),
+      impl="blocked",
+      scale=case.scale,
+      block_q=8,
+      block_kv=5,
+  )
   assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
   valid = case.valid_rows[:, :, None, None]
   np.testing.assert_allclose(np.where(valid, np.asarray(out, np.float32), 0), np.where(valid, want_out, 0), atol=2e-2)
@@ -253,8 +270,12 @@ def test_blocked_bfloat16():
 
 SPLASH_CASES = [
     # Sliding window, causal, packed segments, left and right padding, GQA, dv != dq.
-    Case("splash_window_packed_gqa", *_qkv(8, 2, 128, 128, 4, 2, 8, dv=6),
-         _self_mask([[1] * 50 + [2] * 60 + [0] * 18, [0] * 30 + [1] * 98], window=9), 8**-0.5),
+    Case(
+        "splash_window_packed_gqa",
+        *_qkv(8, 2, 128, 128, 4, 2, 8, dv=6),
+        _self_mask([[1] * 50 + [2] * 60 + [0] * 18, [0] * 30 + [1] * 98], window=9),
+        8**-0.5,
+    )
 ]
 
 
@@ -263,8 +284,17 @@ SPLASH_CASES = [
 def test_splash_interpret_matches_reference(case):
   # Splash's Pallas kernel in the interpreter (no TPU here): checks masks, GQA, scale and layout.
   want = _reference(case)
-  got = out_and_grads(case.q, case.k, case.v, case.mask, case.cotangent(), impl="splash_interpret",
-                      scale=case.scale, block_q=128, block_kv=128)
+  got = out_and_grads(
+      case.q,
+      case.k,
+      case.v,
+      case.mask,
+      case.cotangent(),
+      impl="splash_interpret",
+      scale=case.scale,
+      block_q=128,
+      block_kv=128,
+  )
   _assert_matches(case, got, want, fully_masked_out=None)
 
 
@@ -359,6 +389,7 @@ def test_splash_compiles_for_tpu():
   python_path = os.pathsep.join(filter(None, [_REPO, os.environ.get("PYTHONPATH")]))
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=python_path)
   env.pop("XLA_FLAGS", None)
-  result = subprocess.run([sys.executable, "-c", _TPU_COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
+  result = subprocess.run(
+      [sys.executable, "-c", _TPU_COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+  )
   assert "SPLASH_TPU_COMPILE_OK" in result.stdout, result.stderr[-3000:]

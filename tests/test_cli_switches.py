@@ -10,17 +10,22 @@ import pytest
 
 from configs import demo, internvl, llava, paper
 from llvm_jax import config_utils
-from llvm_jax.models.config import LLVMConfig, PmodConfig, TrolConfig
+from llvm_jax.models.config import LLVMConfig, PmodConfig
 from llvm_jax.train import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -- config level (fast) ---------------------------------------------------------------------------
-@pytest.mark.parametrize("get_config,arg", [
-    (demo.get_config, "layers=2"), (llava.get_config, "size=tiny"), (internvl.get_config, "size=tiny"),
-    (paper.get_config, "model=llava15_7b"),
-])
+@pytest.mark.parametrize(
+    "get_config,arg",
+    [
+        (demo.get_config, "layers=2"),
+        (llava.get_config, "size=tiny"),
+        (internvl.get_config, "size=tiny"),
+        (paper.get_config, "model=llava15_7b"),
+    ],
+)
 @pytest.mark.parametrize("technique", ["baseline", "trol", "phantom", "deepstack", "pmod", "trol+pmod", "all_four"])
 def test_technique_arg_on_every_model_config(get_config, arg, technique):
   config = get_config(f"{arg},technique={technique}")
@@ -37,13 +42,18 @@ def test_technique_arg_on_every_model_config(get_config, arg, technique):
 
 def test_every_block_present_and_off_is_none():
   config = demo.get_config()
-  for block in (config.model.decoder.trol, config.model.decoder.phantom, config.model.decoder.pmod,
-                config.model.deepstack):
+  for block in (
+      config.model.decoder.trol,
+      config.model.decoder.phantom,
+      config.model.decoder.pmod,
+      config.model.deepstack,
+  ):
     assert block.enabled is False
   model = config_utils.model_config(config)
   assert model.decoder.trol is model.decoder.phantom is model.decoder.pmod is model.deepstack is None
   # One way to be off: a disabled block is None, wherever it comes from.
   import dataclasses
+
   assert dataclasses.replace(model.decoder, pmod=PmodConfig(enabled=False)) == model.decoder
   assert LLVMConfig.from_dict(model.to_dict()) == model
 
@@ -98,19 +108,35 @@ def data_dir(tmp_path_factory):
 
 
 def _train(workdir, data_dir, arg, *flags):
-  cmd = [sys.executable, "-m", "llvm_jax.main", f"--config=configs/demo.py:steps=2,res=32,patch=16,layers=2,batch=8,{arg}",
-         f"--workdir={workdir}", "--config.data.name=synthetic_vqa/tiny", f"--config.data.data_dir={data_dir}",
-         "--config.train.log_every=1", "--config.evals.test.baseline_split=", *flags]
+  cmd = [
+      sys.executable,
+      "-m",
+      "llvm_jax.main",
+      f"--config=configs/demo.py:steps=2,res=32,patch=16,layers=2,batch=8,{arg}",
+      f"--workdir={workdir}",
+      "--config.data.name=synthetic_vqa/tiny",
+      f"--config.data.data_dir={data_dir}",
+      "--config.train.log_every=1",
+      "--config.evals.test.baseline_split=",
+      *flags,
+  ]
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return result, json.loads((workdir / "config.json").read_text())
 
 
-@pytest.mark.parametrize("name,arg,flags", [
-    ("trol", "technique=baseline", ("--config.model.decoder.trol.enabled=True", "--config.model.decoder.trol.layers=(1,)")),
-    ("phantom", "technique=phantom", ()),
-    ("pmod", "technique=baseline", ("--config.model.decoder.pmod.enabled=True",)),
-])
+@pytest.mark.parametrize(
+    "name,arg,flags",
+    [
+        (
+            "trol",
+            "technique=baseline",
+            ("--config.model.decoder.trol.enabled=True", "--config.model.decoder.trol.layers=(1,)"),
+        ),
+        ("phantom", "technique=phantom", ()),
+        ("pmod", "technique=baseline", ("--config.model.decoder.pmod.enabled=True",)),
+    ],
+)
 @pytest.mark.slow
 def test_each_technique_trains_from_the_command_line(tmp_path, data_dir, name, arg, flags):
   result, saved = _train(tmp_path, data_dir, arg, *flags, "--config.eval_specs=-test")  # no eval: fast
@@ -125,9 +151,14 @@ def test_each_technique_trains_from_the_command_line(tmp_path, data_dir, name, a
 def test_deepstack_and_evals_from_the_command_line(tmp_path, data_dir):
   # DeepStack from its block (data.deepstack_grid follows); evals: the config's own (updated) and one
   # added, at every step.
-  result, saved = _train(tmp_path, data_dir, "technique=baseline", "--config.model.deepstack.enabled=True",
-                         "--config.train.eval_every=1",
-                         "--config.eval_specs=test,max_examples=2;extra:exact_match,split=test,max_examples=2")
+  result, saved = _train(
+      tmp_path,
+      data_dir,
+      "technique=baseline",
+      "--config.model.deepstack.enabled=True",
+      "--config.train.eval_every=1",
+      "--config.eval_specs=test,max_examples=2;extra:exact_match,split=test,max_examples=2",
+  )
   model = LLVMConfig.from_dict(saved["model"])
   assert tuple(saved["data"]["deepstack_grid"]) == model.deepstack.num_crops
   out = result.stdout

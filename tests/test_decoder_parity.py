@@ -13,30 +13,61 @@ from llvm_jax import convert, tree_utils
 from llvm_jax.convert import core
 from llvm_jax.models import rope as rope_lib
 from llvm_jax.models.config import RopeConfig
-from llvm_jax.models.llvm import LLVM, decode_step, prefill
+from llvm_jax.models.llvm import decode_step, prefill
 
 VOCAB = 97
 TOL = 1e-4
 
 
 def _hf_models():
-  common = dict(vocab_size=VOCAB, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+  common = dict(
+      vocab_size=VOCAB, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+  )
   return {
       # Llama 3.1-style rope scaling, untied head, GQA.
-      "llama": transformers.LlamaForCausalLM(transformers.LlamaConfig(
-          hidden_size=48, rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                                               high_freq_factor=4.0, original_max_position_embeddings=8), **common)),
+      "llama": transformers.LlamaForCausalLM(
+          transformers.LlamaConfig(
+              hidden_size=48,
+              rope_parameters=dict(
+                  rope_type="llama3",
+                  rope_theta=500000.0,
+                  factor=8.0,
+                  low_freq_factor=1.0,
+                  high_freq_factor=4.0,
+                  original_max_position_embeddings=8,
+              ),
+              **common,
+          )
+      ),
       # Qwen2: q/k/v biases, tied embeddings, yarn scaling.
-      "qwen2": transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-          hidden_size=48, tie_word_embeddings=True,
-          rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=8), **common)),
+      "qwen2": transformers.Qwen2ForCausalLM(
+          transformers.Qwen2Config(
+              hidden_size=48,
+              tie_word_embeddings=True,
+              rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=8),
+              **common,
+          )
+      ),
       # Phi-3: fused qkv / gate_up, partial rotary, longrope (long factors past 8 positions), sliding window.
-      "phi3": transformers.Phi3ForCausalLM(transformers.Phi3Config(
-          hidden_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64,
-          original_max_position_embeddings=8, sliding_window=6,
-          rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
-                               short_factor=[1.0, 1.1, 1.2, 1.3, 1.4, 1.5], long_factor=[2.0, 2.1, 2.2, 2.3, 2.4, 2.5]),
-          **common)),
+      "phi3": transformers.Phi3ForCausalLM(
+          transformers.Phi3Config(
+              hidden_size=64,
+              pad_token_id=0,
+              bos_token_id=1,
+              eos_token_id=2,
+              max_position_embeddings=64,
+              original_max_position_embeddings=8,
+              sliding_window=6,
+              rope_parameters=dict(
+                  rope_type="longrope",
+                  rope_theta=10000.0,
+                  partial_rotary_factor=0.75,
+                  short_factor=[1.0, 1.1, 1.2, 1.3, 1.4, 1.5],
+                  long_factor=[2.0, 2.1, 2.2, 2.3, 2.4, 2.5],
+              ),
+              **common,
+          )
+      ),
   }
 
 
@@ -101,7 +132,7 @@ def test_prefill_then_decode_equals_full_sequence(family, saved_dirs):
   logits, cache = prefill(model, params, tokens[:, :6], max_len=12)
   steps = [logits]
   for t in range(6, 10):
-    logits, cache = decode_step(model, params, tokens[:, t:t + 1], cache)
+    logits, cache = decode_step(model, params, tokens[:, t : t + 1], cache)
     steps.append(logits)
   diff = np.abs(np.concatenate(steps, axis=1) - np.asarray(full)).max()
   print(f"{family} prefill(6)+4 decode steps vs full: {diff:.2e}")
@@ -117,7 +148,7 @@ def test_phi3_cache_with_sliding_window_short_context(saved_dirs):
   logits, cache = prefill(model, params, tokens[:, :3], max_len=8)
   steps = [logits]
   for t in range(3, 8):
-    logits, cache = decode_step(model, params, tokens[:, t:t + 1], cache)
+    logits, cache = decode_step(model, params, tokens[:, t : t + 1], cache)
     steps.append(logits)
   assert np.abs(np.concatenate(steps, axis=1) - np.asarray(full)).max() <= 1e-5
 
@@ -163,7 +194,7 @@ def test_scanned_layers_equal_unscanned(saved_dirs):
   logits, cache = prefill(scanned, scanned_params, tokens[:, :5], max_len=8)
   steps = [logits]
   for t in range(5, 8):
-    logits, cache = decode_step(scanned, scanned_params, tokens[:, t:t + 1], cache)
+    logits, cache = decode_step(scanned, scanned_params, tokens[:, t : t + 1], cache)
     steps.append(logits)
   np.testing.assert_allclose(np.concatenate(steps, axis=1), np.asarray(full), atol=1e-5)
 
@@ -226,17 +257,30 @@ def test_missing_directory_is_named(tmp_path):
     convert.from_hf(str(tmp_path / "nothing_here"))
 
 
-@pytest.mark.parametrize("rope", [
-    dict(rope_type="linear", factor=2.0),
-    dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64),
-    dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=16.0, beta_slow=2.0),
-    dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64, mscale=1.0, mscale_all_dim=0.5),
-])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        dict(rope_type="linear", factor=2.0),
+        dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
+        dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=16.0, beta_slow=2.0),
+        dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64, mscale=1.0, mscale_all_dim=0.5),
+    ],
+)
 def test_rope_frequencies_match_transformers(rope):
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-  hf_config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=256,
-                                       rope_parameters=dict(rope_theta=10000.0, **rope))
+  hf_config = transformers.LlamaConfig(
+      hidden_size=64,
+      num_attention_heads=4,
+      max_position_embeddings=256,
+      rope_parameters=dict(rope_theta=10000.0, **rope),
+  )
   inv_ref, attn_ref = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_config, "cpu")
   ours = convert.hf_config.rope_from_hf(hf_config.rope_parameters)
   inv, attn = rope_lib.inverse_frequencies(ours, 16, 256)

@@ -146,13 +146,19 @@ def test_decoder_zero_groups_equal_base_and_one_group_hits_its_layer_only(lm_set
 
 def test_decoder_scan_and_remat_match_unscanned(lm_setup):
   tokens, params, residuals, _ = lm_setup
-  ref = jax.jit(lambda p, t, r: LM(DEC).apply({"params": p}, t, residuals=r, residual_layers=LAYERS)[0])(params, tokens, residuals)
+  ref = jax.jit(lambda p, t, r: LM(DEC).apply({"params": p}, t, residuals=r, residual_layers=LAYERS)[0])(
+      params, tokens, residuals
+  )
   scanned = dataclasses.replace(DEC, scan_layers=True, remat_policy="full")
   stacked = dict(params, decoder=convert.stack_layers(params["decoder"], DEC.num_layers))
-  got = jax.jit(lambda p, t, r: LM(scanned).apply({"params": p}, t, residuals=r, residual_layers=LAYERS)[0])(stacked, tokens, residuals)
+  got = jax.jit(lambda p, t, r: LM(scanned).apply({"params": p}, t, residuals=r, residual_layers=LAYERS)[0])(
+      stacked, tokens, residuals
+  )
   assert np.abs(np.asarray(got) - np.asarray(ref)).max() <= TOL
   # Gradients reach the residuals through the scan (a training step updates the crop path).
-  loss = lambda cfg, p: lambda r: jnp.sum(LM(cfg).apply({"params": p}, tokens, residuals=r, residual_layers=LAYERS)[0] ** 2)
+  loss = lambda cfg, p: lambda r: jnp.sum(
+      LM(cfg).apply({"params": p}, tokens, residuals=r, residual_layers=LAYERS)[0] ** 2
+  )
   g_ref = jax.jit(jax.grad(loss(DEC, params)))(residuals)
   g_scan = jax.jit(jax.grad(loss(scanned, stacked)))(residuals)
   assert np.abs(np.asarray(g_scan) - np.asarray(g_ref)).max() <= 1e-4 * np.abs(np.asarray(g_ref)).max()
@@ -197,7 +203,9 @@ def test_llvm_matches_manual_injection(llvm_setup):
     crops = m.encode_images(hires.reshape((3, 8) + hires.shape[3:])).reshape(3, 2, 4, T, -1)
     return x, crops
 
-  x, crops = jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=manual))(params, tokens, images, image_mask, hires)
+  x, crops = jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=manual))(
+      params, tokens, images, image_mask, hires
+  )
   x, crops = np.asarray(x), np.asarray(crops)
   # Reference: 2D dilated groups by index (`deepstack.regroup`), placed at the image positions in order of
   # the used slots (row 1's image is in slot 1).
@@ -209,11 +217,17 @@ def test_llvm_matches_manual_injection(llvm_setup):
       the_map = c.reshape(2, 2, 3, 3, -1).transpose(0, 2, 1, 3, 4).reshape(6, 6, -1)
       for k in range(4):
         i, j = divmod(k, 2)
-        residuals[k, b, positions[idx * T:(idx + 1) * T]] = the_map[i::2, j::2].reshape(T, -1)
-  ref = jax.jit(lambda p, x, r: model.apply(
-      {"params": p}, x, r,
-      method=lambda m, x, r: m.decoder(x, jnp.ones(x.shape[:2], jnp.int32), layer_residuals=r, residual_layers=(1, 2, 3, 4))[0],
-  ))(params, jnp.asarray(x), jnp.asarray(residuals))
+        residuals[k, b, positions[idx * T : (idx + 1) * T]] = the_map[i::2, j::2].reshape(T, -1)
+  ref = jax.jit(
+      lambda p, x, r: model.apply(
+          {"params": p},
+          x,
+          r,
+          method=lambda m, x, r: m.decoder(
+              x, jnp.ones(x.shape[:2], jnp.int32), layer_residuals=r, residual_layers=(1, 2, 3, 4)
+          )[0],
+      )
+  )(params, jnp.asarray(x), jnp.asarray(residuals))
   assert np.abs(np.asarray(full) - np.asarray(ref)).max() <= TOL
 
 
@@ -226,7 +240,9 @@ def test_llvm_rows_without_images_untouched(llvm_setup):
   assert np.abs(np.asarray(full)[1, :3] - np.asarray(base)[1, :3]).max() <= 1e-6
 
 
-@pytest.mark.parametrize("decoder_opts", [{}, {"trol": TrolConfig(), "phantom": PhantomConfig()}], ids=["plain", "trol+phantom"])
+@pytest.mark.parametrize(
+    "decoder_opts", [{}, {"trol": TrolConfig(), "phantom": PhantomConfig()}], ids=["plain", "trol+phantom"]
+)
 def test_llvm_prefill_decode_equals_full(llvm_setup, decoder_opts):
   (tokens, images, image_mask, hires), params, full = llvm_setup
   cfg = DS
@@ -244,7 +260,7 @@ def test_llvm_prefill_decode_equals_full(llvm_setup, decoder_opts):
   step = jax.jit(lambda p, t, c: decode_step(model, p, t, c))
   steps = [logits]
   for t in range(cut, SEQ):
-    logits, cache = step(params, tokens[:, t:t + 1], cache)
+    logits, cache = step(params, tokens[:, t : t + 1], cache)
     steps.append(logits)
   assert np.abs(np.concatenate(steps, axis=1) - np.asarray(full)).max() <= TOL
 

@@ -7,19 +7,18 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_helpers import SyntheticBatches, tiny_config
 
 from llvm_jax import config_utils, convert, evaluators, predict, sampler
-from llvm_jax.tree_utils import flatten
 from llvm_jax.data import synthetic
 from llvm_jax.data.config import default_data_config
 from llvm_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
 from llvm_jax.evaluators import scoring
 from llvm_jax.models.llvm import LLVM
 from llvm_jax.train import checkpoint, trainer
-from train_helpers import SyntheticBatches, tiny_config
+from llvm_jax.tree_utils import flatten
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -50,8 +49,16 @@ def test_option_letter_extraction():
 
 
 def test_question_prior_baseline():
-  guess = scoring.question_prior([("q1", "red", False), ("q1", "red", False), ("q1", "blue", False),
-                                  ("q2", "B", True), ("q3", "C", True), ("q4", "C", True)])
+  guess = scoring.question_prior(
+      [
+          ("q1", "red", False),
+          ("q1", "red", False),
+          ("q1", "blue", False),
+          ("q2", "B", True),
+          ("q3", "C", True),
+          ("q4", "C", True),
+      ]
+  )
   assert guess("q1", False) == "red"
   assert guess("unseen", True) == "C"  # most frequent multiple-choice answer
   assert guess("unseen", False) == "red"
@@ -60,8 +67,14 @@ def test_question_prior_baseline():
 def _evaluator(kind, tmp_path, records, **kwargs):
   tok = load_tokenizer(build_tiny_tokenizer(str(tmp_path / "tok")))
   model = LLVM(config_utils.tiny_llvm())
-  ev = evaluators.make("hand", dict(type=kind, **kwargs), model=model, tokenizer=tok,
-                       data_config=default_data_config(), workdir=str(tmp_path))
+  ev = evaluators.make(
+      "hand",
+      dict(type=kind, **kwargs),
+      model=model,
+      tokenizer=tok,
+      data_config=default_data_config(),
+      workdir=str(tmp_path),
+  )
   ev.predict = lambda params: [dict(r) for r in records]
   return ev
 
@@ -102,10 +115,16 @@ def _main(*args, module="llvm_jax.main", cwd=REPO):
 def run_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("run")
   workdir = root / "work"
-  _main(f"--config={REPO}/configs/demo.py:steps={STEPS},res=32,patch=16", f"--workdir={workdir}",
-        "--config.data.name=synthetic_vqa/tiny", f"--config.data.data_dir={root}/tfds",
-        "--config.data.global_batch_size=8", "--config.train.checkpoint_every=2", "--config.train.log_every=1",
-        "--config.evals.test.baseline_split=train")
+  _main(
+      f"--config={REPO}/configs/demo.py:steps={STEPS},res=32,patch=16",
+      f"--workdir={workdir}",
+      "--config.data.name=synthetic_vqa/tiny",
+      f"--config.data.data_dir={root}/tfds",
+      "--config.data.global_batch_size=8",
+      "--config.train.checkpoint_every=2",
+      "--config.train.log_every=1",
+      "--config.evals.test.baseline_split=train",
+  )
   return workdir
 
 
@@ -121,9 +140,14 @@ def test_eval_task_reproduces_the_training_eval(run_dir):
   path = run_dir / "eval" / f"test_step{STEPS}_process0.json"
   trained = json.load(open(path))
   os.remove(path)
-  out = _main(f"--config={REPO}/configs/demo.py:task=eval,res=32,patch=16", f"--workdir={run_dir}",
-              "--config.data.name=synthetic_vqa/tiny", f"--config.data.data_dir={run_dir.parent}/tfds",
-              "--config.data.global_batch_size=8", "--config.evals.test.baseline_split=train")
+  out = _main(
+      f"--config={REPO}/configs/demo.py:task=eval,res=32,patch=16",
+      f"--workdir={run_dir}",
+      "--config.data.name=synthetic_vqa/tiny",
+      f"--config.data.data_dir={run_dir.parent}/tfds",
+      "--config.data.global_batch_size=8",
+      "--config.evals.test.baseline_split=train",
+  )
   assert f"step {STEPS}" in out and f"{trained['metrics']['accuracy']:.4f}" in out
   again = json.load(open(path))  # written anew by the eval task
   assert again == trained
@@ -134,16 +158,24 @@ def test_predict_cli_answers_like_the_library(run_dir, tmp_path):
   image = tmp_path / "x.png"
   image.write_bytes(synthetic.encode_png(sample["image"]))
   question = sample["question"]
-  printed = _main(f"--checkpoint={run_dir}", f"--image={image}", f"--question={question}",
-                  "--mesh_shape=2,4,1", "--max_new_tokens=6", module="llvm_jax.predict").strip()
+  printed = _main(
+      f"--checkpoint={run_dir}",
+      f"--image={image}",
+      f"--question={question}",
+      "--mesh_shape=2,4,1",
+      "--max_new_tokens=6",
+      module="llvm_jax.predict",
+  ).strip()
   predictor = predict.from_checkpoint(str(run_dir / "checkpoints" / str(STEPS)))
   expected = predictor.answer([image.read_bytes()], question, sampler.SamplingConfig(max_new_tokens=6))
   assert printed == expected
   # The same answer as the evaluator's path: the prompt tokens match the eval pipeline's.
   assert predictor.inputs([image.read_bytes()], question)["tokens"].shape[1] in sampler.DEFAULT_BUCKETS
   streamed = []
-  assert predictor.answer([image.read_bytes()], question, sampler.SamplingConfig(max_new_tokens=6),
-                          stream=streamed.append) == expected
+  assert (
+      predictor.answer([image.read_bytes()], question, sampler.SamplingConfig(max_new_tokens=6), stream=streamed.append)
+      == expected
+  )
   assert "".join(streamed).strip() == expected
 
 
@@ -166,7 +198,9 @@ def test_params_only_restore_onto_2x4_mesh_from_8x1_save(tmp_path):
   model = LLVM(config_utils.model_config(config))
   fsdp = config_utils.experiment(model.config, lock=False)
   fsdp.sharding.strategy = "fsdp"
-  params, step = checkpoint.params_only(str(tmp_path), trainer.param_targets(fsdp, model, predict.mesh_for_inference((2, 4, 1))))
+  params, step = checkpoint.params_only(
+      str(tmp_path), trainer.param_targets(fsdp, model, predict.mesh_for_inference((2, 4, 1)))
+  )
   assert step == 3
   kernel = params["decoder"]["layers_0"]["mlp"]["up"]["kernel"]
   assert kernel.sharding.mesh.shape == {"data": 2, "fsdp": 4, "tensor": 1}

@@ -11,10 +11,10 @@ import jax
 import numpy as np
 import pytest
 import transformers
+from hf_journey_helpers import build_llava_dir, build_llava_json
 from PIL import Image
 from safetensors.numpy import load_file
 
-from hf_journey_helpers import build_llava_dir, build_llava_json
 from llvm_jax import config_utils, convert
 from llvm_jax.convert import core
 from llvm_jax.data import vision
@@ -40,7 +40,7 @@ def _hf_generate(hf_dir, image_path, question, max_new_tokens):
   prompt = processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
   inputs = processor(text=prompt, images=Image.open(image_path), return_tensors="pt")
   out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-  new = out[0, inputs["input_ids"].shape[1]:].tolist()
+  new = out[0, inputs["input_ids"].shape[1] :].tolist()
   return new, processor.tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
@@ -50,15 +50,31 @@ def test_hf_dir_to_training_eval_export_and_generate(tmp_path):
   data = build_llava_json(str(tmp_path / "json"))
   tfds_dir, run, out = tmp_path / "tfds", tmp_path / "run", tmp_path / "export"
   _ok("llvm_jax.data.build", "llava_instruct", f"--data_dir={tfds_dir}", f"--manual_dir={data}")
-  data_flags = ["--config.data.name=llava_instruct/default", f"--config.data.data_dir={tfds_dir}",
-                "--config.eval_specs=test:exact_match,split=test,max_new_tokens=4"]
+  data_flags = [
+      "--config.data.name=llava_instruct/default",
+      f"--config.data.data_dir={tfds_dir}",
+      "--config.eval_specs=test:exact_match,split=test,max_new_tokens=4",
+  ]
   # A small learning rate keeps the answers non-trivial (not an immediate EOS) for the comparison below.
-  _ok("llvm_jax.main", f"--config=configs/hf.py:{hf}", f"--workdir={run}", *data_flags,
-      "--config.train.total_steps=20", "--config.train.eval_every=10", "--config.optim.lr=1e-5",
-      "--config.data.global_batch_size=8", "--config.data.seq_len=64")
+  _ok(
+      "llvm_jax.main",
+      f"--config=configs/hf.py:{hf}",
+      f"--workdir={run}",
+      *data_flags,
+      "--config.train.total_steps=20",
+      "--config.train.eval_every=10",
+      "--config.optim.lr=1e-5",
+      "--config.data.global_batch_size=8",
+      "--config.data.seq_len=64",
+  )
   assert json.load(open(run / "eval" / "test_step20_metrics.json"))["examples"] == 6
-  printed = _ok("llvm_jax.main", f"--config=configs/hf.py:dir={hf},task=eval", f"--workdir={run}", *data_flags,
-                "--config.data.seq_len=64")
+  printed = _ok(
+      "llvm_jax.main",
+      f"--config=configs/hf.py:dir={hf},task=eval",
+      f"--workdir={run}",
+      *data_flags,
+      "--config.data.seq_len=64",
+  )
   assert "eval test at step 20" in printed
   _ok("llvm_jax.convert", "to_hf", f"--checkpoint={run}", f"--out={out}", "--max_shard_mb=0.05")
   # Sharded safetensors with an index; the unused third ViT layer and post-layernorm survive unchanged.
@@ -76,28 +92,51 @@ def test_hf_dir_to_training_eval_export_and_generate(tmp_path):
   for k, question in ((0, "What color is the shape?"), (1, "Which shape is it?"), (2, "is it a the")):
     image = os.path.join(data, "images", f"test{k}.png")
     ids, text = _hf_generate(str(out), image, question, 6)
-    answer = _ok("llvm_jax.predict", f"--checkpoint={run}", f"--image={image}", f"--question={question}",
-                 "--max_new_tokens=6").strip()
+    answer = _ok(
+        "llvm_jax.predict", f"--checkpoint={run}", f"--image={image}", f"--question={question}", "--max_new_tokens=6"
+    ).strip()
     assert answer == text, (ids, text, answer)
     answers.append(answer)
     if k == 0:  # predict --hf reads the export's processor, tokenizer and template too
-      assert _ok("llvm_jax.predict", f"--hf={out}", f"--image={image}", f"--question={question}",
-                 "--max_new_tokens=6").strip() == text
+      assert (
+          _ok(
+              "llvm_jax.predict", f"--hf={out}", f"--image={image}", f"--question={question}", "--max_new_tokens=6"
+          ).strip()
+          == text
+      )
   assert any(answers), "every answer is empty: the comparison would prove nothing"
   # An override contradicting the checkpoint is named field by field before the weight mismatch.
-  failed = _cli("llvm_jax.main", f"--config=configs/hf.py:{hf}", f"--workdir={tmp_path / 'bad'}", *data_flags,
-                "--config.train.total_steps=1", "--config.model.vision.feature_layer=-1")
+  failed = _cli(
+      "llvm_jax.main",
+      f"--config=configs/hf.py:{hf}",
+      f"--workdir={tmp_path / 'bad'}",
+      *data_flags,
+      "--config.train.total_steps=1",
+      "--config.model.vision.feature_layer=-1",
+  )
   assert failed.returncode != 0
   assert "model.vision.feature_layer: config -1, checkpoint -2" in failed.stdout + failed.stderr
 
 
 def _siglip_dir(path, processor):
-  vision_cfg = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                               num_attention_heads=4, image_size=28, patch_size=7)
-  text = transformers.Qwen2Config(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2)
-  transformers.LlavaConfig(vision_config=vision_cfg, text_config=text, image_token_id=4, vision_feature_layer=-1,
-                           vision_feature_select_strategy="full").save_pretrained(path)
+  vision_cfg = transformers.SiglipVisionConfig(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=7
+  )
+  text = transformers.Qwen2Config(
+      vocab_size=40,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+  )
+  transformers.LlavaConfig(
+      vision_config=vision_cfg,
+      text_config=text,
+      image_token_id=4,
+      vision_feature_layer=-1,
+      vision_feature_select_strategy="full",
+  ).save_pretrained(path)
   processor.save_pretrained(path)
 
 
@@ -118,7 +157,9 @@ def test_checkpoint_differences_are_named_field_by_field(tmp_path):
   cfg = convert.llvm_config_from_hf(transformers.AutoConfig.from_pretrained(tmp_path))
   changed = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, feature_layer=-2))
   assert convert.checkpoint_differences(cfg, str(tmp_path)) == []
-  assert convert.checkpoint_differences(changed, str(tmp_path)) == ["model.vision.feature_layer: config -2, checkpoint -1"]
+  assert convert.checkpoint_differences(changed, str(tmp_path)) == [
+      "model.vision.feature_layer: config -2, checkpoint -1"
+  ]
 
 
 @pytest.mark.slow
@@ -131,8 +172,9 @@ def test_deepstack_export_is_refused_without_allow_custom_and_exact_with_it(tmp_
   with pytest.raises(convert.CustomModelError, match="deepstack"):
     convert.to_hf(cfg, params, str(tmp_path / "refused"))
   # A DeepStack HF directory (written with allow_custom) -> a run -> HF again, through the CLIs.
-  first = convert.to_hf(cfg, params, str(tmp_path / "ds_hf"), allow_custom=True,
-                        extra_state=convert.unused_hf_state(cfg, hf))
+  first = convert.to_hf(
+      cfg, params, str(tmp_path / "ds_hf"), allow_custom=True, extra_state=convert.unused_hf_state(cfg, hf)
+  )
   for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json"):
     os.link(os.path.join(hf, name), os.path.join(first, name))
   run = tmp_path / "run"
@@ -146,6 +188,8 @@ def test_deepstack_export_is_refused_without_allow_custom_and_exact_with_it(tmp_
   assert set(a) == set(b)
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-  assert json.load(open(second / "llvm_jax_config.json")) == json.load(open(os.path.join(first, "llvm_jax_config.json")))
+  assert json.load(open(second / "llvm_jax_config.json")) == json.load(
+      open(os.path.join(first, "llvm_jax_config.json"))
+  )
   again, _ = convert.from_hf(str(second))
   assert again.config == cfg

@@ -17,7 +17,13 @@ from tests.model_helpers import LM as DecoderLM
 from tests.model_helpers import stacked
 
 BASE = DecoderConfig(
-    vocab_size=61, embed_dim=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
+    vocab_size=61,
+    embed_dim=32,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=48,
     max_position_embeddings=64,
 )
 IMG, NUM_VISION, SEQ, PROMPT = 60, 8, 16, 12
@@ -26,8 +32,11 @@ TECHNIQUES = {
     "trol": dict(trol=TrolConfig(layers=(0, 1, 2), gate_init="normal")),
     "phantom": dict(phantom=PhantomConfig(eta=0.5)),
     # Three MoD layers of different ratios: a scanned stack needs stages for them.
-    "pmod": dict(pmod=PmodConfig(schedule="explicit", layers=(1, 2, 3), ratios=(0.75, 0.5, 0.25), scan_groups=2,
-                                 router_init="torch")),
+    "pmod": dict(
+        pmod=PmodConfig(
+            schedule="explicit", layers=(1, 2, 3), ratios=(0.75, 0.5, 0.25), scan_groups=2, router_init="torch"
+        )
+    ),
     "deepstack": {},
 }
 # Each technique alone, the pairing with the most interplay (TroL reusing p-MoD's routing), all four.
@@ -46,7 +55,7 @@ def _cfg(combo, **overrides):
 def batch():
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, IMG, (2, SEQ))
-  tokens[:, 1:1 + NUM_VISION] = IMG
+  tokens[:, 1 : 1 + NUM_VISION] = IMG
   residuals = rng.normal(size=(len(RESIDUAL_LAYERS), 2, SEQ, BASE.embed_dim)) * (tokens == IMG)[None, :, :, None]
   return jnp.asarray(tokens), jnp.asarray(residuals, jnp.float32)
 
@@ -60,7 +69,12 @@ def test_scanned_equals_unrolled(combo, batch):
   params = nn.unbox(init(jax.random.key(0), tokens, residuals)["params"])
 
   def loss_and_grads(config, p):
-    loss = lambda p: jnp.sum(LM(config).apply({"params": p}, tokens, residuals=residuals, residual_layers=RESIDUAL_LAYERS)[0] ** 2) / tokens.size
+    loss = (
+        lambda p: jnp.sum(
+            LM(config).apply({"params": p}, tokens, residuals=residuals, residual_layers=RESIDUAL_LAYERS)[0] ** 2
+        )
+        / tokens.size
+    )
     return jax.jit(jax.value_and_grad(loss))(p)
 
   loss, grads = loss_and_grads(cfg, params)
@@ -90,6 +104,6 @@ def test_scanned_cached_decoding_equals_full_sequence(combo, batch):
   logits, cache = prefill(params, tokens[:, :PROMPT], init_cache(cfg, 2, SEQ, num_vision=NUM_VISION))
   outs = [logits]
   for i in range(PROMPT, SEQ):
-    logits, cache = step(params, tokens[:, i:i + 1], cache)
+    logits, cache = step(params, tokens[:, i : i + 1], cache)
     outs.append(logits)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=2e-5, atol=2e-5)

@@ -16,35 +16,69 @@ IMAGE_TOKEN = 79
 
 
 def _text(hidden=48, family="llama"):
-  common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2)
+  common = dict(
+      vocab_size=VOCAB,
+      hidden_size=hidden,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+  )
   if family == "qwen2":
     return transformers.Qwen2Config(**common)
   return transformers.LlamaConfig(**common)
 
 
 def _llava_clip():
-  vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                         num_attention_heads=4, image_size=28, patch_size=7)
-  return transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
-      vision_config=vision, text_config=_text(), image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
-      vision_feature_select_strategy="default", image_seq_length=16))
+  vision = transformers.CLIPVisionConfig(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28, patch_size=7
+  )
+  return transformers.LlavaForConditionalGeneration(
+      transformers.LlavaConfig(
+          vision_config=vision,
+          text_config=_text(),
+          image_token_id=IMAGE_TOKEN,
+          vision_feature_layer=-2,
+          vision_feature_select_strategy="default",
+          image_seq_length=16,
+      )
+  )
 
 
 def _llava_siglip():
-  vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, image_size=28, patch_size=7)
-  return transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
-      vision_config=vision, text_config=_text(family="qwen2"), image_token_id=IMAGE_TOKEN, vision_feature_layer=-1,
-      vision_feature_select_strategy="full", image_seq_length=16))
+  vision = transformers.SiglipVisionConfig(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=7
+  )
+  return transformers.LlavaForConditionalGeneration(
+      transformers.LlavaConfig(
+          vision_config=vision,
+          text_config=_text(family="qwen2"),
+          image_token_id=IMAGE_TOKEN,
+          vision_feature_layer=-1,
+          vision_feature_select_strategy="full",
+          image_seq_length=16,
+      )
+  )
 
 
 def _internvl():
-  vision = transformers.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, image_size=[28, 28], patch_size=[7, 7])
-  return transformers.InternVLForConditionalGeneration(transformers.InternVLConfig(
-      vision_config=vision, text_config=_text(family="qwen2"), image_token_id=IMAGE_TOKEN, downsample_ratio=0.5,
-      image_seq_length=4))
+  vision = transformers.InternVLVisionConfig(
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      image_size=[28, 28],
+      patch_size=[7, 7],
+  )
+  return transformers.InternVLForConditionalGeneration(
+      transformers.InternVLConfig(
+          vision_config=vision,
+          text_config=_text(family="qwen2"),
+          image_token_id=IMAGE_TOKEN,
+          downsample_ratio=0.5,
+          image_seq_length=4,
+      )
+  )
 
 
 BUILDERS = {"llava_clip": _llava_clip, "llava_siglip": _llava_siglip, "internvl": _internvl}
@@ -102,7 +136,7 @@ def test_llvm_prefill_decode_equals_full(name, hf_dirs):
   logits, cache = prefill(model, params, tokens[:, :cut], tokens.shape[1], images, image_mask)
   steps = [logits]
   for t in range(cut, tokens.shape[1]):
-    logits, cache = decode_step(model, params, tokens[:, t:t + 1], cache)
+    logits, cache = decode_step(model, params, tokens[:, t : t + 1], cache)
     steps.append(logits)
   assert np.abs(np.concatenate(steps, axis=1) - np.asarray(full)).max() <= 1e-5
 
@@ -116,8 +150,9 @@ def test_llvm_to_hf_round_trip(name, hf_dirs, tmp_path):
   tokens, images, image_mask = _batch(model.config.tokens_per_image, np.random.RandomState(2))
   ours, _ = model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(images), jnp.asarray(image_mask))
   with torch.no_grad():
-    ref = reloaded(input_ids=torch.tensor(tokens),
-                   pixel_values=torch.tensor(images[image_mask].transpose(0, 3, 1, 2))).logits.numpy()
+    ref = reloaded(
+        input_ids=torch.tensor(tokens), pixel_values=torch.tensor(images[image_mask].transpose(0, 3, 1, 2))
+    ).logits.numpy()
   diff = np.abs(np.asarray(ours) - ref).max()
   print(f"{name} to_hf round trip max|diff|: {diff:.2e}")
   assert diff <= TOL

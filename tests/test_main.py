@@ -14,8 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, "-m", "llvm_jax.main", *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300)
+  return subprocess.run(
+      [sys.executable, "-m", "llvm_jax.main", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
 
 
 def test_demo_runs_and_cache_matches_full_sequence(tmp_path):
@@ -40,10 +41,15 @@ def test_config_arg_typo_fails_with_the_key_named():
     llava.get_config("lm=qwen2")
 
 
-@pytest.mark.parametrize("get_config,arg", [
-    (demo.get_config, None), (llava.get_config, "size=tiny,llm=qwen2,vision=siglip"),
-    (llava.get_config, "size=7b"), (internvl.get_config, "size=1b"),
-])
+@pytest.mark.parametrize(
+    "get_config,arg",
+    [
+        (demo.get_config, None),
+        (llava.get_config, "size=tiny,llm=qwen2,vision=siglip"),
+        (llava.get_config, "size=7b"),
+        (internvl.get_config, "size=1b"),
+    ],
+)
 def test_configs_build_model_configs(get_config, arg):
   config = get_config(arg)
   model = config_utils.model_config(config)

@@ -3,7 +3,6 @@
 
 import functools
 
-import numpy as np
 import pytest
 
 from configs import paper
@@ -40,8 +39,14 @@ def technique_additions(cfg) -> int:
   return added  # DeepStack adds no parameters
 
 
-BACKBONE = {name: ("llava15_7b" if "7b" in name and ("llava" in name or "deepstack" in name) else
-                   f"internvl2_{name.split('_')[-1]}") for name in paper.MODELS}
+BACKBONE = {
+    name: (
+        "llava15_7b"
+        if "7b" in name and ("llava" in name or "deepstack" in name)
+        else f"internvl2_{name.split('_')[-1]}"
+    )
+    for name in paper.MODELS
+}
 
 
 @pytest.mark.parametrize("name", sorted(paper.MODELS))
@@ -94,8 +99,17 @@ def test_bench_1b_is_internvl2_1b_plus_technique(technique):
   cfg = config_utils.model_config(bench_1b.get_config(f"technique={technique}"))
   assert cost.param_count(cfg) == hf_used_params("internvl2_0.5b") + technique_additions(cfg)
   assert (cfg.decoder.dtype, cfg.decoder.param_dtype, cfg.vision.dtype, cfg.projector.dtype) == (
-      "bfloat16", "float32", "bfloat16", "bfloat16")
-  names = {"trol": cfg.decoder.trol, "phantom": cfg.decoder.phantom, "deepstack": cfg.deepstack, "pmod": cfg.decoder.pmod}
+      "bfloat16",
+      "float32",
+      "bfloat16",
+      "bfloat16",
+  )
+  names = {
+      "trol": cfg.decoder.trol,
+      "phantom": cfg.decoder.phantom,
+      "deepstack": cfg.deepstack,
+      "pmod": cfg.decoder.pmod,
+  }
   on = {n for n, block in names.items() if block is not None}
   assert on == (set(names) if technique == "all_four" else set() if technique == "baseline" else {technique})
 
@@ -116,8 +130,20 @@ def test_gpu_bench_script_times_every_technique_and_writes_the_table(tmp_path, m
   from configs import bench_1b
 
   out, raw = tmp_path / "gpu.md", tmp_path / "gpu.json"
-  monkeypatch.setattr(sys, "argv", ["gpu_bench.py", "--size=tiny", "--batch=8", "--seq_len=96", "--steps=1",
-                                    "--techniques=all_four", f"--out={out}", f"--json={raw}"])
+  monkeypatch.setattr(
+      sys,
+      "argv",
+      [
+          "gpu_bench.py",
+          "--size=tiny",
+          "--batch=8",
+          "--seq_len=96",
+          "--steps=1",
+          "--techniques=all_four",
+          f"--out={out}",
+          f"--json={raw}",
+      ],
+  )
   gpu_bench.main()
   [result] = json.loads(raw.read_text())
   assert "error" not in result and result["step_time_s"] > 0 and result["tokens_per_second"] > 0

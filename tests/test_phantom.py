@@ -17,7 +17,13 @@ from llvm_jax.models.layers import attention
 from tests.model_helpers import LM, stacked
 
 BASE = DecoderConfig(
-    vocab_size=61, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
+    vocab_size=61,
+    embed_dim=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=48,
     max_position_embeddings=64,
 )
 D = BASE.head_dim
@@ -189,13 +195,11 @@ def test_near_no_op_at_init(params, tokens):
 
 
 def test_padding_and_packing_give_each_sequence_its_own_logits(params, tokens):
-  segment_ids = jnp.array([
-      [1] * SEQ,
-      [0] * 3 + [1] * 9,  # left-padded
-      [1] * 9 + [0] * 3,  # right-padded
-  ], jnp.int32)
+  segment_ids = jnp.array([[1] * SEQ, [0] * 3 + [1] * 9, [1] * 9 + [0] * 3], jnp.int32)  # left-padded  # right-padded
   batch = _forward_strong(params, tokens, segment_ids)
-  alone = lambda row, lo, hi: _forward_strong(params, tokens[row:row + 1, lo:hi], jnp.ones((1, hi - lo), jnp.int32))[0]
+  alone = lambda row, lo, hi: _forward_strong(params, tokens[row : row + 1, lo:hi], jnp.ones((1, hi - lo), jnp.int32))[
+      0
+  ]
   np.testing.assert_allclose(batch[1, 3:], alone(1, 3, SEQ), rtol=TOL, atol=TOL)
   np.testing.assert_allclose(batch[2, :9], alone(2, 0, 9), rtol=TOL, atol=TOL)
   # A packed row: two segments, each with its own sos.
@@ -213,7 +217,7 @@ def _incremental(cfg, params, tokens, segment_ids):
   logits, cache = prefill(params, tokens[:, :PROMPT], segment_ids[:, :PROMPT], cache)
   outs = [logits]
   for i in range(PROMPT, tokens.shape[1]):
-    logits, cache = step(params, tokens[:, i:i + 1], segment_ids[:, i:i + 1], cache)
+    logits, cache = step(params, tokens[:, i : i + 1], segment_ids[:, i : i + 1], cache)
     outs.append(logits)
   return jnp.concatenate(outs, axis=1)
 
@@ -251,8 +255,10 @@ def test_scanned_and_rematerialised_match_unscanned(params, tokens):
 def test_with_trol_decoding_equals_full_sequence(params, tokens):
   cfg = _cfg(trol=TrolConfig(decode_traversal="full", gate_init="normal"))
   segment_ids = jnp.array(CACHE_SEGMENTS, jnp.int32)
-  trol_gate = {"kernel": 0.3 * jax.random.normal(jax.random.PRNGKey(7), (BASE.num_layers, BASE.embed_dim)),
-               "bias": jnp.zeros((BASE.num_layers,))}
+  trol_gate = {
+      "kernel": 0.3 * jax.random.normal(jax.random.PRNGKey(7), (BASE.num_layers, BASE.embed_dim)),
+      "bias": jnp.zeros((BASE.num_layers,)),
+  }
   both = dict(params, decoder=dict(params["decoder"], trol_gate=trol_gate))
   full = jax.jit(lambda p: LM(cfg).apply({"params": p}, tokens, segment_ids)[0])(both)
   assert np.abs(full - _forward_strong(params, tokens, segment_ids)).max() > 1e-2  # TroL is on

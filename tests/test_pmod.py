@@ -24,7 +24,13 @@ from tests.model_helpers import LM as DecoderLM
 from tests.model_helpers import run_layer
 
 BASE = DecoderConfig(
-    vocab_size=61, embed_dim=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
+    vocab_size=61,
+    embed_dim=32,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=48,
     max_position_embeddings=64,
 )
 # Layers 1 and 2 are MoD layers keeping trunc(0.6·n) and trunc(0.3·n) of a row's n vision tokens.
@@ -71,8 +77,10 @@ def params(batch):
   k = jax.random.split(jax.random.PRNGKey(7), 3)
   decoder = dict(p["decoder"])
   decoder["embedding"] = jax.random.normal(k[0], decoder["embedding"].shape)
-  decoder["pmod_router"] = {"kernel": 0.5 * jax.random.normal(k[1], (2, BASE.embed_dim)),
-                            "bias": 0.3 * jax.random.normal(k[2], (2,))}
+  decoder["pmod_router"] = {
+      "kernel": 0.5 * jax.random.normal(k[1], (2, BASE.embed_dim)),
+      "bias": 0.3 * jax.random.normal(k[2], (2,)),
+  }
   return dict(p, decoder=decoder)
 
 
@@ -227,10 +235,13 @@ class OneMoDLayer(nn.Module):
     cfg = self.config
     positions = default_positions(segments)
     cos, sin = rope_cos_sin(positions, cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
-    ctx = hooks.LayerContext(cos, sin, masks.self_attention(segments, positions), 0, vision_mask=tokens == IMG,
-                             num_vision=NUM_VISION)
-    router = {"kernel": self.param("kernel", nn.initializers.normal(0.5), (cfg.embed_dim,)),
-              "bias": self.param("bias", nn.initializers.zeros, ())}
+    ctx = hooks.LayerContext(
+        cos, sin, masks.self_attention(segments, positions), 0, vision_mask=tokens == IMG, num_vision=NUM_VISION
+    )
+    router = {
+        "kernel": self.param("kernel", nn.initializers.normal(0.5), (cfg.embed_dim,)),
+        "bias": self.param("bias", nn.initializers.zeros, ()),
+    }
     layer = DecoderLayer(cfg, name="layer")
     fn = pmod.MOD_LAYER.wrap(layer, cfg, 0.5, None)
     fn = pmod.ROUTING.wrap(fn, cfg, 0.5, {"router": router, "table": pmod.kept_table(0.5, NUM_VISION)})
@@ -267,7 +278,9 @@ def test_skipped_tokens_isolated_and_router_gradients(batch):
   coeff = jax.random.normal(jax.random.PRNGKey(14), out.shape)
 
   def loss(p, select):
-    return jnp.sum(jnp.where(jnp.asarray(select)[..., None], layer.apply({"params": p}, x, tokens, segments) * coeff, 0))
+    return jnp.sum(
+        jnp.where(jnp.asarray(select)[..., None], layer.apply({"params": p}, x, tokens, segments) * coeff, 0)
+    )
 
   grad_kept = jax.grad(loss)(p, kept & vision)
   grad_skipped = jax.grad(loss)(p, skipped)
@@ -288,7 +301,7 @@ def _incremental(cfg, params, tokens, segments, max_len=SEQ):
   logits, cache = prefill_fn(params, tokens[:, :PROMPT], segments[:, :PROMPT], cache)
   outs = [logits]
   for i in range(PROMPT, tokens.shape[1]):
-    logits, cache = step(params, tokens[:, i:i + 1], segments[:, i:i + 1], cache)
+    logits, cache = step(params, tokens[:, i : i + 1], segments[:, i : i + 1], cache)
     outs.append(logits)
   return np.asarray(jnp.concatenate(outs, axis=1)), cache
 
@@ -336,8 +349,16 @@ def test_trol_official_prefill_traverses_kept_prompt(params, batch):
   mask sliced in its own slot space), so a prefill equals the full forward of the prompt."""
   tokens, segments = batch
   cfg = _cfg(trol=TrolConfig(decode_traversal="official"))
-  p = dict(params, decoder=dict(params["decoder"], trol_gate={
-      "kernel": 0.3 * jax.random.normal(jax.random.PRNGKey(23), (3, BASE.embed_dim)), "bias": jnp.zeros((3,))}))
+  p = dict(
+      params,
+      decoder=dict(
+          params["decoder"],
+          trol_gate={
+              "kernel": 0.3 * jax.random.normal(jax.random.PRNGKey(23), (3, BASE.embed_dim)),
+              "bias": jnp.zeros((3,)),
+          },
+      ),
+  )
   prompt, prompt_segments = tokens[:, :PROMPT], segments[:, :PROMPT]
   cache = init_cache(cfg, tokens.shape[0], SEQ, num_vision=NUM_VISION)
   logits, cache = jax.jit(lambda p, c: LM(cfg).apply({"params": p}, prompt, prompt_segments, c))(p, cache)
@@ -351,8 +372,16 @@ def test_phantom_composition_prefill_decode(batch):
   tokens, segments = batch
   cfg = _cfg(phantom=PhantomConfig(eta=0.5))
   p = nn.unbox(LM(cfg).init(jax.random.PRNGKey(31), tokens, segments)["params"])
-  p = dict(p, decoder=dict(p["decoder"], pmod_router={
-      "kernel": jax.random.normal(jax.random.PRNGKey(32), (2, BASE.embed_dim)), "bias": jnp.zeros((2,))}))
+  p = dict(
+      p,
+      decoder=dict(
+          p["decoder"],
+          pmod_router={
+              "kernel": jax.random.normal(jax.random.PRNGKey(32), (2, BASE.embed_dim)),
+              "bias": jnp.zeros((2,)),
+          },
+      ),
+  )
   valid = np.asarray(segments) != 0
   full = np.asarray(_forward(cfg)(p, tokens, segments))
   got, cache = _incremental(cfg, p, tokens, segments)
@@ -363,8 +392,10 @@ def test_phantom_composition_prefill_decode(batch):
 def test_remat_matches(params, batch):
   tokens, segments = batch
   np.testing.assert_allclose(
-      _forward(_cfg(remat_policy="full"))(params, tokens, segments), _forward(_cfg())(params, tokens, segments),
-      rtol=1e-6, atol=1e-6,
+      _forward(_cfg(remat_policy="full"))(params, tokens, segments),
+      _forward(_cfg())(params, tokens, segments),
+      rtol=1e-6,
+      atol=1e-6,
   )
 
 
@@ -399,8 +430,10 @@ def test_llvm_prefill_decode_with_images():
   cfg = dataclasses.replace(base, decoder=dataclasses.replace(base.decoder, pmod=PmodConfig()))
   model = LLVM(cfg)
   params = convert.init_params(model, jax.random.PRNGKey(0))
-  params["decoder"]["pmod_router"] = {"kernel": jax.random.normal(jax.random.PRNGKey(1), (1, 32)),
-                                      "bias": jnp.zeros((1,))}
+  params["decoder"]["pmod_router"] = {
+      "kernel": jax.random.normal(jax.random.PRNGKey(1), (1, 32)),
+      "bias": jnp.zeros((1,)),
+  }
   n = cfg.tokens_per_image
   text = np.asarray(jax.random.randint(jax.random.PRNGKey(2), (2, 10), 5, cfg.decoder.vocab_size))
   tokens = jnp.asarray(np.concatenate([text[:, :2], np.full((2, n), cfg.image_token_id), text[:, 2:]], axis=1))
@@ -412,7 +445,7 @@ def test_llvm_prefill_decode_with_images():
   outs = [logits]
   step = jax.jit(lambda p, t, c: decode_step(model, p, t, c))
   for i in range(prompt, tokens.shape[1]):
-    logits, cache = step(params, tokens[:, i:i + 1], cache)
+    logits, cache = step(params, tokens[:, i : i + 1], cache)
     outs.append(logits)
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=TOL, atol=TOL)
   # Layer 1 (r = 0.15): 26 − 16 + trunc(0.15·16) = 12 slots.

@@ -12,11 +12,11 @@ import optax
 import pytest
 
 from llvm_jax import config_utils
-from llvm_jax.tree_utils import flatten
 from llvm_jax.models.config import PhantomConfig
 from llvm_jax.models.llvm import LLVM
 from llvm_jax.train import optim
 from llvm_jax.train.po_loss import pair_rows, po_loss
+from llvm_jax.tree_utils import flatten
 
 BETA, GAMMA, LAM = 2.0, 1.0, 0.5
 LN2 = math.log(2.0)
@@ -45,8 +45,10 @@ def test_po_loss_against_hand_computed_values():
   logits = _logits_from_probs(target_probs, targets.reshape(6, 3))
   tokens = np.array([[[10 * b + c] * 3 for c in range(2)] for b in range(3)], np.int32)
   batch = {
-      "tokens": jnp.asarray(tokens), "segment_ids": jnp.ones((3, 2, 3), jnp.int32),
-      "positions": jnp.broadcast_to(jnp.arange(3), (3, 2, 3)), "targets": jnp.asarray(targets),
+      "tokens": jnp.asarray(tokens),
+      "segment_ids": jnp.ones((3, 2, 3), jnp.int32),
+      "positions": jnp.broadcast_to(jnp.arange(3), (3, 2, 3)),
+      "targets": jnp.asarray(targets),
       "target_mask": jnp.asarray(target_mask),
       "images": jnp.arange(3.0).reshape(3, 1, 1, 1, 1) * jnp.ones((3, 2, 2, 2, 3)),  # pair b's pixels all b
       "image_mask": jnp.array([[True, False], [True, True], [False, False]]),
@@ -93,8 +95,7 @@ def test_pair_rows_rejects_unpaired_fields():
 
 # -- a tiny LLVM with Phantom ----------------------------------------------------------------------
 CFG = dataclasses.replace(
-    config_utils.tiny_llvm(),
-    decoder=dataclasses.replace(config_utils.tiny_llvm().decoder, phantom=PhantomConfig()),
+    config_utils.tiny_llvm(), decoder=dataclasses.replace(config_utils.tiny_llvm().decoder, phantom=PhantomConfig())
 )
 PROMPT = [1] + [CFG.image_token_id] * CFG.tokens_per_image + [7, 8, 9]
 CHOSEN, REJECTED = [20, 21, 22, 2], [30, 31, 2]
@@ -111,11 +112,15 @@ def _triple():
     fields["tokens"][0, c, :n] = ids
     fields["segment_ids"][0, c, :n] = 1
     fields["positions"][0, c, :n] = np.arange(n)
-    fields["targets"][0, c, :n - 1] = ids[1:]
-    target_mask[0, c, len(PROMPT) - 1:n - 1] = 1.0  # positions predicting the answer tokens
+    fields["targets"][0, c, : n - 1] = ids[1:]
+    target_mask[0, c, len(PROMPT) - 1 : n - 1] = 1.0  # positions predicting the answer tokens
   images = jax.random.normal(jax.random.PRNGKey(3), (1, 1, CFG.vision.image_size, CFG.vision.image_size, 3))
-  return {**{k: jnp.asarray(v) for k, v in fields.items()}, "target_mask": jnp.asarray(target_mask),
-          "images": images, "image_mask": jnp.ones((1, 1), bool)}
+  return {
+      **{k: jnp.asarray(v) for k, v in fields.items()},
+      "target_mask": jnp.asarray(target_mask),
+      "images": images,
+      "image_mask": jnp.ones((1, 1), bool),
+  }
 
 
 @pytest.fixture(scope="module")
@@ -123,15 +128,27 @@ def setup():
   model = LLVM(CFG)
   batch = _triple()
   rows = pair_rows(batch)
-  params = jax.jit(lambda: nn.unbox(model.init(
-      jax.random.PRNGKey(0), rows["tokens"], images=rows["images"], image_mask=rows["image_mask"],
-      segment_ids=rows["segment_ids"], positions=rows["positions"],
-  )["params"]))()
+  params = jax.jit(
+      lambda: nn.unbox(
+          model.init(
+              jax.random.PRNGKey(0),
+              rows["tokens"],
+              images=rows["images"],
+              image_mask=rows["image_mask"],
+              segment_ids=rows["segment_ids"],
+              positions=rows["positions"],
+          )["params"]
+      )
+  )()
 
   def logits_fn(params, rows):
     return model.apply(
-        {"params": params}, rows["tokens"], images=rows["images"], image_mask=rows["image_mask"],
-        segment_ids=rows["segment_ids"], positions=rows["positions"],
+        {"params": params},
+        rows["tokens"],
+        images=rows["images"],
+        image_mask=rows["image_mask"],
+        segment_ids=rows["segment_ids"],
+        positions=rows["positions"],
     )[0]
 
   grad_fn = jax.jit(jax.value_and_grad(lambda p, b: po_loss(logits_fn, p, b, BETA, GAMMA, LAM), has_aux=True))

@@ -73,10 +73,14 @@ def test_greedy_equals_argmax_of_full_sequence_logits(name):
   full_tokens = np.concatenate([batch["tokens"], tokens[:, :-1]], axis=1)
   segment_ids = np.concatenate([batch["segment_ids"], np.ones_like(tokens[:, :-1])], axis=1)
   logits, _ = jax.jit(model.apply)(
-      {"params": params}, full_tokens, batch["images"], batch["image_mask"], segment_ids,
+      {"params": params},
+      full_tokens,
+      batch["images"],
+      batch["image_mask"],
+      segment_ids,
       hires_images=batch.get("hires_images"),
   )
-  step_logits = np.asarray(logits[:, batch["tokens"].shape[1] - 1:])
+  step_logits = np.asarray(logits[:, batch["tokens"].shape[1] - 1 :])
   np.testing.assert_array_equal(tokens, step_logits.argmax(-1))
   np.testing.assert_allclose(np.asarray(out.logits), step_logits, atol=2e-4, rtol=2e-4)
   assert np.asarray(out.lengths).tolist() == [NEW, NEW]
@@ -101,7 +105,9 @@ def test_bucketed_batch_rows_equal_prompts_run_alone(name):
   together = sampler.sample(model, params, batch, sampling, return_logits=True)
   for row, prompt in enumerate(prompts):
     alone_batch = sampler.pad_prompts([prompt], buckets=(16, 32))
-    alone_batch.update(images=images[row:row + 1], hires_images=hires[row:row + 1], image_mask=np.ones((1, 1), bool))
+    alone_batch.update(
+        images=images[row : row + 1], hires_images=hires[row : row + 1], image_mask=np.ones((1, 1), bool)
+    )
     alone = sampler.sample(model, params, alone_batch, sampling, return_logits=True)
     np.testing.assert_array_equal(np.asarray(together.tokens)[row], np.asarray(alone.tokens)[0])
     np.testing.assert_allclose(np.asarray(together.logits)[row], np.asarray(alone.logits)[0], atol=1e-4, rtol=1e-4)
@@ -129,8 +135,10 @@ def test_top_k_one_and_tiny_top_p_are_greedy(baseline):
   model, params, batch = baseline
   greedy = sampler.sample(model, params, batch, sampler.SamplingConfig(max_new_tokens=NEW)).tokens
   key = jax.random.key(3)
-  for sampling in (sampler.SamplingConfig(max_new_tokens=NEW, temperature=1.0, top_k=1),
-                   sampler.SamplingConfig(max_new_tokens=NEW, temperature=1.0, top_p=1e-6)):
+  for sampling in (
+      sampler.SamplingConfig(max_new_tokens=NEW, temperature=1.0, top_k=1),
+      sampler.SamplingConfig(max_new_tokens=NEW, temperature=1.0, top_p=1e-6),
+  ):
     np.testing.assert_array_equal(sampler.sample(model, params, batch, sampling, key).tokens, greedy)
 
 
@@ -163,8 +171,13 @@ def test_choose_tokens_respects_top_k_and_top_p():
 def test_stream_receives_every_step_in_order(baseline):
   model, params, batch = baseline
   seen = []
-  out = sampler.sample(model, params, batch, sampler.SamplingConfig(max_new_tokens=NEW),
-                       stream=lambda step, tokens: seen.append((int(step), np.asarray(tokens).tolist())))
+  out = sampler.sample(
+      model,
+      params,
+      batch,
+      sampler.SamplingConfig(max_new_tokens=NEW),
+      stream=lambda step, tokens: seen.append((int(step), np.asarray(tokens).tolist())),
+  )
   jax.effects_barrier()
   assert [s for s, _ in seen] == list(range(NEW))
   np.testing.assert_array_equal(np.asarray([t for _, t in seen]).T, out.tokens)

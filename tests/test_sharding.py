@@ -3,15 +3,14 @@ state sharded like the params."""
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from train_helpers import tiny_config
 
 from llvm_jax import config_utils, convert, sharding, tree_utils
 from llvm_jax.models.llvm import LLVM
 from llvm_jax.train import trainer
-from train_helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +77,10 @@ def test_optimizer_moments_are_sharded_like_their_params(strategy, mesh_shape):
   config.lock()
   mesh = trainer.mesh_from_config(config)
   setup, abstract = trainer.build_setup(config, LLVM(config_utils.model_config(config)), mesh)
-  param_specs = {tuple(jax.tree_util.keystr((k,)) for k in path): s.spec
-                 for path, s in jax.tree_util.tree_flatten_with_path(setup.param_shardings)[0]}
+  param_specs = {
+      tuple(jax.tree_util.keystr((k,)) for k in path): s.spec
+      for path, s in jax.tree_util.tree_flatten_with_path(setup.param_shardings)[0]
+  }
   moments = {}
   for path, s in jax.tree_util.tree_flatten_with_path(setup.opt_shardings)[0]:
     keys = tuple(jax.tree_util.keystr((k,)) for k in path)
@@ -87,7 +88,7 @@ def test_optimizer_moments_are_sharded_like_their_params(strategy, mesh_shape):
     if moment is None:
       assert s.spec == P(), (keys, s.spec)  # counts
       continue
-    assert s.spec == param_specs[keys[moment + 1:]], keys
+    assert s.spec == param_specs[keys[moment + 1 :]], keys
     moments[keys[moment:]] = s.spec
   trainable = [k for k in param_specs if k[0] != "['vision']"]
   assert len(moments) == 2 * len(trainable)
@@ -96,13 +97,16 @@ def test_optimizer_moments_are_sharded_like_their_params(strategy, mesh_shape):
   # Per-device argument bytes of the (params, optimiser state) pair, as compiled: each leaf holds
   # 1/(devices it is split over) of its bytes; with FSDP over all 8 devices, sharded leaves 1/8.
   abstract_opt = jax.eval_shape(setup.tx.init, abstract)
-  args = (trainer.sharded_abstract(abstract, setup.param_shardings),
-          trainer.sharded_abstract(abstract_opt, setup.opt_shardings))
+  args = (
+      trainer.sharded_abstract(abstract, setup.param_shardings),
+      trainer.sharded_abstract(abstract_opt, setup.opt_shardings),
+  )
   memory = jax.jit(lambda p, o: None, keep_unused=True).lower(*args).compile().memory_analysis()
   leaves = jax.tree.leaves(args)
   nbytes = lambda shape, x: int(np.prod(shape)) * x.dtype.itemsize
-  split = lambda x: int(np.prod([mesh.shape[a] for axes in x.sharding.spec if axes
-                                 for a in ((axes,) if isinstance(axes, str) else axes)]))
+  split = lambda x: int(
+      np.prod([mesh.shape[a] for axes in x.sharding.spec if axes for a in ((axes,) if isinstance(axes, str) else axes)])
+  )
   assert memory.argument_size_in_bytes == sum(nbytes(x.shape, x) // split(x) for x in leaves)
   sharded = [x for x in leaves if split(x) > 1]
   per_device = sum(nbytes(x.sharding.shard_shape(x.shape), x) for x in sharded)

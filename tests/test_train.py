@@ -7,17 +7,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from llvm_jax import config_utils, convert
-from llvm_jax.tree_utils import flatten
-from llvm_jax.data.pipeline import make_global_batch
-from llvm_jax.models.llvm import LLVM
-from llvm_jax.train import checkpoint, lora, trainer
 from multiprocess_helpers import free_port, run_workers
 from train_helpers import SyntheticBatches, run, tiny_config
 
+from llvm_jax import config_utils, convert
+from llvm_jax.data.pipeline import make_global_batch
+from llvm_jax.models.llvm import LLVM
+from llvm_jax.train import checkpoint, lora, trainer
+from llvm_jax.tree_utils import flatten
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "train_multihost_worker.py")
+
 
 def test_loss_falls_and_metrics_are_written(tmp_path):
   config = tiny_config(total_steps=30, checkpoint_every=100)
@@ -34,8 +35,9 @@ def test_loss_falls_and_metrics_are_written(tmp_path):
 def test_sigterm_saves_and_resume_is_exact(tmp_path):
   straight, _ = run(tiny_config(total_steps=6, checkpoint_every=100), tmp_path / "straight")
   # The trainer draws batch i + 1 + PREFETCH_BATCHES (1-based) while step i runs: the SIGTERM comes during step 3.
-  stopped, _ = run(tiny_config(total_steps=6, checkpoint_every=100), tmp_path / "split",
-                   sigterm_at=3 + trainer.PREFETCH_BATCHES)
+  stopped, _ = run(
+      tiny_config(total_steps=6, checkpoint_every=100), tmp_path / "split", sigterm_at=3 + trainer.PREFETCH_BATCHES
+  )
   assert checkpoint.latest_step(str(tmp_path / "split")) == 3  # saved on SIGTERM, off the interval
   resumed, data = run(tiny_config(total_steps=6, checkpoint_every=100), tmp_path / "split")
   assert data.index == 6  # the data iterator resumed at batch 3, not 0
@@ -112,7 +114,9 @@ def test_lora_trains_only_adapters_and_merges(tmp_path):
   merged = lora.merge(params, lora.scale(config.lora))
   delta = merged["decoder"]["layers_0"]["attn"]["o"]["kernel"] - params["decoder"]["layers_0"]["attn"]["o"]["kernel"]
   ab = params["lora"]["decoder.layers_0.attn.o.kernel"]
-  np.testing.assert_allclose(np.asarray(delta).reshape(-1, 32), lora.scale(config.lora) * np.asarray(ab["a"] @ ab["b"]), atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(delta).reshape(-1, 32), lora.scale(config.lora) * np.asarray(ab["a"] @ ab["b"]), atol=1e-6
+  )
   assert "lora" not in merged
 
 
@@ -121,8 +125,12 @@ def test_two_processes_match_one_process(tmp_path):
   single, _ = run(tiny_config(total_steps=3, checkpoint_every=3), tmp_path / "single")
   single_losses = [json.loads(l)["train/loss"] for l in open(tmp_path / "single" / "metrics.jsonl")]
   port = free_port()
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.path.join(REPO, "tests"), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(
+      os.environ,
+      PYTHONPATH=REPO + os.pathsep + os.path.join(REPO, "tests"),
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  )
   workdir = tmp_path / "pair"
   run_workers(WORKER, [[str(i), str(port), str(workdir)] for i in range(2)], env, timeout=240)
   pair_losses = [json.loads(l)["train/loss"] for l in open(workdir / "metrics.jsonl")]
@@ -147,15 +155,18 @@ class PreferencePairs(SyntheticBatches):
     rejected_tokens[:, -4:] = (rejected_tokens[:, -4:] + 7) % 60 + 2
     rejected_targets = np.concatenate([rejected_tokens[:, 1:], np.zeros((len(rejected_tokens), 1), np.int32)], axis=1)
     pair = lambda a, b: np.stack([a, b], axis=1)
-    return make_global_batch({
-        "tokens": pair(local["tokens"], rejected_tokens),
-        "targets": pair(local["targets"], rejected_targets),
-        "target_mask": pair(local["target_mask"], local["target_mask"]),
-        "segment_ids": pair(local["segment_ids"], local["segment_ids"]),
-        "positions": pair(local["positions"], local["positions"]),
-        "images": local["images"],
-        "image_mask": local["image_mask"],
-    }, self.mesh)
+    return make_global_batch(
+        {
+            "tokens": pair(local["tokens"], rejected_tokens),
+            "targets": pair(local["targets"], rejected_targets),
+            "target_mask": pair(local["target_mask"], local["target_mask"]),
+            "segment_ids": pair(local["segment_ids"], local["segment_ids"]),
+            "positions": pair(local["positions"], local["positions"]),
+            "images": local["images"],
+            "image_mask": local["image_mask"],
+        },
+        self.mesh,
+    )
 
 
 def test_po_stage_trains_on_preference_pairs(tmp_path):
@@ -187,8 +198,9 @@ def test_checkpoint_of_another_model_is_named(tmp_path):
 
 def test_log_windows_keep_params_and_average_the_loss(tmp_path):
   # Metrics reach the host only at log steps; the updates must not depend on when that happens.
-  runs = {n: run(tiny_config(total_steps=6, checkpoint_every=100, log_every=n), tmp_path / str(n))[0]
-          for n in (1, 4, 100)}
+  runs = {
+      n: run(tiny_config(total_steps=6, checkpoint_every=100, log_every=n), tmp_path / str(n))[0] for n in (1, 4, 100)
+  }
   lines = {n: [json.loads(l) for l in open(tmp_path / str(n) / "metrics.jsonl")] for n in runs}
   a = flatten(runs[1]["params"])
   for n in (4, 100):
@@ -215,8 +227,9 @@ class NaNImagesAt(SyntheticBatches):
   def __next__(self):
     batch = super().__next__()
     if self.index == self.nan_at:
-      batch["images"] = make_global_batch({"images": np.full(batch["images"].shape, np.nan, np.float32)},
-                                          self.mesh)["images"]
+      batch["images"] = make_global_batch({"images": np.full(batch["images"].shape, np.nan, np.float32)}, self.mesh)[
+          "images"
+      ]
     return batch
 
 
@@ -230,6 +243,7 @@ def test_nan_between_log_steps_is_caught_before_the_next_save(tmp_path):
 
 
 class _Counter:
+
   def __init__(self, n):
     self.index, self.n = 0, n
 

@@ -5,14 +5,12 @@ import json
 import os
 import subprocess
 
-import jax
 import pytest
+from multiprocess_helpers import free_port, run_workers
+from train_helpers import run, tiny_config
 
-from llvm_jax import config_utils
 from llvm_jax.train import checkpoint, trainer
 from llvm_jax.train.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLockedError
-from multiprocess_helpers import free_port, run_workers
-from train_helpers import SyntheticBatches, run, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH_WORKER = os.path.join(REPO, "tests", "mesh_check_worker.py")
@@ -78,6 +76,7 @@ def test_main_maps_nan_stop_and_locked_workdir_to_exit_codes(tmp_path, monkeypat
   def raises(error):
     def task(config, workdir):
       raise error
+
     return task
 
   config = tiny_config()
@@ -97,6 +96,7 @@ def test_resume_drops_the_replayed_metrics(tmp_path):
   for name in os.listdir(checkpoint_dir):
     if name.isdigit() and int(name) > 3:
       import shutil
+
       shutil.rmtree(checkpoint_dir / name)
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"step": 6, "train/lo')
@@ -113,13 +113,30 @@ def test_bad_train_settings_are_named(tmp_path, field, value):
     run(config, tmp_path)
 
 
-@pytest.mark.parametrize("override,named", [("train.total_steps=-5", "config.train.total_steps=-5"),
-                                            ("data.global_batch_size=0", "config.data.global_batch_size=0")])
+@pytest.mark.parametrize(
+    "override,named",
+    [
+        ("train.total_steps=-5", "config.train.total_steps=-5"),
+        ("data.global_batch_size=0", "config.data.global_batch_size=0"),
+    ],
+)
 def test_cli_rejects_bad_settings_before_building_anything(tmp_path, override, named):
   import sys
 
-  result = subprocess.run([sys.executable, "-m", "llvm_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
-                           f"--config.{override}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "llvm_jax.main",
+          "--config=configs/demo.py",
+          f"--workdir={tmp_path}",
+          f"--config.{override}",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert result.returncode != 0 and named in result.stderr, result.stderr[-2000:]
   assert not os.path.exists(tmp_path / "tokenizer")  # failed before the tokenizer / data were built
 
@@ -163,8 +180,12 @@ def test_rerun_of_a_finished_run_reports_already_complete(tmp_path):
 # Row 1: processes must feed distinct batch rows.
 @pytest.mark.slow
 def test_mesh_replicating_the_batch_over_processes_is_an_error(tmp_path):
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.path.join(REPO, "tests"), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(
+      os.environ,
+      PYTHONPATH=REPO + os.pathsep + os.path.join(REPO, "tests"),
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  )
   port = free_port()
   logs = run_workers(MESH_WORKER, [[str(i), str(port)] for i in range(2)], env, timeout=180)
   for log in logs:

@@ -17,7 +17,13 @@ from llvm_jax.train import optim
 from tests.model_helpers import LM, run_layer, stacked
 
 BASE = DecoderConfig(
-    vocab_size=61, embed_dim=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
+    vocab_size=61,
+    embed_dim=32,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=48,
     max_position_embeddings=64,
 )
 BATCH, SEQ, PROMPT = 2, 12, 7
@@ -76,7 +82,7 @@ def _incremental(cfg, params, tokens, steps_from):
   logits, cache = prefill(params, tokens[:, :steps_from], init_cache(cfg, tokens.shape[0], SEQ + 4))
   outs = [logits]
   for i in range(steps_from, tokens.shape[1]):
-    logits, cache = step(params, tokens[:, i:i + 1], cache)
+    logits, cache = step(params, tokens[:, i : i + 1], cache)
     outs.append(logits)
   return jnp.concatenate(outs, axis=1), cache
 
@@ -113,8 +119,12 @@ def test_mixer_against_formula():
   b = 0.3
   w = 0.5 * np.tanh(np.einsum("btd,d->bt", h1, a) + b)[..., None] + 0.5
   assert w.min() < 0.1 and w.max() > 0.9  # the test reaches both ends of the gate
-  np.testing.assert_allclose(trol.mix(jnp.asarray(h1), jnp.asarray(h2), jnp.asarray(a), jnp.asarray(b)),
-                             (1 - w) * h1 + w * h2, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+      trol.mix(jnp.asarray(h1), jnp.asarray(h2), jnp.asarray(a), jnp.asarray(b)),
+      (1 - w) * h1 + w * h2,
+      rtol=1e-6,
+      atol=1e-6,
+  )
 
 
 def _reference_logits(cfg, params, tokens):
@@ -194,7 +204,7 @@ def test_official_decoding(scan_layers, layers, base_params, tokens):
     cache["layers"] = [jax.tree.map(lambda *xs: jnp.concatenate(xs), *cache["layers"])]
   expected = []
   for i in range(PROMPT, SEQ):
-    logits, cache = step(base, tokens[:, i:i + 1], cache)
+    logits, cache = step(base, tokens[:, i : i + 1], cache)
     expected.append(logits)
   np.testing.assert_allclose(incremental[:, PROMPT:], jnp.concatenate(expected, 1), rtol=TOL, atol=TOL)
   # ... which is not the training-time function.
@@ -233,13 +243,16 @@ def test_llvm_decode_step_passes_decode_flag(base_params, tokens):
   model = LLVM(LLVMConfig(decoder=cfg, vision=None))
   params = _with_gates(base_params, *_random_gates(cfg))
   _, cache = prefill(model, params, tokens[:, :PROMPT], SEQ)
-  got, _ = decode_step(model, params, tokens[:, PROMPT:PROMPT + 1], cache)
-  expected, _ = decode_step(LLVM(LLVMConfig(decoder=BASE, vision=None)), base_params, tokens[:, PROMPT:PROMPT + 1], cache)
+  got, _ = decode_step(model, params, tokens[:, PROMPT : PROMPT + 1], cache)
+  expected, _ = decode_step(
+      LLVM(LLVMConfig(decoder=BASE, vision=None)), base_params, tokens[:, PROMPT : PROMPT + 1], cache
+  )
   np.testing.assert_allclose(got, expected, rtol=TOL, atol=TOL)
 
 
 @pytest.mark.parametrize(
-    "options,gates", [(dict(shared_gate=True), 1), (dict(), 3), (dict(layers=(0, 2)), 2), (dict(shared_gate=True, layers=(1,)), 1)]
+    "options,gates",
+    [(dict(shared_gate=True), 1), (dict(), 3), (dict(layers=(0, 2)), 2), (dict(shared_gate=True, layers=(1,)), 1)],
 )
 def test_parameter_overhead_exact(options, gates, base_params, tokens):
   cfg = _cfg(gate_init="torch", **options)
@@ -265,7 +278,9 @@ def test_gate_init_options(tokens):
       ("normal", lambda k, b: 0.01 < k.std() < 0.03 and np.all(b == 0)),
       ("torch", lambda k, b: np.abs(k).max() <= BASE.embed_dim**-0.5 and k.std() > 0.1 and b[0] != 0),
   ):
-    gates = nn.unbox(LM(_cfg(gate_init=gate_init)).init(jax.random.PRNGKey(0), tokens)["params"]["decoder"]["trol_gate"])
+    gates = nn.unbox(
+        LM(_cfg(gate_init=gate_init)).init(jax.random.PRNGKey(0), tokens)["params"]["decoder"]["trol_gate"]
+    )
     assert check(np.asarray(gates["kernel"]), np.asarray(gates["bias"])), gate_init
 
 
@@ -301,8 +316,10 @@ def test_scanned_equals_unscanned(layers, base_params, tokens):
   cfg = _cfg(layers=layers)
   params = _with_gates(base_params, *_random_gates(cfg))
   np.testing.assert_allclose(
-      _forward(_cfg(scan_layers=True, layers=layers))(_stacked(params), tokens), _forward(cfg)(params, tokens),
-      rtol=1e-6, atol=1e-6,
+      _forward(_cfg(scan_layers=True, layers=layers))(_stacked(params), tokens),
+      _forward(cfg)(params, tokens),
+      rtol=1e-6,
+      atol=1e-6,
   )
 
 

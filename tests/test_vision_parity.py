@@ -54,13 +54,25 @@ def _torch_pixels(pixels: np.ndarray) -> torch.Tensor:
 
 
 def _vision_kwargs(depth: int = 3) -> dict:
-  return dict(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=depth, num_attention_heads=4,
-              image_size=IMAGE, patch_size=PATCH)
+  return dict(
+      hidden_size=WIDTH,
+      intermediate_size=64,
+      num_hidden_layers=depth,
+      num_attention_heads=4,
+      image_size=IMAGE,
+      patch_size=PATCH,
+  )
 
 
 def _text_config():
-  return transformers.Qwen2Config(vocab_size=64, hidden_size=TEXT, intermediate_size=64, num_hidden_layers=1,
-                                  num_attention_heads=4, num_key_value_heads=2)
+  return transformers.Qwen2Config(
+      vocab_size=64,
+      hidden_size=TEXT,
+      intermediate_size=64,
+      num_hidden_layers=1,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+  )
 
 
 def _expected_shapes(module: nn.Module, example: np.ndarray) -> dict[str, tuple[int, ...]]:
@@ -78,8 +90,10 @@ class Case:
     self.vision_table = vision_table(vision_cfg, prefix=vision_prefix)
     self.tower = VisionTower(vision_cfg)
     self.vision_params = core.hf_to_ours(
-        self.state, self._subset_table(vision_prefix, self.vision_table),
-        _expected_shapes(self.tower, _pixels(1, size=vision_cfg.image_size)), context="vision",
+        self.state,
+        self._subset_table(vision_prefix, self.vision_table),
+        _expected_shapes(self.tower, _pixels(1, size=vision_cfg.image_size)),
+        context="vision",
     )
     tower_fn = jax.jit(lambda p, x: self.tower.apply({"params": p}, x))
     if projector_cfg is None:
@@ -89,8 +103,10 @@ class Case:
     self.projector = Projector(projector_cfg, out_dim=TEXT)
     feats = np.zeros((1, vision_cfg.num_features, vision_cfg.width), np.float32)
     self.projector_params = core.hf_to_ours(
-        self.state, self._subset_table(projector_prefix, self.projector_table),
-        _expected_shapes(self.projector, feats), context="projector",
+        self.state,
+        self._subset_table(projector_prefix, self.projector_table),
+        _expected_shapes(self.projector, feats),
+        context="projector",
     )
 
     @jax.jit
@@ -136,8 +152,11 @@ def llava_case():
   """LLaVA with a CLIP tower: penultimate layer, CLS dropped, mlp2x_gelu projector."""
   torch.manual_seed(2)
   config = transformers.LlavaConfig(
-      vision_config=transformers.CLIPVisionConfig(**_vision_kwargs(depth=3)), text_config=_text_config(),
-      image_token_id=63, vision_feature_layer=-2, vision_feature_select_strategy="default",
+      vision_config=transformers.CLIPVisionConfig(**_vision_kwargs(depth=3)),
+      text_config=_text_config(),
+      image_token_id=63,
+      vision_feature_layer=-2,
+      vision_feature_select_strategy="default",
   )
   hf = _perturb(transformers.LlavaForConditionalGeneration(config))
   cfg = vision_config_from_hf(config.vision_config, config.vision_feature_layer, config.vision_feature_select_strategy)
@@ -149,8 +168,11 @@ def llava_siglip_case():
   """LLaVA with a SigLIP tower and select 'default', which drops the first *patch* token in HF."""
   torch.manual_seed(3)
   config = transformers.LlavaConfig(
-      vision_config=transformers.SiglipVisionConfig(**_vision_kwargs(depth=3)), text_config=_text_config(),
-      image_token_id=63, vision_feature_layer=-2, vision_feature_select_strategy="default",
+      vision_config=transformers.SiglipVisionConfig(**_vision_kwargs(depth=3)),
+      text_config=_text_config(),
+      image_token_id=63,
+      vision_feature_layer=-2,
+      vision_feature_select_strategy="default",
   )
   hf = _perturb(transformers.LlavaForConditionalGeneration(config))
   cfg = vision_config_from_hf(config.vision_config, config.vision_feature_layer, config.vision_feature_select_strategy)
@@ -177,8 +199,14 @@ def internvl_case():
 @pytest.fixture(scope="module")
 def internvl_6b_case():
   """InternViT-6B-like: RMSNorm, qkv bias, qk-norm, final LayerNorm (use_mean_pooling=False)."""
-  return _internvl(5, norm_type="rms_norm", attention_bias=True, use_qk_norm=True, use_mean_pooling=False,
-                   hidden_act="gelu_pytorch_tanh")
+  return _internvl(
+      5,
+      norm_type="rms_norm",
+      attention_bias=True,
+      use_qk_norm=True,
+      use_mean_pooling=False,
+      hidden_act="gelu_pytorch_tanh",
+  )
 
 
 ALL_CASES = ["clip_case", "siglip_case", "llava_case", "llava_siglip_case", "internvl_case", "internvl_6b_case"]
@@ -275,12 +303,13 @@ def test_round_trip_reproduces_state(case_name, request):
 
 def _ignored(case, prefix):
   ignore = [re.compile(p) for p in case.vision_table.ignore]
-  return sorted(k[len(prefix):] for k in case.subset_state(prefix) if any(p.match(k) for p in ignore))
+  return sorted(k[len(prefix) :] for k in case.subset_state(prefix) if any(p.match(k) for p in ignore))
 
 
 def test_ignored_keys_are_the_unused_ones(clip_case, siglip_case, llava_siglip_case, internvl_case, internvl_6b_case):
   assert _ignored(clip_case, "") == sorted(
-      [k for k in clip_case.state if k.startswith("encoder.layers.2.")] + ["post_layernorm.bias", "post_layernorm.weight"]
+      [k for k in clip_case.state if k.startswith("encoder.layers.2.")]
+      + ["post_layernorm.bias", "post_layernorm.weight"]
   )
   assert all(k.startswith(("post_layernorm.", "head.")) for k in _ignored(siglip_case, ""))
   assert "head.probe" in _ignored(siglip_case, "")
@@ -314,8 +343,10 @@ def test_saved_checkpoint_prefixes(tmp_path, llava_case):
   table += projector_table(llava_case.projector_cfg, prefix="multi_modal_projector.")
   hf_keys = {r.hf for r in table.rules}
   assert hf_keys <= set(saved)
-  assert all(k.startswith(("vision_tower.", "multi_modal_projector.", "model.language_model.", "language_model.",
-                           "lm_head.")) for k in saved), sorted(saved)[:5]
+  assert all(
+      k.startswith(("vision_tower.", "multi_modal_projector.", "model.language_model.", "language_model.", "lm_head."))
+      for k in saved
+  ), sorted(saved)[:5]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,8 +366,10 @@ def test_exported_tower_loads_in_transformers(clip_case):
   """Our export + vision_config_to_hf rebuilds an HF tower with the same selected features."""
   hf = transformers.CLIPVisionModel(vision_config_to_hf(clip_case.vision_cfg)).eval()
   missing, unexpected = [], []
-  result = hf.load_state_dict({k: torch.from_numpy(v) for k, v in core.ours_to_hf(
-      clip_case.vision_params, clip_case.vision_table).items()}, strict=False)
+  result = hf.load_state_dict(
+      {k: torch.from_numpy(v) for k, v in core.ours_to_hf(clip_case.vision_params, clip_case.vision_table).items()},
+      strict=False,
+  )
   missing, unexpected = result.missing_keys, result.unexpected_keys
   assert unexpected == []
   assert all(k.startswith(("encoder.layers.2.", "post_layernorm.")) for k in missing)
@@ -348,10 +381,24 @@ def test_exported_tower_loads_in_transformers(clip_case):
 
 @pytest.mark.parametrize("kind", ["clip", "siglip", "internvit"])
 def test_logical_names_and_bf16(kind):
-  extra = dict(qk_norm=True, layer_scale=True, post_norm=True, feature_layer=-1, norm_type="rms_norm") if kind == "internvit" else {}
+  extra = (
+      dict(qk_norm=True, layer_scale=True, post_norm=True, feature_layer=-1, norm_type="rms_norm")
+      if kind == "internvit"
+      else {}
+  )
   select = "full" if kind == "siglip" else "default"
-  cfg = VisionConfig(kind=kind, image_size=IMAGE, patch_size=PATCH, width=WIDTH, depth=2, num_heads=4, mlp_dim=64,
-                     feature_select=select, dtype="bfloat16", **extra)
+  cfg = VisionConfig(
+      kind=kind,
+      image_size=IMAGE,
+      patch_size=PATCH,
+      width=WIDTH,
+      depth=2,
+      num_heads=4,
+      mlp_dim=64,
+      feature_select=select,
+      dtype="bfloat16",
+      **extra,
+  )
   tower = VisionTower(cfg)
   variables = jax.eval_shape(tower.init, jax.random.key(0), jnp.zeros((1, IMAGE, IMAGE, 3)))
   boxed = jax.tree.leaves(variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -398,8 +445,14 @@ def test_hub_clip_model_prefix(tmp_path, clip_case):
   torch.manual_seed(6)
   config = transformers.CLIPConfig(
       vision_config=_vision_kwargs(depth=3),
-      text_config=dict(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                       vocab_size=50, max_position_embeddings=16),
+      text_config=dict(
+          hidden_size=WIDTH,
+          intermediate_size=64,
+          num_hidden_layers=1,
+          num_attention_heads=4,
+          vocab_size=50,
+          max_position_embeddings=16,
+      ),
   )
   transformers.CLIPModel(config).save_pretrained(tmp_path)
   saved = core.read_safetensors_dir(str(tmp_path))
@@ -414,6 +467,7 @@ def test_hub_clip_model_prefix(tmp_path, clip_case):
 def test_internvit_final_norm_only_at_last_layer():
   cfg = VisionConfig(kind="internvit", width=WIDTH, num_heads=4, depth=2, layer_scale=True, post_norm=True)
   assert cfg.feature_layer == -2 and r"layernorm\." in vision_table(cfg).ignore
-  last = VisionConfig(kind="internvit", width=WIDTH, num_heads=4, depth=2, layer_scale=True, post_norm=True,
-                      feature_layer=-1)
+  last = VisionConfig(
+      kind="internvit", width=WIDTH, num_heads=4, depth=2, layer_scale=True, post_norm=True, feature_layer=-1
+  )
   assert "layernorm.weight" in {r.hf for r in vision_table(last).rules}

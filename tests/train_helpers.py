@@ -8,8 +8,8 @@ import jax
 import numpy as np
 
 from llvm_jax import config_utils
-from llvm_jax.train import trainer
 from llvm_jax.data.pipeline import make_global_batch
+from llvm_jax.train import trainer
 
 SEQ = 24
 BATCH = 8
@@ -49,16 +49,25 @@ class SyntheticBatches:
       os.kill(os.getpid(), signal.SIGTERM)
     n_img = self.cfg.tokens_per_image
     key = rng.randint(10, 20, (self.batch, 1))
-    tokens = np.concatenate([
-        np.full((self.batch, 1), 1), np.full((self.batch, n_img), self.cfg.image_token_id), key,
-        rng.randint(20, 60, (self.batch, SEQ - n_img - 6)), np.tile(key + 30, (1, 4)),
-    ], axis=1).astype(np.int32)
+    tokens = np.concatenate(
+        [
+            np.full((self.batch, 1), 1),
+            np.full((self.batch, n_img), self.cfg.image_token_id),
+            key,
+            rng.randint(20, 60, (self.batch, SEQ - n_img - 6)),
+            np.tile(key + 30, (1, 4)),
+        ],
+        axis=1,
+    ).astype(np.int32)
     targets = np.concatenate([tokens[:, 1:], np.zeros((self.batch, 1), np.int32)], axis=1)
     mask = np.zeros((self.batch, SEQ), np.float32)
     mask[:, -5:-1] = 1.0
     local = {
-        "tokens": tokens, "targets": targets, "target_mask": mask,
-        "segment_ids": np.ones_like(tokens), "positions": np.tile(np.arange(SEQ, dtype=np.int32), (self.batch, 1)),
+        "tokens": tokens,
+        "targets": targets,
+        "target_mask": mask,
+        "segment_ids": np.ones_like(tokens),
+        "positions": np.tile(np.arange(SEQ, dtype=np.int32), (self.batch, 1)),
         "images": rng.uniform(-1, 1, (self.batch, 1, 16, 16, 3)).astype(np.float32),
         "image_mask": np.ones((self.batch, 1), bool),
     }

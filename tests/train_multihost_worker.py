@@ -11,9 +11,10 @@ process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
 
+from train_helpers import SyntheticBatches, tiny_config  # noqa: E402
+
 from llvm_jax import config_utils  # noqa: E402  (after distributed init)
 from llvm_jax.train import trainer  # noqa: E402
-from train_helpers import SyntheticBatches, tiny_config  # noqa: E402
 
 config = tiny_config(total_steps=3, checkpoint_every=3)
 mesh = trainer.mesh_from_config(config)

@@ -30,9 +30,11 @@ def main(argv) -> None:
   del argv
   config = _CONFIG.value
   result = time_jax(config, _STEPS.value)
-  print(f"llvm_jax train step on {result['devices']} x {result['device']}: {result['step_time_s'] * 1e3:.1f} ms, "
-        f"{result['tokens_per_second']:.0f} tokens/s, {result['tflops_per_device']:.3f} TFLOP/s per device"
-        + (f", MFU {result['mfu']:.1%}" if "mfu" in result else ""))
+  print(
+      f"llvm_jax train step on {result['devices']} x {result['device']}: {result['step_time_s'] * 1e3:.1f} ms, "
+      f"{result['tokens_per_second']:.0f} tokens/s, {result['tflops_per_device']:.3f} TFLOP/s per device"
+      + (f", MFU {result['mfu']:.1%}" if "mfu" in result else "")
+  )
   techniques = switched_on(config_utils.model_config(config))
   if jax.default_backend() == "cpu" and _TORCH.value and techniques:
     print(f"PyTorch comparison skipped: transformers has no {', '.join(techniques)}, so it cannot train the same model")
@@ -40,8 +42,10 @@ def main(argv) -> None:
     torch_time = time_torch(config, _STEPS.value)
     result["torch_step_time_s"] = torch_time
     result["torch_over_jax"] = torch_time / result["step_time_s"]
-    print(f"transformers PyTorch (CPU, same model and batch): {torch_time * 1e3:.1f} ms/step; "
-          f"PyTorch / llvm_jax step-time ratio = {result['torch_over_jax']:.2f}")
+    print(
+        f"transformers PyTorch (CPU, same model and batch): {torch_time * 1e3:.1f} ms/step; "
+        f"PyTorch / llvm_jax step-time ratio = {result['torch_over_jax']:.2f}"
+    )
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(result, f, indent=2)

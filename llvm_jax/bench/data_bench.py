@@ -22,7 +22,9 @@ from llvm_jax.data import builders, config, pipeline, tokenizer
 def run(args) -> list[dict]:
   data_dir = args.data_dir or tempfile.mkdtemp(prefix="llvm_data_bench_")
   name = f"bench_{args.num_train}_{args.image_size}"
-  cfg_b = builders.SyntheticVqaConfig(name=name, num_train=args.num_train, num_validation=16, num_test=16, image_size=args.image_size)
+  cfg_b = builders.SyntheticVqaConfig(
+      name=name, num_train=args.num_train, num_validation=16, num_test=16, image_size=args.image_size
+  )
   t0 = time.perf_counter()
   builders.build_dataset("synthetic_vqa", data_dir, cfg_b)
   build_s = time.perf_counter() - t0

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from llvm_jax.bench.common import time_interleaved, xla_flops
 from llvm_jax import config_utils, convert, flops
+from llvm_jax.bench.common import time_interleaved, xla_flops
 from llvm_jax.models.config import DeepStackConfig, LLVMConfig
 from llvm_jax.models.llvm import LLVM, prefill
 
@@ -50,8 +50,9 @@ def compile_prefill(config: LLVMConfig, params: Any, inputs: dict[str, jax.Array
   """A thunk running the compiled prefill of `inputs`, and its XLA FLOPs."""
   model = LLVM(config)
   max_len = inputs["tokens"].shape[1]
-  run = lambda p, x: prefill(model, p, x["tokens"], max_len, x["images"], x["image_mask"],
-                             hires_images=x.get("hires_images"))
+  run = lambda p, x: prefill(
+      model, p, x["tokens"], max_len, x["images"], x["image_mask"], hires_images=x.get("hires_images")
+  )
   compiled = jax.jit(run).lower(params, inputs).compile()
   return lambda: jax.block_until_ready(compiled(params, inputs)), xla_flops(compiled)
 
@@ -70,16 +71,25 @@ def main(argv):
   one = np.ones((b, 1), bool)
   inputs = {
       "base": (base, dict(tokens=_prompt(base, b, _TEXT_LEN.value, 1), images=images, image_mask=one)),
-      "deepstack": (stacked, dict(tokens=_prompt(base, b, _TEXT_LEN.value, 1), images=images, image_mask=one,
-                                  hires_images=hires)),
-      "plain hires": (base, dict(tokens=_prompt(base, b, _TEXT_LEN.value, 1 + groups),
-                                 images=np.concatenate([images, hires[:, 0]], axis=1),
-                                 image_mask=np.ones((b, 1 + groups), bool))),
+      "deepstack": (
+          stacked,
+          dict(tokens=_prompt(base, b, _TEXT_LEN.value, 1), images=images, image_mask=one, hires_images=hires),
+      ),
+      "plain hires": (
+          base,
+          dict(
+              tokens=_prompt(base, b, _TEXT_LEN.value, 1 + groups),
+              images=np.concatenate([images, hires[:, 0]], axis=1),
+              image_mask=np.ones((b, 1 + groups), bool),
+          ),
+      ),
   }
   params = convert.init_params(LLVM(base), jax.random.key(0))
-  print(f"device: {jax.devices()[0].device_kind}; decoder D={base.decoder.embed_dim} L={base.decoder.num_layers}; "
-        f"ViT width {base.vision.width} x {base.vision.num_layers_used} layers at {size} px "
-        f"({base.tokens_per_image} tokens/image); crops {grid[0]}x{grid[1]}; batch {b}")
+  print(
+      f"device: {jax.devices()[0].device_kind}; decoder D={base.decoder.embed_dim} L={base.decoder.num_layers}; "
+      f"ViT width {base.vision.width} x {base.vision.num_layers_used} layers at {size} px "
+      f"({base.tokens_per_image} tokens/image); crops {grid[0]}x{grid[1]}; batch {b}"
+  )
   compiled = {}
   for name, (cfg, x) in inputs.items():
     compiled[name] = compile_prefill(cfg, params, jax.tree.map(jnp.asarray, x))
@@ -92,15 +102,21 @@ def main(argv):
   }
   print(f"{'variant':12s} {'context':>7s} {'prefill ms':>10s} {'XLA GFLOP':>9s} {'analytic GFLOP':>14s}")
   for name, (_, x) in inputs.items():
-    print(f"{name:12s} {x['tokens'].shape[1]:7d} {ms[name]:10.2f} {compiled[name][1] / 1e9:9.4f} "
-          f"{b * analytic[name] / 1e9:14.4f}")
+    print(
+        f"{name:12s} {x['tokens'].shape[1]:7d} {ms[name]:10.2f} {compiled[name][1] / 1e9:9.4f} "
+        f"{b * analytic[name] / 1e9:14.4f}"
+    )
   ds_flops, plain_flops, base_flops = (compiled[k][1] for k in ("deepstack", "plain hires", "base"))
-  print(f"deepstack / plain hires: time {ms['deepstack'] / ms['plain hires']:.3f}, XLA FLOPs "
-        f"{ds_flops / plain_flops:.3f}, analytic FLOPs {cost['total_flops_ratio_vs_plain_hires']:.3f}, "
-        f"context {cost['context_tokens'] / cost['context_tokens_plain_hires']:.3f}")
-  print(f"deepstack / base:        time {ms['deepstack'] / ms['base']:.3f}, XLA FLOPs {ds_flops / base_flops:.3f}, "
-        f"analytic FLOPs {analytic['deepstack'] / analytic['base']:.3f}, vision FLOPs x{cost['vision_flops_ratio']:.1f}, "
-        f"extra params {cost['extra_params']}")
+  print(
+      f"deepstack / plain hires: time {ms['deepstack'] / ms['plain hires']:.3f}, XLA FLOPs "
+      f"{ds_flops / plain_flops:.3f}, analytic FLOPs {cost['total_flops_ratio_vs_plain_hires']:.3f}, "
+      f"context {cost['context_tokens'] / cost['context_tokens_plain_hires']:.3f}"
+  )
+  print(
+      f"deepstack / base:        time {ms['deepstack'] / ms['base']:.3f}, XLA FLOPs {ds_flops / base_flops:.3f}, "
+      f"analytic FLOPs {analytic['deepstack'] / analytic['base']:.3f}, vision FLOPs x{cost['vision_flops_ratio']:.1f}, "
+      f"extra params {cost['extra_params']}"
+  )
 
 
 if __name__ == "__main__":

@@ -21,12 +21,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 from configs.llava import llava_7b
+from llvm_jax import config_utils, flops
+from llvm_jax import cost as cost_lib
 from llvm_jax.bench.common import time_interleaved, xla_flops
-from llvm_jax import config_utils, cost as cost_lib, flops
 from llvm_jax.models import pmod
 from llvm_jax.models.config import DecoderConfig, LLVMConfig, PmodConfig
 from llvm_jax.models.decoder import Decoder, init_cache
@@ -59,8 +59,12 @@ class _LM(nn.Module):
 
   def __call__(self, tokens, cache=None):
     return self.decoder(
-        self.decoder.embed(tokens), jnp.ones(tokens.shape, jnp.int32), None, cache,
-        vision_mask=tokens == self.image_token, num_vision=self.num_vision,
+        self.decoder.embed(tokens),
+        jnp.ones(tokens.shape, jnp.int32),
+        None,
+        cache,
+        vision_mask=tokens == self.image_token,
+        num_vision=self.num_vision,
     )
 
 
@@ -82,7 +86,11 @@ def compile_variant(
       "train": lambda: jax.block_until_ready(train_step(params)),
       "prefill": lambda: jax.block_until_ready(prefill(params, cache)),
   }
-  return thunks, {"train_flops": xla_flops(train_step), "prefill_flops": xla_flops(prefill), "kv_bytes": tree_bytes(cache)}
+  return thunks, {
+      "train_flops": xla_flops(train_step),
+      "prefill_flops": xla_flops(prefill),
+      "kv_bytes": tree_bytes(cache),
+  }
 
 
 def report(seq_len: int) -> None:
@@ -91,17 +99,34 @@ def report(seq_len: int) -> None:
   n = LLAVA_VISION_TOKENS
   cost = {**flops.pmod_cost(cfg, seq_len, n), **cost_lib.pmod_kv_bytes(cfg, seq_len, n)}
   kept = cost["kept_tokens_per_layer"]
-  print(f"LLaVA-1.5-7B, default p-MoD (shiftedcos_decay_0.85_0.15, r̄=0.5, tanh_0.2_1): one sample of {seq_len} "
-        f"tokens, {LLAVA_VISION_TOKENS} of them vision; {cost['mod_layers']} MoD layers ({min(pmod.layer_ratios(cfg.decoder))}.."
-        f"{max(pmod.layer_ratios(cfg.decoder))}); tokens per layer: {kept}")
+  print(
+      f"LLaVA-1.5-7B, default p-MoD (shiftedcos_decay_0.85_0.15, r̄=0.5, tanh_0.2_1): one sample of {seq_len} "
+      f"tokens, {LLAVA_VISION_TOKENS} of them vision; {cost['mod_layers']} MoD layers ({min(pmod.layer_ratios(cfg.decoder))}.."
+      f"{max(pmod.layer_ratios(cfg.decoder))}); tokens per layer: {kept}"
+  )
   print(f"{'':32s} {'dense':>12s} {'p-MoD':>12s} {'ratio':>7s} {'paper':>7s}")
   rows = [
-      ("decoder TFLOPs (prefill)", cost["decoder_flops_dense"] / 1e12, cost["decoder_flops_pmod"] / 1e12,
-       cost["decoder_flops_ratio"], PAPER_FLOPS_RATIO),
-      ("model TFLOPs (+ ViT, projector)", cost["flops_dense"] / 1e12, cost["flops_pmod"] / 1e12, cost["flops_ratio"],
-       PAPER_FLOPS_RATIO),
-      ("KV cache MiB (bf16)", cost["kv_bytes_dense"] / 2**20, cost["kv_bytes_pmod"] / 2**20, cost["kv_ratio"],
-       PAPER_KV_RATIO),
+      (
+          "decoder TFLOPs (prefill)",
+          cost["decoder_flops_dense"] / 1e12,
+          cost["decoder_flops_pmod"] / 1e12,
+          cost["decoder_flops_ratio"],
+          PAPER_FLOPS_RATIO,
+      ),
+      (
+          "model TFLOPs (+ ViT, projector)",
+          cost["flops_dense"] / 1e12,
+          cost["flops_pmod"] / 1e12,
+          cost["flops_ratio"],
+          PAPER_FLOPS_RATIO,
+      ),
+      (
+          "KV cache MiB (bf16)",
+          cost["kv_bytes_dense"] / 2**20,
+          cost["kv_bytes_pmod"] / 2**20,
+          cost["kv_ratio"],
+          PAPER_KV_RATIO,
+      ),
       ("KV cache of the vision tokens", 1.0, cost["vision_kv_ratio"], cost["vision_kv_ratio"], PAPER_KV_RATIO),
   ]
   for name, dense, sparse, ratio, paper in rows:
@@ -126,11 +151,14 @@ def main(argv):
   tokens = jnp.concatenate(
       [text[:, :before], jnp.full((_BATCH.value, num_vision), image_token, text.dtype), text[:, before:]], axis=1
   )
-  print(f"device: {jax.devices()[0].device_kind}; decoder D={base.embed_dim} L={base.num_layers} "
-        f"V={base.vocab_size}; batch {_BATCH.value} x seq {seq_len} ({num_vision} vision tokens per row); "
-        f"MoD layers and ratios {pmod.layer_ratios(sparse)}")
-  compiled = {name: compile_variant(cfg, tokens, image_token, num_vision)
-              for name, cfg in (("dense", base), ("p-MoD", sparse))}
+  print(
+      f"device: {jax.devices()[0].device_kind}; decoder D={base.embed_dim} L={base.num_layers} "
+      f"V={base.vocab_size}; batch {_BATCH.value} x seq {seq_len} ({num_vision} vision tokens per row); "
+      f"MoD layers and ratios {pmod.layer_ratios(sparse)}"
+  )
+  compiled = {
+      name: compile_variant(cfg, tokens, image_token, num_vision) for name, cfg in (("dense", base), ("p-MoD", sparse))
+  }
   thunks = {f"{variant} {step}": run for variant, (runs, _) in compiled.items() for step, run in runs.items()}
   ms = time_interleaved(thunks, _STEPS.value)
   llvm = LLVMConfig(decoder=sparse, vision=None)

@@ -25,7 +25,7 @@ def synthetic_batch(cfg, batch: int, seq_len: int, seed: int = 0) -> dict[str, n
   rng = np.random.RandomState(seed)
   n_img = cfg.tokens_per_image if cfg.vision is not None else 0
   tokens = rng.randint(5, cfg.decoder.vocab_size, (batch, seq_len)).astype(np.int32)
-  tokens[:, 1:1 + n_img] = cfg.image_token_id
+  tokens[:, 1 : 1 + n_img] = cfg.image_token_id
   out = {
       "tokens": tokens,
       "segment_ids": np.ones_like(tokens),
@@ -52,8 +52,9 @@ def time_jax(config, steps: int) -> dict[str, float]:
   b, s = config.data.global_batch_size, config.data.seq_len
   batch = make_global_batch(synthetic_batch(model.config, b, s), mesh)
   tick = time.perf_counter()
-  compiled = trainer.compile_step(setup, trainer.make_train_step(setup, trainer.loss_function(config), 1),
-                                  params, opt_state, batch)
+  compiled = trainer.compile_step(
+      setup, trainer.make_train_step(setup, trainer.loss_function(config), 1), params, opt_state, batch
+  )
   compile_s = time.perf_counter() - tick
   times = []
   for step in range(steps + 3):
@@ -64,15 +65,25 @@ def time_jax(config, steps: int) -> dict[str, float]:
   step_time = float(np.median(times[3:]))
   step_flops = b * flops.train_flops_per_sample(model.config, s, 1 if model.config.vision else 0)
   result = {
-      "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-      "batch": b, "seq_len": s, "step_time_s": step_time, "tokens_per_second": b * s / step_time,
+      "backend": jax.default_backend(),
+      "device": jax.devices()[0].device_kind,
+      "devices": jax.device_count(),
+      "batch": b,
+      "seq_len": s,
+      "step_time_s": step_time,
+      "tokens_per_second": b * s / step_time,
       "tflops_per_device": step_flops / step_time / jax.device_count() / 1e12,
-      "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))), "compile_s": compile_s,
+      "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
+      "compile_s": compile_s,
   }
   memory = compiled.memory_analysis()
   if memory is not None and hasattr(memory, "temp_size_in_bytes"):
-    result["step_memory_gib"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                                 + memory.temp_size_in_bytes - getattr(memory, "alias_size_in_bytes", 0)) / 2**30
+    result["step_memory_gib"] = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - getattr(memory, "alias_size_in_bytes", 0)
+    ) / 2**30
   peak = flops.peak_flops(jax.devices()[0].device_kind)
   if peak:
     result["mfu"] = step_flops / step_time / (peak * jax.device_count())
@@ -88,7 +99,9 @@ def time_torch(config, steps: int) -> float:
   cfg = config_utils.model_config(config)
   torch.manual_seed(0)
   hf_config = convert.hf_config_of(cfg)
-  model_cls = transformers.LlavaForConditionalGeneration if cfg.vision is not None else transformers.AutoModelForCausalLM
+  model_cls = (
+      transformers.LlavaForConditionalGeneration if cfg.vision is not None else transformers.AutoModelForCausalLM
+  )
   model = model_cls._from_config(hf_config) if cfg.vision is not None else model_cls.from_config(hf_config)
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)

@@ -17,11 +17,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
-from llvm_jax.bench.common import time_interleaved, xla_flops
 from llvm_jax import config_utils, flops
+from llvm_jax.bench.common import time_interleaved, xla_flops
 from llvm_jax.models.config import DecoderConfig, TrolConfig
 from llvm_jax.models.decoder import Decoder, init_cache
 
@@ -75,14 +74,18 @@ def main(argv):
       f"trol (layers {lowest_half}, full decode)": dataclasses.replace(base, trol=TrolConfig(layers=lowest_half)),
   }
   tokens = jax.random.randint(jax.random.key(1), (_BATCH.value, _SEQ_LEN.value + 1), 0, base.vocab_size)
-  print(f"device: {jax.devices()[0].device_kind}; decoder D={base.embed_dim} L={base.num_layers} "
-        f"V={base.vocab_size}; batch {_BATCH.value} x seq {_SEQ_LEN.value}")
+  print(
+      f"device: {jax.devices()[0].device_kind}; decoder D={base.embed_dim} L={base.num_layers} "
+      f"V={base.vocab_size}; batch {_BATCH.value} x seq {_SEQ_LEN.value}"
+  )
   compiled = {name: compile_variant(cfg, tokens) for name, cfg in variants.items()}
   step_ms = time_interleaved({name: thunk for name, (thunk, _) in compiled.items()}, _STEPS.value)
   results = {name: dict(counted, step_ms=step_ms[name]) for name, (_, counted) in compiled.items()}
   ref = results["base"]
-  header = (f"{'variant':40s} {'step ms':>8s} {'time x':>7s} {'train GFLOP':>11s} {'FLOP x':>7s} "
-            f"{'analytic x':>10s} {'causal x':>8s} {'decode x':>8s} {'analytic':>8s} {'+params':>7s}")
+  header = (
+      f"{'variant':40s} {'step ms':>8s} {'time x':>7s} {'train GFLOP':>11s} {'FLOP x':>7s} "
+      f"{'analytic x':>10s} {'causal x':>8s} {'decode x':>8s} {'analytic':>8s} {'+params':>7s}"
+  )
   print(header)
   for name, cfg in variants.items():
     r = results[name]

@@ -46,16 +46,36 @@ from llvm_jax.models.techniques import switched_on
 CUSTOM_PREFIX = "llvm_jax/"
 CUSTOM_CONFIG = "llvm_jax_config.json"
 # Fields that say how the model runs, not what it computes: never a contradiction with a checkpoint.
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl", "trol", "phantom", "pmod",
-                   "deepstack")
+_RUNTIME_FIELDS = (
+    "dtype",
+    "param_dtype",
+    "scan_layers",
+    "remat_policy",
+    "attention_impl",
+    "trol",
+    "phantom",
+    "pmod",
+    "deepstack",
+)
 
 
 class CustomModelError(ValueError):
   """The model uses a technique that no transformers class implements."""
 
-__all__ = ["from_hf", "to_hf", "llvm_config_from_hf", "WeightMismatchError", "stack_layers", "unstack_layers",
-           "CustomModelError", "unused_hf_state", "config_differences", "check_exportable",
-           "checkpoint_differences"]
+
+__all__ = [
+    "from_hf",
+    "to_hf",
+    "llvm_config_from_hf",
+    "WeightMismatchError",
+    "stack_layers",
+    "unstack_layers",
+    "CustomModelError",
+    "unused_hf_state",
+    "config_differences",
+    "check_exportable",
+    "checkpoint_differences",
+]
 
 _TEXT_ONLY = ("llama", "qwen2", "phi3")
 _MULTIMODAL = ("llava", "internvl")
@@ -77,7 +97,9 @@ def canonical_key(key: str) -> str:
   return key
 
 
-def llvm_config_from_hf(hf: Any, dtype: str = "float32", param_dtype: str = "float32", **decoder_overrides) -> LLVMConfig:
+def llvm_config_from_hf(
+    hf: Any, dtype: str = "float32", param_dtype: str = "float32", **decoder_overrides
+) -> LLVMConfig:
   """Our LLVMConfig for a transformers config (text-only LLMs get `vision=None`)."""
   precision = dict(dtype=dtype, param_dtype=param_dtype)
   if hf.model_type in _TEXT_ONLY:
@@ -167,11 +189,7 @@ def unstack_layers(decoder_params: dict[str, Any], num_layers: int) -> dict[str,
 
 
 def from_hf(
-    source: Any,
-    *,
-    dtype: str = "float32",
-    param_dtype: str = "float32",
-    **decoder_overrides: Any,
+    source: Any, *, dtype: str = "float32", param_dtype: str = "float32", **decoder_overrides: Any
 ) -> tuple[LLVM, dict[str, Any]]:
   """Loads a `save_pretrained` directory (safetensors, sharded or not; no torch) or an in-memory
   `transformers` model. Returns (model, params) with params as numpy arrays in `param_dtype`.
@@ -185,7 +203,7 @@ def from_hf(
   if custom is not None:  # an allow_custom export: the techniques' config and tensors come back
     cfg = custom
   model = LLVM(cfg)
-  extra = {k[len(CUSTOM_PREFIX):]: v for k, v in state.items() if k.startswith(CUSTOM_PREFIX)}
+  extra = {k[len(CUSTOM_PREFIX) :]: v for k, v in state.items() if k.startswith(CUSTOM_PREFIX)}
   state = {canonical_key(k): v for k, v in state.items() if not k.startswith(CUSTOM_PREFIX)}
   expected = {k: v for k, v in expected_shapes(model).items() if k not in extra}
   params = core.hf_to_ours(state, full_table(cfg), expected, context=str(getattr(hf_config, "model_type", "")))
@@ -208,17 +226,25 @@ def hf_config_of(cfg: LLVMConfig, **text_extra: Any) -> Any:
   vision = vision_config_to_hf(cfg.vision)
   if cfg.projector.kind == "pixel_shuffle_mlp":
     return transformers.InternVLConfig(
-        vision_config=vision, text_config=text, image_token_id=cfg.image_token_id,
-        downsample_ratio=cfg.projector.downsample_ratio, vision_feature_layer=cfg.vision.feature_layer,
-        vision_feature_select_strategy=cfg.vision.feature_select, projector_hidden_act=cfg.projector.act,
+        vision_config=vision,
+        text_config=text,
+        image_token_id=cfg.image_token_id,
+        downsample_ratio=cfg.projector.downsample_ratio,
+        vision_feature_layer=cfg.vision.feature_layer,
+        vision_feature_select_strategy=cfg.vision.feature_select,
+        projector_hidden_act=cfg.projector.act,
         tie_word_embeddings=cfg.decoder.tie_embeddings,
     )
   if cfg.projector.kind != "mlp2x_gelu":
     raise ValueError(f"projector {cfg.projector.kind!r} has no transformers equivalent to export to")
   return transformers.LlavaConfig(
-      vision_config=vision, text_config=text, image_token_id=cfg.image_token_id,
-      vision_feature_layer=cfg.vision.feature_layer, vision_feature_select_strategy=cfg.vision.feature_select,
-      projector_hidden_act=cfg.projector.act, multimodal_projector_bias=cfg.projector.bias,
+      vision_config=vision,
+      text_config=text,
+      image_token_id=cfg.image_token_id,
+      vision_feature_layer=cfg.vision.feature_layer,
+      vision_feature_select_strategy=cfg.vision.feature_select,
+      projector_hidden_act=cfg.projector.act,
+      multimodal_projector_bias=cfg.projector.bias,
       image_seq_length=cfg.tokens_per_image,
       tie_word_embeddings=cfg.decoder.tie_embeddings,
   )
@@ -288,12 +314,16 @@ def _custom_config(source: Any, base: LLVMConfig) -> LLVMConfig | None:
   if not switched_on(saved):
     return None  # a plain model: config.json alone describes it
   # Precision and runtime settings are the caller's, as for any checkpoint.
-  decoder = dataclasses.replace(saved.decoder, **{k: getattr(base.decoder, k) for k in
-                                                  ("dtype", "param_dtype", "scan_layers", "remat_policy")})
+  decoder = dataclasses.replace(
+      saved.decoder, **{k: getattr(base.decoder, k) for k in ("dtype", "param_dtype", "scan_layers", "remat_policy")}
+  )
   precision = dict(dtype=base.decoder.dtype, param_dtype=base.decoder.param_dtype)
   return dataclasses.replace(
-      saved, decoder=decoder, vision=saved.vision and dataclasses.replace(saved.vision, **precision),
-      projector=dataclasses.replace(saved.projector, **precision))
+      saved,
+      decoder=decoder,
+      vision=saved.vision and dataclasses.replace(saved.vision, **precision),
+      projector=dataclasses.replace(saved.projector, **precision),
+  )
 
 
 def unused_hf_state(cfg: LLVMConfig, hf_dir: str) -> dict[str, np.ndarray]:
@@ -309,8 +339,11 @@ def config_differences(ours: LLVMConfig, theirs: LLVMConfig) -> list[str]:
   blocks, which a checkpoint does not have, are not compared)."""
   a, b = tree_utils.flatten(ours.to_dict()), tree_utils.flatten(theirs.to_dict())
   skip = lambda k: any(part in _RUNTIME_FIELDS for part in k.split("/"))
-  return [f"model.{k.replace('/', '.')}: config {a.get(k)!r}, checkpoint {b.get(k)!r}"
-          for k in sorted(set(a) | set(b)) if not skip(k) and a.get(k) != b.get(k)]
+  return [
+      f"model.{k.replace('/', '.')}: config {a.get(k)!r}, checkpoint {b.get(k)!r}"
+      for k in sorted(set(a) | set(b))
+      if not skip(k) and a.get(k) != b.get(k)
+  ]
 
 
 def checkpoint_differences(cfg: LLVMConfig, hf_dir: str) -> list[str]:

@@ -60,8 +60,11 @@ def unused_tower_state(checkpoint: str, cfg: Any, step: int | None = None, depth
     return _read_file(saved)
   if config.get("init_hf", ""):
     if not os.path.isdir(config.init_hf):
-      print(f"warning: init_hf={config.init_hf} is gone; the tower layers the model does not use are not written "
-            "(transformers will initialise them)", file=sys.stderr)
+      print(
+          f"warning: init_hf={config.init_hf} is gone; the tower layers the model does not use are not written "
+          "(transformers will initialise them)",
+          file=sys.stderr,
+      )
       return {}
     return convert.unused_hf_state(cfg, config.init_hf)
   if config.get("init_checkpoint", "") and depth < 16:
@@ -83,14 +86,21 @@ def image_processor_for(data_cfg: Any, cfg: Any):
   side = {"height": spec.image_size, "width": spec.image_size}
   common = dict(image_mean=list(spec.mean), image_std=list(spec.std), do_convert_rgb=True)
   if spec.kind == "internvl":
-    return transformers.GotOcr2ImageProcessor(size=side, crop_to_patches=True, max_patches=spec.max_tiles,
-                                              min_patches=1, **common)
+    return transformers.GotOcr2ImageProcessor(
+        size=side, crop_to_patches=True, max_patches=spec.max_tiles, min_patches=1, **common
+    )
   if spec.kind == "siglip" or spec.aspect_mode == "resize":
     cls = transformers.SiglipImageProcessor if spec.kind == "siglip" else transformers.CLIPImageProcessor
-    return cls(size=side, do_center_crop=False, **common) if cls is transformers.CLIPImageProcessor else cls(size=side, **common)
+    return (
+        cls(size=side, do_center_crop=False, **common)
+        if cls is transformers.CLIPImageProcessor
+        else cls(size=side, **common)
+    )
   if spec.aspect_mode == "crop":
     return transformers.CLIPImageProcessor(size={"shortest_edge": spec.image_size}, crop_size=side, **common)
-  return transformers.LlavaImageProcessor(size={"shortest_edge": spec.image_size}, crop_size=side, do_pad=True, **common)
+  return transformers.LlavaImageProcessor(
+      size={"shortest_edge": spec.image_size}, crop_size=side, do_pad=True, **common
+  )
 
 
 def write_processor(out: str, cfg: Any, tokenizer: Any, image_processor: Any, image_token: str) -> None:
@@ -103,22 +113,35 @@ def write_processor(out: str, cfg: Any, tokenizer: Any, image_processor: Any, im
     return
   if cfg.projector.kind == "pixel_shuffle_mlp":
     try:
-      transformers.InternVLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                     image_seq_length=cfg.tokens_per_image,
-                                     chat_template=tokenizer.chat_template).save_pretrained(out)
+      transformers.InternVLProcessor(
+          image_processor=image_processor,
+          tokenizer=tokenizer,
+          image_seq_length=cfg.tokens_per_image,
+          chat_template=tokenizer.chat_template,
+      ).save_pretrained(out)
     except Exception as e:  # InternVL's processor needs its special tokens in the tokenizer
       print(f"warning: no InternVL processor written ({e}); the tokenizer and image processor are", file=sys.stderr)
     return
   extra = 1 if cfg.vision.kind == "clip" else 0  # CLIP's CLS token, dropped by the 'default' strategy
   transformers.LlavaProcessor(
-      image_processor=image_processor, tokenizer=tokenizer, patch_size=cfg.vision.patch_size,
-      vision_feature_select_strategy=cfg.vision.feature_select, chat_template=tokenizer.chat_template,
-      image_token=image_token, num_additional_image_tokens=extra,
+      image_processor=image_processor,
+      tokenizer=tokenizer,
+      patch_size=cfg.vision.patch_size,
+      vision_feature_select_strategy=cfg.vision.feature_select,
+      chat_template=tokenizer.chat_template,
+      image_token=image_token,
+      num_additional_image_tokens=extra,
   ).save_pretrained(out)
 
 
-def to_hf(checkpoint: str, out: str, step: int | None = None, allow_custom: bool = False, dtype: str = "float32",
-          max_shard_bytes: int = 5 << 30) -> str:
+def to_hf(
+    checkpoint: str,
+    out: str,
+    step: int | None = None,
+    allow_custom: bool = False,
+    dtype: str = "float32",
+    max_shard_bytes: int = 5 << 30,
+) -> str:
   """Exports a run's checkpoint to a transformers directory (see the module docstring)."""
   import transformers  # lazy: a heavy import, kept off the CLI's startup
 
@@ -130,8 +153,9 @@ def to_hf(checkpoint: str, out: str, step: int | None = None, allow_custom: bool
   tok = predictor.tokenizer
   ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
   extra = unused_tower_state(checkpoint, cfg, step) if cfg.vision is not None else {}
-  convert.to_hf(cfg, params, out, dtype, allow_custom=allow_custom, extra_state=extra,
-                max_shard_bytes=max_shard_bytes, **ids)
+  convert.to_hf(
+      cfg, params, out, dtype, allow_custom=allow_custom, extra_state=extra, max_shard_bytes=max_shard_bytes, **ids
+  )
   if cfg.vision is not None:
     write_processor(out, cfg, tok, image_processor_for(predictor.data_config, cfg), predictor.image_token)
   else:
@@ -151,8 +175,12 @@ def from_hf(hf_dir: str, out: str) -> str:
       shutil.copy2(src, assets)
   config = _hf_config_module().get_config(f"dir={assets}")
   model_cfg = config_utils.model_config(config)
-  model, params = convert.from_hf(hf_dir, dtype=model_cfg.decoder.dtype, param_dtype=model_cfg.decoder.param_dtype,
-                                  scan_layers=model_cfg.decoder.scan_layers)
+  model, params = convert.from_hf(
+      hf_dir,
+      dtype=model_cfg.decoder.dtype,
+      param_dtype=model_cfg.decoder.param_dtype,
+      scan_layers=model_cfg.decoder.scan_layers,
+  )
   with config.unlocked():
     config.model = config_utils.model_block(model.config)  # techniques of an allow_custom export included
     config.init_hf = ""  # the weights are in this checkpoint
@@ -161,23 +189,30 @@ def from_hf(hf_dir: str, out: str) -> str:
   if model.config.vision is not None:
     save_file(convert.unused_hf_state(model.config, hf_dir), os.path.join(out, UNUSED_FILE))
   mngr = ckpt.manager(out, save_every=1, keep=1, async_save=False)
-  mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                       config=ocp.args.JsonSave(config.to_dict())), force=True)
+  mngr.save(
+      0,
+      args=ocp.args.Composite(params=ocp.args.StandardSave(params), config=ocp.args.JsonSave(config.to_dict())),
+      force=True,
+  )
   mngr.wait_until_finished()
   mngr.close()
   return out
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m llvm_jax.convert", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      prog="python -m llvm_jax.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   sub = parser.add_subparsers(dest="command", required=True)
   export = sub.add_parser("to_hf", help="a run's checkpoint -> a transformers directory")
   export.add_argument("--checkpoint", required=True, help="a workdir, its checkpoints/ folder or one step's folder")
   export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   export.add_argument("--out", required=True)
-  export.add_argument("--allow_custom", action="store_true",
-                      help="export a model with techniques (no transformers equivalent) with llvm_jax_config.json")
+  export.add_argument(
+      "--allow_custom",
+      action="store_true",
+      help="export a model with techniques (no transformers equivalent) with llvm_jax_config.json",
+  )
   export.add_argument("--dtype", default="float32", help="dtype of the written weights")
   export.add_argument("--max_shard_mb", type=float, default=5 * 1024, help="safetensors shard size")
   imp = sub.add_parser("from_hf", help="a transformers directory -> a run's checkpoint (step 0)")
@@ -186,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     if args.command == "to_hf":
-      path = to_hf(args.checkpoint, args.out, args.step, args.allow_custom, args.dtype,
-                   int(args.max_shard_mb * (1 << 20)))
+      path = to_hf(
+          args.checkpoint, args.out, args.step, args.allow_custom, args.dtype, int(args.max_shard_mb * (1 << 20))
+      )
     else:
       path = from_hf(args.hf, args.out)
   except (convert.CustomModelError, FileNotFoundError) as e:

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -113,9 +113,7 @@ def rule(hf: str, ours: str | Sequence[str], hook: Hook = IDENTITY) -> Rule:
 def per_layer(num_layers: int, rules: Sequence[Rule]) -> list[Rule]:
   """Expands `{i}` in the rules' keys and paths over layers 0..num_layers-1."""
   return [
-      Rule(r.hf.format(i=i), tuple(o.format(i=i) for o in r.ours), r.hook)
-      for i in range(num_layers)
-      for r in rules
+      Rule(r.hf.format(i=i), tuple(o.format(i=i) for o in r.ours), r.hook) for i in range(num_layers) for r in rules
   ]
 
 
@@ -126,10 +124,10 @@ class Table:
   rules: tuple[Rule, ...]
   ignore: tuple[str, ...] = ()
 
-  def __add__(self, other: "Table") -> "Table":
+  def __add__(self, other: Table) -> Table:
     return Table(self.rules + other.rules, self.ignore + other.ignore)
 
-  def with_prefixes(self, hf_prefix: str, ours_prefix: str) -> "Table":
+  def with_prefixes(self, hf_prefix: str, ours_prefix: str) -> Table:
     """The same table under an HF key prefix and one of our subtree names."""
     return Table(
         tuple(Rule(hf_prefix + r.hf, tuple(f"{ours_prefix}/{o}" for o in r.ours), r.hook) for r in self.rules),
@@ -138,10 +136,7 @@ class Table:
 
 
 def hf_to_ours(
-    state: Mapping[str, np.ndarray],
-    table: Table,
-    expected: Mapping[str, tuple[int, ...]],
-    context: str = "",
+    state: Mapping[str, np.ndarray], table: Table, expected: Mapping[str, tuple[int, ...]], context: str = ""
 ) -> Params:
   """Converts an HF state dict with `table`; `expected` maps our flat paths to shapes.
 

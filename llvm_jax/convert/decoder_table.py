@@ -36,10 +36,16 @@ def decoder_table(cfg: DecoderConfig, body: str = "model.", head: str = "") -> T
     ]
   else:
     for name, heads in (("q", h), ("k", kv), ("v", kv)):
-      rules.append(rule(layer + f"self_attn.{name}_proj.weight", f"layers_{{i}}/attn/{name}/kernel", linear((heads, d))))
+      rules.append(
+          rule(layer + f"self_attn.{name}_proj.weight", f"layers_{{i}}/attn/{name}/kernel", linear((heads, d)))
+      )
       if cfg.qkv_bias:
         rules.append(
-            rule(layer + f"self_attn.{name}_proj.bias", f"layers_{{i}}/attn/{name}/bias", reshape((heads, d), (heads * d,)))
+            rule(
+                layer + f"self_attn.{name}_proj.bias",
+                f"layers_{{i}}/attn/{name}/bias",
+                reshape((heads, d), (heads * d,)),
+            )
         )
     rules += [
         rule(layer + "mlp.gate_proj.weight", "layers_{i}/mlp/gate/kernel", linear()),
@@ -53,4 +59,3 @@ def decoder_table(cfg: DecoderConfig, body: str = "model.", head: str = "") -> T
     table.append(rule(head + "lm_head.weight", "lm_head/kernel", linear()))
   ignore = (r".*rotary_emb\.inv_freq",) + ((re.escape(head) + r"lm_head\.weight",) if cfg.tie_embeddings else ())
   return Table(tuple(table), ignore)
-

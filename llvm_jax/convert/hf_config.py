@@ -12,14 +12,19 @@ _FAMILIES = {"llama": "llama", "qwen2": "qwen2", "phi3": "phi3"}
 def rope_from_hf(params: dict[str, Any] | None) -> RopeConfig:
   params = dict(params or {})
   kind = params.pop("rope_type", params.pop("type", "default"))
-  fields = {
-      "theta": params.pop("rope_theta", 10000.0),
-      "type": kind,
-  }
+  fields = {"theta": params.pop("rope_theta", 10000.0), "type": kind}
   for key in (
-      "factor", "partial_rotary_factor", "low_freq_factor", "high_freq_factor",
-      "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
-      "truncate", "attention_factor",
+      "factor",
+      "partial_rotary_factor",
+      "low_freq_factor",
+      "high_freq_factor",
+      "original_max_position_embeddings",
+      "beta_fast",
+      "beta_slow",
+      "mscale",
+      "mscale_all_dim",
+      "truncate",
+      "attention_factor",
   ):
     if params.get(key) is not None:
       fields[key] = params.pop(key)
@@ -39,8 +44,16 @@ def rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
   per_type = {
       "linear": ("factor",),
       "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-      "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
-               "mscale_all_dim", "truncate", "attention_factor"),
+      "yarn": (
+          "factor",
+          "original_max_position_embeddings",
+          "beta_fast",
+          "beta_slow",
+          "mscale",
+          "mscale_all_dim",
+          "truncate",
+          "attention_factor",
+      ),
       "longrope": ("factor", "original_max_position_embeddings", "attention_factor", "short_factor", "long_factor"),
   }
   for key in per_type.get(rope.type, ()):

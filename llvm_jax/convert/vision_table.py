@@ -108,7 +108,9 @@ def vision_table(cfg: VisionConfig, prefix: str = "") -> Table:
           rule(layer + "layernorm_after.bias", "layers_{i}/norm2/bias"),
       ]
     for name in ("q", "k", "v"):
-      layer_rules.append(rule(layer + f"attention.{name}_proj.weight", f"layers_{{i}}/attn/{name}/kernel", linear((h, d))))
+      layer_rules.append(
+          rule(layer + f"attention.{name}_proj.weight", f"layers_{{i}}/attn/{name}/kernel", linear((h, d)))
+      )
       if cfg.qkv_bias:
         layer_rules.append(rule(layer + f"attention.{name}_proj.bias", f"layers_{{i}}/attn/{name}/bias", head_split))
     if cfg.qk_norm:

@@ -47,7 +47,9 @@ def make_config(name: str, config: str | None, overrides: list[str]):
   valid = {f.name for f in dataclasses.fields(base)}
   unknown = sorted(set(fields) - valid)
   if unknown:
-    raise SystemExit(f"unknown config field(s) {unknown}; valid: {sorted(valid - {'name', 'version', 'release_notes', 'supported_versions', 'tags'})}")
+    raise SystemExit(
+        f"unknown config field(s) {unknown}; valid: {sorted(valid - {'name', 'version', 'release_notes', 'supported_versions', 'tags'})}"
+    )
   for key, value in fields.items():
     if isinstance(value, list):
       fields[key] = tuple(value)

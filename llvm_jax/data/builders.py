@@ -91,11 +91,15 @@ def _load_json_records(path: epath.Path) -> list[tuple[str, Any]]:
     data = json.loads(raw.decode("utf-8"))
   except UnicodeDecodeError as e:
     line = raw[: e.start].count(b"\n") + 1
-    raise ValueError(f"{path}:{line}: not UTF-8 (byte offset {e.start}); a JSON list is read whole, so fix the file "
-                     "(or convert it to JSONL, whose bad lines are skipped and counted)") from None
+    raise ValueError(
+        f"{path}:{line}: not UTF-8 (byte offset {e.start}); a JSON list is read whole, so fix the file "
+        "(or convert it to JSONL, whose bad lines are skipped and counted)"
+    ) from None
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}); a JSON list is read whole, so fix the "
-                     "file (or convert it to JSONL, whose bad lines are skipped and counted)") from None
+    raise ValueError(
+        f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}); a JSON list is read whole, so fix the "
+        "file (or convert it to JSONL, whose bad lines are skipped and counted)"
+    ) from None
   if isinstance(data, Mapping) and isinstance(data.get("data"), list):
     data = data["data"]
   if not isinstance(data, list):
@@ -179,17 +183,23 @@ class _LocalFilesMixin:
       return path
 
     if cfg.json_files:
-      files = {split: [resolve(p) for p in ([v] if isinstance(v, str) else v)] for split, v in dict(cfg.json_files).items()}
+      files = {
+          split: [resolve(p) for p in ([v] if isinstance(v, str) else v)] for split, v in dict(cfg.json_files).items()
+      }
     else:
       if manual is None or not manual.exists():
-        raise ValueError(f"{self.name}: no json_files in the config and no manual dir. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+        raise ValueError(
+            f"{self.name}: no json_files in the config and no manual dir. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+        )
       files = {}
       for split in ("train", "validation", "test"):
         for ext in (".json", ".jsonl"):
           if (manual / f"{split}{ext}").exists():
             files.setdefault(split, []).append(manual / f"{split}{ext}")
       if not files:
-        raise ValueError(f"{self.name}: no train/validation/test .json(l) in {manual}. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+        raise ValueError(
+            f"{self.name}: no train/validation/test .json(l) in {manual}. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+        )
     for paths in files.values():
       for p in paths:
         if not p.exists():
@@ -216,7 +226,9 @@ class _LocalFilesMixin:
         "image_paths": tfds.features.Sequence(tfds.features.Text()),
         **self._record_features(),
     }
-    return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION, features=tfds.features.FeaturesDict(features))
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.DESCRIPTION, features=tfds.features.FeaturesDict(features)
+    )
 
   def _record_features(self) -> dict[str, Any]:
     """The builder's features besides id, images and image_paths."""
@@ -296,12 +308,38 @@ class SyntheticVqa(_CodePathMixin, tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
-      SyntheticVqaConfig(name="tiny", description="256/64/64 samples, 32 px, 2x2 grid", num_train=256, num_validation=64, num_test=64, image_size=32),
-      SyntheticVqaConfig(name="small", description="4000/500/500 samples, 64 px, 2x2 grid", num_train=4000, num_validation=500, num_test=500),
+      SyntheticVqaConfig(
+          name="tiny",
+          description="256/64/64 samples, 32 px, 2x2 grid",
+          num_train=256,
+          num_validation=64,
+          num_test=64,
+          image_size=32,
+      ),
+      SyntheticVqaConfig(
+          name="small",
+          description="4000/500/500 samples, 64 px, 2x2 grid",
+          num_train=4000,
+          num_validation=500,
+          num_test=500,
+      ),
       # The demo's: the same test split as 'small' (samples are functions of (seed, split, index)),
       # ten times the training images, so a tiny model generalises instead of memorising.
-      SyntheticVqaConfig(name="large", description="40000/500/500 samples, 64 px, 2x2 grid", num_train=40000, num_validation=500, num_test=500),
-      SyntheticVqaConfig(name="grid3", description="8000/500/500 samples, 64 px, 3x3 grid", num_train=8000, num_validation=500, num_test=500, grid=3),
+      SyntheticVqaConfig(
+          name="large",
+          description="40000/500/500 samples, 64 px, 2x2 grid",
+          num_train=40000,
+          num_validation=500,
+          num_test=500,
+      ),
+      SyntheticVqaConfig(
+          name="grid3",
+          description="8000/500/500 samples, 64 px, 3x3 grid",
+          num_train=8000,
+          num_validation=500,
+          num_test=500,
+          grid=3,
+      ),
   ]
   DEFAULT_CONFIG_NAME = "small"
 
@@ -441,7 +479,13 @@ class Preference(_CodePathMixin, _LocalFilesMixin, tfds.core.GeneratorBasedBuild
 BUILDERS = {"synthetic_vqa": SyntheticVqa, "llava_instruct": LlavaInstruct, "preference": Preference}
 
 
-def make_builder(name: str, data_dir: str | os.PathLike, config: str | tfds.core.BuilderConfig | None = None, *, strict: bool | None = None):
+def make_builder(
+    name: str,
+    data_dir: str | os.PathLike,
+    config: str | tfds.core.BuilderConfig | None = None,
+    *,
+    strict: bool | None = None,
+):
   """The builder `name` (one of BUILDERS, optionally 'name/config') writing ArrayRecord to data_dir."""
   if "/" in name:
     if config is not None:
@@ -480,9 +524,7 @@ def build_dataset(
     if builder.data_path.exists():
       builder.data_path.rmtree()
   download_config = tfds.download.DownloadConfig(
-      manual_dir=None if manual_dir is None else os.fspath(manual_dir),
-      download_mode=mode,
-      try_download_gcs=False,
+      manual_dir=None if manual_dir is None else os.fspath(manual_dir), download_mode=mode, try_download_gcs=False
   )
   builder.download_and_prepare(file_format="array_record", download_config=download_config)
   if builder.skip_reports:
@@ -499,4 +541,6 @@ def dataset_dir(name: str, data_dir: str | os.PathLike) -> epath.Path | None:
   versions = [p for p in base.iterdir() if p.is_dir() and (p / "dataset_info.json").exists()]
   if not versions:
     return None
-  return max(versions, key=lambda p: tuple(int(x) for x in p.name.split(".")) if p.name.replace(".", "").isdigit() else (-1,))
+  return max(
+      versions, key=lambda p: tuple(int(x) for x in p.name.split(".")) if p.name.replace(".", "").isdigit() else (-1,)
+  )

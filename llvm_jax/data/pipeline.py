@@ -427,11 +427,7 @@ def _make_loader(
 ) -> grain.DataLoader:
   """A grain DataLoader over this process's shard (sharding is done by `shard`, not by grain)."""
   sampler = grain.IndexSampler(
-      num_records=len(shard),
-      shard_options=grain.NoSharding(),
-      shuffle=s.shuffle,
-      num_epochs=num_epochs,
-      seed=s.seed,
+      num_records=len(shard), shard_options=grain.NoSharding(), shuffle=s.shuffle, num_epochs=num_epochs, seed=s.seed
   )
   return grain.DataLoader(
       data_source=shard,

@@ -89,15 +89,24 @@ class SkipReport:
     # A detail can quote the record's own text, lone surrogates included, which a UTF-8 log handler
     # (or pytest-xdist's report channel) cannot write: escape them.
     detail = str(detail).encode("utf-8", "backslashreplace").decode("utf-8") if detail else ""
-    log.warning("%sskipping record id=%r: %s%s", f"[{self.name}] " if self.name else "", record_id,
-                reason, f" ({detail})" if detail else "")
+    log.warning(
+        "%sskipping record id=%r: %s%s",
+        f"[{self.name}] " if self.name else "",
+        record_id,
+        reason,
+        f" ({detail})" if detail else "",
+    )
 
   @property
   def total(self) -> int:
     return sum(self.counts.values())
 
   def to_dict(self) -> dict[str, Any]:
-    return {"written": self.written, "skipped": dict(self.counts), "skipped_ids": {k: list(v) for k, v in self.ids.items()}}
+    return {
+        "written": self.written,
+        "skipped": dict(self.counts),
+        "skipped_ids": {k: list(v) for k, v in self.ids.items()},
+    }
 
   def summary(self) -> str:
     head = f"{self.name}: " if self.name else ""
@@ -120,8 +129,9 @@ def as_text(value: Any, what: str) -> str:
     try:  # valid JSON can hold lone surrogates ("\ud800"), which no UTF-8 writer accepts
       value.encode("utf-8")
     except UnicodeEncodeError as e:
-      raise SampleError("malformed_record",
-                        f"{what} is not valid Unicode (lone surrogate at character {e.start})") from None
+      raise SampleError(
+          "malformed_record", f"{what} is not valid Unicode (lone surrogate at character {e.start})"
+      ) from None
     return value
   raise SampleError("malformed_record", f"{what} must be text, got {type(value).__name__}")
 
@@ -188,7 +198,9 @@ def normalize_conversation(conversations: Any, num_images: int) -> list[tuple[st
   for k, (role, text) in enumerate(body):
     expected = USER if k % 2 == 0 else ASSISTANT
     if role != expected:
-      raise SampleError("malformed_conversation", f"turn {k} is {role!r}, expected {expected!r} (turns must alternate human/gpt)")
+      raise SampleError(
+          "malformed_conversation", f"turn {k} is {role!r}, expected {expected!r} (turns must alternate human/gpt)"
+      )
     if role == ASSISTANT and not text.strip():
       raise SampleError("malformed_conversation", f"turn {k}: empty answer")
     if role == USER and not text.strip():
@@ -330,7 +342,9 @@ def to_example(record: Mapping[str, Any]) -> Example:
     if fields["chosen"].strip() == fields["rejected"].strip():
       raise SampleError("malformed_record", "chosen and rejected answers are identical")
     convs = [
-        normalize_conversation([{"from": "human", "value": fields["question"]}, {"from": "gpt", "value": fields[k]}], len(images))
+        normalize_conversation(
+            [{"from": "human", "value": fields["question"]}, {"from": "gpt", "value": fields[k]}], len(images)
+        )
         for k in ("chosen", "rejected")
     ]
     return Example(rid, images, convs, answer=fields["chosen"], is_preference=True)
@@ -338,6 +352,8 @@ def to_example(record: Mapping[str, Any]) -> Example:
     question = as_text(record["question"], "question")
     answer = as_text(record["answer"], "answer")
     options = [as_text(o, "option") for o in list(record.get("options", None) or [])]
-    turns = normalize_conversation([{"from": "human", "value": question}, {"from": "gpt", "value": answer}], len(images))
+    turns = normalize_conversation(
+        [{"from": "human", "value": question}, {"from": "gpt", "value": answer}], len(images)
+    )
     return Example(rid, images, [turns], answer=answer, options=options)
   raise SampleError("malformed_record", f"unrecognised record with keys {sorted(record)}")

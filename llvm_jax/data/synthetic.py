@@ -234,6 +234,7 @@ def preference_records(records: Sequence[Mapping[str, Any]], seed: int = 0) -> l
   (a plausible, wrong answer: a colour for a colour question, a count for a count question...).
   Records whose type has a single answer are left out.
   """
+
   def text(value):
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -251,6 +252,13 @@ def preference_records(records: Sequence[Mapping[str, Any]], seed: int = 0) -> l
       wrong = sorted(answers_by_type[text(rec["question_type"])] - {answer})
     if not wrong:
       continue
-    out.append({"id": text(rec["id"]), "image": rec["image"], "question": text(rec["question"]),
-                "chosen": answer, "rejected": wrong[int(rng.integers(len(wrong)))]})
+    out.append(
+        {
+            "id": text(rec["id"]),
+            "image": rec["image"],
+            "question": text(rec["question"]),
+            "chosen": answer,
+            "rejected": wrong[int(rng.integers(len(wrong)))],
+        }
+    )
   return out

@@ -121,8 +121,9 @@ class ChatEncoder:
     ids = np.asarray(enc["input_ids"], np.int32)
     offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
     spans = self._content_spans(msgs, text)
-    literal = [k for k in range(len(ids)) if int(ids[k]) in self._special_ids
-               and any(a <= offsets[k, 0] < b for a, b in spans)]
+    literal = [
+        k for k in range(len(ids)) if int(ids[k]) in self._special_ids and any(a <= offsets[k, 0] < b for a, b in spans)
+    ]
     if not literal:
       return ids, offsets
     # A special token spelled out inside a message's text: re-tokenise its characters as plain text.
@@ -131,8 +132,9 @@ class ChatEncoder:
       out_ids.append(ids[prev:k])
       out_offsets.append(offsets[prev:k])
       a, b = int(offsets[k, 0]), int(offsets[k, 1])
-      piece = self.tokenizer(text[a:b], add_special_tokens=False, return_offsets_mapping=True,
-                             split_special_tokens=True)
+      piece = self.tokenizer(
+          text[a:b], add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True
+      )
       out_ids.append(np.asarray(piece["input_ids"], np.int32))
       out_offsets.append(np.asarray(piece["offset_mapping"], np.int64).reshape(-1, 2) + a)
       prev = k + 1
@@ -162,7 +164,9 @@ class ChatEncoder:
     counts[where] = np.asarray(tiles_per_image, np.int64) * self.num_image_tokens
     ends = np.cumsum(counts)
     runs = [(int(ends[k] - counts[k]), int(ends[k])) for k in where]
-    return Encoded(np.repeat(ids, counts).astype(np.int32), np.repeat(loss & (ids != self.image_token_id), counts), runs)
+    return Encoded(
+        np.repeat(ids, counts).astype(np.int32), np.repeat(loss & (ids != self.image_token_id), counts), runs
+    )
 
   def encode(self, turns: list[tuple[str, str]], tiles_per_image: list[int]) -> Encoded:
     """Training form: the whole conversation, `loss` True on answer tokens (eos included)."""

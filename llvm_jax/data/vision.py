@@ -97,13 +97,26 @@ def make_vision_spec(
     if diff:
       raise ValueError(f"data settings contradict the image processor in {processor}: " + ", ".join(diff))
     mean, std, default_mode = hf["mean"], hf["std"], hf["aspect_mode"]
-  return VisionSpec(kind, int(image_size), aspect_mode or default_mode, mean, std, int(max_tiles), bool(use_thumbnail),
-                    grid, processor)
+  return VisionSpec(
+      kind,
+      int(image_size),
+      aspect_mode or default_mode,
+      mean,
+      std,
+      int(max_tiles),
+      bool(use_thumbnail),
+      grid,
+      processor,
+  )
 
 
 # Image-processor classes of transformers -> our preprocessing kind.
-_PROCESSOR_KINDS = {"CLIPImageProcessor": "clip", "LlavaImageProcessor": "clip", "SiglipImageProcessor": "siglip",
-                    "GotOcr2ImageProcessor": "internvl"}
+_PROCESSOR_KINDS = {
+    "CLIPImageProcessor": "clip",
+    "LlavaImageProcessor": "clip",
+    "SiglipImageProcessor": "siglip",
+    "GotOcr2ImageProcessor": "internvl",
+}
 
 
 @functools.lru_cache(maxsize=8)
@@ -134,17 +147,27 @@ def processor_settings(path: str) -> dict[str, Any]:
   kind = _PROCESSOR_KINDS.get(name)
   if kind is None:
     raise ValueError(f"image processor {name} in {path} unsupported; supported: {sorted(_PROCESSOR_KINDS)}")
-  out: dict[str, Any] = {"kind": kind, "mean": tuple(float(v) for v in proc.image_mean),
-                         "std": tuple(float(v) for v in proc.image_std)}
+  out: dict[str, Any] = {
+      "kind": kind,
+      "mean": tuple(float(v) for v in proc.image_mean),
+      "std": tuple(float(v) for v in proc.image_std),
+  }
   if kind == "internvl":
-    out.update(image_size=_side(proc.size), aspect_mode="tile", max_tiles=int(getattr(proc, "max_patches", 12)),
-               use_thumbnail=True)
+    out.update(
+        image_size=_side(proc.size),
+        aspect_mode="tile",
+        max_tiles=int(getattr(proc, "max_patches", 12)),
+        use_thumbnail=True,
+    )
   elif getattr(proc, "do_pad", False):
-    out.update(image_size=_side(proc.crop_size if getattr(proc, "do_center_crop", False) else proc.size),
-               aspect_mode="pad")
+    out.update(
+        image_size=_side(proc.crop_size if getattr(proc, "do_center_crop", False) else proc.size), aspect_mode="pad"
+    )
   elif getattr(proc, "do_center_crop", False):
     if _side(proc.size) != _side(proc.crop_size):
-      raise ValueError(f"{path}: resize to {proc.size} then crop to {proc.crop_size} is not supported (equal sides only)")
+      raise ValueError(
+          f"{path}: resize to {proc.size} then crop to {proc.crop_size} is not supported (equal sides only)"
+      )
     out.update(image_size=_side(proc.crop_size), aspect_mode="crop")
   else:
     out.update(image_size=_side(proc.size), aspect_mode="resize")
@@ -225,7 +248,9 @@ def tile_grid(width: int, height: int, min_num: int = 1, max_num: int = 12, imag
   return find_closest_aspect_ratio(width / height, _target_ratios(min_num, max_num), width, height, image_size)
 
 
-def dynamic_preprocess(image: Image.Image, min_num=1, max_num=12, image_size=448, use_thumbnail=False) -> list[Image.Image]:
+def dynamic_preprocess(
+    image: Image.Image, min_num=1, max_num=12, image_size=448, use_thumbnail=False
+) -> list[Image.Image]:
   """InternVL's dynamic_preprocess: tiles of image_size (row-major) + optional thumbnail."""
   orig_width, orig_height = image.size
   target_aspect_ratio = tile_grid(orig_width, orig_height, min_num, max_num, image_size)
@@ -236,7 +261,12 @@ def dynamic_preprocess(image: Image.Image, min_num=1, max_num=12, image_size=448
   cols = target_width // image_size
   processed = []
   for i in range(blocks):
-    box = ((i % cols) * image_size, (i // cols) * image_size, ((i % cols) + 1) * image_size, ((i // cols) + 1) * image_size)
+    box = (
+        (i % cols) * image_size,
+        (i // cols) * image_size,
+        ((i % cols) + 1) * image_size,
+        ((i // cols) + 1) * image_size,
+    )
     processed.append(resized_img.crop(box))
   if use_thumbnail and len(processed) != 1:
     processed.append(image.resize((image_size, image_size)))
@@ -322,7 +352,8 @@ def data_settings_from_dir(path: str, tower_kind: str, tower_image_size: int) ->
     out.update(image_processor=path, image_size=hf["image_size"], aspect_mode=hf["aspect_mode"])
     if kind == "internvl":
       out["max_tiles"] = hf["max_tiles"]
-  spec = make_vision_spec(kind, out["image_size"], out.get("aspect_mode"), out.get("max_tiles", 6),
-                          processor=out["image_processor"])
+  spec = make_vision_spec(
+      kind, out["image_size"], out.get("aspect_mode"), out.get("max_tiles", 6), processor=out["image_processor"]
+  )
   check_matches_tower(spec, tower_kind)
   return out

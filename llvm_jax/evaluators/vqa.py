@@ -12,7 +12,8 @@ from __future__ import annotations
 import collections
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -64,8 +65,11 @@ class GenerativeEvaluator:
 
   def _batches(self):
     return make_iterator(
-        self.data_config, self.tokenizer, num_image_tokens=self.model.config.tokens_per_image,
-        image_token=self.image_token, mode="eval",
+        self.data_config,
+        self.tokenizer,
+        num_image_tokens=self.model.config.tokens_per_image,
+        image_token=self.image_token,
+        mode="eval",
     )
 
   def predict(self, params: Any) -> list[dict[str, Any]]:
@@ -83,13 +87,15 @@ class GenerativeEvaluator:
       new_tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
       for r in np.flatnonzero(rows):
         ids = new_tokens[r, : lengths[r]].tolist()
-        records.append({
-            "id": _text(batch["id"][r]),
-            "question": _text(batch["question"][r]) if "question" in batch else "",
-            "prediction": self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
-            "answer": _text(batch["answer"][r]),
-            "options": [o for o in (_text(v) for v in batch["options"][r]) if o] if "options" in batch else [],
-        })
+        records.append(
+            {
+                "id": _text(batch["id"][r]),
+                "question": _text(batch["question"][r]) if "question" in batch else "",
+                "prediction": self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                "answer": _text(batch["answer"][r]),
+                "options": [o for o in (_text(v) for v in batch["options"][r]) if o] if "options" in batch else [],
+            }
+        )
         if self.max_examples and len(records) >= self.max_examples:
           return records
     return records
@@ -125,8 +131,11 @@ class GenerativeEvaluator:
     local = np.asarray([sums[k] for k in keys], np.float64)
     totals = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(keys)).sum(axis=0)
     total = dict(zip(keys, totals.tolist()))
-    metrics = {"accuracy": total["score"] / max(total["scored"], 1), "examples": int(total["scored"]),
-               "skipped": int(total["skipped"])}
+    metrics = {
+        "accuracy": total["score"] / max(total["scored"], 1),
+        "examples": int(total["scored"]),
+        "skipped": int(total["skipped"]),
+    }
     if self.baseline_split:
       metrics["chance"] = total["chance"] / max(total["scored"], 1)
     out_dir = os.path.join(self.workdir, "eval")

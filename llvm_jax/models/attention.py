@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -154,8 +155,12 @@ def _block_mask(mask: MaskInfo, q_start: Array, bq: int, k_start: Array, bk: int
   qs = lambda a: jax.lax.dynamic_slice_in_dim(a, q_start, bq, axis=1)
   ks = lambda a: jax.lax.dynamic_slice_in_dim(a, k_start, bk, axis=1)
   return masks_lib.pair_mask(
-      qs(mask.q_segment_ids), qs(mask.q_slots), qs(mask.q_positions),
-      ks(mask.kv_segment_ids), ks(mask.kv_slots), ks(mask.kv_positions),
+      qs(mask.q_segment_ids),
+      qs(mask.q_slots),
+      qs(mask.q_positions),
+      ks(mask.kv_segment_ids),
+      ks(mask.kv_slots),
+      ks(mask.kv_positions),
       mask.sliding_window,
   )
 
@@ -345,9 +350,14 @@ def splash_attention(
     )
   window = None if mask is None else mask.sliding_window
   block_sizes = sk.BlockSizes(
-      block_q=bq, block_kv=bk, block_kv_compute=bk,
-      block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk,
-      block_q_dq=bq, block_kv_dq=bk,
+      block_q=bq,
+      block_kv=bk,
+      block_kv_compute=bk,
+      block_q_dkv=bq,
+      block_kv_dkv=bk,
+      block_kv_dkv_compute=bk,
+      block_q_dq=bq,
+      block_kv_dq=bk,
   )
 
   def local(q, k, v, q_seg, kv_seg):
@@ -359,7 +369,10 @@ def splash_attention(
     else:
       head_mask = sm.LocalMask((t, s), window_size=(window - 1, 0), offset=0)  # causal, window keys
     kernel = sk.make_splash_mha(
-        sm.MultiHeadMask([head_mask] * q.shape[1]), block_sizes=block_sizes, head_shards=1, q_seq_shards=1,
+        sm.MultiHeadMask([head_mask] * q.shape[1]),
+        block_sizes=block_sizes,
+        head_shards=1,
+        q_seq_shards=1,
         interpret=interpret,
     )
     if q_seg is None:
@@ -419,7 +432,13 @@ def _in_shard_map(fn: Callable[..., Array], args: tuple[Array, ...], segs: tuple
   qkv_spec = jax.sharding.PartitionSpec(batch_spec, head_axes or None)
   seg_spec = jax.sharding.PartitionSpec(batch_spec)
   if segs[0] is None:
-    return jax.shard_map(lambda q, k, v: fn(q, k, v, None, None), mesh=mesh, in_specs=(qkv_spec,) * 3,
-                         out_specs=qkv_spec, check_vma=False)(*args)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,) * 2, out_specs=qkv_spec,
-                       check_vma=False)(*args, *segs)
+    return jax.shard_map(
+        lambda q, k, v: fn(q, k, v, None, None),
+        mesh=mesh,
+        in_specs=(qkv_spec,) * 3,
+        out_specs=qkv_spec,
+        check_vma=False,
+    )(*args)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,) * 2, out_specs=qkv_spec, check_vma=False)(
+      *args, *segs
+  )

@@ -240,19 +240,19 @@ class DecoderConfig:
     if self.family not in ("llama", "qwen2", "phi3"):
       raise ValueError(f"decoder.family must be llama, qwen2 or phi3, got {self.family!r}")
     if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f"decoder.attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention_impl!r}")
-    if self.num_heads % self.num_kv_heads:
       raise ValueError(
-          f"decoder.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+          f"decoder.attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention_impl!r}"
       )
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"decoder.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.trol is not None and self.trol.layers is not None:
       trol_layers = self.trol.layers
-      if not trol_layers or len(set(trol_layers)) != len(trol_layers) or not all(
-          0 <= i < self.num_layers for i in trol_layers
+      if (
+          not trol_layers
+          or len(set(trol_layers)) != len(trol_layers)
+          or not all(0 <= i < self.num_layers for i in trol_layers)
       ):
-        raise ValueError(
-            f"decoder.trol.layers={trol_layers}: need distinct layer indices in [0, {self.num_layers})"
-        )
+        raise ValueError(f"decoder.trol.layers={trol_layers}: need distinct layer indices in [0, {self.num_layers})")
     if self.pmod is not None:
       if self.pmod.layers is not None and (
           len(set(self.pmod.layers)) != len(self.pmod.layers)
@@ -323,11 +323,15 @@ class VisionConfig:
       raise ValueError(f"vision.norm_type must be layer_norm or rms_norm, got {self.norm_type!r}")
     if self.kind != "internvit":
       odd = [
-          name for name, value, default in (
-              ("qkv_bias", self.qkv_bias, True), ("qk_norm", self.qk_norm, False),
-              ("norm_type", self.norm_type, "layer_norm"), ("layer_scale", self.layer_scale, False),
+          name
+          for name, value, default in (
+              ("qkv_bias", self.qkv_bias, True),
+              ("qk_norm", self.qk_norm, False),
+              ("norm_type", self.norm_type, "layer_norm"),
+              ("layer_scale", self.layer_scale, False),
               ("post_norm", self.post_norm, False),
-          ) if value != default
+          )
+          if value != default
       ]
       if odd:
         raise ValueError(f"vision.{', vision.'.join(odd)}: InternViT-only option(s) set for kind {self.kind!r}")
@@ -492,7 +496,7 @@ class LLVMConfig:
     return n
 
   @classmethod
-  def from_dict(cls, values: Mapping[str, Any]) -> "LLVMConfig":
+  def from_dict(cls, values: Mapping[str, Any]) -> LLVMConfig:
     """Builds the config from a (ConfigDict-like) mapping; unknown keys raise naming them."""
     if hasattr(values, "to_dict"):
       values = values.to_dict()
@@ -500,5 +504,3 @@ class LLVMConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
-
-

@@ -47,8 +47,13 @@ class Attention(nn.Module):
 
     def proj(heads: int, head_axis: str, name: str) -> Array:
       return layers.DenseGeneral(
-          (heads, cfg.head_dim), ("embed",), (head_axis, "head_dim"), use_bias=cfg.qkv_bias,
-          dtype=dtype, param_dtype=pdtype, name=name,
+          (heads, cfg.head_dim),
+          ("embed",),
+          (head_axis, "head_dim"),
+          use_bias=cfg.qkv_bias,
+          dtype=dtype,
+          param_dtype=pdtype,
+          name=name,
       )(x)
 
     q = proj(cfg.num_heads, "heads", "q")
@@ -67,8 +72,16 @@ class Attention(nn.Module):
         v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
         new_cache = {"k": k, "v": v}
         k, v = k.astype(dtype), v.astype(dtype)
-      out = attention.dot_product_attention(q, k, v, ctx.mask, cfg.head_dim**-0.5, ctx.attention_impl,
-                                          block_q=cfg.attention_block_size, block_kv=cfg.attention_block_size)
+      out = attention.dot_product_attention(
+          q,
+          k,
+          v,
+          ctx.mask,
+          cfg.head_dim**-0.5,
+          ctx.attention_impl,
+          block_q=cfg.attention_block_size,
+          block_kv=cfg.attention_block_size,
+      )
     out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", None))
     out = layers.DenseGeneral(
         (cfg.embed_dim,), ("heads", "head_dim"), ("embed",), dtype=dtype, param_dtype=pdtype, name="o"
@@ -152,8 +165,11 @@ def init_layer_params(config: DecoderConfig, rng: Array) -> Any:
 def init_stacked_layer_params(config: DecoderConfig, rng: Array) -> Any:
   """Every layer's parameters stacked on a leading 'layers' axis (the scanned layout)."""
   stacked = jax.lax.map(lambda key: init_layer_params(config, key), jax.random.split(rng, config.num_layers))
-  return jax.tree.map(lambda box: box.add_axis(0, {nn.PARTITION_NAME: "layers"}), stacked,
-                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return jax.tree.map(
+      lambda box: box.add_axis(0, {nn.PARTITION_NAME: "layers"}),
+      stacked,
+      is_leaf=lambda x: isinstance(x, nn.Partitioned),
+  )
 
 
 def stage_function(config: DecoderConfig, stage: Stage):
@@ -193,8 +209,9 @@ class Decoder(nn.Module):
     if cfg.scan_layers:
       self.stacked_params = self.param("layers", lambda rng: {"layer": init_stacked_layer_params(cfg, rng)})["layer"]
     else:
-      self.layer_params = [self.param(f"layers_{i}", lambda rng: init_layer_params(cfg, rng))
-                           for i in range(cfg.num_layers)]
+      self.layer_params = [
+          self.param(f"layers_{i}", lambda rng: init_layer_params(cfg, rng)) for i in range(cfg.num_layers)
+      ]
     for technique in techniques.active(cfg):
       if technique.param_name is not None:
         setattr(self, technique.param_name, technique.param_module(cfg))
@@ -247,21 +264,37 @@ class Decoder(nn.Module):
       k_positions = jax.lax.dynamic_update_slice(cache["positions"], positions, (0, write_index))
       k_slots = jnp.broadcast_to(jnp.arange(k_segments.shape[1], dtype=jnp.int32)[None], k_segments.shape)
       q_slots = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None] + write_index
-      mask = masks.MaskInfo(segment_ids, jnp.broadcast_to(q_slots, segment_ids.shape), positions, k_segments, k_slots,
-                            k_positions, cfg.sliding_window)
+      mask = masks.MaskInfo(
+          segment_ids,
+          jnp.broadcast_to(q_slots, segment_ids.shape),
+          positions,
+          k_segments,
+          k_slots,
+          k_positions,
+          cfg.sliding_window,
+      )
       layer_caches = cache["layers"]
     cos, sin = rope_cos_sin(positions, cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
     impl = attention.for_call(cfg.attention_impl, cached=cache is not None, initializing=self.is_initializing())
-    ctx = hooks.LayerContext(cos, sin, mask, write_index, vision_mask=vision_mask, layer_residuals=layer_residuals,
-                             num_vision=num_vision if vision_mask is not None else 0, decode=decode,
-                             attention_impl=impl)
+    ctx = hooks.LayerContext(
+        cos,
+        sin,
+        mask,
+        write_index,
+        vision_mask=vision_mask,
+        layer_residuals=layer_residuals,
+        num_vision=num_vision if vision_mask is not None else 0,
+        decode=decode,
+        attention_impl=impl,
+    )
 
     active = techniques.active(cfg)
     for technique in active:
       technique.check_call(cfg, vision_mask, segment_ids, num_vision)
     inputs = {
-        t.name: t.layer_inputs(cfg, getattr(self, t.param_name)() if t.param_name else None, ctx.num_vision,
-                               residual_layers)
+        t.name: t.layer_inputs(
+            cfg, getattr(self, t.param_name)() if t.param_name else None, ctx.num_vision, residual_layers
+        )
         for t in active
     }
     x, new_layer_caches = self._layers(x, ctx, layer_caches, inputs)
@@ -282,8 +315,9 @@ class Decoder(nn.Module):
       }
     return logits, new_cache
 
-  def _layers(self, x: Array, ctx: hooks.LayerContext, layer_caches: list[Cache] | None,
-              inputs: dict[str, Any]) -> tuple[Array, list[Cache] | None]:
+  def _layers(
+      self, x: Array, ctx: hooks.LayerContext, layer_caches: list[Cache] | None, inputs: dict[str, Any]
+  ) -> tuple[Array, list[Cache] | None]:
     """The one layer loop: each stage's function, scanned over its layers or applied to its one layer."""
     cfg = self.config
     new_caches = []
@@ -291,7 +325,7 @@ class Decoder(nn.Module):
       fn = stage_function(cfg, stage)
       layer_cache = None if layer_caches is None else layer_caches[index]
       if cfg.scan_layers:
-        take = lambda tree: jax.tree.map(lambda a: a[stage.start:stage.stop], tree)
+        take = lambda tree: jax.tree.map(lambda a: a[stage.start : stage.stop], tree)
 
         def body(h, xs, fn=fn):
           params, c, layer_inputs = xs
@@ -305,8 +339,9 @@ class Decoder(nn.Module):
     return x, None if layer_caches is None else new_caches
 
 
-def init_layer_cache(config: DecoderConfig, stage: Stage, batch: int, max_len: int, dtype: Any,
-                     num_vision: int = 0) -> Cache:
+def init_layer_cache(
+    config: DecoderConfig, stage: Stage, batch: int, max_len: int, dtype: Any, num_vision: int = 0
+) -> Cache:
   """One layer's cache of `stage`: k/v of the length its techniques give it, and their entries.
 
   `num_vision`: vision slots per row of the prefill (p-MoD: a MoD layer caches only its kept tokens).

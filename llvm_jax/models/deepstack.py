@@ -90,7 +90,7 @@ def vit_residuals(tower: Any, crops: Array, config: LLVMConfig) -> Array:
   hidden = tower.embed(crops.reshape((m * g,) + crops.shape[2:]))
   for layer in tower.layers[: config.deepstack.vit_crop_layer]:
     hidden = layer(hidden)
-  patches = hidden[:, int(config.vision.has_cls):]
+  patches = hidden[:, int(config.vision.has_cls) :]
   patches = patches.reshape((m, g) + patches.shape[1:])
   return jnp.moveaxis(regroup(patches, config.deepstack.num_crops, config.deepstack.sampling), 1, 0)
 

@@ -84,8 +84,9 @@ class Technique:
   def cache_length(self, config: Any, signature: Hashable, max_len: int, num_vision: int) -> int:
     return max_len
 
-  def cache_entries(self, config: Any, signature: Hashable, layer_cache: Cache, batch: int, max_len: int,
-                    dtype: Any) -> Cache:
+  def cache_entries(
+      self, config: Any, signature: Hashable, layer_cache: Cache, batch: int, max_len: int, dtype: Any
+  ) -> Cache:
     return layer_cache
 
   def check_call(self, config: Any, vision_mask: Any, segment_ids: Any, num_vision: int) -> None:

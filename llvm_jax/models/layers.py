@@ -7,8 +7,8 @@ Activations are computed in `dtype`; norms and softmax run in float32.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -62,9 +62,7 @@ class DenseGeneral(nn.Module):
     y = jnp.dot(x.reshape(-1, fan_in), kernel.reshape(fan_in, fan_out))
     y = y.reshape(x.shape[: x.ndim - n_in] + self.out_shape)
     if self.use_bias:
-      bias = self.param(
-          "bias", logical_init(nn.initializers.zeros, self.out_names), self.out_shape, self.param_dtype
-      )
+      bias = self.param("bias", logical_init(nn.initializers.zeros, self.out_names), self.out_shape, self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
 
@@ -79,9 +77,7 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = self.param(
-        "scale", logical_init(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],), self.param_dtype
-    )
+    scale = self.param("scale", logical_init(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return scale.astype(self.dtype) * y.astype(self.dtype)
@@ -115,13 +111,7 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
-def attention(
-    q: Array,
-    k: Array,
-    v: Array,
-    mask: Array | None,
-    scale: float,
-) -> Array:
+def attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float) -> Array:
   """Multi-head attention with grouped K/V heads (the 'xla' einsum of `attention.dot_product_attention`).
 
   q: (B, T, H, d); k, v: (B, S, Hkv, dk/dv) with H a multiple of Hkv; mask: bool broadcastable to

@@ -133,8 +133,15 @@ class LLVM(nn.Module):
       # The vision tokens are p-MoD's routing targets; the image slots give their static count per row.
       vision_mask, num_vision = tokens == cfg.image_token_id, images.shape[1] * cfg.tokens_per_image
     return self.decoder(
-        x, segment_ids, positions, cache, decode, vision_mask=vision_mask, num_vision=num_vision,
-        layer_residuals=residuals, residual_layers=cfg.deepstack.llm_layers if residuals is not None else (),
+        x,
+        segment_ids,
+        positions,
+        cache,
+        decode,
+        vision_mask=vision_mask,
+        num_vision=num_vision,
+        layer_residuals=residuals,
+        residual_layers=cfg.deepstack.llm_layers if residuals is not None else (),
     )
 
 
@@ -155,7 +162,12 @@ def prefill(
   num_vision = 0 if images is None else images.shape[1] * model.config.tokens_per_image
   cache = init_cache(model.config.decoder, tokens.shape[0], max_len, num_vision=num_vision)
   return model.apply(
-      {"params": params}, tokens, images=images, image_mask=image_mask, segment_ids=segment_ids, cache=cache,
+      {"params": params},
+      tokens,
+      images=images,
+      image_mask=image_mask,
+      segment_ids=segment_ids,
+      cache=cache,
       hires_images=hires_images,
   )
 

@@ -62,8 +62,12 @@ class MaskInfo:
 
 
 def pair_mask(
-    q_segments: Array, q_slots: Array, q_positions: Array,
-    k_segments: Array, k_slots: Array, k_positions: Array,
+    q_segments: Array,
+    q_slots: Array,
+    q_positions: Array,
+    k_segments: Array,
+    k_slots: Array,
+    k_positions: Array,
     sliding_window: int | None = None,
 ) -> Array:
   """(B, T, S) bool from per-query (B, T) and per-key (B, S) vectors (see the module docstring)."""
@@ -84,8 +88,6 @@ def default_positions(segment_ids: Array) -> Array:
   """Positions restarting at 0 in each segment (padding gets 0), for packed or padded rows."""
   valid = segment_ids != 0
   idx = jnp.arange(segment_ids.shape[1])[None, :]
-  is_start = valid & jnp.concatenate(
-      [jnp.ones_like(valid[:, :1]), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
-  )
+  is_start = valid & jnp.concatenate([jnp.ones_like(valid[:, :1]), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
   start = jax.lax.cummax(jnp.where(is_start, idx, 0), axis=1)
   return jnp.where(valid, idx - start, 0).astype(jnp.int32)

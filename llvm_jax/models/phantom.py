@@ -66,10 +66,17 @@ class XAttention(nn.Module):
     kernel_init, _ = _initializers(self.init, self.head_dim)
 
     def linear(name: str, y: Array) -> Array:
-      return _gelu(layers.DenseGeneral(
-          (self.head_dim,), ("head_dim",), ("phantom_head_dim",), dtype=self.dtype,
-          param_dtype=self.param_dtype, kernel_init=kernel_init, name=name,
-      )(y))
+      return _gelu(
+          layers.DenseGeneral(
+              (self.head_dim,),
+              ("head_dim",),
+              ("phantom_head_dim",),
+              dtype=self.dtype,
+              param_dtype=self.param_dtype,
+              kernel_init=kernel_init,
+              name=name,
+          )(y)
+      )
 
     a = linear("q", x)
     b = jnp.broadcast_to(linear("k", sos), a.shape[:2] + sos.shape[2:])
@@ -94,8 +101,7 @@ class Gate(nn.Module):
         "kernel", layers.logical_init(kernel_init, ("head_dim", "phantom_gate")), (dim, 1), self.param_dtype
     )
     bias = self.param("bias", layers.logical_init(bias_init, ("phantom_gate",)), (1,), self.param_dtype)
-    y = jnp.einsum("...d,do->...o", x.astype(self.dtype), kernel.astype(self.dtype),
-                   preferred_element_type=jnp.float32)
+    y = jnp.einsum("...d,do->...o", x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32)
     return y + bias.astype(jnp.float32)
 
 
@@ -132,8 +138,7 @@ def _last_segment_sos(sos: dict[str, Array], sos_slot: Array, cached: dict[str, 
   any_valid = jnp.any(valid, axis=1)[:, None, None, None]
   return {
       name: jnp.where(
-          any_valid, jnp.take_along_axis(x, last[:, None, None, None], axis=1).astype(cached[name].dtype),
-          cached[name],
+          any_valid, jnp.take_along_axis(x, last[:, None, None, None], axis=1).astype(cached[name].dtype), cached[name]
       )
       for name, x in sos.items()
   }
@@ -184,8 +189,16 @@ class Phantom(nn.Module):
       new_cache[SOS_CACHE_KEY] = _last_segment_sos(sos, sos_slot, cached_sos)
       keys, values = keys.astype(dtype), values.astype(dtype)
 
-    out = attention.dot_product_attention(concat(q, q_star), keys, values, ctx.mask, d**-0.5, ctx.attention_impl,
-                                          block_q=cfg.attention_block_size, block_kv=cfg.attention_block_size)
+    out = attention.dot_product_attention(
+        concat(q, q_star),
+        keys,
+        values,
+        ctx.mask,
+        d**-0.5,
+        ctx.attention_impl,
+        block_q=cfg.attention_block_size,
+        block_kv=cfg.attention_block_size,
+    )
     o1, o2 = out[..., :d], out[..., d:]
     gate = lambda name: Gate(options.init, dtype, pdtype, name=name)
     g = jax.nn.sigmoid(gate("gate_1")(o1) - gate("gate_2")(o2))
@@ -223,8 +236,9 @@ class PhantomCache(hooks.Technique):
   def enabled(self, config: DecoderConfig) -> bool:
     return config.phantom is not None
 
-  def cache_entries(self, config: DecoderConfig, signature: Any, layer_cache: Cache, batch: int, max_len: int,
-                    dtype: Any) -> Cache:
+  def cache_entries(
+      self, config: DecoderConfig, signature: Any, layer_cache: Cache, batch: int, max_len: int, dtype: Any
+  ) -> Cache:
     return {**layer_cache, **init_cache_entries(config, batch, max_len, dtype)}
 
 

@@ -122,7 +122,9 @@ class Routers(nn.Module):
       bound = cfg.embed_dim**-0.5  # PyTorch nn.Linear(D, 1): weight and bias ~ U(±1/√D)
       init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
     routers = {
-        "kernel": self.param("kernel", layers.logical_init(init, ("pmod_layers", "embed")), (count, cfg.embed_dim), pdtype)
+        "kernel": self.param(
+            "kernel", layers.logical_init(init, ("pmod_layers", "embed")), (count, cfg.embed_dim), pdtype
+        )
     }
     if cfg.pmod.router_bias:
       routers["bias"] = self.param("bias", layers.logical_init(init, ("pmod_layers",)), (count,), pdtype)
@@ -142,8 +144,9 @@ def kept_table(ratio: float, num_vision: int) -> np.ndarray:
   return np.asarray([kept_count(ratio, n) for n in range(num_vision + 1)], np.int32)
 
 
-def select(weight: Array, vision_mask: Array, segment_ids: Array, num_vision: int, ratio: float,
-           table: Array | None = None) -> dict[str, Array]:
+def select(
+    weight: Array, vision_mask: Array, segment_ids: Array, num_vision: int, ratio: float, table: Array | None = None
+) -> dict[str, Array]:
   """Which tokens a MoD layer keeps, and where they go (static shapes).
 
   Returns 'kept' (B, S) bool: text tokens and each row's top-k vision tokens by weight (k = trunc(r·n)
@@ -189,7 +192,9 @@ def check_fits(config: DecoderConfig, vision_mask: Any, segment_ids: Any, num_vi
   text = (present & ~vision).sum(axis=1)
   seq_len = present.shape[1]
   if (n > num_vision).any():
-    raise ValueError(f"p-MoD: rows {np.nonzero(n > num_vision)[0].tolist()} hold more than num_vision={num_vision} vision tokens")
+    raise ValueError(
+        f"p-MoD: rows {np.nonzero(n > num_vision)[0].tolist()} hold more than num_vision={num_vision} vision tokens"
+    )
   for layer, ratio in layer_ratios(config).items():
     need = text + np.asarray([kept_count(ratio, int(c)) for c in n])
     bad = np.nonzero(need > kept_length(seq_len, num_vision, ratio))[0]
@@ -233,8 +238,9 @@ def stage_ratios(config: DecoderConfig, scanned: bool) -> dict[int, float]:
   return sized
 
 
-def route(x: Array, ctx: hooks.LayerContext, router: dict[str, Array], table: Array, ratio: float,
-          config: DecoderConfig) -> dict[str, Array]:
+def route(
+    x: Array, ctx: hooks.LayerContext, router: dict[str, Array], table: Array, ratio: float, config: DecoderConfig
+) -> dict[str, Array]:
   """The routing of one MoD layer on input x: router weights and `select`'s choice."""
   weight = router_weight(x, router, config)
   chosen = select(weight, ctx.vision_mask.astype(bool), ctx.mask.q_segment_ids, ctx.num_vision, ratio, table)
@@ -282,8 +288,9 @@ def run_routed(layer: hooks.LayerFn, config: DecoderConfig) -> hooks.LayerFn:
       k_slots = jnp.broadcast_to(jnp.arange(k_seg.shape[1], dtype=jnp.int32)[None], k_seg.shape)
     kept_mask = masks.MaskInfo(seg_kept, slots + write_index, pos_kept, k_seg, k_slots, k_pos, ctx.mask.sliding_window)
     inner_extras = {k: v for k, v in ctx.extras.items() if k != ROUTING_KEY}
-    inner_ctx = ctx.replace(cos=cos, sin=sin, mask=kept_mask, write_index=write_index, mlp_weight=mlp_weight,
-                            extras=inner_extras)
+    inner_ctx = ctx.replace(
+        cos=cos, sin=sin, mask=kept_mask, write_index=write_index, mlp_weight=mlp_weight, extras=inner_extras
+    )
     y_kept, new_cache = layer(x_kept, inner_ctx, inner_cache)
     if book is not None:
       new_cache = {**new_cache, CACHE_KEY: {"segment_ids": k_seg, "positions": k_pos, "end": write_index + s_kept}}
@@ -312,8 +319,7 @@ class Routing(hooks.Technique):
   def signature(self, config: DecoderConfig, layer: int, scanned: bool) -> float | None:
     return stage_ratios(config, scanned).get(layer)
 
-  def layer_inputs(self, config: DecoderConfig, params: Any, num_vision: int,
-                   residual_layers: tuple[int, ...]) -> Any:
+  def layer_inputs(self, config: DecoderConfig, params: Any, num_vision: int, residual_layers: tuple[int, ...]) -> Any:
     ratios = layer_ratios(config)
     rows = np.zeros(config.num_layers, np.int32)
     rows[list(ratios)] = np.arange(len(ratios))
@@ -356,8 +362,9 @@ class ModLayer(hooks.Technique):
     # A MoD layer's prefill of `num_vision` vision tokens writes kept_length slots, each later token one.
     return max_len if signature is None else kept_length(max_len, num_vision, signature)
 
-  def cache_entries(self, config: DecoderConfig, signature: float | None, layer_cache: Cache, batch: int,
-                    max_len: int, dtype: Any) -> Cache:
+  def cache_entries(
+      self, config: DecoderConfig, signature: float | None, layer_cache: Cache, batch: int, max_len: int, dtype: Any
+  ) -> Cache:
     # A MoD layer writes fewer slots than the shared cache, so it tracks its own.
     return layer_cache if signature is None else {**layer_cache, **init_cache_entries(batch, max_len)}
 

@@ -60,13 +60,24 @@ class Projector(nn.Module):
       x = layers.LayerNorm(cfg.norm_eps, dtype=dtype, param_dtype=pdtype, name="norm")(x)
     if cfg.kind == "linear":
       return layers.DenseGeneral(
-          (self.out_dim,), ("vision_embed",), ("embed",), use_bias=cfg.bias,
-          dtype=dtype, param_dtype=pdtype, name="linear_1",
+          (self.out_dim,),
+          ("vision_embed",),
+          ("embed",),
+          use_bias=cfg.bias,
+          dtype=dtype,
+          param_dtype=pdtype,
+          name="linear_1",
       )(x)
     if cfg.act not in layers.ACTIVATIONS:
       raise ValueError(f"projector.act {cfg.act!r} unknown; expected one of {sorted(layers.ACTIVATIONS)}")
     y = layers.DenseGeneral(
-        (self.out_dim,), ("vision_embed",), ("mlp",), use_bias=cfg.bias, dtype=dtype, param_dtype=pdtype, name="linear_1"
+        (self.out_dim,),
+        ("vision_embed",),
+        ("mlp",),
+        use_bias=cfg.bias,
+        dtype=dtype,
+        param_dtype=pdtype,
+        name="linear_1",
     )(x)
     y = layers.ACTIVATIONS[cfg.act](y)
     y = nn.with_logical_constraint(y, ("act_batch", "act_len", "act_mlp"))

@@ -22,7 +22,11 @@ from llvm_jax.models import deepstack, hooks, phantom, pmod, trol
 from llvm_jax.models.config import DecoderConfig, LLVMConfig
 
 ORDER: tuple[hooks.Technique, ...] = (
-    deepstack.INJECTION, pmod.ROUTING, trol.TRAVERSAL, pmod.MOD_LAYER, phantom.CACHE_HOOK,
+    deepstack.INJECTION,
+    pmod.ROUTING,
+    trol.TRAVERSAL,
+    pmod.MOD_LAYER,
+    phantom.CACHE_HOOK,
 )
 
 
@@ -44,6 +48,13 @@ def layer_signatures(config: DecoderConfig, layer: int, techniques: tuple[hooks.
 def switched_on(config: LLVMConfig) -> tuple[str, ...]:
   """Names of the techniques `config` uses (none of them has a `transformers` equivalent)."""
   dec = config.decoder
-  names = [name for name, on in (("trol", dec.trol is not None), ("phantom", dec.phantom is not None),
-                                 ("pmod", bool(pmod.layer_ratios(dec)))) if on]
+  names = [
+      name
+      for name, on in (
+          ("trol", dec.trol is not None),
+          ("phantom", dec.phantom is not None),
+          ("pmod", bool(pmod.layer_ratios(dec))),
+      )
+      if on
+  ]
   return tuple(names + (["deepstack"] if config.deepstack is not None else []))

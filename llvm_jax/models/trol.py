@@ -149,15 +149,15 @@ class Traversal(hooks.Technique):
   def signature(self, config: DecoderConfig, layer: int, scanned: bool) -> bool:
     return layer in traversed_layers(config)
 
-  def layer_inputs(self, config: DecoderConfig, params: Any, num_vision: int,
-                   residual_layers: tuple[int, ...]) -> Any:
+  def layer_inputs(self, config: DecoderConfig, params: Any, num_vision: int, residual_layers: tuple[int, ...]) -> Any:
     return params
 
   def wrap(self, fn: hooks.LayerFn, config: DecoderConfig, signature: bool, inputs: Any) -> hooks.LayerFn:
     return traverse(fn, inputs, config) if signature else fn
 
-  def cache_entries(self, config: DecoderConfig, signature: bool, layer_cache: Cache, batch: int, max_len: int,
-                    dtype: Any) -> Cache:
+  def cache_entries(
+      self, config: DecoderConfig, signature: bool, layer_cache: Cache, batch: int, max_len: int, dtype: Any
+  ) -> Cache:
     if not signature or config.trol.decode_traversal != "full":
       return layer_cache
     # The second pass caches its own K/V (and whatever inner techniques keep), shaped like the first's.

@@ -58,8 +58,13 @@ class VisionAttention(nn.Module):
 
     def proj(name: str) -> Array:
       return layers.DenseGeneral(
-          (h, d), ("vision_embed",), ("vision_heads", "head_dim"), use_bias=cfg.qkv_bias,
-          dtype=dtype, param_dtype=pdtype, name=name,
+          (h, d),
+          ("vision_embed",),
+          ("vision_heads", "head_dim"),
+          use_bias=cfg.qkv_bias,
+          dtype=dtype,
+          param_dtype=pdtype,
+          name=name,
       )(x)
 
     def qk_norm(y: Array, name: str) -> Array:
@@ -73,8 +78,13 @@ class VisionAttention(nn.Module):
     out = layers.attention(q, k, v, None, scale=d**-0.5)
     out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", None))
     return layers.DenseGeneral(
-        (cfg.width,), ("vision_heads", "head_dim"), ("vision_embed",), use_bias=True,
-        dtype=dtype, param_dtype=pdtype, name="o",
+        (cfg.width,),
+        ("vision_heads", "head_dim"),
+        ("vision_embed",),
+        use_bias=True,
+        dtype=dtype,
+        param_dtype=pdtype,
+        name="o",
     )(out)
 
 
@@ -129,17 +139,21 @@ class VisionTower(nn.Module):
     pdtype = resolve_dtype(cfg.param_dtype)
     # The patch conv (stride = kernel = p) as a dense over each flattened (p, p, C) patch.
     self.patch_embed = layers.DenseGeneral(
-        (cfg.width,), ("vision_patch_h", "vision_patch_w", "vision_channels"), ("vision_embed",),
-        use_bias=cfg.kind != "clip", dtype=self.dtype, param_dtype=pdtype,
+        (cfg.width,),
+        ("vision_patch_h", "vision_patch_w", "vision_channels"),
+        ("vision_embed",),
+        use_bias=cfg.kind != "clip",
+        dtype=self.dtype,
+        param_dtype=pdtype,
     )
     embed_init = nn.initializers.normal(stddev=0.02)
     if cfg.has_cls:
-      self.cls_token = self.param(
-          "cls_token", layers.logical_init(embed_init, ("vision_embed",)), (cfg.width,), pdtype
-      )
+      self.cls_token = self.param("cls_token", layers.logical_init(embed_init, ("vision_embed",)), (cfg.width,), pdtype)
     self.pos_embed = self.param(
-        "pos_embed", layers.logical_init(embed_init, ("vision_pos", "vision_embed")),
-        (cfg.num_positions, cfg.width), pdtype,
+        "pos_embed",
+        layers.logical_init(embed_init, ("vision_pos", "vision_embed")),
+        (cfg.num_positions, cfg.width),
+        pdtype,
     )
     if cfg.kind == "clip":
       self.pre_norm = _norm(cfg, "pre_norm")
@@ -196,7 +210,7 @@ class VisionTower(nn.Module):
       group = i - residual_start
       if layer_residuals is not None and 0 <= group < layer_residuals.shape[0]:
         residual = layer_residuals[group].astype(x.dtype)
-        x = x.at[:, x.shape[1] - residual.shape[1]:].add(residual)
+        x = x.at[:, x.shape[1] - residual.shape[1] :].add(residual)
       x = layer(x)
     if self.uses_post_norm:
       x = self.post_norm(x)

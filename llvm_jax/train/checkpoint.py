@@ -43,11 +43,11 @@ def _item_handlers() -> dict[str, Any]:
 
 def manager(workdir: str, save_every: int, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep,
-      save_interval_steps=save_every,
-      enable_async_checkpointing=async_save,
+      max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=async_save
   )
-  return ocp.CheckpointManager(epath.Path(workdir).absolute() / "checkpoints", options=options, item_handlers=_item_handlers())
+  return ocp.CheckpointManager(
+      epath.Path(workdir).absolute() / "checkpoints", options=options, item_handlers=_item_handlers()
+  )
 
 
 def save(
@@ -78,8 +78,11 @@ def check_structure(mngr: ocp.CheckpointManager, step: int, item: str, target: A
   wanted = {k: tuple(v.shape) for k, v in flatten(_as_dict(target)).items()}
   missing = sorted(set(wanted) - set(saved))
   unexpected = sorted(set(saved) - set(wanted))
-  misshaped = [f"{k}: checkpoint {saved[k]}, model {wanted[k]}" for k in sorted(set(saved) & set(wanted))
-               if saved[k] != wanted[k]]
+  misshaped = [
+      f"{k}: checkpoint {saved[k]}, model {wanted[k]}"
+      for k in sorted(set(saved) & set(wanted))
+      if saved[k] != wanted[k]
+  ]
   if missing or unexpected or misshaped:
     raise WeightMismatchError(missing, unexpected, misshaped, context=f"checkpoint step {step}, item {item!r}")
 

@@ -27,6 +27,7 @@ def console(text: str) -> None:
 
 
 class MetricsWriter:
+
   def __init__(self, workdir: str, total_steps: int):
     self.enabled = jax.process_index() == 0
     self.total_steps = total_steps
@@ -72,8 +73,10 @@ class MetricsWriter:
     bar = "█" * int(20 * frac) + "·" * (20 - int(20 * frac))
     shown = " | ".join(f"{_LABELS.get(k, k)} {_fmt(v)}" for k, v in metrics.items())
     eta = _duration((self.total_steps - step) / rate) if rate > 0 else "?"
-    line = (f"step {step}/{self.total_steps} {bar} {100 * frac:3.0f}% | {shown} | {rate:.3g} steps/s | "
-            f"ETA {eta} | elapsed {_duration(now - self._start)}")
+    line = (
+        f"step {step}/{self.total_steps} {bar} {100 * frac:3.0f}% | {shown} | {rate:.3g} steps/s | "
+        f"ETA {eta} | elapsed {_duration(now - self._start)}"
+    )
     if self._tty:
       done = step >= self.total_steps
       print(f"\r{line}\x1b[K", end="\n" if done else "", file=sys.stdout, flush=True)
@@ -88,8 +91,12 @@ class MetricsWriter:
 
 
 # Short names in the progress line ('avg': the trainer passes means over the steps since the last log).
-_LABELS = {"loss": "avg loss", "token_accuracy": "avg token acc", "preference_accuracy": "avg pref acc",
-           "tokens_per_second": "tokens/s"}
+_LABELS = {
+    "loss": "avg loss",
+    "token_accuracy": "avg token acc",
+    "preference_accuracy": "avg pref acc",
+    "tokens_per_second": "tokens/s",
+}
 
 
 def _duration(seconds: float) -> str:

@@ -54,7 +54,9 @@ def decay_mask(params: Any, no_decay: str) -> Any:
   return unflatten({path: not pattern.search(path) for path in flatten(params)})
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, params: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    optim: ml_collections.ConfigDict, params: Any, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The full transformation and the base learning-rate schedule (for logging)."""
   schedule = lr_schedule(optim, total_steps)
   labels = group_labels(params, [tuple(r) for r in optim.trainable])
@@ -64,10 +66,13 @@ def make_optimizer(optim: ml_collections.ConfigDict, params: Any, total_steps: i
     if group == FROZEN:
       transforms[group] = optax.set_to_zero()
       continue
-    mult = float(group[len("lr_x"):])
+    mult = float(group[len("lr_x") :])
     transforms[group] = optax.adamw(
         lambda step, mult=mult: schedule(step) * mult,
-        b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+        b1=optim.b1,
+        b2=optim.b2,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
         mask=decay_mask(params, optim.no_decay),
     )
   tx = optax.multi_transform(transforms, labels)

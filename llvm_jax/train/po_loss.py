@@ -58,9 +58,7 @@ def po_sums(logits: Array, batch: Mapping[str, Array], beta: float, gamma: float
   Pairs where either answer has no answer tokens (batch padding) count for nothing.
   """
   b = batch["targets"].shape[0]
-  logp, length = answer_log_probs(
-      logits, batch["targets"].reshape(2 * b, -1), batch["target_mask"].reshape(2 * b, -1)
-  )
+  logp, length = answer_log_probs(logits, batch["targets"].reshape(2 * b, -1), batch["target_mask"].reshape(2 * b, -1))
   normalised = (logp / jnp.maximum(length, 1.0)).reshape(b, 2)
   chosen, rejected = normalised[:, 0], normalised[:, 1]
   weight = jnp.all(length.reshape(b, 2) > 0, axis=1).astype(jnp.float32)

@@ -34,7 +34,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llvm_jax import config_utils, convert, flops, sharding, tree_utils
 from llvm_jax.data.pipeline import check_data_sharding
 from llvm_jax.models.llvm import LLVM
-from llvm_jax.train import checkpoint, lora, loss as loss_lib, optim, po_loss
+from llvm_jax.train import checkpoint, lora, optim, po_loss
+from llvm_jax.train import loss as loss_lib
 from llvm_jax.train.metrics import MetricsWriter
 from llvm_jax.train.workdir_lock import WorkdirLock, WorkdirLockedError
 
@@ -59,8 +60,13 @@ STATUS_ALREADY_COMPLETE = "already_complete"
 def validate_train_config(config: ml_collections.ConfigDict) -> None:
   """Clear errors, naming the field, for train settings that would otherwise fail late or silently."""
   tc = config.train
-  for name, low in (("total_steps", 1), ("log_every", 1), ("checkpoint_every", 1), ("microbatches", 1),
-                    ("eval_every", 0)):
+  for name, low in (
+      ("total_steps", 1),
+      ("log_every", 1),
+      ("checkpoint_every", 1),
+      ("microbatches", 1),
+      ("eval_every", 0),
+  ):
     value = tc[name]
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
       raise ValueError(f"config.train.{name}={value!r}: must be an integer >= {low}")
@@ -114,7 +120,9 @@ def sft_loss_sums(model: LLVM, params: Any, batch: dict[str, Any]) -> dict[str, 
   return {"loss_sum": sums["loss_sum"], "token_accuracy_sum": sums["correct"], "count": sums["tokens"]}
 
 
-def po_loss_sums(model: LLVM, params: Any, batch: dict[str, Any], beta: float, gamma: float, lam: float) -> dict[str, jax.Array]:
+def po_loss_sums(
+    model: LLVM, params: Any, batch: dict[str, Any], beta: float, gamma: float, lam: float
+) -> dict[str, jax.Array]:
   """Phantom Optimization over (B, 2, S) preference pairs, one forward over the 2B rows."""
   rows = po_loss.pair_rows(batch)
   logits, _ = model.apply({"params": params}, **model_inputs(rows))
@@ -208,8 +216,9 @@ def build_setup(config: ml_collections.ConfigDict, model: LLVM, mesh: Mesh) -> t
   # Each optimiser leaf that mirrors a parameter (Adam's mu/nu, also inside multi_transform / masked
   # groups) is sharded like it; counts are replicated. (Propagation through a compiled tx.init left
   # the moments replicated, so FSDP kept a full copy of them on every device.)
-  opt_shardings = sharding.mirrored_shardings(abstract_opt, abstract_params, param_shardings,
-                                              NamedSharding(mesh, PartitionSpec()))
+  opt_shardings = sharding.mirrored_shardings(
+      abstract_opt, abstract_params, param_shardings, NamedSharding(mesh, PartitionSpec())
+  )
   setup = TrainSetup(model, mesh, rules, tx, schedule, param_shardings, opt_shardings)
   return setup, abstract_params
 
@@ -241,8 +250,10 @@ def compile_step(setup: TrainSetup, step_fn: Callable, params: Any, opt_state: A
   if memory is not None:
     logging.info(
         "train step memory (bytes/device): arguments %s, outputs %s, temporaries %s, generated code %s",
-        getattr(memory, "argument_size_in_bytes", "?"), getattr(memory, "output_size_in_bytes", "?"),
-        getattr(memory, "temp_size_in_bytes", "?"), getattr(memory, "generated_code_size_in_bytes", "?"),
+        getattr(memory, "argument_size_in_bytes", "?"),
+        getattr(memory, "output_size_in_bytes", "?"),
+        getattr(memory, "temp_size_in_bytes", "?"),
+        getattr(memory, "generated_code_size_in_bytes", "?"),
     )
   return compiled
 
@@ -335,8 +346,9 @@ def param_targets(config: ml_collections.ConfigDict, model: LLVM, mesh: Mesh) ->
   return sharded_abstract(*abstract_params_and_shardings(config, model, mesh))
 
 
-def restore_for_inference(config: ml_collections.ConfigDict, model: LLVM, mesh: Mesh, checkpoint_dir: str,
-                          step: int | None = None) -> tuple[Any, int]:
+def restore_for_inference(
+    config: ml_collections.ConfigDict, model: LLVM, mesh: Mesh, checkpoint_dir: str, step: int | None = None
+) -> tuple[Any, int]:
   """A run's params only (no optimiser state) onto `mesh`, LoRA adapters merged; -> (params, step)."""
   params, step = checkpoint.params_only(checkpoint_dir, param_targets(config, model, mesh), step)
   if config.lora.rank:
@@ -375,14 +387,20 @@ def _initial_base_params(config: ml_collections.ConfigDict, setup: TrainSetup) -
   if differences and jax.process_index() == 0:
     print(f"config.model differs from init_hf={config.init_hf}:\n  " + "\n  ".join(differences), flush=True)
   _, pretrained = convert.from_hf(
-      config.init_hf, dtype=model_cfg.decoder.dtype, param_dtype=model_cfg.decoder.param_dtype,
-      scan_layers=model_cfg.decoder.scan_layers, remat_policy=model_cfg.decoder.remat_policy,
+      config.init_hf,
+      dtype=model_cfg.decoder.dtype,
+      param_dtype=model_cfg.decoder.param_dtype,
+      scan_layers=model_cfg.decoder.scan_layers,
+      remat_policy=model_cfg.decoder.remat_policy,
   )
   ours, theirs = tree_utils.flatten(params), tree_utils.flatten(pretrained)
   missing = [k for k in ours if k not in theirs and not TECHNIQUE_PARAMS.match(k)]
   unexpected = [k for k in theirs if k not in ours]
-  misshaped = [f"{k}: checkpoint {theirs[k].shape}, model {ours[k].shape}" for k in ours
-               if k in theirs and theirs[k].shape != ours[k].shape]
+  misshaped = [
+      f"{k}: checkpoint {theirs[k].shape}, model {ours[k].shape}"
+      for k in ours
+      if k in theirs and theirs[k].shape != ours[k].shape
+  ]
   if missing or unexpected or misshaped:
     context = f"init_hf={config.init_hf}" + (f"; config.model differs: {'; '.join(differences)}" if differences else "")
     raise convert.WeightMismatchError(missing, unexpected, misshaped, context=context)
@@ -490,45 +508,66 @@ def _last_logged_metrics(workdir: str) -> dict[str, Any]:
       if not isinstance(record, dict):
         continue
       if any(k.startswith("train/") for k in record):
-        out = {k[len("train/"):]: v for k, v in record.items() if k.startswith("train/")}
+        out = {k[len("train/") :]: v for k, v in record.items() if k.startswith("train/")}
       out.update({k: v for k, v in record.items() if k.startswith("eval/")})
   return out
 
 
-def _restore(config: ml_collections.ConfigDict, setup: TrainSetup, mngr: Any, step: int, abstract_params: Any,
-             abstract_opt: Any, data_iterator: Any, workdir: str) -> tuple[Any, Any]:
+def _restore(
+    config: ml_collections.ConfigDict,
+    setup: TrainSetup,
+    mngr: Any,
+    step: int,
+    abstract_params: Any,
+    abstract_opt: Any,
+    data_iterator: Any,
+    workdir: str,
+) -> tuple[Any, Any]:
   """(params, opt_state) of checkpoint `step`; with train.resume_params_only a fresh optimiser state."""
   params_target = sharded_abstract(abstract_params, setup.param_shardings)
   if config.train.resume_params_only:
     params = checkpoint.restore(mngr, step, params_target, None, data_iterator)["params"]
     with sharding_context(setup.mesh, setup.rules):
       opt_state = jax.jit(setup.tx.init, out_shardings=setup.opt_shardings)(params)
-    logging.warning("resumed params and data position of step %d from %s with a fresh optimiser state "
-                    "(train.resume_params_only)", step, workdir)
+    logging.warning(
+        "resumed params and data position of step %d from %s with a fresh optimiser state "
+        "(train.resume_params_only)",
+        step,
+        workdir,
+    )
     return params, opt_state
   checkpoint.check_structure(mngr, step, "params", params_target)  # the params' own error names weights
   try:
-    restored = checkpoint.restore(mngr, step, params_target, sharded_abstract(abstract_opt, setup.opt_shardings),
-                                  data_iterator)
+    restored = checkpoint.restore(
+        mngr, step, params_target, sharded_abstract(abstract_opt, setup.opt_shardings), data_iterator
+    )
   except Exception as e:  # Orbax raises assorted types (ValueError, KeyError...) for a tree mismatch
     raise OptimizerStateMismatchError(
         f"the optimiser state of checkpoint step {step} in {workdir}/checkpoints does not match the current "
         f"optimiser (were optim.trainable groups, their lr multipliers or the optimiser changed?): "
         f"{type(e).__name__}: {str(e)[:500]}. To resume the params and data position with a fresh optimiser "
-        "state, rerun with --config.train.resume_params_only=True") from e
+        "state, rerun with --config.train.resume_params_only=True"
+    ) from e
   logging.info("resumed from %s at step %d", workdir, step)
   return restored["params"], restored["opt_state"]
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterator[dict[str, Any]],
-           evaluators: dict[str, Any] | None, model: LLVM | None) -> dict[str, Any]:
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    data_iterator: Iterator[dict[str, Any]],
+    evaluators: dict[str, Any] | None,
+    model: LLVM | None,
+) -> dict[str, Any]:
   model = model or LLVM(config_utils.model_config(config))
   mesh = mesh_from_config(config)
   try:  # before anything is built: a mesh replicating batch rows over processes trains on wrong batches
     check_data_sharding(mesh)
   except ValueError as e:
-    raise ValueError(f"sharding.strategy={config.sharding.strategy!r}, sharding.mesh_shape="
-                     f"{tuple(config.sharding.mesh_shape)}: {e}") from None
+    raise ValueError(
+        f"sharding.strategy={config.sharding.strategy!r}, sharding.mesh_shape="
+        f"{tuple(config.sharding.mesh_shape)}: {e}"
+    ) from None
   setup, abstract_params = build_setup(config, model, mesh)
   tc = config.train
   mngr = checkpoint.manager(workdir, tc.checkpoint_every, tc.keep_checkpoints, tc.async_checkpoints)
@@ -544,8 +583,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Itera
     if start >= tc.total_steps:
       mngr.close()
       last = _last_logged_metrics(workdir)
-      logging.info("%s is already complete at step %d (train.total_steps=%d): nothing to train", workdir, start,
-                   tc.total_steps)
+      logging.info(
+          "%s is already complete at step %d (train.total_steps=%d): nothing to train", workdir, start, tc.total_steps
+      )
       return {**last, "params": params, "status": STATUS_ALREADY_COMPLETE, "step": start}
   else:
     start = 0
@@ -606,8 +646,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Itera
           elapsed = time.perf_counter() - window_start
           last = _window_metrics(window, jax.device_get(window_images), elapsed, batch, model_cfg, peak)
           writer.write(done, last)
-          writer.progress(done, {k: last[k] for k in ("loss", "token_accuracy", "preference_accuracy",
-                                                       "tokens_per_second", "step_time") if k in last})
+          writer.progress(
+              done,
+              {
+                  k: last[k]
+                  for k in ("loss", "token_accuracy", "preference_accuracy", "tokens_per_second", "step_time")
+                  if k in last
+              },
+          )
           window, window_images, checked = [], [], 0
           window_start = time.perf_counter()
         if is_eval:
@@ -623,8 +669,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Itera
             _check_finite(window, checked, done - len(window) + 1, mngr, workdir)
             checked = len(window)
             if window:
-              last = _window_metrics(window, jax.device_get(window_images), time.perf_counter() - window_start,
-                                     batch, model_cfg, peak)
+              last = _window_metrics(
+                  window, jax.device_get(window_images), time.perf_counter() - window_start, batch, model_cfg, peak
+              )
               writer.write(done, last)
           _save_committed(mngr, done, params, opt_state, batches, config_json)
           logging.warning("SIGTERM: saved step %d (committed), exiting; rerun to resume", done)
@@ -664,8 +711,14 @@ def _check_finite(window: list[dict[str, Any]], start: int, first_step: int, mng
       )
 
 
-def _window_metrics(window: list[dict[str, Any]], images: list[Any], elapsed: float, batch: dict[str, Any],
-                    model_cfg: Any, peak: float | None) -> dict[str, Any]:
+def _window_metrics(
+    window: list[dict[str, Any]],
+    images: list[Any],
+    elapsed: float,
+    batch: dict[str, Any],
+    model_cfg: Any,
+    peak: float | None,
+) -> dict[str, Any]:
   """The log record of the steps since the last log: means over the window (`window_steps` of them),
   the state metrics (`_LAST_VALUE_METRICS`) of the last step, and throughput from the wall time."""
   out = {k: float(np.mean([m[k] for m in window])) for k in window[-1]}
@@ -676,15 +729,25 @@ def _window_metrics(window: list[dict[str, Any]], images: list[Any], elapsed: fl
   b = int(np.prod(batch["tokens"].shape[:-1]))  # rows (2 per preference pair)
   images_per_sample = float(np.mean(images))
   step_flops = b * flops.train_flops_per_sample(model_cfg, s, images_per_sample)
-  out.update(window_steps=n, step_time=step_time, tokens_per_second=b * s / step_time,
-             tflops_per_device=step_flops / step_time / jax.device_count() / 1e12)
+  out.update(
+      window_steps=n,
+      step_time=step_time,
+      tokens_per_second=b * s / step_time,
+      tflops_per_device=step_flops / step_time / jax.device_count() / 1e12,
+  )
   if peak:
     out["mfu"] = step_flops / step_time / (peak * jax.device_count())
   return out
 
 
-def _run_evals(evaluators: dict[str, Any], params: Any, step: int, writer: MetricsWriter, into: dict,
-               lora_config: ml_collections.ConfigDict) -> None:
+def _run_evals(
+    evaluators: dict[str, Any],
+    params: Any,
+    step: int,
+    writer: MetricsWriter,
+    into: dict,
+    lora_config: ml_collections.ConfigDict,
+) -> None:
   if lora_config.rank:
     params = lora.merge(params, lora.scale(lora_config))
   for name, evaluator in evaluators.items():

@@ -70,7 +70,8 @@ class WorkdirLock:
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise WorkdirLockedError(
           f"workdir lock {self.path} exists but is unreadable ({type(e).__name__}: {e}); if no run uses this "
-          f"workdir, delete it: rm {self.path}") from None
+          f"workdir, delete it: rm {self.path}"
+      ) from None
     if host == socket.gethostname() and not _pid_alive(pid):
       # Rename first (atomic), so two runs taking over the same stale lock cannot both succeed.
       stale = f"{self.path}.stale.{uuid.uuid4().hex}"
@@ -85,7 +86,8 @@ class WorkdirLock:
     raise WorkdirLockedError(
         f"workdir {os.path.dirname(self.path)} is in use by another run: pid {pid} on {where} holds {self.path}. "
         f"Wait for it, use another --workdir, or, if that run is gone (e.g. its machine died), delete the lock: "
-        f"rm {self.path}")
+        f"rm {self.path}"
+    )
 
   def release(self) -> None:
     if not self._held:
@@ -99,7 +101,7 @@ class WorkdirLock:
     if mine:  # never remove a lock someone took over from us
       os.remove(self.path)
 
-  def __enter__(self) -> "WorkdirLock":
+  def __enter__(self) -> WorkdirLock:
     self.acquire()
     return self
 

@@ -13,7 +13,9 @@ from PIL import Image
 def tokenizer_dir(tmp_path_factory) -> str:
   from llvm_jax.data.tokenizer import build_tiny_tokenizer
 
-  return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"), extra_words=["Describe the picture briefly", "A cat sits on a mat"])
+  return build_tiny_tokenizer(
+      tmp_path_factory.mktemp("tiny_tokenizer"), extra_words=["Describe the picture briefly", "A cat sits on a mat"]
+  )
 
 
 @pytest.fixture(scope="session")
@@ -73,4 +75,6 @@ def data_config(**overrides):
 @pytest.fixture(scope="session")
 def dh():
   """Helper functions (a fixture, so test modules need not import this conftest)."""
-  return types.SimpleNamespace(png_bytes=png_bytes, jpeg_bytes=jpeg_bytes, data_config=data_config, synth_counts=SYNTH_COUNTS)
+  return types.SimpleNamespace(
+      png_bytes=png_bytes, jpeg_bytes=jpeg_bytes, data_config=data_config, synth_counts=SYNTH_COUNTS
+  )

@@ -1,6 +1,6 @@
 """One process of the two-process data test (run by test_data_multihost.py, not by pytest).
 
-    python data_multihost_worker.py PROCESS_ID PORT DATA_DIR TOKENIZER_DIR OUT_JSON
+python data_multihost_worker.py PROCESS_ID PORT DATA_DIR TOKENIZER_DIR OUT_JSON
 """
 
 from __future__ import annotations
@@ -54,8 +54,16 @@ def main(process_id: int, port: int, data_dir: str, tokenizer_dir: str, out_path
     mask_rows = np.asarray(batch["image_mask"].addressable_shards[0].data).sum()
     assert mask_rows == sum(1 for x in local_ids if x)
   with open(out_path, "w") as f:
-    json.dump({"shard": [shard.shard_index, shard.shard_count], "ids": ids, "batches": n_batches, "checks": checks,
-               "stats": dict(it.stats)}, f)
+    json.dump(
+        {
+            "shard": [shard.shard_index, shard.shard_count],
+            "ids": ids,
+            "batches": n_batches,
+            "checks": checks,
+            "stats": dict(it.stats),
+        },
+        f,
+    )
   jax.distributed.shutdown()
 
 

@@ -33,11 +33,17 @@ def test_directory_image_and_lone_surrogate_are_skipped_with_their_ids(tmp_path,
   data = [
       {"id": "good", "image": "imgs/red.png", "conversations": CONV},
       {"id": "dir", "image": "imgs/a_dir.png", "conversations": CONV},  # row 6
-      {"id": "surrogate", "image": "imgs/red.png", "conversations": [  # row 7
-          CONV[0], {"from": "gpt", "value": "red \ud800"}]},
+      {
+          "id": "surrogate",
+          "image": "imgs/red.png",
+          "conversations": [CONV[0], {"from": "gpt", "value": "red \ud800"}],  # row 7
+      },
       {"id": "bad\udc00id", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
-      {"id": "dict_form", "image": "imgs/red.png",
-       "conversations": {"from": ["human", "gpt"], "value": ["<image> q", "a"]}},
+      {
+          "id": "dict_form",
+          "image": "imgs/red.png",
+          "conversations": {"from": ["human", "gpt"], "value": ["<image> q", "a"]},
+      },
   ]
   # json.dumps writes "\ud800" as the escape, which json.loads turns back into a lone surrogate.
   (root / "train.json").write_text(json.dumps(data))
@@ -51,8 +57,10 @@ def test_directory_image_and_lone_surrogate_are_skipped_with_their_ids(tmp_path,
 
 def test_jsonl_bad_lines_are_skipped_naming_file_and_line(tmp_path, root, caplog):
   good = json.dumps({"id": "good", "image": "imgs/red.png", "conversations": CONV}).encode()
-  latin1 = json.dumps({"id": "latin", "conversations": [{"from": "human", "value": "caf\u00e9?"},
-                                                         {"from": "gpt", "value": "oui"}]}, ensure_ascii=False)
+  latin1 = json.dumps(
+      {"id": "latin", "conversations": [{"from": "human", "value": "caf\u00e9?"}, {"from": "gpt", "value": "oui"}]},
+      ensure_ascii=False,
+  )
   lines = [good, latin1.encode("latin-1"), b"", b'{"id": "torn", "conversations": [', good.replace(b"good", b"good2")]
   (root / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
   with caplog.at_level("WARNING", logger="llvm_jax.data"):
@@ -78,8 +86,21 @@ def _random_value(rng: random.Random, depth: int = 0):
   if kind == 2:
     return "x" * rng.choice([0, 1, 100_000])
   if kind == 3:
-    return rng.choice(["\ud800", "a\udfffb", "<image>", "<image><image>", "</s>", "\x00", "imgs/red.png",
-                       "imgs/a_dir.png", "../../etc/passwd", "/", ""])
+    return rng.choice(
+        [
+            "\ud800",
+            "a\udfffb",
+            "<image>",
+            "<image><image>",
+            "</s>",
+            "\x00",
+            "imgs/red.png",
+            "imgs/a_dir.png",
+            "../../etc/passwd",
+            "/",
+            "",
+        ]
+    )
   if kind == 4:
     return rng.choice(["human", "gpt", "system", "HUMAN", "bot"])
   if kind == 5:
@@ -126,14 +147,30 @@ def _gradient(h=16, w=24):
   return np.linspace(0.0, 1.0, h * w).reshape(h, w)  # brightness 0..1, mean 0.5
 
 
-@pytest.mark.parametrize("mode,fmt", [("I;16", "PNG"), ("I;16", "TIFF"), ("I", "TIFF"), ("F", "TIFF"),
-                                      ("I;16B", None), ("L", "PNG"), ("LA", "PNG"), ("RGBA", "PNG"),
-                                      ("P", "PNG"), ("CMYK", "TIFF"), ("1", "PNG")])
+@pytest.mark.parametrize(
+    "mode,fmt",
+    [
+        ("I;16", "PNG"),
+        ("I;16", "TIFF"),
+        ("I", "TIFF"),
+        ("F", "TIFF"),
+        ("I;16B", None),
+        ("L", "PNG"),
+        ("LA", "PNG"),
+        ("RGBA", "PNG"),
+        ("P", "PNG"),
+        ("CMYK", "TIFF"),
+        ("1", "PNG"),
+    ],
+)
 def test_high_bit_depth_images_keep_their_brightness(mode, fmt):
   g = _gradient()
   if mode in ("I;16", "I;16B"):
-    img = Image.fromarray((g * 65535).astype(np.uint16)).convert(mode) if mode == "I;16" else \
-        Image.frombytes("I;16B", g.shape[::-1], (g * 65535).astype(">u2").tobytes())
+    img = (
+        Image.fromarray((g * 65535).astype(np.uint16)).convert(mode)
+        if mode == "I;16"
+        else Image.frombytes("I;16B", g.shape[::-1], (g * 65535).astype(">u2").tobytes())
+    )
   elif mode == "I":
     img = Image.fromarray((g * 65535).astype(np.int32))  # a 16-bit PNG read as mode I
   elif mode == "F":

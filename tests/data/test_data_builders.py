@@ -46,7 +46,9 @@ def test_synthetic_round_trip(synthetic_dir, dh):
 
 
 def test_synthetic_build_is_deterministic(tmp_path, synthetic_dir):
-  cfg = builders.SyntheticVqaConfig(name="unittest", num_train=24, num_validation=13, num_test=8, image_size=32, mc_fraction=0.3, seed=7)
+  cfg = builders.SyntheticVqaConfig(
+      name="unittest", num_train=24, num_validation=13, num_test=8, image_size=32, mc_fraction=0.3, seed=7
+  )
   builders.build_dataset("synthetic_vqa", tmp_path, cfg)
   a = tfds.data_source("synthetic_vqa/unittest", split="validation", data_dir=synthetic_dir, download=False)
   b = tfds.data_source("synthetic_vqa/unittest", split="validation", data_dir=str(tmp_path), download=False)
@@ -80,25 +82,53 @@ def llava_files(tmp_path, dh):
   (root / "imgs" / "green.png").write_bytes(green)
   (root / "imgs" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
   good = [
-      {"id": "cap1", "image": "imgs/red.png", "conversations": [
-          {"from": "human", "value": "<image>\nDescribe the picture briefly."}, {"from": "gpt", "value": "A red square."}]},
-      {"id": 17, "image": "imgs/blue.jpg", "conversations": [  # no marker: the pipeline prepends it
-          {"from": "human", "value": "What color is it?"}, {"from": "gpt", "value": "blue"},
-          {"from": "human", "value": "Is it dark?"}, {"from": "gpt", "value": "yes"}]},
-      {"id": "multi", "image": ["imgs/red.png", "imgs/green.png"], "conversations": [
-          {"from": "human", "value": "<image> and <image>: same color?"}, {"from": "gpt", "value": "no"}]},
+      {
+          "id": "cap1",
+          "image": "imgs/red.png",
+          "conversations": [
+              {"from": "human", "value": "<image>\nDescribe the picture briefly."},
+              {"from": "gpt", "value": "A red square."},
+          ],
+      },
+      {
+          "id": 17,
+          "image": "imgs/blue.jpg",
+          "conversations": [  # no marker: the pipeline prepends it
+              {"from": "human", "value": "What color is it?"},
+              {"from": "gpt", "value": "blue"},
+              {"from": "human", "value": "Is it dark?"},
+              {"from": "gpt", "value": "yes"},
+          ],
+      },
+      {
+          "id": "multi",
+          "image": ["imgs/red.png", "imgs/green.png"],
+          "conversations": [
+              {"from": "human", "value": "<image> and <image>: same color?"},
+              {"from": "gpt", "value": "no"},
+          ],
+      },
       {"id": "textonly", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]},
   ]
   bad = [
       {"id": "bad_missing", "image": "imgs/nothere.png", "conversations": good[0]["conversations"]},
       {"id": "bad_corrupt", "image": "imgs/corrupt.jpg", "conversations": good[0]["conversations"]},
       {"id": "bad_empty", "image": "imgs/red.png", "conversations": []},
-      {"id": "bad_roles", "image": "imgs/red.png", "conversations": [
-          {"from": "gpt", "value": "hello"}, {"from": "human", "value": "<image> hi"}]},
-      {"id": "bad_markers", "image": "imgs/red.png", "conversations": [
-          {"from": "human", "value": "<image> <image> two?"}, {"from": "gpt", "value": "one"}]},
-      {"id": "bad_noanswer", "image": "imgs/red.png", "conversations": [
-          {"from": "human", "value": "<image> what?"}, {"from": "gpt", "value": "   "}]},
+      {
+          "id": "bad_roles",
+          "image": "imgs/red.png",
+          "conversations": [{"from": "gpt", "value": "hello"}, {"from": "human", "value": "<image> hi"}],
+      },
+      {
+          "id": "bad_markers",
+          "image": "imgs/red.png",
+          "conversations": [{"from": "human", "value": "<image> <image> two?"}, {"from": "gpt", "value": "one"}],
+      },
+      {
+          "id": "bad_noanswer",
+          "image": "imgs/red.png",
+          "conversations": [{"from": "human", "value": "<image> what?"}, {"from": "gpt", "value": "   "}],
+      },
   ]
   return root, good, bad, {"red": red, "blue": blue, "green": green}
 
@@ -109,7 +139,9 @@ def test_llava_instruct_round_trip_and_skip_report(tmp_path, llava_files, caplog
   _write(root / "a.json", train)
   _write(root / "b.jsonl", good[3:], jsonl=True)
   _write(root / "val.json", good[:1])
-  cfg = builders.LlavaInstructConfig(name="t_files", json_files={"train": ["a.json", "b.jsonl"], "validation": "val.json"})
+  cfg = builders.LlavaInstructConfig(
+      name="t_files", json_files={"train": ["a.json", "b.jsonl"], "validation": "val.json"}
+  )
   with caplog.at_level(logging.INFO, logger="llvm_jax.data"):
     b = builders.build_dataset("llava_instruct", tmp_path / "tfds", cfg, manual_dir=root)
   src = b.as_data_source("train")
@@ -127,7 +159,12 @@ def test_llava_instruct_round_trip_and_skip_report(tmp_path, llava_files, caplog
 
   report = b.skip_reports["train"]
   assert report.written == 4
-  assert dict(report.counts) == {"missing_image": 1, "corrupt_image": 1, "empty_conversation": 1, "malformed_conversation": 3}
+  assert dict(report.counts) == {
+      "missing_image": 1,
+      "corrupt_image": 1,
+      "empty_conversation": 1,
+      "malformed_conversation": 3,
+  }
   assert report.ids["malformed_conversation"] == ["bad_roles", "bad_markers", "bad_noanswer"]
   for rid in ("bad_missing", "bad_corrupt", "bad_empty", "bad_roles", "bad_markers", "bad_noanswer"):
     assert any(rid in r.getMessage() and "skipping" in r.getMessage() for r in caplog.records), rid
@@ -137,12 +174,17 @@ def test_llava_instruct_round_trip_and_skip_report(tmp_path, llava_files, caplog
   assert saved["train"]["skipped"]["corrupt_image"] == 1 and saved["validation"]["skipped"] == {}
 
 
-@pytest.mark.parametrize("bad_index,reason", [(0, "missing_image"), (1, "corrupt_image"), (2, "empty_conversation"), (3, "malformed_conversation")])
+@pytest.mark.parametrize(
+    "bad_index,reason",
+    [(0, "missing_image"), (1, "corrupt_image"), (2, "empty_conversation"), (3, "malformed_conversation")],
+)
 def test_llava_instruct_strict_raises_with_record_id(tmp_path, llava_files, bad_index, reason):
   root, good, bad, _ = llava_files
   _write(root / "train.json", good[:1] + [bad[bad_index]])
   with pytest.raises(BadRecordError, match=f"{bad[bad_index]['id']}.*{reason}"):
-    builders.build_dataset("llava_instruct", tmp_path / "tfds", builders.LlavaInstructConfig(name="t_strict", strict=True), manual_dir=root)
+    builders.build_dataset(
+        "llava_instruct", tmp_path / "tfds", builders.LlavaInstructConfig(name="t_strict", strict=True), manual_dir=root
+    )
 
 
 def test_llava_instruct_manual_dir_discovery(tmp_path, llava_files):
@@ -168,7 +210,13 @@ def test_preference_round_trip_and_skips(tmp_path, dh, caplog):
   root.mkdir()
   (root / "a.png").write_bytes(dh.png_bytes((1, 2, 3)))
   data = [
-      {"id": "p1", "image": "a.png", "question": "<image>\nWhat is shown?", "chosen": "A small square.", "rejected": "A cat sits on a mat."},
+      {
+          "id": "p1",
+          "image": "a.png",
+          "question": "<image>\nWhat is shown?",
+          "chosen": "A small square.",
+          "rejected": "A cat sits on a mat.",
+      },
       {"id": "p2", "image": "a.png", "question": "Is it dark?", "chosen": "yes", "rejected": "no"},
       {"id": "p_same", "image": "a.png", "question": "Q?", "chosen": "same", "rejected": "same"},
       {"id": "p_empty", "image": "a.png", "question": "Q?", "chosen": "x", "rejected": ""},
@@ -193,8 +241,26 @@ def test_preference_round_trip_and_skips(tmp_path, dh, caplog):
 def test_build_cli_with_overrides(tmp_path, capsys):
   from llvm_jax.data import build
 
-  assert build.main(["synthetic_vqa", "--data_dir", str(tmp_path), "--config", "cli", "--set", "num_train=5",
-                     "--set", "num_validation=2", "--set", "num_test=3", "--set", "image_size=16"]) == 0
+  assert (
+      build.main(
+          [
+              "synthetic_vqa",
+              "--data_dir",
+              str(tmp_path),
+              "--config",
+              "cli",
+              "--set",
+              "num_train=5",
+              "--set",
+              "num_validation=2",
+              "--set",
+              "num_test=3",
+              "--set",
+              "image_size=16",
+          ]
+      )
+      == 0
+  )
   out = capsys.readouterr().out
   assert "synthetic_vqa/cli train: 5 examples" in out and "test: 3 examples" in out
   assert "split 'train': wrote 5 examples, skipped 0" in out  # the skip report of each split

@@ -15,11 +15,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.mark.slow
 def test_two_processes_read_disjoint_complete_shards_into_global_batches(tmp_path, synthetic_dir, tokenizer_dir):
   port = free_port()
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(
+      os.environ,
+      PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  )
   outs = [tmp_path / f"p{i}.json" for i in range(2)]
-  run_workers(WORKER, [[str(i), str(port), synthetic_dir, tokenizer_dir, str(outs[i])] for i in range(2)], env,
-              timeout=150)
+  run_workers(
+      WORKER, [[str(i), str(port), synthetic_dir, tokenizer_dir, str(outs[i])] for i in range(2)], env, timeout=150
+  )
   res = [json.loads(o.read_text()) for o in outs]
   assert [r["shard"] for r in res] == [[0, 2], [1, 2]]
   ids = [r["ids"] for r in res]

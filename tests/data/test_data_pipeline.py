@@ -18,7 +18,15 @@ TRAIN_KEYS = {"tokens", "segment_ids", "positions", "targets", "target_mask", "i
 
 
 def _synth_cfg(dh, synthetic_dir, **kw):
-  base = dict(name="synthetic_vqa/unittest", data_dir=synthetic_dir, image_size=16, seq_len=48, global_batch_size=4, shuffle=True, seed=3)
+  base = dict(
+      name="synthetic_vqa/unittest",
+      data_dir=synthetic_dir,
+      image_size=16,
+      seq_len=48,
+      global_batch_size=4,
+      shuffle=True,
+      seed=3,
+  )
   base.update(kw)
   return dh.data_config(**base)
 
@@ -91,7 +99,9 @@ def test_eval_mode_prompt_only_with_answers(tokenizer, dh, synthetic_dir):
 def test_packing(tokenizer, dh, synthetic_dir):
   kw = dict(seq_len=96, max_images=3, shuffle=False)
   flat = pipeline.make_iterator(_synth_cfg(dh, synthetic_dir, **kw), tokenizer, num_image_tokens=4, image_token=IMG)
-  packed = pipeline.make_iterator(_synth_cfg(dh, synthetic_dir, packing=True, **kw), tokenizer, num_image_tokens=4, image_token=IMG)
+  packed = pipeline.make_iterator(
+      _synth_cfg(dh, synthetic_dir, packing=True, **kw), tokenizer, num_image_tokens=4, image_token=IMG
+  )
   image_id = tokenizer.convert_tokens_to_ids(IMG)
   # the packed rows hold the same samples, in order
   flat_samples, flat_images = [], []
@@ -115,7 +125,8 @@ def test_packing(tokenizer, dh, synthetic_dir):
   m = len(packed_samples)
   key = lambda toks, img: (tuple(toks), np.asarray(img).tobytes())  # noqa: E731
   assert sorted(key(t, i) for t, i in zip(packed_samples, packed_images)) == sorted(
-      key(t, i) for t, i in zip(flat_samples[:m], flat_images[:m]))
+      key(t, i) for t, i in zip(flat_samples[:m], flat_images[:m])
+  )
   assert packed.stats["examples"] == len(packed_samples)
 
 
@@ -123,8 +134,14 @@ def test_sharding_simulated_two_processes_disjoint_and_complete(tokenizer, dh, s
   cfg = _synth_cfg(dh, synthetic_dir, split="validation", global_batch_size=4)
   per_shard, n_batches = [], []
   for i in range(2):
-    it = pipeline.make_iterator(cfg, tokenizer, num_image_tokens=2, image_token=IMG, mode="eval",
-                                shard_options=grain.ShardOptions(shard_index=i, shard_count=2))
+    it = pipeline.make_iterator(
+        cfg,
+        tokenizer,
+        num_image_tokens=2,
+        image_token=IMG,
+        mode="eval",
+        shard_options=grain.ShardOptions(shard_index=i, shard_count=2),
+    )
     assert it.local_batch_size == 2
     batches = list(it)
     n_batches.append(len(batches))
@@ -135,16 +152,35 @@ def test_sharding_simulated_two_processes_disjoint_and_complete(tokenizer, dh, s
   assert a | b == {f"validation_{i:06d}" for i in range(13)}
   assert n_batches == [4, 4]  # 7 and 6 records, 2 per batch: both processes return 4 batches
   # training shards too (records split 12/12, each process reshuffles only its own)
-  train = [pipeline.make_iterator(_synth_cfg(dh, synthetic_dir), tokenizer, num_image_tokens=2, image_token=IMG,
-                                  shard_options=grain.ShardOptions(i, 2), num_epochs=1) for i in range(2)]
+  train = [
+      pipeline.make_iterator(
+          _synth_cfg(dh, synthetic_dir),
+          tokenizer,
+          num_image_tokens=2,
+          image_token=IMG,
+          shard_options=grain.ShardOptions(i, 2),
+          num_epochs=1,
+      )
+      for i in range(2)
+  ]
   # a sample's identity: its tokens and its image (questions repeat, images do not)
-  rows = [[bt["tokens"][r].tobytes() + bt["images"][r].tobytes() for bt in t for r in range(2) if bt["segment_ids"][r].any()] for t in train]
+  rows = [
+      [
+          bt["tokens"][r].tobytes() + bt["images"][r].tobytes()
+          for bt in t
+          for r in range(2)
+          if bt["segment_ids"][r].any()
+      ]
+      for t in train
+  ]
   assert len(rows[0]) == len(rows[1]) == 12 and len(set(rows[0]) | set(rows[1])) == 24
 
 
 def test_deterministic_and_seeded(tokenizer, dh, synthetic_dir):
   def first(seed, n=3):
-    it = pipeline.make_iterator(_synth_cfg(dh, synthetic_dir, seed=seed), tokenizer, num_image_tokens=2, image_token=IMG)
+    it = pipeline.make_iterator(
+        _synth_cfg(dh, synthetic_dir, seed=seed), tokenizer, num_image_tokens=2, image_token=IMG
+    )
     return [next(it) for _ in range(n)]
 
   a, b, c = first(3), first(3), first(4)
@@ -153,7 +189,9 @@ def test_deterministic_and_seeded(tokenizer, dh, synthetic_dir):
 
 
 def _same(xs, ys):
-  return len(xs) == len(ys) and all(set(x) == set(y) and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(xs, ys))
+  return len(xs) == len(ys) and all(
+      set(x) == set(y) and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(xs, ys)
+  )
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -224,7 +262,13 @@ def test_make_global_batch_single_process(tokenizer, dh, synthetic_dir):
 def test_preference_batches(tokenizer, dh):
   img = dh.png_bytes((200, 10, 10))
   recs = [
-      {"id": f"p{i}", "images": [img], "question": "<image>\nWhat color is the shape in the top left?", "chosen": "red", "rejected": "blue green"}
+      {
+          "id": f"p{i}",
+          "images": [img],
+          "question": "<image>\nWhat color is the shape in the top left?",
+          "chosen": "red",
+          "rejected": "blue green",
+      }
       for i in range(3)
   ]
   cfg = dh.data_config(seq_len=40, global_batch_size=2)
@@ -235,7 +279,11 @@ def test_preference_batches(tokenizer, dh):
   assert b["images"].shape == (2, 1, 16, 16, 3) and b["image_mask"].all()
   chosen, rejected = b["tokens"][0, 0], b["tokens"][0, 1]
   assert tokenizer.convert_ids_to_tokens(b["targets"][0, 0][b["target_mask"][0, 0] > 0].tolist()) == ["red", "</s>"]
-  assert tokenizer.convert_ids_to_tokens(b["targets"][0, 1][b["target_mask"][0, 1] > 0].tolist()) == ["blue", "green", "</s>"]
+  assert tokenizer.convert_ids_to_tokens(b["targets"][0, 1][b["target_mask"][0, 1] > 0].tolist()) == [
+      "blue",
+      "green",
+      "</s>",
+  ]
   prompt = np.nonzero(b["target_mask"][0, 0])[0][0] + 1  # first answer token position
   np.testing.assert_array_equal(chosen[:prompt], rejected[:prompt])
   for ch in range(2):
@@ -246,9 +294,25 @@ def test_preference_batches(tokenizer, dh):
 
 def test_deepstack_and_internvl_batches(tokenizer, dh):
   wide = dh.png_bytes((0, 255, 0), (64, 32))
-  recs = [{"id": "w", "images": [wide], "conversations": [{"from": "human", "value": "<image>\nWhat color is the shape in the top left?"},
-                                                             {"from": "gpt", "value": "green"}]}]
-  cfg = dh.data_config(seq_len=64, global_batch_size=1, vision="internvl", image_size=16, max_tiles=4, max_images=5, deepstack_grid=(2, 2))
+  recs = [
+      {
+          "id": "w",
+          "images": [wide],
+          "conversations": [
+              {"from": "human", "value": "<image>\nWhat color is the shape in the top left?"},
+              {"from": "gpt", "value": "green"},
+          ],
+      }
+  ]
+  cfg = dh.data_config(
+      seq_len=64,
+      global_batch_size=1,
+      vision="internvl",
+      image_size=16,
+      max_tiles=4,
+      max_images=5,
+      deepstack_grid=(2, 2),
+  )
   b = next(pipeline.make_iterator(cfg, tokenizer, num_image_tokens=2, image_token=IMG, source=recs, num_epochs=1))
   assert b["images"].shape == (1, 5, 16, 16, 3) and b["image_mask"].tolist() == [[True, True, True, False, False]]
   assert (b["tokens"][0] == tokenizer.convert_tokens_to_ids(IMG)).sum() == 3 * 2  # 2 tiles + thumbnail
@@ -265,9 +329,17 @@ BAD = {
     "corrupt_image": {"id": "b_corrupt", "images": [b"\x89PNG\r\n\x1a\n broken"], "conversations": _conv()},
     "missing_image": {"id": "b_missing", "images": [b""], "conversations": _conv()},
     "empty_conversation": {"id": "b_empty", "images": [], "conversations": []},
-    "malformed_conversation": {"id": "b_malformed", "images": [], "conversations": [{"from": "human", "value": "hi"}, {"from": "human", "value": "?"}]},
+    "malformed_conversation": {
+        "id": "b_malformed",
+        "images": [],
+        "conversations": [{"from": "human", "value": "hi"}, {"from": "human", "value": "?"}],
+    },
     "answer_truncated": {"id": "b_long", "images": [], "conversations": _conv(q=" ".join(["shape"] * 60))},
-    "image_truncated": {"id": "b_late_image", "images": [None], "conversations": _conv(q=" ".join(["shape"] * 60) + " <image>")},
+    "image_truncated": {
+        "id": "b_late_image",
+        "images": [None],
+        "conversations": _conv(q=" ".join(["shape"] * 60) + " <image>"),
+    },
     "too_many_images": {"id": "b_many", "images": [None, None, None], "conversations": _conv()},
     "malformed_record": {"id": "b_record", "images": [], "question": "What?"},
 }
@@ -305,33 +377,60 @@ def test_each_bad_input_is_skipped_counted_and_logged(tokenizer, dh, bad_records
 def test_strict_raises_with_the_record_id(tokenizer, dh, bad_records, reason):
   good, bad = bad_records
   cfg = dh.data_config(seq_len=48, global_batch_size=2, max_images=2, strict=True)
-  it = pipeline.make_iterator(cfg, tokenizer, num_image_tokens=4, image_token=IMG, source=[good, bad[reason]], num_epochs=1)
+  it = pipeline.make_iterator(
+      cfg, tokenizer, num_image_tokens=4, image_token=IMG, source=[good, bad[reason]], num_epochs=1
+  )
   with pytest.raises(BadRecordError, match=f"{bad[reason]['id']}.*{reason}"):
     next(it)
 
 
 def test_partial_truncation_keeps_the_answer_that_fits_and_counts_it(tokenizer, dh, caplog):
-  conv = [{"from": "human", "value": "How many shapes are there?"}, {"from": "gpt", "value": "3"},
-          {"from": "human", "value": " ".join(["shape"] * 40)}, {"from": "gpt", "value": "4"}]
+  conv = [
+      {"from": "human", "value": "How many shapes are there?"},
+      {"from": "gpt", "value": "3"},
+      {"from": "human", "value": " ".join(["shape"] * 40)},
+      {"from": "gpt", "value": "4"},
+  ]
   cfg = dh.data_config(seq_len=32, global_batch_size=1)
-  it = pipeline.make_iterator(cfg, tokenizer, num_image_tokens=1, image_token=IMG, source=[{"id": "t1", "images": [], "conversations": conv}], num_epochs=1)
+  it = pipeline.make_iterator(
+      cfg,
+      tokenizer,
+      num_image_tokens=1,
+      image_token=IMG,
+      source=[{"id": "t1", "images": [], "conversations": conv}],
+      num_epochs=1,
+  )
   with caplog.at_level(logging.INFO, logger="llvm_jax.data"):
     b = next(it)
   assert b["segment_ids"][0].all()  # exactly seq_len tokens kept
   assert tokenizer.convert_ids_to_tokens(b["targets"][0][b["target_mask"][0] > 0].tolist()) == ["3", "</s>"]
-  assert it.stats["truncated"] == 1 and any("t1" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+  assert it.stats["truncated"] == 1 and any(
+      "t1" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records
+  )
 
 
 def test_eval_prompt_too_long_is_skipped(tokenizer, dh):
-  recs = [{"id": "long", "images": [], "conversations": _conv(q=" ".join(["shape"] * 60))}, {"id": "ok", "images": [], "conversations": _conv()}]
-  it = pipeline.make_iterator(dh.data_config(seq_len=32, global_batch_size=2), tokenizer, num_image_tokens=1, image_token=IMG, source=recs, mode="eval")
+  recs = [
+      {"id": "long", "images": [], "conversations": _conv(q=" ".join(["shape"] * 60))},
+      {"id": "ok", "images": [], "conversations": _conv()},
+  ]
+  it = pipeline.make_iterator(
+      dh.data_config(seq_len=32, global_batch_size=2),
+      tokenizer,
+      num_image_tokens=1,
+      image_token=IMG,
+      source=recs,
+      mode="eval",
+  )
   b = next(it)
   assert b["id"].tolist() == ["ok", ""] and it.stats["prompt_too_long"] == 1
 
 
 def test_all_records_bad_raises_instead_of_spinning(tokenizer, dh):
   recs = [{"id": f"e{i}", "images": [], "conversations": []} for i in range(3)]
-  it = pipeline.make_iterator(dh.data_config(), tokenizer, num_image_tokens=1, image_token=IMG, source=recs)  # infinite epochs
+  it = pipeline.make_iterator(
+      dh.data_config(), tokenizer, num_image_tokens=1, image_token=IMG, source=recs
+  )  # infinite epochs
   with pytest.raises(RuntimeError, match="whole pass"):
     next(it)
 
@@ -350,11 +449,17 @@ def test_build_if_missing_from_two_processes_builds_once(tmp_path):
   import subprocess
   import sys
 
-  code = ("import sys; from llvm_jax.data import pipeline; "
-          "s = pipeline.open_data_source('synthetic_vqa/tiny', 'train', sys.argv[1], build_if_missing=True); "
-          "print(len(s))")
-  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for _ in range(2)]
+  code = (
+      "import sys; from llvm_jax.data import pipeline; "
+      "s = pipeline.open_data_source('synthetic_vqa/tiny', 'train', sys.argv[1], build_if_missing=True); "
+      "print(len(s))"
+  )
+  procs = [
+      subprocess.Popen(
+          [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+      )
+      for _ in range(2)
+  ]
   outs = [p.communicate(timeout=300) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
   assert [out.strip().splitlines()[-1] for out, _ in outs] == ["256", "256"]

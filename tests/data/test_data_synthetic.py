@@ -95,15 +95,38 @@ def test_spec_validation():
 
 def test_tiny_tokenizer_special_tokens_and_template(tokenizer):
   assert [tokenizer.convert_tokens_to_ids(t) for t in T.SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
-  assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2, 3)
-  msgs = [{"role": "user", "content": "<image>\nWhat shape is in the top left?"}, {"role": "assistant", "content": "circle"}]
+  assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (
+      0,
+      1,
+      2,
+      3,
+  )
+  msgs = [
+      {"role": "user", "content": "<image>\nWhat shape is in the top left?"},
+      {"role": "assistant", "content": "circle"},
+  ]
   text = tokenizer.apply_chat_template(msgs, tokenize=False)
   assert text == "<s>USER: <image>\nWhat shape is in the top left? ASSISTANT: circle</s>"
   prompt = tokenizer.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
   assert prompt == "<s>USER: <image>\nWhat shape is in the top left? ASSISTANT:"
   ids = tokenizer(text, add_special_tokens=False)["input_ids"]
   assert tokenizer.convert_ids_to_tokens(ids) == [
-      "<s>", "USER", ":", "<image>", "What", "shape", "is", "in", "the", "top", "left", "?", "ASSISTANT", ":", "circle", "</s>"
+      "<s>",
+      "USER",
+      ":",
+      "<image>",
+      "What",
+      "shape",
+      "is",
+      "in",
+      "the",
+      "top",
+      "left",
+      "?",
+      "ASSISTANT",
+      ":",
+      "circle",
+      "</s>",
   ]
   assert tokenizer.decode(tokenizer("bottom right", add_special_tokens=False)["input_ids"]) == "bottom right"
 
@@ -134,12 +157,23 @@ def test_preference_records_reject_a_wrong_answer_of_the_same_kind():
   recs = []
   for i in range(200):
     s = S.draw_sample(S.sample_seed(0, "train", i), spec)
-    recs.append({"id": f"r{i}", "image": b"png", "question": s["question"], "answer": s["answer"],
-                 "options": s["options"], "question_type": s["question_type"], "multiple_choice": s["multiple_choice"]})
+    recs.append(
+        {
+            "id": f"r{i}",
+            "image": b"png",
+            "question": s["question"],
+            "answer": s["answer"],
+            "options": s["options"],
+            "question_type": s["question_type"],
+            "multiple_choice": s["multiple_choice"],
+        }
+    )
   pairs = S.preference_records(recs, seed=0)
   assert len(pairs) == len(recs)  # every type has several answers in 200 samples
   by_id = {r["id"]: r for r in recs}
-  answers = {t: {r["answer"] for r in recs if r["question_type"] == t and not r["multiple_choice"]} for t in S.QUESTION_TYPES}
+  answers = {
+      t: {r["answer"] for r in recs if r["question_type"] == t and not r["multiple_choice"]} for t in S.QUESTION_TYPES
+  }
   for p in pairs:
     rec = by_id[p["id"]]
     assert p["chosen"] == rec["answer"] != p["rejected"]

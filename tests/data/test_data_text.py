@@ -24,8 +24,29 @@ def test_encode_layout_multi_turn(tokenizer):
   enc = ChatEncoder(tokenizer, image_token="<image>", num_image_tokens=3)
   turns = records.normalize_conversation(CONV, num_images=1)
   e = enc.encode(turns, tiles_per_image=[1])
-  expected = (["<s>", "USER", ":"] + ["<image>"] * 3 + ["What", "color", "is", "the", "shape", "in", "the", "top", "left", "?"]
-              + ["ASSISTANT", ":", "red", "</s>", "USER", ":", "How", "many", "shapes", "are", "there", "?", "ASSISTANT", ":", "2", "</s>"])
+  expected = (
+      ["<s>", "USER", ":"]
+      + ["<image>"] * 3
+      + ["What", "color", "is", "the", "shape", "in", "the", "top", "left", "?"]
+      + [
+          "ASSISTANT",
+          ":",
+          "red",
+          "</s>",
+          "USER",
+          ":",
+          "How",
+          "many",
+          "shapes",
+          "are",
+          "there",
+          "?",
+          "ASSISTANT",
+          ":",
+          "2",
+          "</s>",
+      ]
+  )
   assert _tokens(tokenizer, e.ids) == expected
   assert e.ids.dtype == np.int32
   assert [t for t, m in zip(expected, e.loss) if m] == ["red", "</s>", "2", "</s>"]
@@ -50,14 +71,16 @@ def test_marker_prepended_when_missing_and_tiles(tokenizer):
   e = enc.encode(turns, tiles_per_image=[3, 1])  # InternVL-style: 3 tiles then 1 tile
   toks = _tokens(tokenizer, e.ids)
   assert toks[:3] == ["<s>", "USER", ":"]
-  assert toks[3:3 + 14] == ["("] + ["<image>"] * 12 + [")"]
-  assert toks[17:17 + 6] == ["("] + ["<image>"] * 4 + [")"]
+  assert toks[3 : 3 + 14] == ["("] + ["<image>"] * 12 + [")"]
+  assert toks[17 : 17 + 6] == ["("] + ["<image>"] * 4 + [")"]
   assert e.image_runs == [(4, 16), (18, 22)]
   assert [t for t, m in zip(toks, e.loss) if m] == ["circle", "</s>"]
 
 
 def test_system_prompt(tokenizer):
-  enc = ChatEncoder(tokenizer, image_token="<image>", num_image_tokens=1, system_prompt="A chat between a user and an assistant.")
+  enc = ChatEncoder(
+      tokenizer, image_token="<image>", num_image_tokens=1, system_prompt="A chat between a user and an assistant."
+  )
   e = enc.encode([("user", "How many shapes are there?"), ("assistant", "3")], [])
   toks = _tokens(tokenizer, e.ids)
   assert toks[:10] == ["<s>", "A", "chat", "between", "a", "user", "and", "an", "assistant", "."]
@@ -75,7 +98,15 @@ def test_template_without_stable_prefixes_uses_the_search_fallback(tokenizer_dir
       "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
   )
   enc = ChatEncoder(tok, image_token="<image>", num_image_tokens=1)
-  e = enc.encode([("user", "What shape is in the top left?"), ("assistant", "top left"), ("user", "How many shapes are there?"), ("assistant", "4")], [])
+  e = enc.encode(
+      [
+          ("user", "What shape is in the top left?"),
+          ("assistant", "top left"),
+          ("user", "How many shapes are there?"),
+          ("assistant", "4"),
+      ],
+      [],
+  )
   toks = _tokens(tok, e.ids)
   assert [t for t, m in zip(toks, e.loss) if m] == ["top", "left", "</s>", "4", "</s>"]
   # the first "top left" (in the question) is not labelled
@@ -92,7 +123,11 @@ def test_batch_layout_of_a_known_conversation(tokenizer, dh):
   cfg = dh.data_config(seq_len=40, global_batch_size=1, image_size=16, max_images=2)
   it = pipeline.make_iterator(cfg, tokenizer, num_image_tokens=3, image_token="<image>", source=[rec], num_epochs=1)
   b = next(it)
-  ids = ChatEncoder(tokenizer, image_token="<image>", num_image_tokens=3).encode(records.normalize_conversation(CONV, 1), [1]).ids
+  ids = (
+      ChatEncoder(tokenizer, image_token="<image>", num_image_tokens=3)
+      .encode(records.normalize_conversation(CONV, 1), [1])
+      .ids
+  )
   n = len(ids)
   assert n == 32
   tokens = np.zeros(40, np.int32)
@@ -122,8 +157,10 @@ def test_vicuna_v1_template_matches_llava_format(tokenizer):
   enc = ChatEncoder(tok, image_token="<image>", num_image_tokens=1)
   turns = records.normalize_conversation(CONV, num_images=1)
   text = enc.render(enc.messages(turns), add_generation_prompt=False)
-  assert text == (f"<s>{VICUNA_V1_SYSTEM} USER: <image>\nWhat color is the shape in the top left? ASSISTANT: red</s>"
-                  "USER: How many shapes are there? ASSISTANT: 2</s>")
+  assert text == (
+      f"<s>{VICUNA_V1_SYSTEM} USER: <image>\nWhat color is the shape in the top left? ASSISTANT: red</s>"
+      "USER: How many shapes are there? ASSISTANT: 2</s>"
+  )
   e = enc.encode(turns, [1])
   assert [t for t, m in zip(_tokens(tok, e.ids), e.loss) if m] == ["red", "</s>", "2", "</s>"]
 
@@ -131,8 +168,9 @@ def test_vicuna_v1_template_matches_llava_format(tokenizer):
 def test_special_token_text_in_a_message_stays_text(tokenizer):
   # Issue #17 row 14: the literal "</s>" (or "<s>") typed in an answer / question is not an EOS / BOS to train on.
   enc = ChatEncoder(tokenizer, image_token="<image>", num_image_tokens=2)
-  turns = records.normalize_conversation([{"from": "human", "value": "<image>\nsay <s> red"},
-                                          {"from": "gpt", "value": "red </s> 2"}], num_images=1)
+  turns = records.normalize_conversation(
+      [{"from": "human", "value": "<image>\nsay <s> red"}, {"from": "gpt", "value": "red </s> 2"}], num_images=1
+  )
   e = enc.encode(turns, tiles_per_image=[1])
   tokens = _tokens(tokenizer, e.ids)
   assert tokens.count("</s>") == 1 and tokens[-1] == "</s>"  # only the template's end of turn

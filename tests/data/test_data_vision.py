@@ -25,7 +25,9 @@ def test_clip_pad_expands_with_mean_colour_then_resizes():
   assert slots.shape == (1, 24, 24, 3) and slots.dtype == np.float32 and hires is None
   pad = tuple(int(x * 255) for x in V.CLIP_MEAN)
   np.testing.assert_allclose(slots[0, 0, 12], _norm(pad, V.CLIP_MEAN, V.CLIP_STD), atol=1e-5)  # top rows: mean colour
-  np.testing.assert_allclose(slots[0, 12, 12], _norm((255, 0, 0), V.CLIP_MEAN, V.CLIP_STD), atol=1e-5)  # centre: the image
+  np.testing.assert_allclose(
+      slots[0, 12, 12], _norm((255, 0, 0), V.CLIP_MEAN, V.CLIP_STD), atol=1e-5
+  )  # centre: the image
   # same as LLaVA's expand2square + bicubic resize + (x/255 - mean)/std
   ref = np.asarray(V.expand2square(img, pad).resize((24, 24), Image.BICUBIC), np.float32) / 255.0
   np.testing.assert_allclose(slots[0], (ref - np.float32(V.CLIP_MEAN)) / np.float32(V.CLIP_STD), atol=1e-5)
@@ -50,8 +52,15 @@ def test_siglip_resize_and_normalisation():
 
 @pytest.mark.parametrize(
     "size,max_num,grid",
-    [((448, 448), 6, (1, 1)), ((896, 448), 6, (2, 1)), ((448, 1344), 6, (1, 3)), ((1000, 500), 12, (2, 1)), ((1600, 400), 6, (4, 1)),
-     ((100, 100), 4, (1, 1)), ((900, 600), 6, (3, 2))],
+    [
+        ((448, 448), 6, (1, 1)),
+        ((896, 448), 6, (2, 1)),
+        ((448, 1344), 6, (1, 3)),
+        ((1000, 500), 12, (2, 1)),
+        ((1600, 400), 6, (4, 1)),
+        ((100, 100), 4, (1, 1)),
+        ((900, 600), 6, (3, 2)),
+    ],
 )
 def test_internvl_tile_grid(size, max_num, grid):
   assert V.tile_grid(size[0], size[1], 1, max_num, 448) == grid
@@ -109,7 +118,9 @@ def test_deepstack_non_square_grid_and_internvl_tiles():
   # crop 0 = left half (red over blue), crop 1 = right half (green over yellow)
   np.testing.assert_allclose(hires[0, 0, 1, 4], _norm(colors[0], V.CLIP_MEAN, V.CLIP_STD), atol=1e-5)
   np.testing.assert_allclose(hires[0, 1, 6, 4], _norm(colors[3], V.CLIP_MEAN, V.CLIP_STD), atol=1e-5)
-  slots, hires = V.preprocess_image(Image.new("RGB", (64, 32)), V.make_vision_spec("internvl", 8, deepstack_grid=(2, 2)))
+  slots, hires = V.preprocess_image(
+      Image.new("RGB", (64, 32)), V.make_vision_spec("internvl", 8, deepstack_grid=(2, 2))
+  )
   assert slots.shape == (3, 8, 8, 3) and hires.shape == (3, 4, 8, 8, 3)
 
 
