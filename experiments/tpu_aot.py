@@ -11,14 +11,15 @@ topology: HBM per chip from `memory_analysis()`, step times and MFU ESTIMATED fr
      v5p-8 (Cloud TPU's name counts TensorCores: 4 chips, one 2x2x1 host): the train step.
   2. The paper-scale 7B models of configs/paper.py at SFT shapes (global batch 128, 2048 tokens, one
      image per sample, the SFT stage's freeze rules): the smallest v5e and v5p slice of 8 ... 256
-     chips whose train step fits, searching FSDP and FSDP + 4-way tensor parallelism, remat full,
-     1 microbatch then as many as the per-chip batch allows.
-  3. The decode step (1B, v5e-8, 16 rows against 1152 cache slots): estimated time against the HBM
-     roofline of its compiled bytes and against one read of its arguments (weights + cache).
+     chips whose train step fits, trying FSDP, FSDP with 4 microbatches, FSDP + 4-way tensor
+     parallelism (remat full); the search compiles the scanned programs only (memory).
+  3. The decode step (1B on v5e-8, weights replicated: 16 rows against 1152 cache slots): estimated
+     time against the HBM roofline of its compiled bytes and against one read of its arguments.
   4. p-MoD against its dense model: estimated step times next to the analytic FLOPs (paper: 58.7%).
-Each compile is cached in .cache/tpu_aot.jsonl (keyed by its settings), so an interrupted run resumes
-where it stopped. Decoders are compiled unrolled (the configs' scan_layers=False): XLA's cost analysis
-counts a scanned layer body once, so a scanned program would need an unrolled twin compile anyway.
+Layers are scanned with the blocked attention, as bench_1b runs them; XLA's cost analysis counts a
+scanned layer body once, so every estimate comes from an unrolled twin compile (`aot.compile_for_topology`
+with unrolled_costs), the memory from the scanned program. Each compile is cached in
+.cache/tpu_aot.jsonl (keyed by its settings), so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations

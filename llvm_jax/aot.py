@@ -669,7 +669,7 @@ def format_report(report: dict[str, Any]) -> str:
       f"{report['topology']} x {report['num_slices']} slice(s): {chips} x {report['device_kind']} "
       f"({_size(report['hbm_bytes_per_chip'])} HBM, {report['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16, "
       f"{report['hbm_bandwidth_per_chip'] / 1e9:.0f} GB/s per chip); mesh {report['mesh']}, strategy "
-      f"{report['strategy']}, remat {report['remat']}, scan_layers {report['scan_layers']}",
+      f"{report['strategy']}, remat {report['remat']}, scan_layers {report['scan_layers']}"
   ]
   if "costs_from" in report:
     lines.append(f"FLOPs, bytes and estimates from the {report['costs_from']}")
