@@ -62,9 +62,17 @@ from typing import Any  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
+from absl import app, flags  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from llvm_jax import config_utils, flops, sharding  # noqa: E402
+from llvm_jax.bench.train_step import synthetic_batch  # noqa: E402
+from llvm_jax.models import llvm  # noqa: E402
+from llvm_jax.models.decoder import init_cache  # noqa: E402
+from llvm_jax.models.llvm import LLVM  # noqa: E402
+from llvm_jax.train import lora, trainer  # noqa: E402
 
 GiB = 2**30
 PROGRAMS = ("train", "prefill", "decode")
@@ -197,7 +205,6 @@ def _quiet_stderr():
 
 def topology_devices(topology: Topology) -> list[jax.Device]:
   """The compile-only devices of the topology (needs libtpu)."""
-  from jax.experimental import topologies
 
   kwargs = {}
   if topology.chips_per_host_bounds is not None:
@@ -231,7 +238,6 @@ def _batch_spec(mesh: Mesh, rows: int, axis: int = 0, ndim: int = 1) -> Partitio
 
 def abstract_batch(model_cfg, rows: int, seq_len: int, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
   """A batch like `bench/train_step.py: synthetic_batch` (one row built to read its structure), abstract."""
-  from llvm_jax.bench.train_step import synthetic_batch
 
   one = synthetic_batch(model_cfg, 1, seq_len)
   return {
@@ -244,7 +250,6 @@ def abstract_batch(model_cfg, rows: int, seq_len: int, mesh: Mesh) -> dict[str, 
 
 def abstract_cache(model_cfg, rows: int, max_len: int, num_vision: int, mesh: Mesh) -> Any:
   """The KV cache of `init_cache` as abstract arrays, each split over the data axes by its batch axis."""
-  from llvm_jax.models.decoder import init_cache
 
   shapes = jax.eval_shape(lambda: init_cache(model_cfg.decoder, rows, max_len, num_vision=num_vision))
   scanned = model_cfg.decoder.scan_layers
@@ -261,7 +266,6 @@ def abstract_cache(model_cfg, rows: int, max_len: int, num_vision: int, mesh: Me
 
 def _inference_params(config: ml_collections.ConfigDict, model, mesh: Mesh) -> Any:
   """The weights as a server holds them: abstract, sharded, floats in the compute dtype, no LoRA adapters."""
-  from llvm_jax.train import lora, trainer
 
   abstract, shardings = trainer.abstract_params_and_shardings(config, model, mesh)
   abstract.pop(lora.LORA_KEY, None)
@@ -275,7 +279,6 @@ def _inference_params(config: ml_collections.ConfigDict, model, mesh: Mesh) -> A
 
 
 def lower_train(config: ml_collections.ConfigDict, model, mesh: Mesh):
-  from llvm_jax.train import trainer
 
   setup, abstract_params = trainer.build_setup(config, model, mesh)
   params = trainer.sharded_abstract(abstract_params, setup.param_shardings)
@@ -286,13 +289,11 @@ def lower_train(config: ml_collections.ConfigDict, model, mesh: Mesh):
 
 
 def _with_rules(config: ml_collections.ConfigDict, mesh: Mesh):
-  from llvm_jax.train import trainer
 
   return trainer.sharding_context(mesh, sharding.logical_rules(config.sharding.strategy))
 
 
 def lower_prefill(config: ml_collections.ConfigDict, model, mesh: Mesh, max_len: int):
-  from llvm_jax.models import llvm
 
   cfg = model.config
   rows, seq_len = config.data.global_batch_size, config.data.seq_len
@@ -324,7 +325,6 @@ def lower_prefill(config: ml_collections.ConfigDict, model, mesh: Mesh, max_len:
 
 
 def lower_decode(config: ml_collections.ConfigDict, model, mesh: Mesh, rows: int, max_len: int):
-  from llvm_jax.models import llvm
 
   cfg = model.config
   params = _inference_params(config, model, mesh)
@@ -546,7 +546,6 @@ def compile_for_topology(
   time unrolled and the FLOPs, bytes and step-time estimate come from that twin (the same math);
   memory and fit stay those of the scanned program.
   """
-  from llvm_jax.models.llvm import LLVM
 
   unknown = sorted(set(what) - set(PROGRAMS))
   if unknown:
@@ -711,8 +710,6 @@ def format_report(report: dict[str, Any]) -> str:
 
 def main(argv) -> None:
   del argv
-  from absl import flags
-
   f = flags.FLAGS
   report = compile_for_topology(
       f.config,
@@ -733,9 +730,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-
   config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py[:arg]).", lock_config=True)
   flags.DEFINE_string("topology", "v5e:2x2", "TPU topology: 'v5e:2x4' or an accelerator type ('v5e-8', 'v5p-8').")
   flags.DEFINE_integer("num_slices", 1, "Slices (multi-slice over DCN).")
