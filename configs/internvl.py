@@ -10,42 +10,14 @@ Arg: size=tiny|1b (1b: InternViT-300M-448px + Qwen2-0.5B, the InternVL2-1B shape
      data.deepstack_grid follows the model). Or per block: --config.model.decoder.trol.enabled=True.
 """
 
+from configs import paper
 from llvm_jax import config_utils
-from llvm_jax.models.config import DecoderConfig, LLVMConfig, ProjectorConfig, RopeConfig, VisionConfig
+from llvm_jax.models.config import LLVMConfig, ProjectorConfig, VisionConfig
 
 
 def internvl2_1b() -> LLVMConfig:
-  decoder = DecoderConfig(
-      family="qwen2",
-      vocab_size=151655,
-      embed_dim=896,
-      num_layers=24,
-      num_heads=14,
-      num_kv_heads=2,
-      head_dim=64,
-      mlp_dim=4864,
-      norm_eps=1e-6,
-      qkv_bias=True,
-      tie_embeddings=True,
-      max_position_embeddings=32768,
-      rope=RopeConfig(theta=1000000.0),
-  )
-  vision = VisionConfig(
-      kind="internvit",
-      image_size=448,
-      patch_size=14,
-      width=1024,
-      depth=24,
-      num_heads=16,
-      mlp_dim=4096,
-      norm_eps=1e-6,
-      feature_layer=-1,
-      feature_select="default",
-      qkv_bias=True,
-      layer_scale=True,
-  )
-  projector = ProjectorConfig("pixel_shuffle_mlp", downsample_ratio=0.5, norm_eps=1e-5)
-  return LLVMConfig(decoder=decoder, vision=vision, projector=projector, image_token_id=151648)
+  """InternVL2-1B: InternViT-300M-448px, pixel shuffle 0.5 and Qwen2-0.5B (the paper configs' shapes)."""
+  return paper.internvl2_like("0.5b")
 
 
 def tiny() -> LLVMConfig:
