@@ -23,7 +23,7 @@ from absl import app, flags
 
 from llvm_jax import config_utils, convert, sampler, sharding
 from llvm_jax.data import records, vision
-from llvm_jax.data.config import default_data_config
+from llvm_jax.data.config import default_data_config, resolve
 from llvm_jax.data.pipeline import vision_spec_from_config
 from llvm_jax.data.text import ChatEncoder
 from llvm_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
@@ -128,7 +128,7 @@ def from_checkpoint(checkpoint: str, mesh_shape: Sequence[int] | None = None, st
     tokenizer_path = os.path.join(workdir, "tokenizer")
     if not os.path.exists(tokenizer_path):
       build_tiny_tokenizer(tokenizer_path)
-  tokenizer = load_tokenizer(tokenizer_path, config.data.get("chat_template", "") or None)
+  tokenizer = load_tokenizer(tokenizer_path, resolve(config.data).chat_template or None)
   return Predictor(model, params, tokenizer, config.data, config.image_token)
 
 
