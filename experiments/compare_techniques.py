@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from configs import demo  # noqa: E402
 from llvm_jax import config_utils, cost, main  # noqa: E402
 from llvm_jax.data import synthetic  # noqa: E402
-from llvm_jax.data.pipeline import make_iterator, open_data_source  # noqa: E402
+from llvm_jax.data.pipeline import open_data_source  # noqa: E402
 from llvm_jax.models.config import DeepStackConfig, PmodConfig  # noqa: E402
 from llvm_jax.models.llvm import LLVM  # noqa: E402
 from llvm_jax.train import trainer  # noqa: E402
@@ -81,16 +81,7 @@ def experiment_config(techniques: str, seed: int, steps: int, lr: float, args):
 def train(config, workdir: str, source=None) -> dict:
   model = LLVM(config_utils.model_config(config))
   tokenizer = main.resolve_tokenizer(config, workdir)
-  mesh = trainer.mesh_from_config(config)
-  data = make_iterator(
-      config.data,
-      tokenizer,
-      num_image_tokens=model.config.tokens_per_image,
-      image_token=config.image_token,
-      mesh=mesh,
-      mode="train",
-      source=source,
-  )
+  data = main.train_iterator(config, model, tokenizer, source)
   last = trainer.train(config, workdir, data, main.make_evaluators(config, workdir, model, tokenizer), model)
   last.pop("params")
   return last

@@ -178,19 +178,24 @@ def report_eval(name: str, step: int, metrics: dict) -> None:
   console(line)  # ends an open progress bar line first
 
 
-def run_train(config, workdir: str) -> dict:
-  """Trains (resuming from the workdir), evaluating on schedule; see llvm_jax/train/trainer.py."""
-  model = LLVM(config_utils.model_config(config))
-  tokenizer = resolve_tokenizer(config, workdir)
-  mesh = trainer.mesh_from_config(config)
-  data = make_iterator(
+def train_iterator(config, model: LLVM, tokenizer, source=None):
+  """The training data of `config` on its mesh (`source`: records to read instead of config.data's)."""
+  return make_iterator(
       config.data,
       tokenizer,
       num_image_tokens=model.config.tokens_per_image,
       image_token=config.image_token,
-      mesh=mesh,
+      mesh=trainer.mesh_from_config(config),
       mode="train",
+      source=source,
   )
+
+
+def run_train(config, workdir: str) -> dict:
+  """Trains (resuming from the workdir), evaluating on schedule; see llvm_jax/train/trainer.py."""
+  model = LLVM(config_utils.model_config(config))
+  tokenizer = resolve_tokenizer(config, workdir)
+  data = train_iterator(config, model, tokenizer)
   last = trainer.train(config, workdir, data, make_evaluators(config, workdir, model, tokenizer), model)
   last.pop("params")
   if jax.process_index() == 0:
