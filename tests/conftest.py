@@ -17,3 +17,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_REPO, ".cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+  """The slow tests first. With `pytest -n 2` (pytest.ini: --dist loadfile --no-loadscope-reorder) each
+  file runs on one worker, so a module's shared fixtures are built once, and the files holding slow tests
+  start first, so that the workers finish together."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise

@@ -1,9 +1,24 @@
 """Launching the real multi-process (gloo) test workers: a free coordinator port, and the workers run to
 completion, each log shown if one fails."""
 
+import os
 import socket
 import subprocess
 import sys
+
+
+def worker_env(repo: str, devices: int) -> dict:
+  """The test env for a worker process with `devices` fake CPU devices, keeping conftest's other XLA flags
+  (XLA's backend optimisation off: the workers' compiles otherwise take several times longer)."""
+  flags = [
+      f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
+  ]
+  return dict(
+      os.environ,
+      PYTHONPATH=repo + os.pathsep + os.path.join(repo, "tests"),
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", *flags]),
+  )
 
 
 def free_port() -> int:

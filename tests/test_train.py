@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from multiprocess_helpers import free_port, run_workers
+from multiprocess_helpers import free_port, run_workers, worker_env
 from train_helpers import SyntheticBatches, run, tiny_config
 
 from llvm_jax import config_utils, convert
@@ -125,12 +125,7 @@ def test_two_processes_match_one_process(tmp_path):
   single, _ = run(tiny_config(total_steps=3, checkpoint_every=3), tmp_path / "single")
   single_losses = [json.loads(l)["train/loss"] for l in open(tmp_path / "single" / "metrics.jsonl")]
   port = free_port()
-  env = dict(
-      os.environ,
-      PYTHONPATH=REPO + os.pathsep + os.path.join(REPO, "tests"),
-      JAX_PLATFORMS="cpu",
-      XLA_FLAGS="--xla_force_host_platform_device_count=4",
-  )
+  env = worker_env(REPO, devices=4)
   workdir = tmp_path / "pair"
   run_workers(WORKER, [[str(i), str(port), str(workdir)] for i in range(2)], env, timeout=240)
   pair_losses = [json.loads(l)["train/loss"] for l in open(workdir / "metrics.jsonl")]

@@ -6,7 +6,7 @@ import os
 import subprocess
 
 import pytest
-from multiprocess_helpers import free_port, run_workers
+from multiprocess_helpers import free_port, run_workers, worker_env
 from train_helpers import run, tiny_config
 
 from llvm_jax.train import checkpoint, trainer
@@ -180,12 +180,7 @@ def test_rerun_of_a_finished_run_reports_already_complete(tmp_path):
 # Row 1: processes must feed distinct batch rows.
 @pytest.mark.slow
 def test_mesh_replicating_the_batch_over_processes_is_an_error(tmp_path):
-  env = dict(
-      os.environ,
-      PYTHONPATH=REPO + os.pathsep + os.path.join(REPO, "tests"),
-      JAX_PLATFORMS="cpu",
-      XLA_FLAGS="--xla_force_host_platform_device_count=2",
-  )
+  env = worker_env(REPO, devices=2)
   port = free_port()
   logs = run_workers(MESH_WORKER, [[str(i), str(port)] for i in range(2)], env, timeout=180)
   for log in logs:
