@@ -10,7 +10,8 @@ Run:
   python -m llvm_jax.main --config=configs/demo.py --workdir=workdirs/demo
 Arg: task=train|eval|demo (eval: the workdir's checkpoint with config.evals; demo: a forward pass and
      greedy generation on a random model), llm=llama|qwen2|phi3, vision=clip|siglip, steps, res, patch,
-     lr, width and layers (LLM), vision_lr / projector_lr (learning-rate multipliers; vision_lr=none
+     lr, width and layers (LLM), dataset (a synthetic_vqa config: large, basic, detail, ...; see
+     llvm_jax/data/builders.py), seq (tokens per row), vision_lr / projector_lr (learning-rate multipliers; vision_lr=none
      freezes the ViT, projector_lr=none the projector), batch,
      technique=baseline|trol|phantom|deepstack|pmod|all_four (or names joined by '+', e.g. trol+pmod;
      each with its paper's settings, fitted to the model's depth; data.deepstack_grid follows the model).
@@ -38,6 +39,8 @@ def get_config(arg=None):
       batch=16,
       layers=4,
       technique="baseline",
+      dataset="synthetic_vqa/large",
+      seq=96,
   )
   vocab = tiny_vocabulary()
   model = config_utils.tiny_llvm(
@@ -55,16 +58,17 @@ def get_config(arg=None):
   model = config_utils.with_techniques(model, args.technique)
   config = config_utils.experiment(model, task=args.task, lock=False)
   config.data.update(
-      name="synthetic_vqa/large",
+      name=args.dataset,
       data_dir="workdirs/tfds",
       build_if_missing=True,
       split="train",
-      seq_len=96,
+      seq_len=args.seq,
       global_batch_size=args.batch,
       vision=args.vision,
       image_size=args.res,
-      packing=True,
-      max_images=3,
+      # p-MoD's MoD layers are sized for one image a row (config_utils.finalize rejects packing).
+      packing=model.decoder.pmod is None,
+      max_images=3 if model.decoder.pmod is None else 1,
   )
   # The ViT starts from random weights. At the LLM's learning rate it collapses to image-independent
   # features before the LLM learns to read them (accuracy near chance); frozen (like LLaVA-1.5's

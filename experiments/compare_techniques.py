@@ -72,7 +72,9 @@ def experiment_config(techniques: str, seed: int, steps: int, lr: float, args):
   config.data.update(data_dir=args.data_dir, seed=seed)
   if cfg.deepstack is not None:
     config.data.deepstack_grid = cfg.deepstack.num_crops
-    config.data.packing = False  # one image per row: the crops travel per image slot
+  if cfg.deepstack is not None or cfg.decoder.pmod is not None:
+    # One image per row: DeepStack's crops travel per image slot; p-MoD's kept length is sized for it.
+    config.data.packing = False
     config.data.max_images = 1
   config.train.update(log_every=10, checkpoint_every=steps)
   return config

@@ -15,6 +15,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from llvm_jax.data.config import default_data_config
+from llvm_jax.data.config import resolve as resolve_data
 from llvm_jax.models.config import (
     DecoderConfig,
     DeepStackConfig,
@@ -282,7 +283,8 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   - `config.eval_specs` entries are added to `config.evals` (with a TYPE: replacing an entry of that name;
     without: updating the existing entry; '-NAME': dropping it).
   - `data.deepstack_grid` follows `model.deepstack.num_crops` when DeepStack is on (a different
-    explicit value raises, naming both fields).
+    explicit value raises, naming both fields); `data.deepstack_grid_mode` other than 'fixed'
+    needs DeepStack on.
   """
   if config.get("eval_specs"):
     with config.unlocked():
@@ -301,7 +303,8 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
               f"existing evals: {sorted(config.evals)}"
           )
   model = model_config(config)
-  grid = config.data.get("deepstack_grid", None)
+  settings = resolve_data(config.data)  # validates every data field, defaults from one place
+  grid = settings.deepstack_grid
   if model.deepstack is not None:
     crops = tuple(model.deepstack.num_crops)
     if grid is None:
@@ -315,6 +318,19 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(
         f"data.deepstack_grid={tuple(grid)} is set but DeepStack is off; enable it with "
         "--config.model.deepstack.enabled=True or unset data.deepstack_grid"
+    )
+  elif settings.deepstack_grid_mode != "fixed":
+    raise ValueError(
+        f"data.deepstack_grid_mode={settings.deepstack_grid_mode!r} needs DeepStack; enable it with "
+        "--config.model.deepstack.enabled=True or leave data.deepstack_grid_mode='fixed'"
+    )
+  if model.decoder.pmod is not None and settings.packing:
+    # A MoD layer's kept length is static (S - n + trunc(r*n) for the n vision slots); a packed row
+    # with fewer images and more text would not fit it, and inside jit its extra tokens would skip the
+    # layer without an error.
+    raise ValueError(
+        "p-MoD (model.decoder.pmod) needs data.packing=False: a packed row with fewer images and more "
+        "text than its slots allow does not fit a MoD layer's static kept length; set --config.data.packing=False"
     )
   return config
 

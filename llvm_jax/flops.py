@@ -18,8 +18,8 @@ vision tower (patch embedding, bidirectional layers) and the projector:
             scanned stack runs each stage at its largest ratio (`pmod.stage_ratios`): those extra
             slots are overhead, not model FLOPs, and are not counted;
   DeepStack DeepStack-L runs the g_h*g_w crops through the vision tower and projector and adds G x T x D
-            residuals; DeepStack-V runs the crops' patch embedding (and `vit_crop_layer` ViT layers)
-            and adds G x grid² x Dv residuals.
+            residuals; DeepStack-V runs the crops' patch embedding and their first `crop_layer` ViT
+            layers (`DeepStackConfig.crop_layer`, default vit_start) and adds G x grid² x Dv residuals.
 
 XLA's `compiled.cost_analysis()['flops']` differs: it counts masked (causal) attention in full,
 elementwise ops (norms, softmax, activations, RoPE, residual adds) at about one FLOP per element, and
@@ -144,7 +144,7 @@ def deepstack_flops_per_image(cfg: LLVMConfig) -> dict[str, float]:
   crops = groups * (vision_forward_flops(cfg.vision) + projector_forward_flops(cfg)) if ds.llm else 0.0
   injection = groups * cfg.tokens_per_image * cfg.decoder.embed_dim if ds.llm else 0.0
   if ds.vit_start is not None:
-    crop_vision = dataclasses.replace(cfg.vision, feature_layer=ds.vit_crop_layer)
+    crop_vision = dataclasses.replace(cfg.vision, feature_layer=ds.crop_layer)
     crops += groups * vision_forward_flops(crop_vision)
     injection += groups * cfg.vision.grid**2 * cfg.vision.width
   return {"crops": float(crops), "injection": float(injection)}

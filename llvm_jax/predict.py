@@ -41,16 +41,16 @@ class Predictor:
   image_token: str = "<image>"
 
   def __post_init__(self):
-    cfg = self.data_config
+    settings = resolve(self.data_config)
     self.encoder = ChatEncoder(
         self.tokenizer,
         image_token=self.image_token,
         num_image_tokens=self.model.config.tokens_per_image,
-        image_start=cfg.get("image_start", ""),
-        image_end=cfg.get("image_end", ""),
-        system_prompt=cfg.get("system_prompt", None),
+        image_start=settings.image_start,
+        image_end=settings.image_end,
+        system_prompt=settings.system_prompt,
     )
-    self.vision_spec = vision_spec_from_config(cfg)
+    self.vision_spec = vision_spec_from_config(self.data_config)
 
   def inputs(self, images: Sequence[bytes], question: str) -> dict[str, np.ndarray]:
     """The model inputs (batch of one) for encoded `images` and a question (markers optional)."""
@@ -61,14 +61,16 @@ class Predictor:
       raise ValueError(f"the question has {markers} {records.IMAGE_MARKER} markers for {len(images)} images")
     if images and self.model.config.vision is None:
       raise ValueError("images were given but the model has no vision tower")
-    slots, hires, tiles = [], [], []
+    slots, hires, tiles, grids = [], [], [], []
     for k, data in enumerate(images):
       try:
-        s, h = vision.preprocess_image(records.decode_image(data), self.vision_spec)
+        img = records.decode_image(data)
+        s, h = vision.preprocess_image(img, self.vision_spec)
       except records.SampleError as e:
         raise ValueError(f"image {k}: {e}") from None
       slots.append(s)
       hires.append(h)
+      grids.append(vision.deepstack_grids(img, self.vision_spec))
       tiles.append(len(s))
     enc, _ = self.encoder.encode_prompt([(records.USER, question), (records.ASSISTANT, "")], tiles)
     batch = sampler.pad_prompts([enc.ids])
@@ -77,6 +79,8 @@ class Predictor:
       batch["image_mask"] = np.ones((1, sum(tiles)), bool)
       if hires[0] is not None:
         batch["hires_images"] = np.concatenate(hires)[None]
+      if grids[0] is not None:  # data.deepstack_grid_mode 'aspect'
+        batch["hires_grid"] = np.concatenate(grids)[None]
     return batch
 
   def answer(

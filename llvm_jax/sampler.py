@@ -115,6 +115,7 @@ def _sample(
       batch.get("image_mask"),
       batch.get("segment_ids"),
       hires_images=batch.get("hires_images"),
+      hires_grid=batch.get("hires_grid"),
   )
 
   def emit(step, next_logits, out, done, all_logits):
@@ -160,7 +161,7 @@ def sample(
 ) -> SampleOutput:
   """Generates up to `sampling.max_new_tokens` after the left-padded prompts `batch['tokens']` (B, T).
 
-  batch: tokens, and optionally segment_ids (0 = padding), images, image_mask, hires_images.
+  batch: tokens, and optionally segment_ids (0 = padding), images, image_mask, hires_images, hires_grid.
   stream: called on the host as `stream(step, tokens (B,))` after each step, in order.
   Compiles once per (input shapes, max_new_tokens, return_logits, stream); see `pad_prompts`.
   """

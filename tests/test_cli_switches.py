@@ -125,21 +125,26 @@ def _train(workdir, data_dir, arg, *flags):
   return result, json.loads((workdir / "config.json").read_text())
 
 
-@pytest.mark.parametrize(
-    "name,arg,flags",
-    [
-        (
-            "trol",
-            "technique=baseline",
-            ("--config.model.decoder.trol.enabled=True", "--config.model.decoder.trol.layers=(1,)"),
-        ),
-        ("phantom", "technique=phantom", ()),
-        ("pmod", "technique=baseline", ("--config.model.decoder.pmod.enabled=True",)),
-    ],
-)
+@pytest.fixture(scope="module")
+def techniques_run(tmp_path_factory, data_dir):
+  # One process switches three techniques on, each the way a user would (the config arg or its block's
+  # flags): one model compile instead of three; each test below checks its own technique.
+  return _train(
+      tmp_path_factory.mktemp("techniques"),
+      data_dir,
+      "technique=phantom",
+      "--config.model.decoder.trol.enabled=True",
+      "--config.model.decoder.trol.layers=(1,)",
+      "--config.model.decoder.pmod.enabled=True",
+      "--config.data.packing=False",  # p-MoD's kept length is sized for unpacked rows
+      "--config.eval_specs=-test",  # no eval: fast
+  )
+
+
+@pytest.mark.parametrize("name", ["trol", "phantom", "pmod"])
 @pytest.mark.slow
-def test_each_technique_trains_from_the_command_line(tmp_path, data_dir, name, arg, flags):
-  result, saved = _train(tmp_path, data_dir, arg, *flags, "--config.eval_specs=-test")  # no eval: fast
+def test_each_technique_trains_from_the_command_line(techniques_run, name):
+  result, saved = techniques_run
   model = LLVMConfig.from_dict(saved["model"])
   assert getattr(model.decoder, name) is not None
   if name == "trol":
@@ -199,3 +204,12 @@ def test_streamed_text_equals_the_answer(monkeypatch):
   streamed = []
   answer = predictor.answer([], "?", sampler.SamplingConfig(max_new_tokens=6), stream=streamed.append)
   assert answer == "red triangle s" and "".join(streamed) == answer and streamed[0] == "red"
+
+
+def test_pmod_with_packed_rows_is_rejected_and_the_demo_unpacks_for_it():
+  assert demo.get_config("technique=pmod").data.packing is False
+  assert demo.get_config("technique=trol").data.packing is True
+  config = demo.get_config()
+  config.model.decoder.pmod.enabled = True
+  with pytest.raises(ValueError, match="p-MoD .* needs data.packing=False"):
+    config_utils.finalize(config)

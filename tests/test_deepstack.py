@@ -275,6 +275,56 @@ def test_llvm_hires_images_are_checked(llvm_setup):
     LLVM(DS).apply({"params": params}, tokens, images, image_mask, hires_images=hires[:, :, :2])
 
 
+# --- Per-image crop grids (data.deepstack_grid_mode='aspect'). -----------------------------------
+
+
+def test_regroup_per_image_picks_each_images_grid():
+  assert deepstack.candidate_grids((2, 2)) == ((2, 2), (1, 4), (4, 1))
+  p = 3
+  wide, square = _coords_crops(1, (1, 4), p), _coords_crops(1, (2, 2), p)
+  crops = jnp.asarray(np.concatenate([wide, square, square]))
+  grids = jnp.asarray([[1, 4], [2, 2], [0, 0]], jnp.int32)  # (0, 0): an unused slot -> the fixed grid
+  got = np.asarray(jax.jit(lambda c, g: deepstack.regroup_per_image(c, (2, 2), "2d", g))(crops, grids))
+  np.testing.assert_array_equal(got[0], np.asarray(deepstack.regroup(crops[:1], (1, 4), "2d"))[0])
+  np.testing.assert_array_equal(got[1:], np.asarray(deepstack.regroup(crops[1:], (2, 2), "2d")))
+  np.testing.assert_array_equal(got[:1], _reference_groups(1, (1, 4), p, "2d"))
+  fixed = deepstack.regroup_per_image(crops, (2, 2), "2d", None)
+  np.testing.assert_array_equal(np.asarray(fixed), np.asarray(deepstack.regroup(crops, (2, 2), "2d")))
+
+
+def test_llvm_per_image_grid_matches_fixed_grid_models(llvm_setup):
+  (tokens, images, image_mask, hires), params, full = llvm_setup
+  # Row 0's images were cut 1 x 4, row 1's 2 x 2 (row 2 has none): each row must equal the model
+  # whose fixed grid is that row's.
+  grids = jnp.asarray([[[1, 4], [1, 4]], [[2, 2], [2, 2]], [[0, 0], [0, 0]]], jnp.int32)
+  run = lambda cfg, g: np.asarray(
+      jax.jit(lambda p, t, i, m, h, g: LLVM(cfg).apply({"params": p}, t, i, m, hires_images=h, hires_grid=g)[0])(
+          params, tokens, images, image_mask, hires, g
+      )
+  )
+  got = run(DS, grids)
+  wide = run(dataclasses.replace(DS, deepstack=DeepStackConfig(num_crops=(1, 4))), None)
+  np.testing.assert_allclose(got[0], wide[0], atol=TOL, rtol=0)
+  np.testing.assert_allclose(got[1:], np.asarray(full)[1:], atol=TOL, rtol=0)
+  assert np.abs(wide[0] - np.asarray(full)[0]).max() > 1e-4  # the grid matters
+  with pytest.raises(ValueError, match="hires_grid"):
+    LLVM(DS).apply({"params": params}, tokens, images, image_mask, hires_images=hires, hires_grid=grids[:, :1])
+
+
+def test_vit_per_image_grid(params):
+  cfg = _vit_cfg(None)  # (1, 2) crops; (2, 1) is the other candidate
+  rng = np.random.RandomState(7)
+  images = jnp.asarray(rng.uniform(-1, 1, (2, 1, 24, 24, 3)).astype(np.float32))
+  hires = jnp.asarray(rng.uniform(-1, 1, (2, 1, 2, 24, 24, 3)).astype(np.float32))
+  encode = lambda cfg, g: np.asarray(
+      LLVM(cfg).apply({"params": params}, images, hires, g, method=lambda m, i, h, g: m.encode_images(i, h, g))
+  )
+  got = encode(cfg, jnp.asarray([[[2, 1]], [[1, 2]]], jnp.int32))
+  tall = encode(dataclasses.replace(cfg, deepstack=dataclasses.replace(cfg.deepstack, num_crops=(2, 1))), None)
+  np.testing.assert_allclose(got[0], tall[0], atol=TOL, rtol=0)
+  np.testing.assert_allclose(got[1], encode(cfg, None)[1], atol=TOL, rtol=0)
+
+
 # --- DeepStack-V. ----------------------------------------------------------------------------------
 
 VIT_GRID = (1, 2)
@@ -285,7 +335,7 @@ def _vit_cfg(crop_layer):
   return dataclasses.replace(BASE, deepstack=ds)
 
 
-@pytest.mark.parametrize("crop_layer", [0, 1])
+@pytest.mark.parametrize("crop_layer", [0, 1])  # 1 = vit_start, the default (None)
 def test_vit_injection_adds_to_patches_from_start_layer(params, crop_layer):
   cfg = _vit_cfg(crop_layer)
   base_cfg = dataclasses.replace(cfg, deepstack=None)
@@ -322,6 +372,25 @@ def test_vit_injection_adds_to_patches_from_start_layer(params, crop_layer):
   assert np.abs(got[2] - np.asarray(expected_2)).max() <= TOL
 
 
+def test_vit_crop_layer_default_is_vit_start(params):
+  # None (the default) = vit_start, the official path; 0 (the patch embeddings) is a different option.
+  assert DeepStackConfig(llm=False, vit_start=1).crop_layer == 1 and _vit_cfg(0).deepstack.crop_layer == 0
+  assert DeepStackConfig().crop_layer == 0  # DeepStack-L only: no crop layer is run
+  rng = np.random.RandomState(6)
+  images = jnp.asarray(rng.uniform(-1, 1, (1, 1, 24, 24, 3)).astype(np.float32))
+  hires = jnp.asarray(rng.uniform(-1, 1, (1, 1, 2, 24, 24, 3)).astype(np.float32))
+  encode = lambda cfg: np.asarray(
+      LLVM(cfg).apply({"params": params}, images, hires, method=lambda m, i, h: m.encode_images(i, h))
+  )
+  default, official, embeddings = encode(_vit_cfg(None)), encode(_vit_cfg(1)), encode(_vit_cfg(0))
+  np.testing.assert_array_equal(default, official)
+  assert np.abs(default - embeddings).max() > 1e-4
+  with pytest.raises(ValueError, match="vit_crop_layer=2 must be <= deepstack.vit_start=1"):
+    DeepStackConfig(llm=False, vit_start=1, vit_crop_layer=2)
+  with pytest.raises(ValueError, match="vit_crop_layer=0 is set but vit_start=None"):
+    DeepStackConfig(vit_crop_layer=0)
+
+
 # --- Config and accounting. ------------------------------------------------------------------------
 
 
@@ -354,3 +423,9 @@ def test_deepstack_cost_numbers():
   patch = 2 * (8 * 8 * 3) * 48 * 9  # (p*p*C) x width per patch, 3 x 3 patches
   assert vit["vision_flops_per_image_deepstack"] - vit["vision_flops_per_image"] == 2 * patch
   assert vit["vit_layers"] == (1, 2) and vit["llm_layers"] == ()
+  # The default (crop layer = vit_start = 1) adds one ViT layer per crop.
+  official = flops.deepstack_cost(_vit_cfg(None))
+  layer = flops.vision_forward_flops(dataclasses.replace(DS.vision, feature_layer=1)) - flops.vision_forward_flops(
+      dataclasses.replace(DS.vision, feature_layer=0)
+  )
+  assert official["vision_flops_per_image_deepstack"] - vit["vision_flops_per_image_deepstack"] == 2 * layer

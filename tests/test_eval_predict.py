@@ -102,6 +102,52 @@ def test_evaluators_on_hand_made_predictions(tmp_path):
     _evaluator("bleu", tmp_path, HAND_MADE)
   with pytest.raises(ValueError, match="evals.hand .*max_new"):
     _evaluator("vqa", tmp_path, HAND_MADE, max_new=3)
+  # dataset=: scores another dataset than the training data's (VQA after preference training).
+  other = _evaluator("vqa", tmp_path, HAND_MADE, dataset="synthetic_vqa/tiny", split="validation")
+  assert (other.settings.name, other.settings.split) == ("synthetic_vqa/tiny", "validation")
+  assert _evaluator("vqa", tmp_path, HAND_MADE).data_config.name == default_data_config().name
+
+
+def test_accuracy_per_question_type(tmp_path, monkeypatch):
+  types = ["color", "count", "shape", "shape", "color"]
+  typed = [dict(r, question_type=t) for r, t in zip(HAND_MADE, types)]
+  ev = _evaluator("vqa", tmp_path, typed, baseline_split="train")
+  ev._prior = lambda question, multiple_choice: "red"  # the blind baseline always answers "red"
+  metrics = ev.run(None, step=3)
+  assert metrics == {
+      "accuracy": 3 / 5,
+      "examples": 5,
+      "skipped": 0,
+      "chance": 1 / 5,
+      "accuracy/color": 0.5,
+      "examples/color": 2,
+      "chance/color": 0.5,
+      "accuracy/count": 1.0,
+      "examples/count": 1,
+      "chance/count": 0.0,
+      "accuracy/shape": 0.5,
+      "examples/shape": 2,
+      "chance/shape": 0.0,
+  }
+  saved = json.load(open(tmp_path / "eval" / "hand_step3_process0.json"))
+  assert [r["question_type"] for r in saved["predictions"]] == types
+  # Only scored records count: multiple_choice skips the open questions (no count key left empty).
+  mc = _evaluator("multiple_choice", tmp_path, typed).run(None, step=3)
+  assert mc == {
+      "accuracy": 0.5,
+      "examples": 2,
+      "skipped": 3,
+      **{"accuracy/color": 0.0, "examples/color": 1, "accuracy/shape": 1.0, "examples/shape": 1},
+  }
+  # Batches without the field: the type is looked up by id in the split's records (bytes, as TFDS
+  # gives them); a split without the field adds nothing.
+  source = [{"id": r["id"].encode(), "question_type": t.encode()} for r, t in zip(HAND_MADE, types)]
+  monkeypatch.setattr(evaluators.vqa, "open_data_source", lambda *args: source)
+  ev = _evaluator("vqa", tmp_path, HAND_MADE)
+  assert [r["question_type"] for r in ev._with_question_types([dict(r) for r in HAND_MADE])] == types
+  monkeypatch.setattr(evaluators.vqa, "open_data_source", lambda *args: [{"id": b"0"}])
+  ev = _evaluator("vqa", tmp_path, HAND_MADE)
+  assert all("question_type" not in r for r in ev._with_question_types([dict(r) for r in HAND_MADE]))
 
 
 # -- a real run: train a few steps, then predict / evaluate its checkpoint ---------------------------
@@ -132,6 +178,10 @@ def test_training_run_evaluates_with_chance_level(run_dir):
   metrics = json.load(open(run_dir / "eval" / f"test_step{STEPS}_metrics.json"))
   assert metrics["examples"] == 64  # the whole tiny test split, padding rows not counted
   assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.1 < metrics["chance"] < 0.6
+  # synthetic_vqa records carry their question type: accuracy, chance and count per type too.
+  types = [k.split("/", 1)[1] for k in metrics if k.startswith("examples/")]
+  assert types and sum(metrics[f"examples/{t}"] for t in types) == 64
+  assert all(f"accuracy/{t}" in metrics and f"chance/{t}" in metrics for t in types)
   predictions = json.load(open(run_dir / "eval" / f"test_step{STEPS}_process0.json"))["predictions"]
   assert len({p["id"] for p in predictions}) == 64
 

@@ -14,6 +14,8 @@ from llvm_jax.models import hooks, masks, phantom
 from llvm_jax.models.config import DecoderConfig, PhantomConfig, TrolConfig
 from llvm_jax.models.decoder import init_cache
 from llvm_jax.models.layers import attention
+from llvm_jax.train import optim, trainer
+from llvm_jax.tree_utils import flatten
 from tests.model_helpers import LM, stacked
 
 BASE = DecoderConfig(
@@ -33,8 +35,8 @@ STRONG = 0.5
 TOL = 1e-5
 
 
-def _cfg(eta=STRONG, cache="expanded", **options):
-  return dataclasses.replace(BASE, phantom=PhantomConfig(eta=eta, cache=cache), **options)
+def _cfg(eta=STRONG, cache="expanded", eta_learnable=False, **options):
+  return dataclasses.replace(BASE, phantom=PhantomConfig(eta=eta, cache=cache, eta_learnable=eta_learnable), **options)
 
 
 @jax.jit
@@ -263,5 +265,74 @@ def test_with_trol_decoding_equals_full_sequence(params, tokens):
   full = jax.jit(lambda p: LM(cfg).apply({"params": p}, tokens, segment_ids)[0])(both)
   assert np.abs(full - _forward_strong(params, tokens, segment_ids)).max() > 1e-2  # TroL is on
   incremental = _incremental(cfg, both, tokens, segment_ids)
+  valid = (segment_ids != 0)[..., None]
+  np.testing.assert_allclose(jnp.where(valid, incremental, 0), jnp.where(valid, full, 0), rtol=TOL, atol=TOL)
+
+
+# -- eta: fixed (no parameter) or learnable (one float32 parameter per layer) -----------------------
+def _with_eta(params, values):
+  """A copy of (unscanned) `params` with each layer's phantom/eta set to values[i]."""
+  params = jax.tree.map(lambda x: x, params)
+  for i, value in enumerate(values):
+    params["decoder"][f"layers_{i}"]["attn"]["phantom"]["eta"] = jnp.full((1,), value, jnp.float32)
+  return params
+
+
+def test_learnable_eta_parameters(params, tokens):
+  # Fixed (the default): no eta anywhere in the tree.
+  assert not [k for k in flatten(params) if k.endswith("/eta")]
+  cfg = _cfg(param_dtype="bfloat16")
+  learnable = dataclasses.replace(cfg, phantom=dataclasses.replace(cfg.phantom, eta_learnable=True))
+  boxed = jax.eval_shape(lambda: LM(learnable).init(jax.random.PRNGKey(0), tokens, jnp.ones(tokens.shape, jnp.int32)))[
+      "params"
+  ]
+  etas = {k: v for k, v in flatten(nn.unbox(boxed)).items() if k.endswith("/eta")}
+  assert set(etas) == {f"decoder/layers_{i}/attn/phantom/eta" for i in range(BASE.num_layers)}
+  assert {(v.shape, v.dtype) for v in etas.values()} == {((1,), jnp.dtype(jnp.float32))}  # float32 under bf16
+  assert boxed["decoder"]["layers_0"]["attn"]["phantom"]["eta"].names == ("phantom_eta",)
+  assert phantom.added_params_per_layer(learnable) == phantom.added_params_per_layer(cfg) + 1
+  init = jax.jit(lambda t: LM(_cfg(eta_learnable=True)).init(jax.random.PRNGKey(0), t, jnp.ones(t.shape, jnp.int32)))
+  init = nn.unbox(init(tokens))
+  for i in range(BASE.num_layers):
+    np.testing.assert_array_equal(init["params"]["decoder"][f"layers_{i}"]["attn"]["phantom"]["eta"], [STRONG])
+  # Trained wherever the phantom modules are: PO step 1's stage rule and init_hf's fresh-parameter rule.
+  labels = flatten(optim.group_labels(_with_eta(params, [STRONG] * 2), optim.STAGE_RULES["po1"]))
+  assert labels["decoder/layers_1/attn/phantom/eta"] == labels["decoder/layers_1/attn/phantom/gate_1/bias"] != "frozen"
+  assert trainer.TECHNIQUE_PARAMS.match("decoder/layers/layer/attn/phantom/eta")
+  # A learnable eta starts > 0; a fixed one may be anything, as before.
+  with pytest.raises(ValueError, match="eta must be a finite number > 0"):
+    PhantomConfig(eta=0.0, eta_learnable=True)
+  PhantomConfig(eta=0.0), PhantomConfig(eta=-1.0)
+
+
+def test_learnable_eta_matches_fixed_at_init_and_gets_gradients(params, tokens):
+  segment_ids = jnp.array(CACHE_SEGMENTS, jnp.int32)
+  learnable = _with_eta(params, [STRONG] * BASE.num_layers)
+  cfg = _cfg(eta_learnable=True)
+  got = jax.jit(lambda p: LM(cfg).apply({"params": p}, tokens, segment_ids)[0])(learnable)
+  np.testing.assert_array_equal(got, _forward_strong(params, tokens, segment_ids))
+
+  def loss_and_grad(cfg, p):
+    loss = lambda p: jnp.mean(jnp.square(LM(cfg).apply({"params": p}, tokens, segment_ids)[0]))
+    return jax.jit(jax.value_and_grad(loss))(p)
+
+  # Per-layer values away from the init, so each layer must read its own eta.
+  moved = _with_eta(params, [0.3, 0.7])
+  loss, grads = loss_and_grad(cfg, moved)
+  for i in range(BASE.num_layers):
+    assert float(jnp.abs(grads["decoder"][f"layers_{i}"]["attn"]["phantom"]["eta"]).max()) > 0
+  scanned_loss, scanned_grads = loss_and_grad(_cfg(eta_learnable=True, scan_layers=True), _stacked(moved))
+  np.testing.assert_allclose(scanned_loss, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), scanned_grads, _stacked(grads))
+
+
+@pytest.mark.parametrize("cache", ["expanded", "recompute"])
+def test_learnable_eta_decoding_equals_full_sequence(cache, params, tokens):
+  segment_ids = jnp.array(CACHE_SEGMENTS, jnp.int32)
+  moved = _stacked(_with_eta(params, [0.3, 0.7]))
+  cfg = _cfg(cache=cache, eta_learnable=True, scan_layers=True)
+  full = jax.jit(lambda p: LM(cfg).apply({"params": p}, tokens, segment_ids)[0])(moved)
+  assert np.abs(full - _forward_strong(params, tokens, segment_ids)).max() > 1e-3  # the etas are read
+  incremental = _incremental(cfg, moved, tokens, segment_ids)
   valid = (segment_ids != 0)[..., None]
   np.testing.assert_allclose(jnp.where(valid, incremental, 0), jnp.where(valid, full, 0), rtol=TOL, atol=TOL)

@@ -452,6 +452,27 @@ def test_llvm_prefill_decode_with_images():
   assert [c["k"].shape[1] for c in cache["layers"]] == [26, 12]
 
 
+def test_more_image_slots_than_the_row_holds():
+  """Packed rows can have more image slots than room (3 slots of 64 tokens in 96): the static vision
+  count is capped at the row length (uncapped, top-k over 28 tokens would ask for 30), and the kept
+  tokens are those of the row's real image, as with one slot."""
+  base = config_utils.tiny_llvm(embed_dim=32, num_layers=2)
+  pmod = PmodConfig(schedule="explicit", layers=(0, 1), ratios=(0.95, 0.9))
+  model = LLVM(dataclasses.replace(base, decoder=dataclasses.replace(base.decoder, pmod=pmod)))
+  params = convert.init_params(model, jax.random.PRNGKey(0))
+  n = model.config.tokens_per_image
+  text = np.asarray(jax.random.randint(jax.random.PRNGKey(2), (2, 10), 5, base.decoder.vocab_size))
+  # 26 tokens then 2 of padding: a row with fewer vision tokens than its slots needs that room.
+  real = np.concatenate([text[:, :2], np.full((2, n), base.image_token_id), text[:, 2:]], axis=1)
+  tokens = jnp.asarray(np.pad(real, ((0, 0), (0, 2))))
+  segments = jnp.asarray(np.pad(np.ones_like(real), ((0, 0), (0, 2))))
+  images = jax.random.normal(jax.random.PRNGKey(3), (2, 2, 32, 32, 3))
+  assert int(0.95 * 2 * n) > tokens.shape[1]
+  two_slots = model.apply({"params": params}, tokens, images, jnp.asarray([[True, False]] * 2), segments)[0]
+  one_slot = model.apply({"params": params}, tokens, images[:, :1], jnp.ones((2, 1), bool), segments)[0]
+  np.testing.assert_allclose(two_slots[:, : real.shape[1]], one_slot[:, : real.shape[1]], rtol=TOL, atol=TOL)
+
+
 def test_pmod_cost_llava_7b():
   from configs.llava import llava_7b
 
@@ -468,3 +489,25 @@ def test_pmod_cost_llava_7b():
   assert cost["kv_bytes_pmod"] == sum(kept) * per_slot + shared + sum(2 * 4 * k + 4 for k in kept[8:])
   assert cost["kv_ratio"] == pytest.approx(sum(kept) / (32 * 640), abs=2e-3)
   assert 0.4 < cost["decoder_flops_ratio"] < 0.7 and cost["decoder_flops_ratio"] < cost["flops_ratio"] < 1
+
+
+def test_training_batches_that_overflow_a_mod_layer_are_rejected_on_the_host():
+  """Inside jit, tokens past a MoD layer's static kept length would skip it silently; main's batch
+  check raises on the host batch instead, naming the rows."""
+  from llvm_jax import main
+
+  base = config_utils.tiny_llvm(embed_dim=32, num_layers=2)
+  assert main.pmod_batch_check(base) is None
+  cfg = dataclasses.replace(
+      base, decoder=dataclasses.replace(base.decoder, pmod=PmodConfig(schedule="explicit", layers=(1,), ratios=(0.5,)))
+  )
+  check = main.pmod_batch_check(cfg)
+  n, seq = cfg.tokens_per_image, 40
+  images = np.zeros((2, 2, 32, 32, 3), np.float32)  # two slots a row: 32 vision slots, 16 + 24 fit
+  tokens = np.full((2, seq), 7, np.int32)
+  tokens[:, :n] = cfg.image_token_id
+  segments = np.ones((2, seq), np.int32)
+  segments[0, n + 4 :] = 0  # row 0: one image and 4 text tokens; row 1: one image and 24 text tokens
+  with pytest.raises(ValueError, match=r"rows \[1\] need"):
+    check({"tokens": tokens, "segment_ids": segments, "images": images})
+  check({"tokens": tokens[:1], "segment_ids": segments[:1], "images": images[:1]})

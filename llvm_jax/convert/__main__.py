@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 from safetensors.numpy import load_file, save_file
 
 from llvm_jax import config_utils, convert, predict
+from llvm_jax.data.config import resolve
 from llvm_jax.data.pipeline import vision_spec_from_config
 from llvm_jax.train import checkpoint as ckpt
 
@@ -80,7 +81,7 @@ def image_processor_for(data_cfg: Any, cfg: Any):
   """The run's image processor: `data.image_processor` if set, else one matching its data settings."""
   import transformers  # lazy: a heavy import, kept off the CLI's startup
 
-  if data_cfg.get("image_processor", ""):
+  if resolve(data_cfg).image_processor:
     return transformers.AutoImageProcessor.from_pretrained(data_cfg.image_processor)
   spec = vision_spec_from_config(data_cfg)
   side = {"height": spec.image_size, "width": spec.image_size}

@@ -60,6 +60,9 @@ class BatchBuilder:
     if self.spec.deepstack_grid is not None:
       g = self.spec.deepstack_grid[0] * self.spec.deepstack_grid[1]
       hires = np.zeros((b, self.max_images, g, size, size, 3), np.float32)
+    grids = None
+    if self.spec.deepstack_grid is not None and self.spec.deepstack_grid_mode == "aspect":
+      grids = np.zeros((b, self.max_images, 2), np.int32)  # unused slots: (0, 0)
     for r, row in enumerate(self.rows):
       slot = 0
       for ch in range(c):
@@ -78,6 +81,8 @@ class BatchBuilder:
         images[r, slot : slot + n] = ex["images"]
         if hires is not None:
           hires[r, slot : slot + n] = ex["hires"]
+        if grids is not None:
+          grids[r, slot : slot + n] = ex["hires_grid"]
         image_mask[r, slot : slot + n] = True
         slot += n
     squeeze = (lambda x: x[:, 0]) if c == 1 else (lambda x: x)
@@ -92,6 +97,8 @@ class BatchBuilder:
     }
     if hires is not None:
       out["hires_images"] = hires
+    if grids is not None:
+      out["hires_grid"] = grids
     if self.mode == "eval":
       exs = [row["examples"][0] for row in self.rows] + [None] * (b - len(self.rows))
       k = max([1] + [len(e["options"]) for e in exs if e is not None])

@@ -2,6 +2,8 @@
 
   synthetic_vqa   procedurally drawn shapes-on-a-grid VQA (train / validation / test), sized by
                   its config; no input files.
+  synthetic_preference  (image, question, chosen, rejected) triples from synthetic_vqa samples, with
+                  incorrect, ambiguous ('red or blue') or mixed rejected answers; no input files.
   llava_instruct  the LLaVA JSON format: [{"id", "image": path | [paths] (optional),
                   "conversations": [{"from": "human"|"gpt", "value"}]}], JSON list or JSONL;
                   covers the LLaVA pretrain captions and the SFT mixes.
@@ -289,6 +291,9 @@ class SyntheticVqaConfig(tfds.core.BuilderConfig):
   shapes: tuple[str, ...] = synthetic.SHAPES
   question_types: tuple[str, ...] = synthetic.QUESTION_TYPES
   mc_fraction: float = 0.25
+  object_scale: float = 1.0
+  min_objects: int = 1
+  max_objects: int | None = None
   seed: int = 0
 
   def spec(self) -> synthetic.SyntheticSpec:
@@ -299,6 +304,9 @@ class SyntheticVqaConfig(tfds.core.BuilderConfig):
         shapes=tuple(self.shapes),
         question_types=tuple(self.question_types),
         mc_fraction=self.mc_fraction,
+        object_scale=self.object_scale,
+        min_objects=self.min_objects,
+        max_objects=self.max_objects,
     )
 
 
@@ -339,6 +347,32 @@ class SyntheticVqa(_CodePathMixin, tfds.core.GeneratorBasedBuilder):
           num_validation=500,
           num_test=500,
           grid=3,
+      ),
+      # The studies' (experiments/study_*.py). 'basic': colour, shape and position questions, short
+      # answers only (no counting, no multiple choice): a task a tiny model learns to convergence in
+      # a few thousand steps, so technique effects are not buried under an unfinished run.
+      SyntheticVqaConfig(
+          name="basic",
+          description="40000/500/500 samples, 64 px, 2x2 grid, colour/shape/position short answers",
+          num_train=40000,
+          num_validation=500,
+          num_test=500,
+          question_types=("color", "shape", "position"),
+          mc_fraction=0.0,
+      ),
+      # 'detail': one shape per image at 40% of its usual size (about 10 px across at 64 px), so its
+      # shape is sharp at 64 px and a few blurred pixels at 32 px, while its colour survives: shape
+      # questions need high resolution, colour questions are the control (DeepStack's study).
+      SyntheticVqaConfig(
+          name="detail",
+          description="40000/500/500 samples, 64 px, 2x2 grid, one small shape, shape/colour short answers",
+          num_train=40000,
+          num_validation=500,
+          num_test=500,
+          question_types=("shape", "color"),
+          mc_fraction=0.0,
+          object_scale=0.4,
+          max_objects=1,
       ),
   ]
   DEFAULT_CONFIG_NAME = "small"
@@ -394,6 +428,92 @@ class SyntheticVqa(_CodePathMixin, tfds.core.GeneratorBasedBuilder):
           "num_objects": len(s["objects"]),
       }
     log.info("%s", report.summary())
+
+
+# -- synthetic_preference ------------------------------------------------------------------------
+@dataclasses.dataclass(eq=False)
+class SyntheticPreferenceConfig(tfds.core.BuilderConfig):
+  """Preference triples drawn from a synthetic_vqa config's training samples: `source` is that
+  config or its name (its spec and seed, so the images and questions are that config's), and
+  `rejected` the kind of rejected answer (synthetic.REJECTED_KINDS)."""
+
+  source: str | SyntheticVqaConfig = "large"
+  rejected: str = "incorrect"
+  num_train: int = 4000
+
+
+def _preference_config(source: str, rejected: str, num_train: int) -> SyntheticPreferenceConfig:
+  return SyntheticPreferenceConfig(
+      name=f"{source}_{rejected}",
+      description=f"{num_train} triples from synthetic_vqa/{source}'s training samples, {rejected} rejected answers",
+      source=source,
+      rejected=rejected,
+      num_train=num_train,
+  )
+
+
+class SyntheticPreference(_CodePathMixin, tfds.core.GeneratorBasedBuilder):
+  """(image, question, chosen, rejected) from synthetic_vqa samples: the right answer against an
+  incorrect one, an ambiguous hedge ('red or blue'), or a mix (Phantom Optimization's data)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS = [
+      _preference_config(source, kind, 4000) for source in ("large", "basic") for kind in synthetic.REJECTED_KINDS
+  ]
+  DEFAULT_CONFIG_NAME = "large_incorrect"
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.skip_reports: dict[str, SkipReport] = {}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Preference triples from procedural VQA (llvm_jax).",
+        features=tfds.features.FeaturesDict(
+            {
+                "id": tfds.features.Text(),
+                "image": _BYTES,  # PNG bytes
+                "question": tfds.features.Text(),
+                "chosen": tfds.features.Text(),
+                "rejected": tfds.features.Text(),
+            }
+        ),
+    )
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    cfg = self.builder_config
+    source = cfg.source
+    if isinstance(source, str):
+      named = {c.name: c for c in SyntheticVqa.BUILDER_CONFIGS}
+      if source not in named:
+        raise ValueError(
+            f"synthetic_preference: unknown synthetic_vqa config {source!r}; expected one of {sorted(named)}"
+        )
+      source = named[source]
+    spec = source.spec()
+    samples = []
+    for i in range(cfg.num_train):
+      s = synthetic.draw_sample(synthetic.sample_seed(source.seed, "train", i), spec)
+      samples.append({"id": f"train_{i:06d}", "image": s["image"], **{k: s[k] for k in _SAMPLE_FIELDS}})
+    report = SkipReport(f"{self.name}/{cfg.name} split 'train'")
+    self.skip_reports["train"] = report
+    triples = synthetic.preference_records(samples, seed=source.seed, rejected=cfg.rejected)
+    kept = {rec["id"] for rec in triples}
+    for sample in samples:
+      if sample["id"] not in kept:
+        report.skip(sample["id"], "single_answer", "its question type has no wrong answer to reject")
+    for rec in triples:
+      report.written += 1
+      yield rec["id"], {**rec, "image": synthetic.encode_png(rec["image"])}
+    log.info("%s", report.summary())
+
+
+_SAMPLE_FIELDS = ("question", "answer", "options", "question_type", "multiple_choice")
 
 
 # -- llava_instruct ------------------------------------------------------------------------------
@@ -476,7 +596,12 @@ class Preference(_CodePathMixin, _LocalFilesMixin, tfds.core.GeneratorBasedBuild
     return rel, fields
 
 
-BUILDERS = {"synthetic_vqa": SyntheticVqa, "llava_instruct": LlavaInstruct, "preference": Preference}
+BUILDERS = {
+    "synthetic_vqa": SyntheticVqa,
+    "synthetic_preference": SyntheticPreference,
+    "llava_instruct": LlavaInstruct,
+    "preference": Preference,
+}
 
 
 def make_builder(
@@ -497,8 +622,8 @@ def make_builder(
   if config is not None:
     kwargs["config"] = config
   if strict is not None:
-    if name == "synthetic_vqa":
-      raise ValueError("synthetic_vqa has no bad input and no strict option")
+    if name.startswith("synthetic_"):
+      raise ValueError(f"{name} has no bad input and no strict option")
     kwargs["strict"] = strict
   return BUILDERS[name](**kwargs)
 

@@ -41,6 +41,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     max_tiles: InternVL dynamic_preprocess max_num; use_thumbnail: InternVL thumbnail tile.
     max_images: image slots per row (InternVL: tile slots; with packing: for all packed samples).
     deepstack_grid: None or (g_h, g_w): also emit the DeepStack high-resolution crops.
+    deepstack_grid_mode: 'fixed' (every image cut g_h x g_w) | 'aspect' (each image cut by the grid
+      (a, b), a*b = g_h*g_w, closest to its aspect ratio, emitted as `hires_grid`; data/vision.py).
     image_start / image_end: text put around each image's placeholder tokens (e.g. '<img>' and
       '</img>' for InternVL); '' for LLaVA.
     system_prompt: None, or a system message put before each conversation.
@@ -69,6 +71,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.use_thumbnail = True
   cfg.max_images = 1
   cfg.deepstack_grid = config_dict.placeholder(tuple)
+  cfg.deepstack_grid_mode = "fixed"
   cfg.image_start = ""
   cfg.image_end = ""
   cfg.system_prompt = config_dict.placeholder(str)
@@ -116,6 +119,7 @@ class DataSettings:
   use_thumbnail: bool
   max_images: int
   deepstack_grid: tuple[int, int] | None
+  deepstack_grid_mode: str
   image_start: str
   image_end: str
   system_prompt: str | None
@@ -172,6 +176,9 @@ def resolve(data_cfg: ml_collections.ConfigDict | Mapping[str, Any] | DataSettin
   values["image_start"], values["image_end"] = values["image_start"] or "", values["image_end"] or ""
   grid = values["deepstack_grid"]
   values["deepstack_grid"] = None if grid is None else tuple(grid)
+  values["deepstack_grid_mode"] = _choice(
+      "deepstack_grid_mode", values["deepstack_grid_mode"], vision.DEEPSTACK_GRID_MODES
+  )
   return DataSettings(**values)
 
 

@@ -17,6 +17,7 @@ given, strings staying numpy):
   images       float32 (B, max_images, H, W, 3) normalised NHWC (InternVL: tiles), zeros unused
   image_mask   bool (B, max_images)
   hires_images float32 (B, max_images, g_h*g_w, S, S, 3)   only with deepstack_grid
+  hires_grid   int32 (B, max_images, 2)   each slot's crop grid (a, b); only with deepstack_grid_mode 'aspect'
   eval mode adds: id (B,) str, question (B,) str (first user turn), answer (B,) str, options (B, K) str ('' = none)
 Preference data: tokens/segment_ids/positions/targets/target_mask are (B, 2, S), index 0 =
 chosen, 1 = rejected; the images are shared.
@@ -49,7 +50,7 @@ import math
 import os
 import pickle
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain.python as grain
@@ -106,8 +107,10 @@ class DataIterator:
       target_batches: int | None = None,
       name: str = "",
       shard_size: int = 1 << 62,
+      batch_check: Callable[[dict[str, np.ndarray]], None] | None = None,
   ):
     self.loader = loader
+    self.batch_check = batch_check
     self.shard_size = shard_size
     self.local_batch_size = local_batch_size
     self._builder_args = (local_batch_size, channels, seq_len, max_images, packing, mode, vision_spec)
@@ -194,6 +197,8 @@ class DataIterator:
       self.stats["batches"] += 1
       self.stats["rows"] += len(batch)
     out = batch.arrays()
+    if self.batch_check is not None:
+      self.batch_check(out)  # on this process's host rows, before they become device arrays
     if self.mesh is not None:
       out = make_global_batch(out, self.mesh, self.data_axes)
     return out
@@ -318,6 +323,7 @@ def vision_spec_from_config(data_cfg: ml_collections.ConfigDict | DataSettings) 
       use_thumbnail=s.use_thumbnail,
       deepstack_grid=s.deepstack_grid,
       processor=s.image_processor,
+      deepstack_grid_mode=s.deepstack_grid_mode,
   )
 
 
@@ -333,6 +339,7 @@ def make_iterator(
     data_axes: Sequence[str] = ("data", "fsdp"),
     source: Any = None,
     shard_options: grain.ShardOptions | None = None,
+    batch_check: Callable[[dict[str, np.ndarray]], None] | None = None,
 ) -> DataIterator:
   """Builds the deterministic, checkpointable batch iterator.
 
@@ -350,6 +357,8 @@ def make_iterator(
     records in one of the builders' formats).
   shard_options: defaults to grain.ShardByJaxProcess(drop_remainder=data_cfg.drop_remainder);
     the per-process batch is global_batch_size // shard_count.
+  batch_check: called on each host batch (numpy) before it is sharded; raises to stop on a batch
+    the model cannot take (e.g. rows that overflow p-MoD's static kept length).
   """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -398,6 +407,7 @@ def make_iterator(
       target_batches=target,
       shard_size=len(shard),
       name=f"{s.name}:{s.split}",
+      batch_check=batch_check,
   )
 
 

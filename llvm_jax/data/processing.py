@@ -102,9 +102,10 @@ class ProcessRecord(grain.MapTransform):
       return {"pickled": pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)}
     return out
 
-  def _images(self, images: list[Any]) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
+  def _images(self, images: list[Any]) -> tuple[np.ndarray, np.ndarray | None, list[int], np.ndarray | None]:
+    """(slots, hires crops or None, slots per image, per-slot crop grids (n, 2) or None: 'aspect' only)."""
     spec = self.vision_spec
-    slots, hires, tiles = [], [], []
+    slots, hires, tiles, grids = [], [], [], []
     for k, data in enumerate(images):
       try:
         img = records.decode_image(data)
@@ -113,6 +114,7 @@ class ProcessRecord(grain.MapTransform):
       s, h = vision.preprocess_image(img, spec)
       slots.append(s)
       hires.append(h)
+      grids.append(vision.deepstack_grids(img, spec))
       tiles.append(len(s))
     if sum(tiles) > self.max_images:
       raise SampleError("too_many_images", f"{sum(tiles)} image slots > max_images={self.max_images}")
@@ -122,7 +124,10 @@ class ProcessRecord(grain.MapTransform):
     if spec.deepstack_grid is not None:
       g = spec.deepstack_grid[0] * spec.deepstack_grid[1]
       hires_arr = np.concatenate(hires) if hires else np.zeros((0, g, size, size, 3), np.float32)
-    return slot_arr, hires_arr, tiles
+    grid_arr = None
+    if spec.deepstack_grid is not None and spec.deepstack_grid_mode == "aspect":
+      grid_arr = np.concatenate(grids) if grids else np.zeros((0, 2), np.int32)
+    return slot_arr, hires_arr, tiles, grid_arr
 
   def _fit(self, enc: Encoded) -> tuple[Encoded, bool]:
     """Truncates to seq_len when the images and at least one answer token survive."""
@@ -138,7 +143,7 @@ class ProcessRecord(grain.MapTransform):
 
   def _process(self, record, rid: str) -> dict[str, Any]:
     ex = records.to_example(record)
-    slots, hires, tiles = self._images(ex.images)
+    slots, hires, tiles, grids = self._images(ex.images)
     out: dict[str, Any] = {
         "id": ex.id,
         "answer": ex.answer,
@@ -148,6 +153,8 @@ class ProcessRecord(grain.MapTransform):
     }
     if hires is not None:
       out["hires"] = hires
+    if grids is not None:
+      out["hires_grid"] = grids
     if self.mode == "eval":
       enc, answer = self.encoder.encode_prompt(ex.conversations[0], tiles)
       if len(enc.ids) > self.seq_len:

@@ -41,6 +41,8 @@ QUESTION_TYPES = ("color", "shape", "count", "position")
 SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 OPTION_LETTERS = "ABCDEFGH"
 
+# Joins the two answers of an ambiguous (hedged) rejected answer: 'red or blue'.
+AMBIGUOUS_JOINER = "or"
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 MULTIPLE_CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."
 
@@ -59,6 +61,9 @@ class SyntheticSpec:
   mc_fraction: probability that a sample is multiple choice.
   num_options: options of a multiple-choice question (fewer if there are fewer candidates).
   min_objects / max_objects: objects per image (max None = grid * grid).
+  object_scale: size of a shape relative to its cell (1.0: it fills most of the cell). Small values
+    make shapes that are distinct at `image_size` but blur together at lower resolutions (the
+    'detail' configs, for DeepStack).
   """
 
   image_size: int = 64
@@ -70,6 +75,7 @@ class SyntheticSpec:
   num_options: int = 4
   min_objects: int = 1
   max_objects: int | None = None
+  object_scale: float = 1.0
 
   def __post_init__(self):
     if self.grid not in _ROWS:
@@ -83,6 +89,8 @@ class SyntheticSpec:
       raise ValueError(f"shapes must be >= 2 names from {SHAPES}, got {self.shapes}")
     if not self.question_types or any(q not in QUESTION_TYPES for q in self.question_types):
       raise ValueError(f"question_types must be a non-empty subset of {QUESTION_TYPES}")
+    if not 0.0 < self.object_scale <= 1.0:
+      raise ValueError(f"object_scale must be in (0, 1], got {self.object_scale}")
     if not 0.0 <= self.mc_fraction <= 1.0:
       raise ValueError(f"mc_fraction must be in [0, 1], got {self.mc_fraction}")
     if not 2 <= self.num_options <= len(OPTION_LETTERS):
@@ -134,7 +142,7 @@ def render(objects: Sequence[dict[str, Any]], spec: SyntheticSpec, rng: np.rando
   cell = size / grid
   for obj in objects:
     row, col = divmod(obj["cell"], grid)
-    r = cell / 2 * rng.uniform(0.72, 0.86)
+    r = cell / 2 * rng.uniform(0.72, 0.86) * spec.object_scale
     slack = cell / 2 - r
     cx = (col + 0.5) * cell + rng.uniform(-slack, slack) * 0.8
     cy = (row + 0.5) * cell + rng.uniform(-slack, slack) * 0.8
@@ -212,7 +220,7 @@ def encode_png(image: np.ndarray) -> bytes:
 def corpus_texts(max_grid: int = 3) -> list[str]:
   """Every question, option line and answer the generator can produce (for all colours, shapes
   and grids up to `max_grid`), as strings: the tiny tokenizer's vocabulary is built from these."""
-  texts = [SHORT_ANSWER_PROMPT, MULTIPLE_CHOICE_PROMPT]
+  texts = [SHORT_ANSWER_PROMPT, MULTIPLE_CHOICE_PROMPT, AMBIGUOUS_JOINER]
   texts += [f"{letter}." for letter in OPTION_LETTERS]
   for grid in range(2, max_grid + 1):
     for pos in position_names(grid):
@@ -226,14 +234,25 @@ def corpus_texts(max_grid: int = 3) -> list[str]:
   return texts
 
 
-def preference_records(records: Sequence[Mapping[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+REJECTED_KINDS = ("incorrect", "ambiguous", "mixed")
+
+
+def preference_records(
+    records: Sequence[Mapping[str, Any]], seed: int = 0, rejected: str = "incorrect"
+) -> list[dict[str, Any]]:
   """Preference triples for Phantom Optimization from synthetic_vqa records.
 
-  chosen = the record's answer; rejected = an incorrect answer of the same kind: another option's
-  letter for multiple choice, else an answer that other records give to questions of the same type
-  (a plausible, wrong answer: a colour for a colour question, a count for a count question...).
+  chosen = the record's answer. rejected, by `rejected`:
+  - 'incorrect': an incorrect answer of the same kind: another option's letter for multiple choice,
+    else an answer that other records give to questions of the same type (a plausible, wrong answer:
+    a colour for a colour question, a count for a count question...);
+  - 'ambiguous': a hedge that names the right answer and a wrong one, in random order ('red or
+    blue'; multiple choice: 'B or D'), the Phantom paper's ambiguous answers;
+  - 'mixed': each record one of the two at random.
   Records whose type has a single answer are left out.
   """
+  if rejected not in REJECTED_KINDS:
+    raise ValueError(f"rejected must be one of {REJECTED_KINDS}, got {rejected!r}")
 
   def text(value):
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -252,13 +271,18 @@ def preference_records(records: Sequence[Mapping[str, Any]], seed: int = 0) -> l
       wrong = sorted(answers_by_type[text(rec["question_type"])] - {answer})
     if not wrong:
       continue
+    other = wrong[int(rng.integers(len(wrong)))]
+    kind = rejected if rejected != "mixed" else REJECTED_KINDS[int(rng.integers(2))]
+    if kind == "ambiguous":
+      first, second = (answer, other) if rng.random() < 0.5 else (other, answer)
+      other = f"{first} {AMBIGUOUS_JOINER} {second}"
     out.append(
         {
             "id": text(rec["id"]),
             "image": rec["image"],
             "question": text(rec["question"]),
             "chosen": answer,
-            "rejected": wrong[int(rng.integers(len(wrong)))],
+            "rejected": other,
         }
     )
   return out

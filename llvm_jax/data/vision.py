@@ -15,9 +15,14 @@ From a `transformers` image processor (`VisionSpec.processor`, a `save_pretraine
 (`processor_settings`) and the base slot of CLIP / SigLIP towers is the processor's own output, so
 training, evaluation and `predict` see the pixels transformers' `AutoProcessor` produces.
 
-DeepStack high-resolution crops: the (aspect-processed) image is resized to
-(g_h * S, g_w * S) and cut into g_h x g_w crops of S x S, row-major; for InternVL each tile is
-cropped that way.
+DeepStack high-resolution crops (`deepstack_grid_mode`):
+  fixed   (default) the (aspect-processed) image is resized to (g_h * S, g_w * S) and cut into
+          g_h x g_w crops of S x S, row-major; for InternVL each tile is cropped that way.
+  aspect  each image gets its own grid (a, b), a * b = g_h * g_w (the model's number of groups),
+          whose a / b best matches the image's height / width (`aspect_grid`; ties -> the fixed
+          grid); the image itself (not padded or centre-cropped) is resized to (a * S, b * S) and
+          cut into a x b crops. The grids go to the model as `hires_grid` (`deepstack_grids`).
+          InternVL tiles are square, so they keep the most square grid.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 KINDS = ("clip", "siglip", "internvl")
 ASPECT_MODES = ("pad", "crop", "resize", "tile")
+DEEPSTACK_GRID_MODES = ("fixed", "aspect")
 _DEFAULTS = {
     "clip": (CLIP_MEAN, CLIP_STD, "pad"),
     "siglip": (SIGLIP_MEAN, SIGLIP_STD, "resize"),
@@ -56,6 +62,8 @@ class VisionSpec:
   use_thumbnail: bool = True
   deepstack_grid: tuple[int, int] | None = None  # (g_h, g_w)
   processor: str = ""  # an HF image-processor directory whose own output is the base slot ('' = built in)
+  # 'fixed': every image is cut by deepstack_grid; 'aspect': each by its own grid (`aspect_grid`).
+  deepstack_grid_mode: str = "fixed"
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -66,6 +74,8 @@ class VisionSpec:
       raise ValueError("aspect_mode 'tile' is InternVL's (and InternVL only tiles)")
     if self.deepstack_grid is not None and (len(self.deepstack_grid) != 2 or min(self.deepstack_grid) < 1):
       raise ValueError(f"deepstack_grid must be (g_h, g_w) >= 1, got {self.deepstack_grid}")
+    if self.deepstack_grid_mode not in DEEPSTACK_GRID_MODES:
+      raise ValueError(f"deepstack_grid_mode must be one of {DEEPSTACK_GRID_MODES}, got {self.deepstack_grid_mode!r}")
 
 
 def make_vision_spec(
@@ -76,6 +86,7 @@ def make_vision_spec(
     use_thumbnail: bool = True,
     deepstack_grid=None,
     processor: str = "",
+    deepstack_grid_mode: str = "fixed",
 ) -> VisionSpec:
   """A VisionSpec with the tower's mean/std and default aspect mode ('internvit' = 'internvl').
 
@@ -107,6 +118,7 @@ def make_vision_spec(
       bool(use_thumbnail),
       grid,
       processor,
+      deepstack_grid_mode,
   )
 
 
@@ -301,10 +313,42 @@ def deepstack_crops(img: Image.Image, grid: tuple[int, int], size: int, mean, st
   return np.ascontiguousarray(crops.reshape(g_h * g_w, size, size, 3))
 
 
+def aspect_grid(width: int, height: int, grid: tuple[int, int]) -> tuple[int, int]:
+  """The grid (a, b), a * b = g_h * g_w, whose a / b is closest to height / width (in log ratio);
+  ties go to `grid`, then to the most square grid, then to the smaller a."""
+  g = grid[0] * grid[1]
+  target = np.log(height / width)
+
+  def cost(ab):
+    a, b = ab
+    return (round(abs(np.log(a / b) - target), 9), ab != tuple(grid), abs(np.log(a / b)), a)
+
+  return min(((a, g // a) for a in range(1, g + 1) if g % a == 0), key=cost)
+
+
+def _image_grid(img: Image.Image, spec: VisionSpec) -> tuple[int, int]:
+  """The crop grid of one (non-tiled) image or tile under the spec's deepstack_grid_mode."""
+  if spec.deepstack_grid_mode == "aspect":
+    return aspect_grid(img.size[0], img.size[1], spec.deepstack_grid)
+  return spec.deepstack_grid
+
+
+def deepstack_grids(img: Image.Image, spec: VisionSpec) -> np.ndarray | None:
+  """int32 (n, 2): the crop grid of each of `preprocess_image`'s n slots with deepstack_grid_mode
+  'aspect' (the model's `hires_grid`); None otherwise (every slot uses deepstack_grid)."""
+  if spec.deepstack_grid is None or spec.deepstack_grid_mode != "aspect":
+    return None
+  if spec.kind == "internvl":  # square tiles (and thumbnail)
+    grid = aspect_grid(spec.image_size, spec.image_size, spec.deepstack_grid)
+    return np.tile(np.asarray(grid, np.int32), (num_tiles(img.size[0], img.size[1], spec), 1))
+  return np.asarray([_image_grid(img, spec)], np.int32)
+
+
 def preprocess_image(img: Image.Image, spec: VisionSpec) -> tuple[np.ndarray, np.ndarray | None]:
   """One RGB image -> (slots (n, S, S, 3) float32, hires (n, g_h*g_w, S, S, 3) or None).
 
-  n = 1 except for InternVL, where it is the number of tiles (+ thumbnail).
+  n = 1 except for InternVL, where it is the number of tiles (+ thumbnail). With deepstack_grid_mode
+  'aspect' the crops of slot i follow the grid `deepstack_grids(img, spec)[i]`.
   """
   size = spec.image_size
   if spec.kind == "internvl":
@@ -312,7 +356,7 @@ def preprocess_image(img: Image.Image, spec: VisionSpec) -> tuple[np.ndarray, np
     slots = np.stack([normalize(t, spec.mean, spec.std) for t in tiles])
     hires = None
     if spec.deepstack_grid is not None:
-      hires = np.stack([deepstack_crops(t, spec.deepstack_grid, size, spec.mean, spec.std) for t in tiles])
+      hires = np.stack([deepstack_crops(t, _image_grid(t, spec), size, spec.mean, spec.std) for t in tiles])
     return slots, hires
   src = _aspect(img, spec)
   if spec.processor:  # transformers' own pixels (NCHW) -> HWC
@@ -325,7 +369,9 @@ def preprocess_image(img: Image.Image, spec: VisionSpec) -> tuple[np.ndarray, np
   if not spec.processor:
     slots = normalize(base, spec.mean, spec.std)[None]
   hires = None
-  if spec.deepstack_grid is not None:
+  if spec.deepstack_grid is not None and spec.deepstack_grid_mode == "aspect":
+    hires = deepstack_crops(img, _image_grid(img, spec), size, spec.mean, spec.std)[None]  # not padded
+  elif spec.deepstack_grid is not None:
     hires = deepstack_crops(src, spec.deepstack_grid, size, spec.mean, spec.std)[None]
   return slots, hires
 

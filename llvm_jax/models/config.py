@@ -125,9 +125,13 @@ class PhantomConfig:
   """Phantom dimension (models/phantom.py): each attention's head dim d grows to 2d with q/k/v
   cross-attended to the first token of the sequence (the 'sos'), then two gates mix back to d."""
 
-  # Fixed scale of the phantom branch (the official code's XAttention eta): tiny, so a fresh
-  # branch is nearly a no-op.
+  # Scale of the phantom branch (the official code's XAttention eta): tiny, so a fresh branch is
+  # nearly a no-op. A fixed constant unless `eta_learnable`, where it is the initial value.
   eta: float = 1e-4
+  # True: each attention layer gets a trainable float32 scalar `phantom/eta`, initialised to `eta`
+  # (equal outputs at init) and trained with the phantom modules. False (the official code): a
+  # constant, and no such parameter in the tree.
+  eta_learnable: bool = False
   # KV cache: 'expanded' caches the 2d-wide K' = [K; K*], V' = [V; V*] (cheaper per step);
   # 'recompute' caches d-wide K/V and recomputes K*, V* over the whole cache each call (as released).
   # Both are exact.
@@ -143,6 +147,10 @@ class PhantomConfig:
       raise ValueError(f"phantom.cache must be expanded or recompute, got {self.cache!r}")
     if self.init not in ("torch", "normal"):
       raise ValueError(f"phantom.init must be torch or normal, got {self.init!r}")
+    # A learnable eta starts positive: at 0 every XAttn module (and, through eta**2 in Q*.K*, eta's
+    # own q/k path) gets no gradient. A fixed eta may be any float, as before.
+    if self.eta_learnable and not 0 < self.eta < float("inf"):
+      raise ValueError(f"phantom.eta must be a finite number > 0 when eta_learnable, got {self.eta!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -420,10 +428,12 @@ class DeepStackConfig:
   interval: int = 1
   # DeepStack-V: group k is added to the non-CLS tokens before ViT layer vit_start + k; None = off.
   vit_start: int | None = None
-  # DeepStack-V: the crops' ViT hidden-state index that is regrouped. 0 = the patch embeddings (after
-  # CLIP's pre-norm); vit_start reproduces the official code, which runs the crops through the layers
-  # before vit_start first.
-  vit_crop_layer: int = 0
+  # DeepStack-V: the crops' ViT hidden-state index that is regrouped (read it through `crop_layer`).
+  # None (default) = vit_start: the path the official code runs (clip_encoder.py), where the crops go
+  # through ViT layers 0..vit_start-1 together with the global view and their hidden states at
+  # vit_start are regrouped. An explicit index 0..vit_start is an option: 0 = the patch embeddings
+  # (after CLIP's pre-norm), the official code's unreached branch.
+  vit_crop_layer: int | None = None
   # False: off, exactly as `model.deepstack = None`.
   enabled: bool = True
 
@@ -436,12 +446,31 @@ class DeepStackConfig:
       raise ValueError("deepstack: llm=False and vit_start=None inject nothing; set one of them or drop the block")
     if self.start < 0 or self.interval < 1:
       raise ValueError(f"deepstack: need start >= 0 and interval >= 1, got {self.start}, {self.interval}")
-    if (self.vit_start is not None and self.vit_start < 0) or self.vit_crop_layer < 0:
+    if (self.vit_start is not None and self.vit_start < 0) or (self.vit_crop_layer or 0) < 0:
       raise ValueError(f"deepstack: vit_start={self.vit_start}, vit_crop_layer={self.vit_crop_layer} must be >= 0")
+    if self.vit_crop_layer is not None:
+      if self.vit_start is None:
+        raise ValueError(
+            f"deepstack.vit_crop_layer={self.vit_crop_layer} is set but vit_start=None (DeepStack-V is off); "
+            "set deepstack.vit_start or leave deepstack.vit_crop_layer unset"
+        )
+      if self.vit_crop_layer > self.vit_start:
+        raise ValueError(
+            f"deepstack.vit_crop_layer={self.vit_crop_layer} must be <= deepstack.vit_start={self.vit_start} "
+            "(None = vit_start, the official path)"
+        )
 
   @property
   def num_groups(self) -> int:
     return self.num_crops[0] * self.num_crops[1]
+
+  @property
+  def crop_layer(self) -> int:
+    """DeepStack-V: the crops' ViT hidden-state index that is regrouped (`vit_crop_layer`, None =
+    vit_start); 0 without DeepStack-V."""
+    if self.vit_crop_layer is not None:
+      return self.vit_crop_layer
+    return self.vit_start if self.vit_start is not None else 0
 
   @property
   def llm_layers(self) -> tuple[int, ...]:
@@ -480,8 +509,8 @@ class LLVMConfig:
           f"deepstack: {ds.num_groups} groups from ViT layer vit_start={ds.vit_start} exceed the "
           f"{used} ViT layers run up to vision.feature_layer"
       )
-    if ds.vit_crop_layer > used:
-      raise ValueError(f"deepstack.vit_crop_layer={ds.vit_crop_layer} exceeds the {used} ViT layers run")
+    if ds.crop_layer > used:
+      raise ValueError(f"deepstack.vit_crop_layer={ds.crop_layer} exceeds the {used} ViT layers run")
 
   @property
   def tokens_per_image(self) -> int:

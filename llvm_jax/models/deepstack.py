@@ -10,8 +10,14 @@ added to the hidden states at the image positions before decoder layer `start + 
 parameters, no extra context; the injection touches prompt positions only, so it happens at
 prefill and decode steps use the ordinary KV cache.
 
-DeepStack-V. The crops' patch embeddings (or their hidden state `vit_crop_layer`) are regrouped the
-same way and added to the global view's non-CLS hidden states before ViT layers vit_start + k.
+DeepStack-V. As in the official code, the crops run through ViT layers 0..vit_start-1 like the global
+view; their hidden states at vit_start (`DeepStackConfig.crop_layer`; `vit_crop_layer` may pick an
+earlier one, 0 = the patch embeddings) are regrouped the same way and added to the global view's
+non-CLS hidden states before ViT layers vit_start + k.
+
+Per-image grids (data.deepstack_grid_mode='aspect'): each image's crops may come from another grid
+(a, b) with a*b = G (`candidate_grids`), carried as `hires_grid` (B, N, 2); the regrouping then uses
+each image's own grid (`regroup_per_image`). Without `hires_grid` every image uses num_crops.
 
 Shapes: `LLVM` turns the groups into `layer_residuals` (G, B, T, D), zero outside image positions,
 which `Decoder.__call__` adds before `DeepStackConfig.llm_layers`; the ViT gets (G, B*N, P*P, Dv).
@@ -60,6 +66,31 @@ def regroup(crops: Array, grid: tuple[int, int], sampling: str) -> Array:
   raise ValueError(f"unknown deepstack sampling {sampling!r}")
 
 
+def candidate_grids(grid: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+  """The grids (a, b) with a*b = g_h*g_w, the fixed `grid` first, then by a."""
+  g = grid[0] * grid[1]
+  others = tuple((a, g // a) for a in range(1, g + 1) if g % a == 0 and (a, g // a) != tuple(grid))
+  return (tuple(grid),) + others
+
+
+def regroup_per_image(crops: Array, grid: tuple[int, int], sampling: str, grids: Array | None) -> Array:
+  """`regroup` with each image's own crop grid: crops (..., G, P*P, C), grids int (..., 2) or None.
+
+  None: every image uses `grid` (exactly `regroup`). Otherwise each candidate grid's regrouping is
+  computed (G is small) and each image takes the one its grid names; a grid that is no candidate
+  (e.g. an unused image slot's zeros) falls back to `grid`. Static shapes, jit-friendly.
+  """
+  out = regroup(crops, grid, sampling)
+  if grids is None or sampling == "grid":
+    return out
+  if grids.shape != crops.shape[:-3] + (2,):
+    raise ValueError(f"deepstack: hires_grid {grids.shape} does not match the crops {crops.shape} (want (..., 2))")
+  for cand in candidate_grids(grid)[1:]:
+    match = jnp.all(grids == jnp.asarray(cand, grids.dtype), axis=-1)[..., None, None, None]
+    out = jnp.where(match, regroup(crops, cand, sampling), out)
+  return out
+
+
 def token_layout(config: LLVMConfig) -> tuple[int, int]:
   """(leading, side): a projected image is `leading` non-spatial tokens (a kept CLS) followed by a
   row-major side x side token grid; raises for layouts with no grid to regroup."""
@@ -74,38 +105,50 @@ def token_layout(config: LLVMConfig) -> tuple[int, int]:
   return int(vision.has_cls and vision.feature_select == "full"), vision.grid
 
 
-def regroup_tokens(features: Array, config: LLVMConfig) -> Array:
+def regroup_tokens(features: Array, config: LLVMConfig, grids: Array | None = None) -> Array:
   """(..., G, T, D) projected crop tokens -> (..., G, T, D) groups aligned with the global view's
-  T tokens; a kept CLS position gets a zero residual (it has no place in the spatial map)."""
+  T tokens; a kept CLS position gets a zero residual (it has no place in the spatial map).
+  `grids` (..., 2): each image's crop grid (None: num_crops for all)."""
   leading, _ = token_layout(config)
-  groups = regroup(features[..., leading:, :], config.deepstack.num_crops, config.deepstack.sampling)
+  ds = config.deepstack
+  groups = regroup_per_image(features[..., leading:, :], ds.num_crops, ds.sampling, grids)
   pad = [(0, 0)] * (groups.ndim - 2) + [(leading, 0), (0, 0)]
   return jnp.pad(groups, pad)
 
 
-def vit_residuals(tower: Any, crops: Array, config: LLVMConfig) -> Array:
-  """DeepStack-V: crops (M, G, S, S, C) through the bound `tower`'s embedding (and its first
-  `vit_crop_layer` layers) -> (G, M, grid*grid, Dv) regrouped patch states, CLS dropped."""
+def vit_residuals(tower: Any, crops: Array, config: LLVMConfig, grids: Array | None = None) -> Array:
+  """DeepStack-V: crops (M, G, S, S, C) through the bound `tower`'s embedding and its first
+  `crop_layer` layers -> (G, M, grid*grid, Dv) regrouped patch states, CLS dropped; `grids` (M, 2):
+  each image's crop grid (None: num_crops for all)."""
   m, g = crops.shape[:2]
   hidden = tower.embed(crops.reshape((m * g,) + crops.shape[2:]))
-  for layer in tower.layers[: config.deepstack.vit_crop_layer]:
+  for layer in tower.layers[: config.deepstack.crop_layer]:
     hidden = layer(hidden)
   patches = hidden[:, int(config.vision.has_cls) :]
   patches = patches.reshape((m, g) + patches.shape[1:])
-  return jnp.moveaxis(regroup(patches, config.deepstack.num_crops, config.deepstack.sampling), 1, 0)
+  ds = config.deepstack
+  return jnp.moveaxis(regroup_per_image(patches, ds.num_crops, ds.sampling, grids), 1, 0)
 
 
-def check_hires_images(config: LLVMConfig, images: Array, hires_images: Array | None, initializing: bool) -> bool:
-  """Whether DeepStack runs on this call; raises on missing or misshaped crops.
+def check_hires_images(
+    config: LLVMConfig, images: Array, hires_images: Array | None, initializing: bool, hires_grid: Array | None = None
+) -> bool:
+  """Whether DeepStack runs on this call; raises on missing or misshaped crops (or crop grids).
 
   Crops may be left out only while initialising (DeepStack adds no parameters), so a caller that
   forgets them fails instead of silently running the base model.
   """
   ds = config.deepstack
   if ds is None:
-    if hires_images is not None:
-      raise ValueError("hires_images were given but the model has no deepstack block (config.model.deepstack)")
+    if hires_images is not None or hires_grid is not None:
+      raise ValueError(
+          "hires_images / hires_grid were given but the model has no deepstack block (config.model.deepstack)"
+      )
     return False
+  if hires_grid is not None and (hires_images is None or hires_grid.shape != images.shape[:2] + (2,)):
+    raise ValueError(
+        f"hires_grid {hires_grid.shape} must come with hires_images and be (B, N, 2) = {images.shape[:2] + (2,)}"
+    )
   if hires_images is None:
     if initializing:
       return False

@@ -71,28 +71,32 @@ class LLVM(nn.Module):
       self.vision = VisionTower(cfg.vision)
       self.projector = Projector(cfg.projector, out_dim=cfg.decoder.embed_dim)
 
-  def encode_images(self, images: Array, hires_images: Array | None = None) -> Array:
+  def encode_images(self, images: Array, hires_images: Array | None = None, hires_grid: Array | None = None) -> Array:
     """(B, N, H, W, C) pixels -> (B, N, tokens_per_image, D) projected image tokens.
 
-    With DeepStack-V (deepstack.vit_start set), hires_images (B, N, G, H, W, C) are regrouped into
-    the tower's layers.
+    With DeepStack-V (deepstack.vit_start set), hires_images (B, N, G, H, W, C) are regrouped (with
+    each image's crop grid `hires_grid` (B, N, 2), None = num_crops) into the tower's layers.
     """
     b, n = images.shape[:2]
     pixels = images.reshape((b * n,) + images.shape[2:])
     ds = self.config.deepstack
     if hires_images is not None and ds.vit_start is not None:
       crops = hires_images.reshape((b * n,) + hires_images.shape[2:])
-      features = self.vision(pixels, deepstack.vit_residuals(self.vision, crops, self.config), ds.vit_start)
+      grids = None if hires_grid is None else hires_grid.reshape((b * n, 2))
+      features = self.vision(pixels, deepstack.vit_residuals(self.vision, crops, self.config, grids), ds.vit_start)
     else:
       features = self.vision(pixels)
     tokens = self.projector(features)
     return tokens.reshape((b, n) + tokens.shape[1:])
 
-  def deepstack_residuals(self, tokens: Array, hires_images: Array, image_mask: Array | None, like: Array) -> Array:
-    """DeepStack-L: (G, B, T, D) regrouped crop tokens at the image positions (splice's mapping), 0 elsewhere."""
+  def deepstack_residuals(
+      self, tokens: Array, hires_images: Array, image_mask: Array | None, like: Array, hires_grid: Array | None = None
+  ) -> Array:
+    """DeepStack-L: (G, B, T, D) regrouped crop tokens at the image positions (splice's mapping), 0 elsewhere;
+    `hires_grid` (B, N, 2): each image's crop grid (None = num_crops)."""
     b, n, g = hires_images.shape[:3]
     crops = self.encode_images(hires_images.reshape((b, n * g) + hires_images.shape[3:]))
-    groups = deepstack.regroup_tokens(crops.reshape((b, n, g) + crops.shape[2:]), self.config)
+    groups = deepstack.regroup_tokens(crops.reshape((b, n, g) + crops.shape[2:]), self.config, hires_grid)
     zeros = jnp.zeros_like(like)
     splice = lambda group: splice_image_features(zeros, tokens, group, image_mask, self.config.image_token_id)
     return nn.with_logical_constraint(jax.vmap(splice, in_axes=2)(groups), (None, "act_batch", "act_len", "act_embed"))
@@ -107,11 +111,14 @@ class LLVM(nn.Module):
       cache: Cache | None = None,
       decode: bool = False,
       hires_images: Array | None = None,
+      hires_grid: Array | None = None,
   ) -> tuple[Array, Cache | None]:
     """Logits (B, T, V) for tokens (B, T); with a cache, also the updated cache (see decoder.py).
 
     `decode` (static) marks a decode step rather than a prefill (TroL's 'official' decoding needs it).
     `hires_images` (B, N, g_h*g_w, H, W, C): DeepStack's high-resolution crops of each image slot.
+    `hires_grid` (B, N, 2) int: each slot's crop grid (a, b), a*b = g_h*g_w (data.deepstack_grid_mode
+    'aspect'); None = deepstack.num_crops for every slot.
     """
     cfg = self.config
     if segment_ids is None:
@@ -119,19 +126,20 @@ class LLVM(nn.Module):
     x = self.decoder.embed(tokens)
     vision_mask, num_vision = None, 0
     residuals = None
-    if images is None and hires_images is not None:
-      raise ValueError("hires_images were given without images")
+    if images is None and (hires_images is not None or hires_grid is not None):
+      raise ValueError("hires_images / hires_grid were given without images")
     if images is not None:
       if cfg.vision is None:
         raise ValueError("images were given but the model has no vision tower (config.model.vision is None)")
       check_image_tokens(tokens, image_mask, images.shape[1], cfg.tokens_per_image, cfg.image_token_id)
-      use_deepstack = deepstack.check_hires_images(cfg, images, hires_images, self.is_initializing())
+      use_deepstack = deepstack.check_hires_images(cfg, images, hires_images, self.is_initializing(), hires_grid)
       hires = hires_images if use_deepstack else None
-      x = splice_image_features(x, tokens, self.encode_images(images, hires), image_mask, cfg.image_token_id)
+      grid = hires_grid if use_deepstack else None
+      x = splice_image_features(x, tokens, self.encode_images(images, hires, grid), image_mask, cfg.image_token_id)
       if use_deepstack and cfg.deepstack.llm:
-        residuals = self.deepstack_residuals(tokens, hires_images, image_mask, x)
+        residuals = self.deepstack_residuals(tokens, hires_images, image_mask, x, grid)
       # The vision tokens are p-MoD's routing targets; the image slots give their static count per row.
-      vision_mask, num_vision = tokens == cfg.image_token_id, images.shape[1] * cfg.tokens_per_image
+      vision_mask, num_vision = tokens == cfg.image_token_id, vision_slots(images, tokens, cfg)
     return self.decoder(
         x,
         segment_ids,
@@ -145,6 +153,12 @@ class LLVM(nn.Module):
     )
 
 
+def vision_slots(images: Array, tokens: Array, config: LLVMConfig) -> int:
+  """The static number of vision tokens a row can hold: its image slots' tokens, but never more than
+  the row's length (packed rows have more image slots than room: 3 slots of 64 tokens in 96)."""
+  return min(images.shape[1] * config.tokens_per_image, tokens.shape[1])
+
+
 def prefill(
     model: LLVM,
     params: Any,
@@ -154,12 +168,13 @@ def prefill(
     image_mask: Array | None = None,
     segment_ids: Array | None = None,
     hires_images: Array | None = None,
+    hires_grid: Array | None = None,
 ) -> tuple[Array, Cache]:
   """Runs a (left-padded) prompt into a fresh cache of `max_len` slots; returns logits and cache.
 
   DeepStack's crops (`hires_images`) are injected here only: they touch prompt positions alone.
   """
-  num_vision = 0 if images is None else images.shape[1] * model.config.tokens_per_image
+  num_vision = 0 if images is None else vision_slots(images, tokens, model.config)
   cache = init_cache(model.config.decoder, tokens.shape[0], max_len, num_vision=num_vision)
   return model.apply(
       {"params": params},
@@ -169,6 +184,7 @@ def prefill(
       segment_ids=segment_ids,
       cache=cache,
       hires_images=hires_images,
+      hires_grid=hires_grid,
   )
 
 

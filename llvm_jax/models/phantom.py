@@ -21,6 +21,12 @@ q/k/v of each row's last segment (`SOS_CACHE_KEY`), so the tokens of a later cal
 that continue that segment find their sos there. Two exact cache modes (`PhantomConfig.cache`):
 'expanded' caches K' = [K; K*] and V' = [V; V*] (2d wide); 'recompute' caches d-wide K/V and
 recomputes K*, V* over the whole cache every call, as the official code does.
+
+η is the constant `PhantomConfig.eta` (as in the official code), or with `eta_learnable` a float32
+parameter `phantom/eta` per layer initialised to it, trained wherever the phantom modules are (it
+sits under `phantom/`, so the stage rules and the init_hf technique-parameter rule cover it). It
+has no HF counterpart: loading an HF checkpoint (init_hf) starts it from `eta`, like the rest of
+the phantom parameters; an allow_custom export writes it and reads it back.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from llvm_jax.models import attention, hooks, layers, masks
-from llvm_jax.models.config import DecoderConfig, resolve_dtype
+from llvm_jax.models.config import DecoderConfig, PhantomConfig, resolve_dtype
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -144,6 +150,26 @@ def _last_segment_sos(sos: dict[str, Array], sos_slot: Array, cached: dict[str, 
   }
 
 
+# Name of the learnable eta inside the Phantom module (`.../attn/phantom/eta`), with
+# `PhantomConfig.eta_learnable`. Its logical axis 'phantom_eta' is unlisted in the sharding rules:
+# replicated.
+ETA_PARAM = "eta"
+
+
+def eta_value(options: PhantomConfig, module: nn.Module, dtype: Any) -> Any:
+  """η: the constant `options.eta`, or with `eta_learnable` this layer's trainable parameter.
+
+  The parameter is float32 of shape (1,) (like the gates' biases: a 0-d tensor would come back 1-d
+  from an allow_custom export), initialised to `options.eta`. It is cast to the compute dtype, as
+  the Python-float constant is, so at init both give the same output in any dtype.
+  """
+  if not options.eta_learnable:
+    return options.eta
+  init = lambda key, shape, dtype=jnp.float32: jnp.full(shape, options.eta, dtype)
+  eta = module.param(ETA_PARAM, layers.logical_init(init, ("phantom_eta",)), (1,), jnp.float32)
+  return eta[0].astype(dtype)
+
+
 class Phantom(nn.Module):
   """Attention with the phantom dimension: q/k/v after RoPE in, (B, T, H, d) out (before `o`)."""
 
@@ -157,7 +183,7 @@ class Phantom(nn.Module):
     cfg, options = self.config, self.config.phantom
     write_index, sos_slot = ctx.write_index, sos_slots(ctx.mask)
     dtype, pdtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
-    d, eta = cfg.head_dim, options.eta
+    d, eta = cfg.head_dim, eta_value(options, self, dtype)
     xattn = lambda name: XAttention(d, options.init, dtype, pdtype, name=name)
     xattn_q, xattn_k, xattn_v = xattn("xattn_q"), xattn("xattn_k"), xattn("xattn_v")
     cached_sos = None if layer_cache is None else layer_cache[SOS_CACHE_KEY]
@@ -223,9 +249,10 @@ def init_cache_entries(config: DecoderConfig, batch: int, max_len: int, dtype: A
 
 
 def added_params_per_layer(config: DecoderConfig) -> int:
-  """12d² + 2d + 2: three XAttn modules of four Linear(d, d) and two Linear(d, 1) gates."""
+  """12d² + 2d + 2: three XAttn modules of four Linear(d, d) and two Linear(d, 1) gates; + 1 with a
+  learnable eta."""
   d = config.head_dim
-  return 12 * d * d + 2 * d + 2
+  return 12 * d * d + 2 * d + 2 + int(config.phantom is not None and config.phantom.eta_learnable)
 
 
 class PhantomCache(hooks.Technique):

@@ -96,7 +96,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
   c.eps = 1e-8
   c.weight_decay = 0.0
   # Parameters whose path matches get no weight decay.
-  c.no_decay = r"(norm|bias|embedding|cls_token|pos_embed|lambda_)"
+  c.no_decay = r"(norm|bias|embedding|cls_token|pos_embed|lambda_|phantom/eta)"
   c.grad_clip = 1.0
   # (regex, lr_mult or None to freeze), first match wins; see module docstring.
   c.trainable = [(".*", 1.0)]

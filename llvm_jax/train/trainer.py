@@ -39,7 +39,7 @@ from llvm_jax.train import loss as loss_lib
 from llvm_jax.train.metrics import MetricsWriter
 from llvm_jax.train.workdir_lock import WorkdirLock, WorkdirLockedError
 
-MODEL_INPUTS = ("tokens", "images", "image_mask", "segment_ids", "positions", "hires_images")
+MODEL_INPUTS = ("tokens", "images", "image_mask", "segment_ids", "positions", "hires_images", "hires_grid")
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -268,3 +268,25 @@ def test_build_cli_with_overrides(tmp_path, capsys):
   assert records.decode_image(src[0]["image"]).size == (16, 16)
   with pytest.raises(SystemExit):
     build.main(["synthetic_vqa", "--data_dir", str(tmp_path), "--config", "small", "--set", "num_train=5"])
+
+
+def test_synthetic_preference_triples_come_from_the_vqa_samples(tmp_path):
+  source = builders.SyntheticVqaConfig(name="src", num_train=30, image_size=32, mc_fraction=0.3, seed=5)
+  cfg = builders.SyntheticPreferenceConfig(name="unittest", source=source, rejected="ambiguous", num_train=30)
+  builders.build_dataset("synthetic_preference", tmp_path, cfg)
+  data = tfds.data_source("synthetic_preference/unittest", split="train", data_dir=str(tmp_path), download=False)
+  assert len(data) == 30
+  for k in range(len(data)):
+    rec = data[k]
+    index = int(_text(rec["id"]).split("_")[-1])
+    sample = S.draw_sample(S.sample_seed(5, "train", index), source.spec())
+    assert rec["image"] == S.encode_png(sample["image"])
+    assert _text(rec["question"]) == sample["question"] and _text(rec["chosen"]) == sample["answer"]
+    rejected = _text(rec["rejected"])
+    assert f" {S.AMBIGUOUS_JOINER} " in rejected and sample["answer"] in rejected.split(f" {S.AMBIGUOUS_JOINER} ")
+    # The pipeline reads it as a preference record (chosen, rejected).
+    assert records.to_example({**rec, "images": [rec["image"]]}).is_preference
+  with pytest.raises(ValueError, match="unknown synthetic_vqa config 'nope'"):
+    builders.build_dataset(
+        "synthetic_preference", tmp_path / "bad", builders.SyntheticPreferenceConfig(name="bad", source="nope")
+    )

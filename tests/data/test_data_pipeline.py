@@ -320,6 +320,38 @@ def test_deepstack_and_internvl_batches(tokenizer, dh):
   assert b["hires_images"][0, :3].any() and not b["hires_images"][0, 3:].any()
 
 
+def test_deepstack_aspect_grid_batches(tokenizer, dh):
+  import jax
+
+  from llvm_jax.data.config import resolve
+
+  recs = [
+      {"id": i, "images": [dh.png_bytes((0, 255, 0), size)], "conversations": _conv()}
+      for i, size in enumerate([(64, 16), (16, 16)])  # wide -> (1, 4); square -> (2, 2)
+  ]
+  cfg = dh.data_config(global_batch_size=2, max_images=2, deepstack_grid=(2, 2), deepstack_grid_mode="aspect")
+  mesh = jax.make_mesh((1,), ("data",))
+  b = next(
+      pipeline.make_iterator(cfg, tokenizer, num_image_tokens=2, image_token=IMG, source=recs, num_epochs=1, mesh=mesh)
+  )
+  assert b["hires_images"].shape == (2, 2, 4, 16, 16, 3)
+  assert isinstance(b["hires_grid"], jax.Array) and b["hires_grid"].dtype == np.int32
+  assert np.asarray(b["hires_grid"]).tolist() == [[[1, 4], [0, 0]], [[2, 2], [0, 0]]]  # unused slots: 0
+  fixed = next(
+      pipeline.make_iterator(
+          dh.data_config(global_batch_size=2, deepstack_grid=(2, 2)),
+          tokenizer,
+          num_image_tokens=2,
+          image_token=IMG,
+          source=recs,
+          num_epochs=1,
+      )
+  )
+  assert "hires_grid" not in fixed
+  with pytest.raises(ValueError, match="config.data.deepstack_grid_mode='best'.*fixed"):
+    resolve(dh.data_config(deepstack_grid_mode="best"))
+
+
 # -- bad input -----------------------------------------------------------------------------------
 def _conv(q="What color is the shape in the top left?", a="red"):
   return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]

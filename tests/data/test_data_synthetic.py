@@ -182,3 +182,53 @@ def test_preference_records_reject_a_wrong_answer_of_the_same_kind():
     else:
       assert p["rejected"] in answers[rec["question_type"]]
   assert S.preference_records(recs, seed=0) == pairs
+
+
+def _kind(rec) -> str:
+  return "mc" if rec["multiple_choice"] else rec["question_type"]
+
+
+def _ids_by_kind(recs) -> dict[str, set[str]]:
+  out: dict[str, set[str]] = {}
+  for rec in recs:
+    out.setdefault(_kind(rec), set()).add(rec["id"])
+  return out
+
+
+def test_ambiguous_rejected_answers_hedge_between_the_answer_and_a_wrong_one():
+  spec = S.SyntheticSpec(mc_fraction=0.3)
+  recs = []
+  for i in range(120):
+    s = S.draw_sample(S.sample_seed(1, "train", i), spec)
+    recs.append({"id": f"r{i}", "image": b"png", **{k: s[k] for k in ("question", "answer", "options")}})
+    recs[-1].update(question_type=s["question_type"], multiple_choice=s["multiple_choice"])
+  incorrect = S.preference_records(recs, seed=0)
+  ambiguous = S.preference_records(recs, seed=0, rejected="ambiguous")
+  assert len(ambiguous) == len(incorrect) == len(recs)
+  wrong = {t: {p["rejected"] for p in incorrect if p["id"] in ids} for t, ids in _ids_by_kind(recs).items()}
+  orders = set()
+  for p, rec in zip(ambiguous, recs):
+    joiner = f" {S.AMBIGUOUS_JOINER} "
+    if p["rejected"].startswith(p["chosen"] + joiner):
+      other, orders = p["rejected"][len(p["chosen"] + joiner) :], orders | {"first"}
+    else:
+      assert p["rejected"].endswith(joiner + p["chosen"]), p
+      other, orders = p["rejected"][: -len(joiner + p["chosen"])], orders | {"second"}
+    assert other != p["chosen"] and other in wrong[_kind(rec)]
+  assert orders == {"first", "second"}  # the right answer comes first or second at random
+  kinds = {" or " in p["rejected"] for p in S.preference_records(recs, seed=0, rejected="mixed")}
+  assert kinds == {True, False}
+  with pytest.raises(ValueError, match="rejected must be one of"):
+    S.preference_records(recs, rejected="vague")
+  # The joiner is a word of the tiny tokenizer, so a hedge tokenises without <unk>.
+  assert S.AMBIGUOUS_JOINER in T.tiny_vocabulary()
+
+
+def test_object_scale_shrinks_the_shapes():
+  big = S.SyntheticSpec(image_size=64, grid=2, min_objects=4)
+  small = S.SyntheticSpec(image_size=64, grid=2, min_objects=4, object_scale=0.25)
+  lit = lambda spec: (S.draw_sample(S.sample_seed(0, "test", 5), spec)["image"].max(-1) > 0).sum()
+  # Area goes with the square of the radius: a quarter of the size is about a sixteenth of the pixels.
+  assert 8 < lit(big) / lit(small) < 32
+  with pytest.raises(ValueError, match="object_scale"):
+    S.SyntheticSpec(object_scale=0.0)

@@ -124,6 +124,33 @@ def test_deepstack_non_square_grid_and_internvl_tiles():
   assert slots.shape == (3, 8, 8, 3) and hires.shape == (3, 4, 8, 8, 3)
 
 
+def test_deepstack_aspect_grid_per_image():
+  # The grid (a, b), a*b = 4, closest to h/w; ties (h/w = 1/2: (1, 4) and (2, 2) equally far) -> fixed.
+  assert V.aspect_grid(128, 32, (2, 2)) == (1, 4) and V.aspect_grid(32, 128, (2, 2)) == (4, 1)
+  assert V.aspect_grid(40, 40, (2, 2)) == (2, 2) and V.aspect_grid(64, 32, (2, 2)) == (2, 2)
+  assert V.aspect_grid(40, 40, (1, 2)) == (1, 2) and V.aspect_grid(30, 60, (1, 2)) == (2, 1)
+  rng = np.random.RandomState(0)
+  wide = Image.fromarray(rng.randint(0, 256, (24, 100, 3), np.uint8))  # h/w = 0.24 -> (1, 4)
+  spec = V.make_vision_spec("clip", 8, deepstack_grid=(2, 2), deepstack_grid_mode="aspect")
+  slots, hires = V.preprocess_image(wide, spec)
+  assert V.deepstack_grids(wide, spec).tolist() == [[1, 4]] and hires.shape == (1, 4, 8, 8, 3)
+  # PIL reference: the image itself (not padded) resized to (1*8, 4*8), cut left to right.
+  big = V.normalize(wide.resize((32, 8), Image.BICUBIC), V.CLIP_MEAN, V.CLIP_STD)
+  for k in range(4):
+    np.testing.assert_allclose(hires[0, k], big[:, 8 * k : 8 * k + 8], atol=1e-6)
+  # The global view is unchanged ('pad'), and 'fixed' is exactly as before (padded square, 2 x 2).
+  fixed = V.make_vision_spec("clip", 8, deepstack_grid=(2, 2))
+  f_slots, f_hires = V.preprocess_image(wide, fixed)
+  np.testing.assert_array_equal(slots, f_slots)
+  square = V._aspect(wide, fixed)
+  np.testing.assert_array_equal(f_hires[0], V.deepstack_crops(square, (2, 2), 8, V.CLIP_MEAN, V.CLIP_STD))
+  assert V.deepstack_grids(wide, fixed) is None
+  tiles = V.make_vision_spec("internvl", 8, deepstack_grid=(1, 2), deepstack_grid_mode="aspect")
+  assert V.deepstack_grids(Image.new("RGB", (64, 32)), tiles).tolist() == [[1, 2]] * 3  # square tiles
+  with pytest.raises(ValueError, match="deepstack_grid_mode must be one of"):
+    V.make_vision_spec("clip", 8, deepstack_grid=(2, 2), deepstack_grid_mode="best")
+
+
 def test_spec_validation():
   with pytest.raises(ValueError, match="vision kind"):
     V.make_vision_spec("resnet", 224)
