@@ -223,12 +223,27 @@ def header(title: str, script: str, args: argparse.Namespace, results: dict[str,
   return [
       f"# {title}",
       "",
-      f"Produced by `python experiments/{script} {' '.join(sys.argv[1:])}`".rstrip() + f" on {datetime.date.today()}: "
+      f"Produced by `{study_command(script)}`"
+      + (" (this report redrawn from the finished runs with --replot)" if args.replot else "")
+      + f" on {datetime.date.today()}: "
       f"{n} (mean ± sample std), {args.steps} training steps each, test accuracy on "
       f"the first {args.eval_examples} test examples (greedy generation, VQA exact match). Summed wall time of the "
       f"runs: {wall / 60:.0f} min on this shared 2-core CPU machine.",
       "",
   ]
+
+
+def study_command(script: str) -> str:
+  """The command that trains this study: the script and its flags, without the redraw-only ones."""
+  flags_, skip = [], False
+  for a in sys.argv[1:]:
+    if skip:
+      skip = False
+    elif a == "--out":
+      skip = True  # its value follows
+    elif a not in ("--replot", "--partial") and not a.startswith("--out="):
+      flags_.append(a)
+  return " ".join(["python", f"experiments/{script}", *flags_])
 
 
 def commands_section(results: dict[str, list[RunResult]]) -> list[str]:
@@ -290,20 +305,40 @@ def accuracy_points(
     key: str = "accuracy",
     label_suffix: str = "",
 ) -> None:
-  """Mean ± std accuracy of each variant at x = x_of(name), with its marker and colour."""
+  """Mean ± std accuracy of each variant at x = x_of(name), with its marker and colour. Points of
+  (nearly) equal x are nudged apart so their error bars do not hide each other."""
+  xs = {name: x_of(name) for name in results}
+  span = (max(xs.values()) - min(xs.values())) or abs(next(iter(xs.values()))) or 1.0
+  placed: list[float] = []
   for name, runs in results.items():
     acc = np.asarray([r.eval[key] for r in runs])
     style = styles[name]
+    x = xs[name]
+    x += 0.025 * span * sum(abs(x - p) < 0.02 * span for p in placed)
+    placed.append(xs[name])
+    mean, std = acc.mean(), (acc.std(ddof=1) if len(acc) > 1 else 0.0)
+    # Mean ± std, clipped to [0, 1], and each seed as a faint dot (n = 3: the spread says more than a bar).
+    yerr = [[mean - max(0.0, mean - std)], [min(1.0, mean + std) - mean]]
     ax.errorbar(
-        x_of(name),
-        acc.mean(),
-        yerr=acc.std(ddof=1) if len(acc) > 1 else 0,
+        x,
+        mean,
+        yerr=yerr,
         fmt=style.get("marker", "o"),
         color=style["color"],
         ms=7,
         capsize=3,
         label=name + label_suffix,
     )
+    ax.plot([x] * len(acc), acc, ".", color=style["color"], alpha=0.35, ms=5)
+
+
+def plain_log_axis(ax, axis: str = "x") -> None:
+  """A log axis labelled with plain numbers (20, 30, 50) rather than 2x10^1."""
+  from matplotlib import ticker
+
+  target = ax.xaxis if axis == "x" else ax.yaxis
+  target.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+  target.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "2357" else ""))
 
 
 def chance_line(ax, results: dict[str, list[RunResult]], key: str = "chance") -> None:
@@ -354,11 +389,32 @@ def step_time_column() -> Column:
   def cell(name: str, runs: list[RunResult]) -> str:
     return f"{np.mean([r.step_time for r in runs]) * 1e3:.0f}"
 
-  return ("train step (ms, this CPU)", cell)
+  return ("train step (ms; shared CPU, indicative only)", cell)
 
 
 def accuracies(runs: Sequence[RunResult], key: str = "accuracy") -> np.ndarray:
   return np.asarray([r.eval[key] for r in runs], dtype=float)
+
+
+def still_falling(runs: Sequence[RunResult]) -> tuple[float, float]:
+  """Mean train loss over the 2nd-to-last and the last tenth of training (averaged over seeds): a
+  clear drop between them means the run had not converged."""
+  first, last = [], []
+  for r in runs:
+    losses = [l for _, l in r.loss_curve]
+    tenth = max(1, len(losses) // 10)
+    first.append(np.mean(losses[-2 * tenth : -tenth]))
+    last.append(np.mean(losses[-tenth:]))
+  return float(np.mean(first)), float(np.mean(last))
+
+
+def above_prior(runs: Sequence[RunResult], margin: float = 0.05) -> int:
+  """Runs whose test accuracy beats their blind question prior (`chance`) by more than `margin`:
+  the runs that learned to read the image at all."""
+  return sum(r.eval["accuracy"] > r.eval["chance"] + margin for r in runs)
+
+
+SIGNIFICANT_T = 2.8  # |Welch t| above this: two-sided p < 0.05 at n = 3 + 3 (about 4 degrees of freedom)
 
 
 def welch_t(a: Sequence[float], b: Sequence[float]) -> float:

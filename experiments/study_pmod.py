@@ -79,6 +79,27 @@ def measured_kv_bytes(workdir: str) -> int:
   return tree_utils.tree_bytes(cache)
 
 
+def verdict(acc: dict[str, np.ndarray], decoder: dict[str, float], base: str) -> str:
+  """Whether this run supports p-MoD's claim (the baseline's accuracy at ~55-60% of the decoder FLOPs)."""
+  if "pmod_prd" not in acc:
+    return "the paper's schedule (pmod_prd) did not run."
+  t = studies.welch_t(acc["pmod_prd"], acc[base])
+  share = decoder["pmod_prd"] / decoder[base]
+  worse = [n for n in SCHEDULES if n in acc and studies.welch_t(acc[n], acc[base]) < -studies.SIGNIFICANT_T]
+  if t >= -studies.SIGNIFICANT_T:
+    return (
+        f"consistent with the claim at this scale: the paper's schedule keeps the baseline's accuracy (no significant "
+        f"difference, t = {t:.1f}, n = 3) at {share:.0%} of the decoder prefill FLOPs; "
+        + (
+            f"schedules that lose accuracy significantly: {', '.join(worse)}."
+            if worse
+            else "no schedule, down to the harshest, loses accuracy significantly."
+        )
+        + " With n = 3 and a baseline far from perfect, 'no significant loss' is weak evidence, not proof of equality."
+    )
+  return f"does not support the claim here: the paper's schedule loses accuracy significantly (t = {t:.1f}) at {share:.0%} of the FLOPs."
+
+
 def write(results, args, root: str) -> None:
   from llvm_jax import cost, flops
   from llvm_jax.models import pmod
@@ -104,7 +125,10 @@ def write(results, args, root: str) -> None:
       ("retention ratio by layer", lambda n, _: ratios(n)),
       ("decoder prefill FLOPs vs baseline", lambda n, _: f"{decoder[n] / decoder[base]:.0%}"),
       ("KV cache vs baseline (analytic)", lambda n, _: f"{rep[n]['kv_cache_bytes'] / rep[base]['kv_cache_bytes']:.0%}"),
-      ("KV bytes in the sampler (measured)", lambda n, _: f"{measured[n]:,} ({measured[n] / measured[base]:.0%})"),
+      (
+          "KV bytes in the sampler (measured, one test prompt)",
+          lambda n, _: f"{measured[n]:,} ({measured[n] / measured[base]:.0%})",
+      ),
       studies.step_time_column(),
   ]
   acc = {n: studies.accuracies(r) for n, r in results.items()}
@@ -117,6 +141,16 @@ def write(results, args, root: str) -> None:
           f"{decoder[name] / decoder[base]:.0%} of the decoder prefill FLOPs and {measured[name] / measured[base]:.0%} of "
           "the sampler's KV bytes."
       )
+  before, after = studies.still_falling(results[base])
+  findings.append(
+      f"- The baseline's train loss over the last two tenths of training: {before:.3f} → {after:.3f} "
+      + (
+          "(still falling: not converged at this budget)."
+          if after < 0.97 * before
+          else "(flat, under a cosine learning rate that has decayed by then: converged for this budget, not for longer runs)."
+      )
+  )
+  findings.append(f"- Verdict: {verdict(acc, decoder, base)}")
   chance = np.mean([r.eval.get("chance", np.nan) for runs in results.values() for r in runs])
   lines = [
       *studies.header(
@@ -148,7 +182,13 @@ def plot(results, decoder, measured, out: str) -> None:
   axes[0].set(xlabel="decoder prefill FLOPs (% of baseline)", ylabel="test accuracy")
   studies.accuracy_points(axes[1], results, STYLES, lambda k: measured[k] / measured["baseline"] * 100)
   axes[1].set(xlabel="KV-cache bytes in the sampler (% of baseline)")
-  for ax in axes:
+  for ax, x_of in (
+      (axes[0], lambda k: decoder[k] / decoder["baseline"] * 100),
+      (axes[1], lambda k: measured[k] / measured["baseline"] * 100),
+  ):
+    # The curve: the schedules from harshest to the dense baseline.
+    curve = sorted((x_of(k), studies.accuracies(runs).mean()) for k, runs in results.items())
+    ax.plot(*zip(*curve), color="tab:purple", lw=1, alpha=0.5, zorder=0)
     studies.chance_line(ax, results)
     ax.grid(True, alpha=0.3)
   fig.suptitle(f"p-MoD retention schedules: test accuracy, mean ± std over n = {n} seeds")

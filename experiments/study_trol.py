@@ -47,6 +47,21 @@ def variants(args) -> list[Variant]:
   ]
 
 
+def verdict(acc: dict[str, np.ndarray]) -> str:
+  """Whether this run supports TroL's claim (more capacity at the same parameters), and why not."""
+  t_trol = studies.welch_t(acc["trol"], acc["baseline"])
+  t_depth = studies.welch_t(acc["baseline_2x"], acc["baseline"])
+  if t_trol > studies.SIGNIFICANT_T:
+    return "supports the claim at this scale: TroL beats the baseline of equal parameters significantly."
+  if t_depth <= studies.SIGNIFICANT_T:
+    return (
+        "not testable at this budget. Even twice the depth does not beat the baseline significantly (n = 3), so "
+        "the task does not yet reward capacity; TroL's mean gain moves with the deeper model's, which is consistent "
+        "with the claim but no evidence for it. A harder task or longer runs (the docstring's full budget) are needed."
+    )
+  return "does not support the claim here: depth helps significantly, TroL at the same parameters does not."
+
+
 def write(results, args) -> None:
   from llvm_jax import cost
 
@@ -63,7 +78,7 @@ def write(results, args) -> None:
   ]
   gap = acc["baseline_2x"].mean() - acc["baseline"].mean()
   t_depth = studies.welch_t(acc["baseline_2x"], acc["baseline"])
-  if abs(t_depth) > 2.8:  # two-sided p < 0.05 at n = 3 + 3
+  if abs(t_depth) > studies.SIGNIFICANT_T:
     share = f"TroL recovers {(acc['trol'].mean() - acc['baseline'].mean()) / gap:.0%} of the depth gain"
   else:
     share = "doubling the depth gives no significant gain here, so there is no depth gain for TroL to recover"
@@ -74,6 +89,7 @@ def write(results, args) -> None:
       f"{studies.welch_t(acc['trol'], acc['baseline']):.1f}); baseline_2x − baseline: {gap:+.3f} (t = {t_depth:.1f}); "
       f"{share}. TroL adds {rep['trol']['params'] / rep['baseline']['params'] - 1:.1%} parameters (baseline_2x: "
       f"{rep['baseline_2x']['params'] / rep['baseline']['params'] - 1:.0%}).",
+      f"- Verdict: {verdict(acc)}",
       "",
   ]
   chance = np.mean([r.eval.get("chance", np.nan) for runs in results.values() for r in runs])
