@@ -355,6 +355,36 @@ def save(fig, out: str, name: str) -> str:
   return name
 
 
+def loss_figure(results: dict[str, list[RunResult]], styles: dict[str, dict], out: str, name: str, title: str) -> None:
+  """One train-loss panel (`loss_panel`) saved as out/name."""
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  loss_panel(ax, results, styles, title)
+  save(fig, out, name)
+  plt.close(fig)
+
+
+def write_report(out: str, name: str, lines: Sequence[str], figures: Sequence[tuple[str, str]], results) -> str:
+  """Writes out/name: `lines`, then each (alt text, png) figure, then the exact commands; returns the text."""
+  figure_lines = [line for alt, png in figures for line in (f"![{alt}]({png})", "")]
+  text = "\n".join([*lines, "", *figure_lines, *commands_section(results)])
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, name), "w") as f:
+    f.write(text)
+  return text
+
+
+def run_study(args: argparse.Namespace, study: str, variants: Sequence[Variant], *root_extra: str):
+  """Runs (or with --replot reads back) every variant x seed of a study; returns (results, root).
+  The raw results also go to root/results.json."""
+  flags_parsed()
+  root = workdir_root(args, study, *root_extra)
+  results = run_all(variants, args.seeds, root, args.jobs, args.replot, args.partial)
+  with open(os.path.join(root, "results.json"), "w") as f:
+    json.dump(as_dict(results), f)
+  return results, root
+
+
 def flags_parsed() -> None:
   """The study process imports llvm_jax modules that define absl flags; mark them parsed."""
   from absl import flags

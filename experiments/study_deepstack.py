@@ -24,7 +24,6 @@ Full budget on a TPU slice (same script, longer runs, the whole test split):
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -164,14 +163,14 @@ def write(results, args) -> None:
       "",
       *studies.table(results, cols),
       *findings,
-      "![accuracy vs prefill FLOPs](deepstack_accuracy_vs_flops.png)",
-      "",
-      "![train loss](deepstack_loss.png)",
-      "",
-      *studies.commands_section(results),
   ]
-  with open(os.path.join(args.out, "study_deepstack.md"), "w") as f:
-    f.write("\n".join(lines))
+  studies.write_report(
+      args.out,
+      "study_deepstack.md",
+      lines,
+      [("accuracy vs prefill FLOPs", "deepstack_accuracy_vs_flops.png"), ("train loss", "deepstack_loss.png")],
+      results,
+  )
   plot(results, c, args.out)
 
 
@@ -195,21 +194,13 @@ def plot(results, c, out: str) -> None:
   axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
   studies.save(fig, out, "deepstack_accuracy_vs_flops.png")
   plt.close(fig)
-  fig, ax = plt.subplots(figsize=(7, 4.2))
-  studies.loss_panel(ax, results, STYLES, "train loss, mean ± std over seeds")
-  studies.save(fig, out, "deepstack_loss.png")
-  plt.close(fig)
+  studies.loss_figure(results, STYLES, out, "deepstack_loss.png", "train loss, mean ± std over seeds")
 
 
 def main() -> None:
   p = studies.parser(__doc__, steps=600)
   args = p.parse_args()
-  studies.flags_parsed()
-  root = studies.workdir_root(args, "study_deepstack")
-  results = studies.run_all(variants(args), args.seeds, root, args.jobs, args.replot, args.partial)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(root, "results.json"), "w") as f:
-    json.dump(studies.as_dict(results), f)
+  results, _ = studies.run_study(args, "study_deepstack", variants(args))
   write(results, args)
   print(open(os.path.join(args.out, "study_deepstack.md")).read())
 

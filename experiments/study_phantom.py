@@ -211,14 +211,14 @@ def write(results, args) -> None:
       *studies.table(po, [studies.accuracy_column("accuracy", "test accuracy (mean ± std)")]),
       *findings,
       "",
-      "![accuracy](phantom_accuracy.png)",
-      "",
-      "![train loss](phantom_loss.png)",
-      "",
-      *studies.commands_section(results),
   ]
-  with open(os.path.join(args.out, "study_phantom.md"), "w") as f:
-    f.write("\n".join(lines))
+  studies.write_report(
+      args.out,
+      "study_phantom.md",
+      lines,
+      [("accuracy", "phantom_accuracy.png"), ("train loss", "phantom_loss.png")],
+      results,
+  )
   plot(eta, po, args.out)
 
 
@@ -242,10 +242,7 @@ def plot(eta, po, out: str) -> None:
   axes[1].legend(loc="lower right")
   studies.save(fig, out, "phantom_accuracy.png")
   plt.close(fig)
-  fig, ax = plt.subplots(figsize=(7, 4.2))
-  studies.loss_panel(ax, eta, STYLES, "SFT train loss, mean ± std over seeds")
-  studies.save(fig, out, "phantom_loss.png")
-  plt.close(fig)
+  studies.loss_figure(eta, STYLES, out, "phantom_loss.png", "SFT train loss, mean ± std over seeds")
 
 
 def main() -> None:
@@ -254,12 +251,9 @@ def main() -> None:
   p.add_argument("--po_steps", type=int, default=150)
   p.add_argument("--lr", type=float, default=1e-3, help="SFT learning rate (the continuations use a third)")
   args = p.parse_args()
-  studies.flags_parsed()
-  root = studies.workdir_root(args, "study_phantom", f"po{args.po_steps}", args.dataset.replace("/", "-"))
-  results = studies.run_all(variants(args), args.seeds, root, args.jobs, args.replot, args.partial)
-  with open(os.path.join(root, "results.json"), "w") as f:
-    json.dump(studies.as_dict(results), f)
-  os.makedirs(args.out, exist_ok=True)
+  results, root = studies.run_study(
+      args, "study_phantom", variants(args), f"po{args.po_steps}", args.dataset.replace("/", "-")
+  )
   write(results, args)
   print(open(os.path.join(args.out, "study_phantom.md")).read())
 

@@ -163,14 +163,14 @@ def write(results, args, root: str) -> None:
       *studies.table(results, cols),
       *findings,
       "",
-      "![accuracy vs FLOPs](pmod_accuracy_vs_flops.png)",
-      "",
-      "![train loss](pmod_loss.png)",
-      "",
-      *studies.commands_section(results),
   ]
-  with open(os.path.join(args.out, "study_pmod.md"), "w") as f:
-    f.write("\n".join(lines))
+  studies.write_report(
+      args.out,
+      "study_pmod.md",
+      lines,
+      [("accuracy vs FLOPs", "pmod_accuracy_vs_flops.png"), ("train loss", "pmod_loss.png")],
+      results,
+  )
   plot(results, decoder, measured, args.out)
 
 
@@ -195,20 +195,12 @@ def plot(results, decoder, measured, out: str) -> None:
   axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
   studies.save(fig, out, "pmod_accuracy_vs_flops.png")
   plt.close(fig)
-  fig, ax = plt.subplots(figsize=(7, 4.2))
-  studies.loss_panel(ax, results, STYLES, "train loss, mean ± std over seeds")
-  studies.save(fig, out, "pmod_loss.png")
-  plt.close(fig)
+  studies.loss_figure(results, STYLES, out, "pmod_loss.png", "train loss, mean ± std over seeds")
 
 
 def main() -> None:
   args = studies.parser(__doc__, steps=600).parse_args()
-  studies.flags_parsed()
-  root = studies.workdir_root(args, "study_pmod")
-  results = studies.run_all(variants(args), args.seeds, root, args.jobs, args.replot, args.partial)
-  with open(os.path.join(root, "results.json"), "w") as f:
-    json.dump(studies.as_dict(results), f)
-  os.makedirs(args.out, exist_ok=True)
+  results, root = studies.run_study(args, "study_pmod", variants(args))
   write(results, args, root)
   print(open(os.path.join(args.out, "study_pmod.md")).read())
 

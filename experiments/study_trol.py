@@ -19,7 +19,6 @@ Full budget on a TPU slice (same script, longer runs):
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -101,14 +100,14 @@ def write(results, args) -> None:
       "",
       *studies.table(results, cols),
       *findings,
-      "![accuracy vs parameters and FLOPs](trol_accuracy.png)",
-      "",
-      "![train loss](trol_loss.png)",
-      "",
-      *studies.commands_section(results),
   ]
-  with open(os.path.join(args.out, "study_trol.md"), "w") as f:
-    f.write("\n".join(lines))
+  studies.write_report(
+      args.out,
+      "study_trol.md",
+      lines,
+      [("accuracy vs parameters and FLOPs", "trol_accuracy.png"), ("train loss", "trol_loss.png")],
+      results,
+  )
   plot(results, rep, args.out)
 
 
@@ -127,10 +126,7 @@ def plot(results, rep, out: str) -> None:
   axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
   studies.save(fig, out, "trol_accuracy.png")
   plt.close(fig)
-  fig, ax = plt.subplots(figsize=(7, 4.2))
-  studies.loss_panel(ax, results, STYLES, "train loss, mean ± std over seeds")
-  studies.save(fig, out, "trol_loss.png")
-  plt.close(fig)
+  studies.loss_figure(results, STYLES, out, "trol_loss.png", "train loss, mean ± std over seeds")
 
 
 def main() -> None:
@@ -138,12 +134,9 @@ def main() -> None:
   p.add_argument("--dataset", default="synthetic_vqa/large")
   p.add_argument("--layers", type=int, default=2)
   args = p.parse_args()
-  studies.flags_parsed()
-  root = studies.workdir_root(args, "study_trol", f"layers{args.layers}", args.dataset.replace("/", "-"))
-  results = studies.run_all(variants(args), args.seeds, root, args.jobs, args.replot, args.partial)
-  with open(os.path.join(root, "results.json"), "w") as f:
-    json.dump(studies.as_dict(results), f)
-  os.makedirs(args.out, exist_ok=True)
+  results, root = studies.run_study(
+      args, "study_trol", variants(args), f"layers{args.layers}", args.dataset.replace("/", "-")
+  )
   write(results, args)
   print(open(os.path.join(args.out, "study_trol.md")).read())
 

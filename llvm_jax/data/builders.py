@@ -50,6 +50,14 @@ log = logging.getLogger(__name__)
 _BYTES = tfds.features.Tensor(shape=(), dtype=np.object_)
 
 
+class _SkipReportsMixin:
+  """`skip_reports` ({split: SkipReport}), filled by `_generate_examples` and written by `build_dataset`."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.skip_reports: dict[str, SkipReport] = {}
+
+
 class _CodePathMixin:
   """TFDS 4.9.10's `DatasetBuilder.code_path` needs the `importlib_resources` backport (not a
   dependency on Python >= 3.9) for builders defined in a package; the file path is what it
@@ -149,7 +157,7 @@ def _image_paths(value: Any) -> list[str]:
   raise SampleError("malformed_record", f"'image' must be a path or a list of paths, got {value!r}")
 
 
-class _LocalFilesMixin:
+class _LocalFilesMixin(_SkipReportsMixin):
   """Finds a config's input files (config fields or the manual dir) and tracks skip reports."""
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -160,7 +168,6 @@ class _LocalFilesMixin:
   def __init__(self, *, strict: bool | None = None, **kwargs):
     super().__init__(**kwargs)
     self._strict_override = strict
-    self.skip_reports: dict[str, SkipReport] = {}
 
   @property
   def strict(self) -> bool:
@@ -310,7 +317,7 @@ class SyntheticVqaConfig(tfds.core.BuilderConfig):
     )
 
 
-class SyntheticVqa(_CodePathMixin, tfds.core.GeneratorBasedBuilder):
+class SyntheticVqa(_CodePathMixin, _SkipReportsMixin, tfds.core.GeneratorBasedBuilder):
   """Coloured shapes on a grid with colour / shape / count / position questions."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -376,10 +383,6 @@ class SyntheticVqa(_CodePathMixin, tfds.core.GeneratorBasedBuilder):
       ),
   ]
   DEFAULT_CONFIG_NAME = "small"
-
-  def __init__(self, **kwargs):
-    super().__init__(**kwargs)
-    self.skip_reports: dict[str, SkipReport] = {}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -452,7 +455,7 @@ def _preference_config(source: str, rejected: str, num_train: int) -> SyntheticP
   )
 
 
-class SyntheticPreference(_CodePathMixin, tfds.core.GeneratorBasedBuilder):
+class SyntheticPreference(_CodePathMixin, _SkipReportsMixin, tfds.core.GeneratorBasedBuilder):
   """(image, question, chosen, rejected) from synthetic_vqa samples: the right answer against an
   incorrect one, an ambiguous hedge ('red or blue'), or a mix (Phantom Optimization's data)."""
 
@@ -462,10 +465,6 @@ class SyntheticPreference(_CodePathMixin, tfds.core.GeneratorBasedBuilder):
       _preference_config(source, kind, 4000) for source in ("large", "basic") for kind in synthetic.REJECTED_KINDS
   ]
   DEFAULT_CONFIG_NAME = "large_incorrect"
-
-  def __init__(self, **kwargs):
-    super().__init__(**kwargs)
-    self.skip_reports: dict[str, SkipReport] = {}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
