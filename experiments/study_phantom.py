@@ -111,8 +111,8 @@ def eta_verdict(acc: dict[str, np.ndarray], etas: list[list[float]]) -> str:
   better = [n for n, t in tests.items() if t > studies.SIGNIFICANT_T]
   worse = [n for n, t in tests.items() if t < -studies.SIGNIFICANT_T]
   if better:
-    return f"the phantom dimension helps at {', '.join(better)} (significant, n = 3): the paper's claim holds here."
-  text = "no η beats the baseline significantly (n = 3), so this run shows no benefit of the phantom dimension"
+    return f"the phantom dimension helps at {', '.join(better)} (significant, n = {min(map(len, acc.values()))}): the paper's claim holds here."
+  text = f"no η beats the baseline significantly (n = {min(map(len, acc.values()))}), so this run shows no benefit of the phantom dimension"
   if worse:
     text += f"; {', '.join(worse)} is significantly worse"
   text += (

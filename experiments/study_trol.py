@@ -52,9 +52,10 @@ def verdict(acc: dict[str, np.ndarray]) -> str:
   t_depth = studies.welch_t(acc["baseline_2x"], acc["baseline"])
   if t_trol > studies.SIGNIFICANT_T:
     return "supports the claim at this scale: TroL beats the baseline of equal parameters significantly."
-  if t_depth <= studies.SIGNIFICANT_T:
+  if not t_depth > studies.SIGNIFICANT_T:  # (nan, with one seed, is no evidence either)
     return (
-        "not testable at this budget. Even twice the depth does not beat the baseline significantly (n = 3), so "
+        "not testable at this budget. Even twice the depth does not beat the baseline significantly "
+        f"(n = {min(map(len, acc.values()))}), so "
         "the task does not yet reward capacity; TroL's mean gain moves with the deeper model's, which is consistent "
         "with the claim but no evidence for it. A harder task or longer runs (the docstring's full budget) are needed."
     )
