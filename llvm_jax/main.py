@@ -6,11 +6,11 @@ naming the key; so do unknown keys inside the model block.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +23,8 @@ from llvm_jax.data import pipeline, vision
 from llvm_jax.data.config import validate_data_config
 from llvm_jax.data.pipeline import make_iterator
 from llvm_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
-from llvm_jax.models import pmod
-from llvm_jax.models.llvm import LLVM, vision_slots
+from llvm_jax.models import llvm
+from llvm_jax.models.llvm import LLVM
 from llvm_jax.train import trainer
 from llvm_jax.train.metrics import console
 from llvm_jax.train.workdir_lock import WorkdirLockedError
@@ -190,23 +190,8 @@ def train_iterator(config, model: LLVM, tokenizer, source=None):
       mesh=trainer.mesh_from_config(config),
       mode="train",
       source=source,
-      batch_check=pmod_batch_check(model.config),
+      batch_check=functools.partial(llvm.check_batch, model.config),
   )
-
-
-def pmod_batch_check(cfg) -> Callable[[dict], None] | None:
-  """With p-MoD, a host check of every training batch: a row whose text plus kept vision tokens
-  overflow a MoD layer's static kept length raises, naming the rows (inside jit those tokens would
-  skip the layer without an error; see pmod.check_fits)."""
-  if cfg.decoder.pmod is None:
-    return None
-
-  def check(batch: dict) -> None:
-    if "images" in batch:
-      slots = vision_slots(batch["images"], batch["tokens"], cfg)
-      pmod.check_fits(cfg.decoder, batch["tokens"] == cfg.image_token_id, batch["segment_ids"], slots)
-
-  return check
 
 
 def run_train(config, workdir: str) -> dict:

@@ -21,18 +21,9 @@ from llvm_jax.models.llvm import LLVM, decode_step, prefill
 from llvm_jax.models.masks import default_positions
 from llvm_jax.models.rope import rope_cos_sin
 from tests.model_helpers import LM as DecoderLM
-from tests.model_helpers import run_layer
+from tests.model_helpers import TINY_DECODER, run_layer
 
-BASE = DecoderConfig(
-    vocab_size=61,
-    embed_dim=32,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    mlp_dim=48,
-    max_position_embeddings=64,
-)
+BASE = dataclasses.replace(TINY_DECODER, num_layers=3)
 # Layers 1 and 2 are MoD layers keeping trunc(0.6·n) and trunc(0.3·n) of a row's n vision tokens.
 EXPLICIT = PmodConfig(schedule="explicit", layers=(1, 2), ratios=(0.6, 0.3))
 IMG = 60
@@ -493,22 +484,28 @@ def test_pmod_cost_llava_7b():
 
 
 def test_training_batches_that_overflow_a_mod_layer_are_rejected_on_the_host():
-  """Inside jit, tokens past a MoD layer's static kept length would skip it silently; main's batch
-  check raises on the host batch instead, naming the rows."""
-  from llvm_jax import main
+  """Inside jit, tokens past a MoD layer's static kept length would skip it silently; the data
+  iterator's batch check (llvm.check_batch, which main passes) raises on the host batch instead,
+  naming the rows."""
+  from llvm_jax.models import llvm
 
   base = config_utils.tiny_llvm(embed_dim=32, num_layers=2)
-  assert main.pmod_batch_check(base) is None
   cfg = dataclasses.replace(
       base, decoder=dataclasses.replace(base.decoder, pmod=PmodConfig(schedule="explicit", layers=(1,), ratios=(0.5,)))
   )
-  check = main.pmod_batch_check(cfg)
   n, seq = cfg.tokens_per_image, 40
   images = np.zeros((2, 2, 32, 32, 3), np.float32)  # two slots a row: 32 vision slots, 16 + 24 fit
   tokens = np.full((2, seq), 7, np.int32)
   tokens[:, :n] = cfg.image_token_id
   segments = np.ones((2, seq), np.int32)
   segments[0, n + 4 :] = 0  # row 0: one image and 4 text tokens; row 1: one image and 24 text tokens
+  batch = {"tokens": tokens, "segment_ids": segments, "images": images}
+  llvm.check_batch(base, batch)  # without p-MoD nothing overflows
   with pytest.raises(ValueError, match=r"rows \[1\] need"):
-    check({"tokens": tokens, "segment_ids": segments, "images": images})
-  check({"tokens": tokens[:1], "segment_ids": segments[:1], "images": images[:1]})
+    llvm.check_batch(cfg, batch)
+  llvm.check_batch(cfg, {k: v[:1] for k, v in batch.items()})
+  llvm.check_batch(cfg, {"tokens": tokens, "segment_ids": segments})  # text-only rows: no vision tokens
+  # A preference batch (B, 2, S): the overflowing row as the rejected answer of pair 0.
+  pairs = {"tokens": tokens[None], "segment_ids": segments[None], "images": images[:1]}
+  with pytest.raises(ValueError, match=r"rows \[1\] need"):
+    llvm.check_batch(cfg, pairs)

@@ -358,7 +358,8 @@ def make_iterator(
   shard_options: defaults to grain.ShardByJaxProcess(drop_remainder=data_cfg.drop_remainder);
     the per-process batch is global_batch_size // shard_count.
   batch_check: called on each host batch (numpy) before it is sharded; raises to stop on a batch
-    the model cannot take (e.g. rows that overflow p-MoD's static kept length).
+    the model cannot take (main passes `llvm.check_batch`: e.g. rows that overflow p-MoD's static
+    kept length).
   """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

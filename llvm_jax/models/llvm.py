@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llvm_jax.models import deepstack
+from llvm_jax.models import deepstack, techniques
 from llvm_jax.models.config import LLVMConfig
 from llvm_jax.models.decoder import Cache, Decoder, init_cache
 from llvm_jax.models.projector import Projector
@@ -157,6 +157,20 @@ def vision_slots(images: Array, tokens: Array, config: LLVMConfig) -> int:
   """The static number of vision tokens a row can hold: its image slots' tokens, but never more than
   the row's length (packed rows have more image slots than room: 3 slots of 64 tokens in 96)."""
   return min(images.shape[1] * config.tokens_per_image, tokens.shape[1])
+
+
+def check_batch(config: LLVMConfig, batch: dict[str, Any]) -> None:
+  """The decoder's host-side input checks (each active technique's `check_call`, e.g. p-MoD's kept
+  length) on a concrete host batch: inside a jitted step the inputs are traced and those checks
+  cannot run, so the data iterator calls this on every batch before sharding it."""
+  # Preference batches are (B, 2, S), chosen and rejected sharing the images: check them as rows.
+  tokens = np.asarray(batch["tokens"]).reshape(-1, batch["tokens"].shape[-1])
+  segment_ids = np.asarray(batch["segment_ids"]).reshape(tokens.shape)
+  images = batch.get("images")
+  vision_mask = None if images is None else tokens == config.image_token_id
+  slots = 0 if images is None else vision_slots(images, tokens, config)
+  for technique in techniques.active(config.decoder):
+    technique.check_call(config.decoder, vision_mask, segment_ids, slots)
 
 
 def prefill(
