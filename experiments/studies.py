@@ -203,6 +203,13 @@ def mean_std(values: Sequence[float]) -> str:
   return f"{a.mean():.3f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.3f}"
 
 
+def cost_reports(results: dict[str, list[RunResult]], text_tokens: int) -> dict[str, dict[str, Any]]:
+  """llvm_jax.cost.report of each variant's trained model, per sample of one image and `text_tokens`."""
+  from llvm_jax import cost
+
+  return {name: cost.report(model_config(runs[0]), text_tokens) for name, runs in results.items()}
+
+
 def model_config(result: RunResult):
   """The run's model (from the config.json the run wrote), for analytic costs."""
   from llvm_jax.models.config import LLVMConfig
@@ -341,10 +348,16 @@ def plain_log_axis(ax, axis: str = "x") -> None:
   target.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "2357" else ""))
 
 
-def chance_line(ax, results: dict[str, list[RunResult]], key: str = "chance") -> None:
+def mean_chance(results: dict[str, list[RunResult]], key: str = "chance") -> float:
+  """The blind question prior's accuracy (`chance`), averaged over the runs that measured it (nan if none)."""
   values = [r.eval[key] for runs in results.values() for r in runs if key in r.eval]
-  if values:
-    ax.axhline(np.mean(values), color="gray", ls=":", lw=1.2, label="chance (blind question prior)")
+  return float(np.mean(values)) if values else float("nan")
+
+
+def chance_line(ax, results: dict[str, list[RunResult]], key: str = "chance") -> None:
+  chance = mean_chance(results, key)
+  if not np.isnan(chance):
+    ax.axhline(chance, color="gray", ls=":", lw=1.2, label="chance (blind question prior)")
 
 
 def save(fig, out: str, name: str) -> str:

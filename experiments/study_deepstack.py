@@ -64,12 +64,6 @@ STYLES = {
 }
 
 
-def costs(results) -> dict[str, dict]:
-  from llvm_jax import cost
-
-  return {name: cost.report(studies.model_config(runs[0]), TEXT_TOKENS) for name, runs in results.items()}
-
-
 def official_vs_crop0(shape: dict[str, np.ndarray]) -> list[str]:
   if "deepstack_v" not in shape or "deepstack_v_crop0" not in shape:
     return []
@@ -111,7 +105,7 @@ def verdict(results, shape: dict[str, np.ndarray], c: dict[str, dict]) -> str:
 
 
 def write(results, args) -> None:
-  c = costs(results)
+  c = studies.cost_reports(results, TEXT_TOKENS)
   cols = [
       studies.accuracy_column("accuracy", "accuracy, all (mean ± std)"),
       studies.accuracy_column("accuracy/shape", "shape questions"),
@@ -151,7 +145,7 @@ def write(results, args) -> None:
       f"- Verdict: {verdict(results, shape, c)}",
       "",
   ]
-  chance = np.mean([r.eval.get("chance", np.nan) for runs in results.values() for r in runs])
+  chance = studies.mean_chance(results)
   lines = [
       *studies.header(
           "DeepStack: high-resolution detail at low-resolution context cost", "study_deepstack.py", args, results

@@ -154,9 +154,7 @@ def po_verdict(acc: dict[str, np.ndarray], margins: dict) -> str:
 
 
 def write(results, args) -> None:
-  from llvm_jax import cost
-
-  rep = {n: cost.report(studies.model_config(runs[0]), TEXT_TOKENS) for n, runs in results.items()}
+  rep = studies.cost_reports(results, TEXT_TOKENS)
   acc = {n: studies.accuracies(r) for n, r in results.items()}
   eta = {n: results[n] for n in ETA_VARIANTS if n in results}
   po = {n: results[n] for n in PO_VARIANTS if n in results}
@@ -196,7 +194,7 @@ def write(results, args) -> None:
         f"first log, {last[0]:.2f} at the last; preference loss {first[1]:.4f} → {last[1]:.4f} (mean over seeds)."
     )
   findings += [f"- Verdict, η: {eta_verdict(acc, etas)}", f"- Verdict, PO: {po_verdict(acc, margins)}"]
-  chance = np.mean([r.eval.get("chance", np.nan) for runs in results.values() for r in runs])
+  chance = studies.mean_chance(results)
   lines = [
       *studies.header("Phantom: the phantom dimension's η, and PO against SFT", "study_phantom.py", args, results),
       f"Task `{args.dataset}` (chance, the blind question prior: {chance:.3f}). Model: configs/demo.py's 4-layer LLM of "

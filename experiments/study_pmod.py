@@ -101,11 +101,11 @@ def verdict(acc: dict[str, np.ndarray], decoder: dict[str, float], base: str) ->
 
 
 def write(results, args, root: str) -> None:
-  from llvm_jax import cost, flops
+  from llvm_jax import flops
   from llvm_jax.models import pmod
 
   cfgs = {n: studies.model_config(runs[0]) for n, runs in results.items()}
-  rep = {n: cost.report(c, TEXT_TOKENS) for n, c in cfgs.items()}
+  rep = studies.cost_reports(results, TEXT_TOKENS)
   decoder = {n: flops.prefill_flops(c, TEXT_TOKENS)["decoder"] for n, c in cfgs.items()}
   kv_file = os.path.join(root, "measured_kv.json")
   measured = json.load(open(kv_file)) if os.path.exists(kv_file) else {}
@@ -151,7 +151,7 @@ def write(results, args, root: str) -> None:
       )
   )
   findings.append(f"- Verdict: {verdict(acc, decoder, base)}")
-  chance = np.mean([r.eval.get("chance", np.nan) for runs in results.values() for r in runs])
+  chance = studies.mean_chance(results)
   lines = [
       *studies.header(
           "p-MoD: accuracy against FLOPs and KV cache over retention schedules", "study_pmod.py", args, results

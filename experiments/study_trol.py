@@ -63,9 +63,7 @@ def verdict(acc: dict[str, np.ndarray]) -> str:
 
 
 def write(results, args) -> None:
-  from llvm_jax import cost
-
-  rep = {n: cost.report(studies.model_config(runs[0]), TEXT_TOKENS) for n, runs in results.items()}
+  rep = studies.cost_reports(results, TEXT_TOKENS)
   acc = {n: studies.accuracies(r) for n, r in results.items()}
   types = sorted({k.split("/", 1)[1] for runs in results.values() for k in runs[0].eval if k.startswith("accuracy/")})
   cols = [
@@ -92,7 +90,7 @@ def write(results, args) -> None:
       f"- Verdict: {verdict(acc)}",
       "",
   ]
-  chance = np.mean([r.eval.get("chance", np.nan) for runs in results.values() for r in runs])
+  chance = studies.mean_chance(results)
   lines = [
       *studies.header("TroL: capacity from traversing layers, at the same parameters", "study_trol.py", args, results),
       f"Task `{args.dataset}` (chance, the blind question prior: {chance:.3f}). Model: configs/demo.py's, LLM width 64, "

@@ -10,6 +10,18 @@ from llvm_jax.models.config import DecoderConfig
 from llvm_jax.models.decoder import Decoder, DecoderLayer
 from llvm_jax.models.rope import rope_cos_sin
 
+# The tiny decoder the technique tests share (each picks its depth with dataclasses.replace).
+TINY_DECODER = DecoderConfig(
+    vocab_size=61,
+    embed_dim=32,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=48,
+    max_position_embeddings=64,
+)
+
 
 def run_layer(cfg, layer_params, h, segment_ids, positions=None, mlp_weight=None):
   """One DecoderLayer (no technique wrapped around it) over h (B, T, D), causal within segments.

@@ -11,21 +11,12 @@ import numpy as np
 import pytest
 
 from llvm_jax.models import decoder as decoder_lib
-from llvm_jax.models.config import DecoderConfig, PhantomConfig, PmodConfig, TrolConfig
+from llvm_jax.models.config import PhantomConfig, PmodConfig, TrolConfig
 from llvm_jax.models.decoder import init_cache
 from tests.model_helpers import LM as DecoderLM
-from tests.model_helpers import stacked
+from tests.model_helpers import TINY_DECODER, stacked
 
-BASE = DecoderConfig(
-    vocab_size=61,
-    embed_dim=32,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    mlp_dim=48,
-    max_position_embeddings=64,
-)
+BASE = dataclasses.replace(TINY_DECODER, num_layers=4)
 IMG, NUM_VISION, SEQ, PROMPT = 60, 8, 16, 12
 RESIDUAL_LAYERS = (1, 2)
 TECHNIQUES = {

@@ -11,23 +11,14 @@ import numpy as np
 import pytest
 
 from llvm_jax.models import hooks, masks, phantom
-from llvm_jax.models.config import DecoderConfig, PhantomConfig, TrolConfig
+from llvm_jax.models.config import PhantomConfig, TrolConfig
 from llvm_jax.models.decoder import init_cache
 from llvm_jax.models.layers import attention
 from llvm_jax.train import optim, trainer
 from llvm_jax.tree_utils import flatten
-from tests.model_helpers import LM, stacked
+from tests.model_helpers import LM, TINY_DECODER, stacked
 
-BASE = DecoderConfig(
-    vocab_size=61,
-    embed_dim=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    mlp_dim=48,
-    max_position_embeddings=64,
-)
+BASE = dataclasses.replace(TINY_DECODER, num_layers=2)
 D = BASE.head_dim
 SEQ, PROMPT = 12, 7
 # A large eta so that the phantom branch moves the logits well above the tolerances below.

@@ -11,21 +11,12 @@ import pytest
 
 from llvm_jax import flops
 from llvm_jax.models import trol
-from llvm_jax.models.config import DecoderConfig, LLVMConfig, PhantomConfig, TrolConfig
+from llvm_jax.models.config import LLVMConfig, PhantomConfig, TrolConfig
 from llvm_jax.models.decoder import init_cache
 from llvm_jax.train import optim
-from tests.model_helpers import LM, run_layer, stacked
+from tests.model_helpers import LM, TINY_DECODER, run_layer, stacked
 
-BASE = DecoderConfig(
-    vocab_size=61,
-    embed_dim=32,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    mlp_dim=48,
-    max_position_embeddings=64,
-)
+BASE = dataclasses.replace(TINY_DECODER, num_layers=3)
 BATCH, SEQ, PROMPT = 2, 12, 7
 TOL = 1e-5
 
