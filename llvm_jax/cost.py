@@ -29,8 +29,10 @@ from llvm_jax.tree_utils import tree_bytes
 
 
 def param_count(cfg: LLVMConfig) -> int:
-  """Parameters of the model (abstract init: nothing is allocated)."""
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(abstract_boxed_params(LLVM(cfg)))))
+  """Parameters of the model (abstract init: nothing is allocated). Counted on the scanned twin, which
+  has the same parameters and traces one layer per stage instead of every layer (7x faster at 7B)."""
+  scanned = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, scan_layers=True))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(abstract_boxed_params(LLVM(scanned)))))
 
 
 def kv_cache_bytes(cfg: LLVMConfig, text_tokens: int, images: int = 1, new_tokens: int = 0) -> int:

@@ -1,5 +1,6 @@
 """Test setup (must run before jax is imported): 8 fake CPU devices for sharding tests; XLA's
-backend optimisation off (tiny test programs spend ~4x longer in LLVM codegen than running); and a
+backend optimisation and the CPU fusion emitters off (tiny test programs spend far longer in LLVM
+codegen than running: together they cut the cold suite by about half); and a
 persistent compilation cache shared by the test workers and the subprocesses they start."""
 
 import os
@@ -7,7 +8,12 @@ import os
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Appended, so flags the caller set (e.g. --xla_cpu_enable_fast_math=false) keep the 8 fake devices.
-_FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0")
+_FLAGS = (
+    "--xla_force_host_platform_device_count=8",
+    "--xla_backend_optimization_level=0",
+    # The legacy elemental emitter: 25% less compile time than the fusion emitters (cold suite 11.5 -> 8.6 min).
+    "--xla_cpu_use_fusion_emitters=false",
+)
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", "")] + [f for f in _FLAGS if f.split("=")[0] not in os.environ.get("XLA_FLAGS", "")]
 ).strip()
