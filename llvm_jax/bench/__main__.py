@@ -1,7 +1,7 @@
 """Train-step benchmark: `python -m llvm_jax.bench --config=configs/X.py[:arg] [--steps=20]`.
 
 Times the jitted, sharded train step (the trainer's own) on synthetic batches of the config's
-shape on whatever backend jax finds: steady-state step time, tokens/s, TFLOP/s per device and MFU
+shape on whatever backend jax finds (`--cpu_devices=N` splits a CPU host into N devices): steady-state step time, tokens/s, TFLOP/s per device and MFU
 (analytic FLOPs with each technique's extra work, see llvm_jax/flops.py; MFU only where the chip's
 peak is known). On CPU it also trains the same LLaVA configuration with `transformers` PyTorch
 (AdamW, same batch) and prints the step-time ratio, both measured in this one run; a model with a
@@ -24,11 +24,20 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Experime
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps).")
 _TORCH = flags.DEFINE_bool("torch", True, "On CPU, also time transformers PyTorch on the same model.")
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices",
+    0,
+    "On a CPU host: split it into this many jax devices (the config's mesh spans them; with "
+    "--config.sharding.strategy=dp, data parallel). XLA:CPU runs one step's ops on about one core, so one "
+    "device per core is how a step uses them all. 0: jax's default.",
+)
 
 
 def main(argv) -> None:
   del argv
   config = _CONFIG.value
+  if _CPU_DEVICES.value:
+    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # before the backend starts
   result = time_jax(config, _STEPS.value)
   print(
       f"llvm_jax train step on {result['devices']} x {result['device']}: {result['step_time_s'] * 1e3:.1f} ms, "
