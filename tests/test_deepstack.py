@@ -107,7 +107,7 @@ LAYERS = (1, 3)  # two groups, interval 2
 def lm_setup():
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 5, DEC.vocab_size)
   tokens = tokens.at[:, 4:8].set(IMAGE)
-  params = nn.unbox(LM(DEC).init(jax.random.key(0), tokens)["params"])
+  params = nn.unbox(jax.jit(LM(DEC).init)(jax.random.key(0), tokens)["params"])
   image = np.asarray(tokens == IMAGE)
   residuals = jax.random.normal(jax.random.key(2), (2,) + tokens.shape + (DEC.embed_dim,))
   residuals = residuals * image[None, :, :, None]  # zero outside image positions, as LLVM builds them
@@ -241,7 +241,10 @@ def test_llvm_rows_without_images_untouched(llvm_setup):
 
 
 @pytest.mark.parametrize(
-    "decoder_opts", [{}, {"trol": TrolConfig(), "phantom": PhantomConfig()}], ids=["plain", "trol+phantom"]
+    # TroL on two of the injection layers: the interplay (pass-2 caches of injected layers) at half the program.
+    "decoder_opts",
+    [{}, {"trol": TrolConfig(layers=(1, 2)), "phantom": PhantomConfig()}],
+    ids=["plain", "trol+phantom"],
 )
 def test_llvm_prefill_decode_equals_full(llvm_setup, decoder_opts):
   (tokens, images, image_mask, hires), params, full = llvm_setup

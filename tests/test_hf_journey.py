@@ -204,3 +204,24 @@ def test_deepstack_export_is_refused_without_allow_custom_and_exact_with_it(tmp_
   )
   again, _ = convert.from_hf(str(second))
   assert again.config == cfg
+
+
+def test_init_hf_with_a_technique_takes_every_checkpoint_weight_and_inits_only_the_techniques(tmp_path):
+  from configs import hf as hf_config
+  from llvm_jax import tree_utils
+  from llvm_jax.models.llvm import LLVM
+  from llvm_jax.train import trainer
+
+  hf = build_llava_dir(str(tmp_path / "hf"))
+  config = hf_config.get_config(hf)
+  config.model.decoder.trol.update(enabled=True, gate_init="normal")
+  model = LLVM(config_utils.model_config(config))
+  mesh = trainer.mesh_from_config(config)
+  setup, _ = trainer.build_setup(config, model, mesh)
+  params = tree_utils.flatten(trainer.initial_params(config, setup))
+  pretrained = tree_utils.flatten(convert.from_hf(hf)[1])
+  fresh = sorted(k for k in params if k not in pretrained)
+  assert fresh and all(k.startswith("decoder/trol_gate/") for k in fresh), fresh
+  for key, value in pretrained.items():
+    np.testing.assert_array_equal(np.asarray(params[key]), value, err_msg=key)
+  assert np.abs(np.asarray(params["decoder/trol_gate/kernel"])).max() > 0  # the gate's own (normal) init

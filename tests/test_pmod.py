@@ -64,7 +64,7 @@ def batch():
 def params(batch):
   """Parameters of the EXPLICIT model with O(1) embeddings and random routers (w spread, ties-free)."""
   tokens, segments = batch
-  p = nn.unbox(LM(_cfg()).init(jax.random.PRNGKey(0), tokens, segments)["params"])
+  p = nn.unbox(jax.jit(LM(_cfg()).init)(jax.random.PRNGKey(0), tokens, segments)["params"])
   k = jax.random.split(jax.random.PRNGKey(7), 3)
   decoder = dict(p["decoder"])
   decoder["embedding"] = jax.random.normal(k[0], decoder["embedding"].shape)
@@ -175,7 +175,7 @@ def test_config_validation_and_from_dict():
 def test_zero_routers_full_retention_equal_dense_layers(params, batch):
   tokens, segments = batch
   cfg = _cfg(PmodConfig(schedule="explicit", layers=(0, 1, 2), ratios=(1.0, 1.0, 1.0)))
-  p = nn.unbox(LM(cfg).init(jax.random.PRNGKey(3), tokens, segments)["params"])
+  p = nn.unbox(jax.jit(LM(cfg).init)(jax.random.PRNGKey(3), tokens, segments)["params"])
   assert float(jnp.abs(p["decoder"]["pmod_router"]["kernel"]).max()) == 0.0  # zero init: every w = 1
   p = dict(p, decoder=dict(_dense_params(params)["decoder"], pmod_router=p["decoder"]["pmod_router"]))
   valid = np.asarray(segments) != 0
@@ -245,7 +245,7 @@ def test_skipped_tokens_isolated_and_router_gradients(batch):
   cfg = _cfg(PmodConfig(schedule="explicit", layers=(0,), ratios=(0.5,)), num_layers=1)
   layer = OneMoDLayer(cfg)
   x = jax.random.normal(jax.random.PRNGKey(11), tokens.shape + (BASE.embed_dim,))
-  p = layer.init(jax.random.PRNGKey(12), x, tokens, segments)["params"]
+  p = jax.jit(layer.init)(jax.random.PRNGKey(12), x, tokens, segments)["params"]
   apply = jax.jit(lambda p, x: layer.apply({"params": p}, x, tokens, segments))
   kernel, bias = np.asarray(p["kernel"]), float(p["bias"])
   w = 0.2 * np.tanh(np.asarray(x) @ kernel + bias) + 1.0
@@ -362,7 +362,7 @@ def test_trol_official_prefill_traverses_kept_prompt(params, batch):
 def test_phantom_composition_prefill_decode(batch):
   tokens, segments = batch
   cfg = _cfg(phantom=PhantomConfig(eta=0.5))
-  p = nn.unbox(LM(cfg).init(jax.random.PRNGKey(31), tokens, segments)["params"])
+  p = nn.unbox(jax.jit(LM(cfg).init)(jax.random.PRNGKey(31), tokens, segments)["params"])
   p = dict(
       p,
       decoder=dict(
@@ -392,7 +392,7 @@ def test_remat_matches(params, batch):
 
 def _train_flops(cfg, tokens, segments):
   model = LM(cfg)
-  params = model.init(jax.random.PRNGKey(0), tokens, segments)["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens, segments)["params"]
 
   def loss(p):
     logits = model.apply({"params": p}, tokens, segments)[0]

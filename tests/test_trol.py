@@ -40,7 +40,7 @@ def tokens():
 
 @pytest.fixture(scope="module")
 def base_params(tokens):
-  return nn.unbox(LM(BASE).init(jax.random.PRNGKey(0), tokens)["params"])
+  return nn.unbox(jax.jit(LM(BASE).init)(jax.random.PRNGKey(0), tokens)["params"])
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_full_decoding_equals_full_sequence(scan_layers, layers, base_params, to
 def test_full_decoding_with_phantom(tokens):
   """TroL x Phantom: the pass-2 cache carries Phantom's entries too; decoding stays exact."""
   cfg = dataclasses.replace(_cfg(layers=(0, 2), gate_init="normal"), phantom=PhantomConfig(eta=0.5))
-  params = nn.unbox(LM(cfg).init(jax.random.PRNGKey(0), tokens)["params"])
+  params = nn.unbox(jax.jit(LM(cfg).init)(jax.random.PRNGKey(0), tokens)["params"])
   incremental, _ = _incremental(cfg, params, tokens, PROMPT)
   np.testing.assert_allclose(incremental, _forward(cfg)(params, tokens), rtol=TOL, atol=TOL)
 

@@ -378,9 +378,8 @@ def _initial_base_params(config: ml_collections.ConfigDict, setup: TrainSetup) -
     params, step = checkpoint.params_only(config.init_checkpoint, targets)
     logging.info("init_checkpoint: params of step %d of %s", step, config.init_checkpoint)
     return params
-  params = init_params_sharded(setup.model, jax.random.key(config.seed), setup.mesh, setup.rules, base_shardings)
   if not config.init_hf:
-    return params
+    return init_params_sharded(setup.model, jax.random.key(config.seed), setup.mesh, setup.rules, base_shardings)
   model_cfg = setup.model.config
   # Overrides that contradict the checkpoint, field by field (they explain any mismatch error below).
   differences = convert.checkpoint_differences(model_cfg, config.init_hf)
@@ -393,7 +392,9 @@ def _initial_base_params(config: ml_collections.ConfigDict, setup: TrainSetup) -
       scan_layers=model_cfg.decoder.scan_layers,
       remat_policy=model_cfg.decoder.remat_policy,
   )
-  ours, theirs = tree_utils.flatten(params), tree_utils.flatten(pretrained)
+  # Checked against the abstract params, so a mismatch fails before any compile.
+  ours = tree_utils.flatten(nn.unbox(abstract_boxed_params(setup.model)))
+  theirs = tree_utils.flatten(pretrained)
   missing = [k for k in ours if k not in theirs and not TECHNIQUE_PARAMS.match(k)]
   unexpected = [k for k in theirs if k not in ours]
   misshaped = [
@@ -405,10 +406,14 @@ def _initial_base_params(config: ml_collections.ConfigDict, setup: TrainSetup) -
     context = f"init_hf={config.init_hf}" + (f"; config.model differs: {'; '.join(differences)}" if differences else "")
     raise convert.WeightMismatchError(missing, unexpected, misshaped, context=context)
   fresh = [k for k in ours if k not in theirs]
-  if fresh:
+  random = {}
+  if fresh:  # only a technique's own parameters need the random init (and its compile)
     logging.info("init_hf: %d technique parameters start from their init: %s", len(fresh), ", ".join(fresh))
+    random = tree_utils.flatten(
+        init_params_sharded(setup.model, jax.random.key(config.seed), setup.mesh, setup.rules, base_shardings)
+    )
   flat_shardings = tree_utils.flatten(base_shardings)
-  merged = {k: jax.device_put(theirs[k], flat_shardings[k]) if k in theirs else v for k, v in ours.items()}
+  merged = {k: jax.device_put(theirs[k], flat_shardings[k]) if k in theirs else random[k] for k in ours}
   return tree_utils.unflatten(merged)
 
 
