@@ -269,3 +269,16 @@ def test_device_prefetch_state_is_the_consumed_batches():
   short.pop()
   with pytest.raises(StopIteration):  # the end of the data surfaces when a step needs a batch
     short.pop()
+
+
+def test_decay_steps_sets_the_schedule_length_apart_from_the_run_length():
+  from llvm_jax.train import optim
+
+  config = optim.default_optim_config()
+  config.update(lr=1.0, warmup_steps=2)
+  by_run = optim.lr_schedule(config, 10)
+  assert float(by_run(2)) == pytest.approx(1.0) and float(by_run(10)) == pytest.approx(0.0)
+  config.decay_steps = 20
+  by_decay = optim.lr_schedule(config, 10)
+  assert float(by_decay(10)) == pytest.approx(0.5 * (1 + np.cos(np.pi * 8 / 18)))  # mid-decay at step 10
+  assert float(by_decay(20)) == pytest.approx(0.0)

@@ -19,7 +19,8 @@ def tiny_config(total_steps=6, mesh_shape=(-1, 1, 1), strategy="fsdp", **train):
   model = config_utils.tiny_llvm(vocab_size=64, image_size=16, patch_size=8, embed_dim=32)
   config = config_utils.experiment(model, task="train", lock=False)
   config.train.update({"total_steps": total_steps, "log_every": 1, "checkpoint_every": 3, **train})
-  config.optim.update(lr=3e-3, warmup_steps=1)
+  # One schedule for every run length: the train tests then share their compiled steps.
+  config.optim.update(lr=3e-3, warmup_steps=1, decay_steps=30)
   config.sharding.mesh_shape = mesh_shape
   config.sharding.strategy = strategy
   config.lock()

@@ -23,8 +23,10 @@ FROZEN = "frozen"
 
 
 def lr_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `total_steps`."""
+  """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `optim.decay_steps` (0: at
+  `total_steps`)."""
   warmup = int(optim.warmup_steps)
+  total_steps = int(optim.decay_steps) or total_steps
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=optim.lr,
@@ -91,6 +93,9 @@ def default_optim_config() -> ml_collections.ConfigDict:
   c.lr = 1e-3
   c.min_lr_ratio = 0.0
   c.warmup_steps = 10
+  # Steps of the cosine decay; 0: train.total_steps. Set it to stop a run early (or extend it) on the
+  # learning-rate schedule of another length.
+  c.decay_steps = 0
   c.b1 = 0.9
   c.b2 = 0.999
   c.eps = 1e-8
