@@ -236,10 +236,12 @@ def _batch_spec(mesh: Mesh, rows: int, axis: int = 0, ndim: int = 1) -> Partitio
   return PartitionSpec(*([None] * axis + [("data", "fsdp")]))
 
 
-def abstract_batch(model_cfg, rows: int, seq_len: int, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(
+    model_cfg, rows: int, seq_len: int, mesh: Mesh, grid_mode: str = "fixed"
+) -> dict[str, jax.ShapeDtypeStruct]:
   """A batch like `bench/train_step.py: synthetic_batch` (one row built to read its structure), abstract."""
 
-  one = synthetic_batch(model_cfg, 1, seq_len)
+  one = synthetic_batch(model_cfg, 1, seq_len, grid_mode=grid_mode)
   return {
       k: jax.ShapeDtypeStruct(
           (rows,) + v.shape[1:], v.dtype, sharding=NamedSharding(mesh, _batch_spec(mesh, rows, 0, v.ndim))
@@ -283,7 +285,9 @@ def lower_train(config: ml_collections.ConfigDict, model, mesh: Mesh):
   setup, abstract_params = trainer.build_setup(config, model, mesh)
   params = trainer.sharded_abstract(abstract_params, setup.param_shardings)
   opt_state = trainer.sharded_abstract(jax.eval_shape(setup.tx.init, abstract_params), setup.opt_shardings)
-  batch = abstract_batch(model.config, config.data.global_batch_size, config.data.seq_len, mesh)
+  batch = abstract_batch(
+      model.config, config.data.global_batch_size, config.data.seq_len, mesh, config.data.deepstack_grid_mode
+  )
   step_fn = trainer.make_train_step(setup, trainer.loss_function(config), config.train.microbatches)
   return trainer.lower_step(setup, step_fn, params, opt_state, batch)
 
@@ -298,8 +302,9 @@ def lower_prefill(config: ml_collections.ConfigDict, model, mesh: Mesh, max_len:
   cfg = model.config
   rows, seq_len = config.data.global_batch_size, config.data.seq_len
   params = _inference_params(config, model, mesh)
-  batch = abstract_batch(cfg, rows, seq_len, mesh)
-  batch = {k: v for k, v in batch.items() if k in ("tokens", "images", "image_mask", "segment_ids", "hires_images")}
+  batch = abstract_batch(cfg, rows, seq_len, mesh, config.data.deepstack_grid_mode)
+  inputs = ("tokens", "images", "image_mask", "segment_ids", "hires_images", "hires_grid")
+  batch = {k: v for k, v in batch.items() if k in inputs}
   num_vision = cfg.tokens_per_image if "images" in batch else 0
   cache = abstract_cache(cfg, rows, max_len, num_vision, mesh)
 
@@ -313,6 +318,7 @@ def lower_prefill(config: ml_collections.ConfigDict, model, mesh: Mesh, max_len:
         image_mask=batch.get("image_mask"),
         segment_ids=batch.get("segment_ids"),
         hires_images=batch.get("hires_images"),
+        hires_grid=batch.get("hires_grid"),
     )
     return logits[:, -1], new_cache  # the sampler needs the last position only
 

@@ -89,3 +89,25 @@ def test_topology_names():
   assert aot.topology_for_chips("v6e", 256).name == "v6e:16x16"
   with pytest.raises(ValueError, match="2 dimensions"):
     aot.parse_topology("v5e:2x2x1")
+
+
+def test_aspect_crop_grids_reach_the_lowered_train_and_prefill_programs():
+  from configs import demo
+  from llvm_jax import config_utils
+  from llvm_jax.models.llvm import LLVM
+  from llvm_jax.train import trainer
+
+  config = demo.get_config("technique=deepstack,layers=2,batch=8,seq=48")
+  config.data.deepstack_grid_mode = "aspect"
+  model = LLVM(config_utils.model_config(config))
+  mesh = trainer.mesh_from_config(config)
+  batch = aot.abstract_batch(model.config, 8, 48, mesh, "aspect")
+  assert batch["hires_grid"].shape == (8, 1, 2) and batch["hires_grid"].dtype == "int32"
+  assert "hires_grid" not in aot.abstract_batch(model.config, 8, 48, mesh)
+  # jax prunes unused arguments from the lowered module: the (8, 1, 2) int32 grid is there only if
+  # the program reads it.
+  grid = "tensor<8x1x2xi32>"
+  for lowered in (aot.lower_train(config, model, mesh), aot.lower_prefill(config, model, mesh, max_len=56)):
+    assert grid in lowered.as_text()
+  config.data.deepstack_grid_mode = "fixed"
+  assert grid not in aot.lower_prefill(config, model, mesh, max_len=56).as_text()

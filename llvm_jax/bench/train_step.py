@@ -15,13 +15,15 @@ import numpy as np
 
 from llvm_jax import config_utils, convert, flops
 from llvm_jax.data.pipeline import make_global_batch
+from llvm_jax.models import deepstack
 from llvm_jax.models.llvm import LLVM
 from llvm_jax.train import trainer
 
 
-def synthetic_batch(cfg, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_batch(cfg, batch: int, seq_len: int, seed: int = 0, grid_mode: str = "fixed") -> dict[str, np.ndarray]:
   """A batch shaped like the pipeline's: one image (and its DeepStack crops) per row at the start,
-  answer on the last quarter."""
+  answer on the last quarter. `grid_mode` 'aspect' (data.deepstack_grid_mode) adds each row's crop
+  grid, `hires_grid`, cycling through the candidate grids."""
   rng = np.random.RandomState(seed)
   n_img = cfg.tokens_per_image if cfg.vision is not None else 0
   tokens = rng.randint(5, cfg.decoder.vocab_size, (batch, seq_len)).astype(np.int32)
@@ -39,6 +41,9 @@ def synthetic_batch(cfg, batch: int, seq_len: int, seed: int = 0) -> dict[str, n
     out["image_mask"] = np.ones((batch, 1), bool)
     if cfg.deepstack is not None:
       out["hires_images"] = rng.uniform(-1, 1, (batch, 1, cfg.deepstack.num_groups, size, size, 3)).astype(np.float32)
+      if grid_mode == "aspect":
+        grids = deepstack.candidate_grids(cfg.deepstack.num_crops)
+        out["hires_grid"] = np.asarray([[grids[r % len(grids)]] for r in range(batch)], np.int32)
   return out
 
 
@@ -50,7 +55,7 @@ def time_jax(config, steps: int) -> dict[str, float]:
   with trainer.sharding_context(mesh, setup.rules):
     opt_state = jax.jit(setup.tx.init, out_shardings=setup.opt_shardings)(params)
   b, s = config.data.global_batch_size, config.data.seq_len
-  batch = make_global_batch(synthetic_batch(model.config, b, s), mesh)
+  batch = make_global_batch(synthetic_batch(model.config, b, s, grid_mode=config.data.deepstack_grid_mode), mesh)
   tick = time.perf_counter()
   compiled = trainer.compile_step(
       setup, trainer.make_train_step(setup, trainer.loss_function(config), 1), params, opt_state, batch
