@@ -593,6 +593,11 @@ def compile_for_topology(
         f"train: the {config.train.microbatches} microbatches loop in a scan, whose body XLA's cost analysis "
         "counts once: its FLOPs, bytes and estimate cover 2 microbatches"
     )
+  if config.sharding.strategy.startswith("fsdp") and mesh.shape["fsdp"] == 1 and topo.chips > 1:
+    notes.append(
+        f"strategy {config.sharding.strategy} on a mesh whose fsdp axis is 1: parameters and optimiser state "
+        "are replicated on every chip (FSDP over all chips: --config.sharding.mesh_shape='(1,-1,1)')"
+    )
   report["notes"] = notes
   twin = None
   if cfg.decoder.scan_layers and unrolled_costs:

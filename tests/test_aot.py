@@ -69,6 +69,8 @@ def test_tiny_train_and_decode_fit(runs):
   # XLA counts more: the remat='full' recompute of the forward and the masked causal attention in full.
   assert train["xla_flops_per_chip"] > train["analytic_flops_per_chip"]
   assert "ESTIMATED step time" in output and "fits" in output
+  # The config's default mesh (-1, 1, 1) puts every chip on the data axis: fsdp shards nothing, said so.
+  assert report["mesh"]["fsdp"] == 1 and any("replicated on every chip" in note for note in report["notes"])
 
 
 @needs_libtpu
