@@ -3,9 +3,10 @@
 Times the jitted, sharded train step (the trainer's own) on synthetic batches of the config's
 shape on whatever backend jax finds (`--cpu_devices=N` splits a CPU host into N devices):
 steady-state step time, tokens/s, TFLOP/s per device and MFU (analytic FLOPs with each technique's
-extra work, see llvm_jax/flops.py; MFU only where the chip's peak is known). On CPU it also trains the same LLaVA configuration with `transformers` PyTorch
-(AdamW, same batch) and prints the step-time ratio, both measured in this one run; a model with a
-technique (which transformers lacks) is not compared.
+extra work, see llvm_jax/flops.py; MFU only where the chip's peak is known). On CPU it also
+trains the same LLaVA configuration with `transformers` PyTorch (AdamW, same batch) and prints the
+step-time ratio, both measured in this one run; a model with a technique (which transformers lacks)
+is not compared.
 """
 
 from __future__ import annotations
