@@ -282,3 +282,6 @@ def test_decay_steps_sets_the_schedule_length_apart_from_the_run_length():
   by_decay = optim.lr_schedule(config, 10)
   assert float(by_decay(10)) == pytest.approx(0.5 * (1 + np.cos(np.pi * 8 / 18)))  # mid-decay at step 10
   assert float(by_decay(20)) == pytest.approx(0.0)
+  config.decay_steps = -1
+  with pytest.raises(ValueError, match="optim.decay_steps=-1"):
+    optim.lr_schedule(config, 10)

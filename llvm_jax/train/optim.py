@@ -26,6 +26,8 @@ def lr_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
   """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `optim.decay_steps` (0: at
   `total_steps`)."""
   warmup = int(optim.warmup_steps)
+  if int(optim.decay_steps) < 0:
+    raise ValueError(f"optim.decay_steps={optim.decay_steps}: must be >= 0 (0: train.total_steps)")
   total_steps = int(optim.decay_steps) or total_steps
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
