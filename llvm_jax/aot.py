@@ -303,8 +303,8 @@ def lower_prefill(config: ml_collections.ConfigDict, model, mesh: Mesh, max_len:
   rows, seq_len = config.data.global_batch_size, config.data.seq_len
   params = _inference_params(config, model, mesh)
   batch = abstract_batch(cfg, rows, seq_len, mesh, config.data.deepstack_grid_mode)
-  inputs = ("tokens", "images", "image_mask", "segment_ids", "hires_images", "hires_grid")
-  batch = {k: v for k, v in batch.items() if k in inputs}
+  # The model's inputs but positions (prefill derives them from the segment ids).
+  batch = {k: v for k, v in batch.items() if k in trainer.MODEL_INPUTS and k != "positions"}
   num_vision = cfg.tokens_per_image if "images" in batch else 0
   cache = abstract_cache(cfg, rows, max_len, num_vision, mesh)
 

@@ -1,6 +1,6 @@
 """Test setup (must run before jax is imported): 8 fake CPU devices for sharding tests; XLA's
 backend optimisation and the CPU fusion emitters off (tiny test programs spend far longer in LLVM
-codegen than running: together they cut the cold suite by about half); and a
+codegen than running; compile-time flags, for the tests only); and a
 persistent compilation cache shared by the test workers and the subprocesses they start."""
 
 import os

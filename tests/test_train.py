@@ -285,3 +285,17 @@ def test_decay_steps_sets_the_schedule_length_apart_from_the_run_length():
   config.decay_steps = -1
   with pytest.raises(ValueError, match="optim.decay_steps=-1"):
     optim.lr_schedule(config, 10)
+
+
+def test_init_checkpoint_starts_from_another_runs_params(tmp_path):
+  first, _ = run(tiny_config(total_steps=3), tmp_path / "first")
+  config = tiny_config(total_steps=3)
+  with config.unlocked():
+    config.init_checkpoint = str(tmp_path / "first")
+  model = LLVM(config_utils.model_config(config))
+  setup, _ = trainer.build_setup(config, model, trainer.mesh_from_config(config))
+  start = flatten(trainer.initial_params(config, setup))
+  expected = flatten(first["params"])
+  assert set(start) == set(expected)
+  for key, value in expected.items():
+    np.testing.assert_array_equal(np.asarray(start[key]), np.asarray(value), err_msg=key)

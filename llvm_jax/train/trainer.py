@@ -83,6 +83,7 @@ class TrainSetup:
   schedule: optax.Schedule
   param_shardings: Any
   opt_shardings: Any
+  abstract_params: Any  # shapes and dtypes of the params (LoRA adapters included), from build_setup
 
 
 def mesh_from_config(config: ml_collections.ConfigDict) -> Mesh:
@@ -219,7 +220,7 @@ def build_setup(config: ml_collections.ConfigDict, model: LLVM, mesh: Mesh) -> t
   opt_shardings = sharding.mirrored_shardings(
       abstract_opt, abstract_params, param_shardings, NamedSharding(mesh, PartitionSpec())
   )
-  setup = TrainSetup(model, mesh, rules, tx, schedule, param_shardings, opt_shardings)
+  setup = TrainSetup(model, mesh, rules, tx, schedule, param_shardings, opt_shardings, abstract_params)
   return setup, abstract_params
 
 
@@ -371,10 +372,11 @@ TECHNIQUE_PARAMS = re.compile(r"(^|.*/)(trol_gate|phantom|pmod_router)(/.*|$)")
 
 def _initial_base_params(config: ml_collections.ConfigDict, setup: TrainSetup) -> Any:
   base_shardings = {k: v for k, v in setup.param_shardings.items() if k != lora.LORA_KEY}
+  base_abstract = {k: v for k, v in setup.abstract_params.items() if k != lora.LORA_KEY}
   if config.init_checkpoint:
     if config.init_hf:
       raise ValueError("set one of init_hf and init_checkpoint, not both")
-    targets = sharded_abstract(nn.unbox(abstract_boxed_params(setup.model)), base_shardings)
+    targets = sharded_abstract(base_abstract, base_shardings)
     params, step = checkpoint.params_only(config.init_checkpoint, targets)
     logging.info("init_checkpoint: params of step %d of %s", step, config.init_checkpoint)
     return params
@@ -393,7 +395,7 @@ def _initial_base_params(config: ml_collections.ConfigDict, setup: TrainSetup) -
       remat_policy=model_cfg.decoder.remat_policy,
   )
   # Checked against the abstract params, so a mismatch fails before any compile.
-  ours = tree_utils.flatten(nn.unbox(abstract_boxed_params(setup.model)))
+  ours = tree_utils.flatten(base_abstract)
   theirs = tree_utils.flatten(pretrained)
   missing = [k for k in ours if k not in theirs and not TECHNIQUE_PARAMS.match(k)]
   unexpected = [k for k in theirs if k not in ours]
