@@ -27,9 +27,12 @@ the analytic FLOPs of `llvm_jax.flops` (XLA's differ: rematerialised forwards, m
 counted in full, elementwise ops); an ESTIMATED step time and MFU, from XLA's `optimal_seconds`
 where it is positive and finite, otherwise the roofline max(flops / peak, bytes / HBM bandwidth) of
 the compiled numbers (the source is printed); and the compile time. Exits 1 when a program does not fit.
-XLA's cost analysis counts a while loop's body once, so with scan_layers=True each program is compiled
-a second time unrolled for its FLOPs, bytes and estimates (memory stays the scanned program's;
---nounrolled_costs skips the twin and flags the undercount).
+XLA's cost analysis counts a while loop's body once, so a program with loops (scanned layers, the
+blocked attention's tile loops, splash's custom call, a microbatch scan) is compiled a second time as its
+loop-free twin (`cost_twin_config`: layers unrolled, einsum attention, one microbatch) for its FLOPs,
+bytes and estimates; the twin's attention holds the whole (T, S) logits, so they are an upper bound for
+the tiled kernels. Memory stays the real program's; --nounrolled_costs skips the twin and flags the
+undercount.
 
 Topologies: 'v5e:2x4' (generation:chip grid, as `get_topology_desc` takes it) or a Cloud TPU
 accelerator type: 'v5e-8', 'v5litepod-8', 'v6e-8' count chips; 'v4-8', 'v5p-8' count TensorCores
@@ -56,7 +59,7 @@ import re  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
@@ -401,11 +404,10 @@ def _closing_paren(text: str) -> int:
   return len(text)
 
 
-def hbm_movers(compiled: Any, top: int = 8) -> list[tuple[str, int]]:
-  """Which ops move the bytes: operand + result bytes of the program's non-fused instructions, summed by
-  kind (fusions named by what they compute: 'matmul' when they hold a convolution/dot, 'reduce',
-  'elementwise'), largest first. A rough view of XLA's 'bytes accessed', per chip; a while loop's body
-  is counted once, as XLA does."""
+def _top_level_traffic(compiled: Any) -> Iterator[tuple[str, int, str]]:
+  """(kind, bytes, op_name) of each of the program's non-fused instructions: operand + result bytes
+  (fusions named by what they compute: 'matmul' when they hold a convolution/dot, 'reduce', 'elementwise');
+  a while loop's body is walked once, as XLA's cost analysis counts it."""
   computations: dict[str, list[str]] = {}
   current = None
   for line in compiled.as_text().splitlines():
@@ -421,7 +423,6 @@ def hbm_movers(compiled: Any, top: int = 8) -> list[tuple[str, int]]:
       for c in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line)
   }
   opcodes = {name: {m.group(3) for m in map(_INSTRUCTION.match, lines) if m} for name, lines in computations.items()}
-  totals: dict[str, int] = {}
   for name, lines in computations.items():
     if name in called and not name.startswith(("while", "body", "cond")) and "while" not in name:
       continue  # fusion bodies and reducers: their traffic is their caller's operands and result
@@ -448,9 +449,30 @@ def hbm_movers(compiled: Any, top: int = 8) -> list[tuple[str, int]]:
         )
       elif opcode.endswith(("-start", "-done")):
         kind = opcode.rsplit("-", 1)[0]
-      traffic = sizes[result] + sum(sizes.get(o, 0) for o in operands)
-      totals[kind] = totals.get(kind, 0) + traffic
+      op_name = re.search(r'op_name="([^"]*)"', rest)
+      yield kind, sizes[result] + sum(sizes.get(o, 0) for o in operands), op_name.group(1) if op_name else ""
+
+
+def hbm_movers(compiled: Any, top: int = 8) -> list[tuple[str, int]]:
+  """Which kinds of op move the bytes (see `_top_level_traffic`), summed, largest first: a rough view of
+  XLA's 'bytes accessed', per chip."""
+  totals: dict[str, int] = {}
+  for kind, traffic, _ in _top_level_traffic(compiled):
+    totals[kind] = totals.get(kind, 0) + traffic
   return sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+
+
+def top_instructions(compiled: Any, top: int = 6) -> list[tuple[str, int, int]]:
+  """The JAX operations (op_name without the jit/transpose/remat wrappers) whose instructions move the most
+  bytes: (name, bytes, instruction count), largest first."""
+  totals: dict[str, list[int]] = {}
+  for kind, traffic, op_name in _top_level_traffic(compiled):
+    parts = [p for p in op_name.split("/") if p and not p.startswith(("jit(", "jvp(", "transpose(", "checkpoint"))]
+    name = f"{kind}: {'/'.join(parts[-3:]) or '(inserted by XLA)'}"
+    entry = totals.setdefault(name, [0, 0])
+    entry[0] += traffic
+    entry[1] += 1
+  return [(name, b, n) for name, (b, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]]
 
 
 def _cost_dict(compiled) -> dict[str, float]:
@@ -465,8 +487,7 @@ def analyse(
 ) -> dict[str, Any]:
   """Memory against the chip's HBM, XLA's and the analytic FLOPs, and the estimated step time (per chip).
 
-  cost_compiled: the program whose cost analysis to use instead of `compiled`'s (the unrolled twin of
-  a scanned program).
+  cost_compiled: the program whose cost analysis to use instead of `compiled`'s (its loop-free twin).
   """
   chip = topology.chip
   memory = compiled.memory_analysis()
@@ -491,10 +512,12 @@ def analyse(
   analytic_per_chip = analytic_flops / topology.chips
   try:
     movers = hbm_movers(compiled if cost_compiled is None else cost_compiled)
+    top = top_instructions(compiled if cost_compiled is None else cost_compiled)
   except Exception:  # noqa: BLE001 - a summary only; HLO text formats change
-    movers = []
+    movers, top = [], []
   return {
       "hbm_movers": movers,
+      "top_instructions": top,
       "compile_s": compile_s,
       "memory": {
           **{f"{k}_bytes": v for k, v in mem.items()},
@@ -536,6 +559,21 @@ def out_of_memory(message: str, topology: Topology, analytic_flops: float, compi
   }
 
 
+def cost_twin_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+  """The config of the program's loop-free twin, whose cost analysis counts every FLOP and byte: layers
+  unrolled, einsum attention (no tile loop, no custom call), one microbatch (same global batch); None when
+  the program has no such loop."""
+  decoder = config.model.decoder
+  if not (decoder.scan_layers or decoder.attention_impl in ("blocked", "splash") or config.train.microbatches > 1):
+    return None
+  twin = copy.deepcopy(config)
+  with twin.unlocked():
+    twin.model.decoder.scan_layers = False
+    twin.model.decoder.attention_impl = "xla"
+    twin.train.microbatches = 1
+  return twin
+
+
 def compile_for_topology(
     config: ml_collections.ConfigDict,
     topology: str | Topology,
@@ -547,10 +585,10 @@ def compile_for_topology(
 ) -> dict[str, Any]:
   """Compiles the `what` programs of `config` for the TPU topology; returns the report (see module doc).
 
-  XLA's cost analysis counts a while loop's body once, so a scanned decoder (scan_layers=True) reports
-  the FLOPs and bytes of one layer of L. With `unrolled_costs`, each program is compiled a second
-  time unrolled and the FLOPs, bytes and step-time estimate come from that twin (the same math);
-  memory and fit stay those of the scanned program.
+  XLA's cost analysis counts a while loop's body once: a scanned decoder reports one layer of L, the
+  blocked attention one tile. With `unrolled_costs`, a program with loops is compiled a second time as
+  its loop-free twin (`cost_twin_config`) and the FLOPs, bytes and step-time estimate come from it (the
+  same math, attention as one einsum); memory and fit stay those of the real program.
   """
 
   unknown = sorted(set(what) - set(PROGRAMS))
@@ -586,27 +624,24 @@ def compile_for_topology(
       "programs": {},
   }
   notes = []
-  if cfg.decoder.attention_impl == "splash":
-    notes.append("splash attention is a Pallas custom call: XLA's cost analysis counts none of its FLOPs or bytes")
-  if config.train.microbatches > 1 and "train" in what:
-    notes.append(
-        f"train: the {config.train.microbatches} microbatches loop in a scan, whose body XLA's cost analysis "
-        "counts once: its FLOPs, bytes and estimate cover 2 microbatches"
-    )
   if config.sharding.strategy.startswith("fsdp") and mesh.shape["fsdp"] == 1 and topo.chips > 1:
     notes.append(
         f"strategy {config.sharding.strategy} on a mesh whose fsdp axis is 1: parameters and optimiser state "
         "are replicated on every chip (FSDP over all chips: --config.sharding.mesh_shape='(1,-1,1)')"
     )
-  report["notes"] = notes
+  twin_config = cost_twin_config(config)
   twin = None
-  if cfg.decoder.scan_layers and unrolled_costs:
-    twin_config = copy.deepcopy(config)
-    twin_config.model.decoder.scan_layers = False
+  if twin_config is not None and unrolled_costs:
     twin = (twin_config, LLVM(config_utils.model_config(twin_config)))
-    report["costs_from"] = "unrolled twin (XLA's cost analysis counts a scanned layer body once)"
-  elif cfg.decoder.scan_layers:
-    report["costs_from"] = "scanned program: FLOPs, bytes and estimates count ONE layer body of the scan"
+    report["costs_from"] = (
+        "loop-free twin (layers unrolled, einsum attention, one microbatch; XLA's cost analysis counts a loop "
+        "body once)"
+    )
+  elif twin_config is not None:
+    report["costs_from"] = "program itself: its FLOPs, bytes and estimates count each loop's body ONCE"
+    if cfg.decoder.attention_impl == "splash":
+      notes.append("splash attention is a Pallas custom call: XLA's cost analysis counts none of its FLOPs or bytes")
+  report["notes"] = notes
 
   def lower(name: str, config, model):
     if name == "train":
@@ -642,9 +677,9 @@ def compile_for_topology(
       except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
           raise
-        # The unrolled twin may not fit where the scanned program does; its costs are then unknown.
+        # The twin may not fit where the program does; its costs are then unknown.
         cost_compiled = None
-        report["costs_from"] = "scanned program (its unrolled twin does not fit): estimates count ONE layer body"
+        report["costs_from"] = "program itself (its loop-free twin does not fit): loops' bodies counted ONCE"
     report["programs"][name] = analyse(compiled, topo, analytic, compile_s, cost_compiled)
     if twin is not None:
       report["programs"][name]["cost_compile_s"] = time.perf_counter() - tick
@@ -696,7 +731,7 @@ def format_report(report: dict[str, Any]) -> str:
     m = p["memory"]
     lines += [
         f"[{name}] {shapes[name]}: compiled in {p['compile_s']:.1f} s"
-        + (f" (+ {p['cost_compile_s']:.1f} s for the unrolled twin)" if "cost_compile_s" in p else ""),
+        + (f" (+ {p['cost_compile_s']:.1f} s for the loop-free twin)" if "cost_compile_s" in p else ""),
         f"  HBM per chip: arguments {_size(m['argument_bytes'])}, outputs {_size(m['output_bytes'])}, temporaries "
         f"{_size(m['temp_bytes'])}, generated code {_size(m['generated_code_bytes'])}, "
         f"aliased {_size(m['alias_bytes'])}",
@@ -715,6 +750,8 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if p.get("hbm_movers"):
       lines.append("  bytes moved by: " + ", ".join(f"{kind} {_size(n)}" for kind, n in p["hbm_movers"][:5]))
+    for name, moved, count in p.get("top_instructions", [])[:3]:
+      lines.append(f"    {_size(moved)} in {count} instruction(s) of {name}")
   lines.append("all programs fit" if report["fits"] else "SOME PROGRAM DOES NOT FIT")
   return "\n".join(lines)
 
@@ -751,8 +788,8 @@ if __name__ == "__main__":
   flags.DEFINE_bool(
       "unrolled_costs",
       True,
-      "scan_layers=True: take FLOPs, bytes and estimates from an unrolled "
-      "twin compile (XLA counts a scanned layer body once).",
+      "Programs with loops (scanned layers, blocked/splash attention, microbatches): take FLOPs, bytes and "
+      "estimates from a loop-free twin compile (XLA counts a loop body once).",
   )
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -21,7 +21,7 @@ needs_libtpu = pytest.mark.skipif(
 )
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Scanned layers: the costs come from an unrolled twin compile (XLA counts a loop body once).
+# Scanned layers and blocked attention: the costs come from the loop-free twin (XLA counts a loop body once).
 TINY = ["--config=configs/bench_1b.py:size=tiny,batch=8,seq_len=128,scan=true", "--config.model.decoder.num_layers=2"]
 # The same tiny model with a batch whose activations need ~400 GiB per chip.
 HUGE = [
@@ -57,7 +57,7 @@ def test_tiny_train_and_decode_fit(runs):
   assert code == 0, output
   assert report["topology"] == "v5e:2x2" and report["chips"] == 4 and report["device_kind"] == "TPU v5 lite"
   assert report["fits"] and set(report["programs"]) == {"train", "decode"}
-  assert report["scan_layers"] and report["costs_from"].startswith("unrolled twin")
+  assert report["scan_layers"] and report["costs_from"].startswith("loop-free twin")
   for name, program in report["programs"].items():
     assert program["memory"]["argument_bytes"] > 0, name
     assert program["fits"] and 0 < program["memory"]["total_bytes"] < program["hbm_bytes"] == 16 * 2**30, name
@@ -68,6 +68,10 @@ def test_tiny_train_and_decode_fit(runs):
   train = report["programs"]["train"]
   # XLA counts more: the remat='full' recompute of the forward and the masked causal attention in full.
   assert train["xla_flops_per_chip"] > train["analytic_flops_per_chip"]
+  # Which JAX operations move the bytes, named as the model calls them.
+  names = " ".join(name for name, _, _ in train["top_instructions"])
+  assert train["top_instructions"] and all(moved > 0 for _, moved, _ in train["top_instructions"])
+  assert "dot_general" in names or "matmul fusion" in names, names
   assert "ESTIMATED step time" in output and "fits" in output
   # The config's default mesh (-1, 1, 1) puts every chip on the data axis: fsdp shards nothing, said so.
   assert report["mesh"]["fsdp"] == 1 and any("replicated on every chip" in note for note in report["notes"])
@@ -80,6 +84,23 @@ def test_huge_batch_does_not_fit(runs):
   code, output = runs[0]["huge"]
   assert code == 1, output
   assert "DOES NOT FIT" in output and "RESOURCE_EXHAUSTED" in output
+
+
+def test_cost_twin_unrolls_every_loop_and_keeps_the_batch():
+  from configs import bench_1b
+
+  config = bench_1b.get_config("size=tiny,scan=true,attention=blocked")
+  config.train.microbatches = 2
+  twin = aot.cost_twin_config(config)
+  assert (twin.model.decoder.scan_layers, twin.model.decoder.attention_impl, twin.train.microbatches) == (
+      False,
+      "xla",
+      1,
+  )
+  assert twin.data.global_batch_size == config.data.global_batch_size and twin.data.seq_len == config.data.seq_len
+  assert config.model.decoder.scan_layers and config.train.microbatches == 2  # the real config is untouched
+  assert aot.cost_twin_config(bench_1b.get_config("size=tiny,scan=false,attention=xla")) is None
+  assert aot.cost_twin_config(bench_1b.get_config("size=tiny,scan=false,attention=splash")) is not None
 
 
 def test_topology_names():
