@@ -7,6 +7,7 @@ naming the key; so do unknown keys inside the model block.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import sys
@@ -245,6 +246,9 @@ def main(argv) -> None:
   # results and summary are printed, so they show at any verbosity.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  # Tracing and compiling allocate millions of short-lived objects; Python's default collector thresholds
+  # cost ~5% of a short run (4 demo steps from a cold compile cache: 35.9 -> 34.1 s of CPU, two A/B pairs).
+  gc.set_threshold(100_000, 50, 1000)
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required")
