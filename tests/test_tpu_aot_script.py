@@ -1,0 +1,94 @@
+"""experiments/tpu_aot.py without compiling: its cache merges a program's memory with its twin's costs,
+the report marks what is not compiled yet, and a compile whose process died is reported, not rerun."""
+
+import json
+
+import pytest
+
+from experiments import tpu_aot
+
+GiB = 2**30
+
+
+def _report(program: dict, **extra) -> dict:
+  return {"chips": 8, "fits": program.get("fits", True), "programs": {"train": program}, "wall_s": 1.0, **extra}
+
+
+def _memory_program(total_gib: float) -> dict:
+  memory = {"argument_bytes": GiB, "total_bytes": int(total_gib * GiB)}
+  return {
+      "memory": memory,
+      "fits": True,
+      "compile_s": 100.0,
+      "estimated_step_s": 1e-3,  # counts one loop body: replaced by the twin's
+      "min_traffic_s": 0.5,
+      "analytic_flops": 80.0,
+      "analytic_flops_per_chip": 10.0,
+  }
+
+
+def _cost_program(step_s: float) -> dict:
+  return {
+      "memory": {"argument_bytes": 9 * GiB, "total_bytes": 99 * GiB},  # the twin's own memory: never reported
+      "fits": False,
+      "compile_s": 400.0,
+      "estimated_step_s": step_s,
+      "estimate_source": "roofline max(XLA flops / peak, XLA bytes / HBM bandwidth), memory-bound",
+      "estimated_mfu": 0.25,
+      "xla_flops_per_chip": 13.0,
+      "roofline_hbm_s": step_s,
+      "roofline_compute_s": step_s / 4,
+      "hbm_movers": [["matmul fusion", 5 * GiB]],
+      "top_instructions": [["matmul fusion: mlp/up/dot_general", 2 * GiB, 48]],
+      "cost_program_loops": 0,
+  }
+
+
+@pytest.fixture
+def cache(tmp_path):
+  plan = tpu_aot.Plan.make(quick=False)
+  key = f"1b:False:baseline:v5e-8:{plan.one_b_shape}:train"
+  entries = [
+      {"key": f"{key}:twin=False", "report": _report(_memory_program(5.0), costs_from="program itself: ...")},
+      {"key": f"{key}:costs=loop-free", "report": _report(_cost_program(0.2))},
+      # p-MoD's program compiled, its twin not yet.
+      {"key": key.replace("baseline", "pmod") + ":twin=False", "report": _report(_memory_program(6.0))},
+      # A compile that started and never reported: its process died.
+      {"key": key.replace("baseline", "trol") + ":twin=False", "started": "2026-11-30T15:00:00"},
+  ]
+  path = tmp_path / "cache.jsonl"
+  path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+  return plan, str(path)
+
+
+def test_rows_merge_memory_and_twin_costs_and_the_report_marks_the_rest(cache):
+  plan, path = cache
+  run = tpu_aot.Runner(path, refresh=False, compile_missing=False)
+  one_b = tpu_aot.section_one_b(plan, run)
+  base = one_b[("baseline", "v5e-8", "train")]
+  program = base["programs"]["train"]
+  # Memory, fit and compile time from the real program; FLOPs, bytes and estimates from the twin.
+  assert program["memory"]["total_bytes"] == 5 * GiB and program["fits"] and program["min_traffic_s"] == 0.5
+  assert program["estimated_step_s"] == 0.2 and program["estimated_mfu"] == 0.25 and program["cost_compile_s"] == 400
+  assert base["costs_from"].startswith("loop-free twin") and tpu_aot._has_costs(base)
+  assert one_b[("pmod", "v5e-8", "train")]["costs_pending"] and not tpu_aot._has_costs(
+      one_b[("pmod", "v5e-8", "train")]
+  )
+  text = tpu_aot.markdown(plan, "cmd", one_b, tpu_aot.section_paper(plan, run), None, run, [])
+  assert (
+      "| baseline | v5e-8 (8 chips) | 5.00 | yes | 200.00 ms | roofline | 25.0% | 1.30 | 100 s + 400 s twin |" in text
+  )
+  assert "| pmod | v5e-8 (8 chips) | 6.00 | yes | twin not compiled yet |" in text
+  assert "| phantom | v5e-8 | – | not compiled yet |" in text
+  # No p-MoD pair without p-MoD's twin; the baseline's MFU target is judged.
+  assert "est. MFU 25.0% (target >= 50%): MISSED" in text and "1B v5e-8" not in text
+  assert f"INCOMPLETE: {len(run.pending)} programs are not compiled yet" in text and len(run.pending) > 20
+
+
+def test_a_compile_whose_process_died_is_reported_not_rerun(cache):
+  plan, path = cache
+  run = tpu_aot.Runner(path, refresh=False)  # compiles what is missing: nothing may reach the compiler here
+  config = tpu_aot.one_b_config(plan, "trol")
+  report = run.memory(f"1b:False:trol:v5e-8:{plan.one_b_shape}:train", config, "v5e-8", ("train",))
+  assert "died 1x" in report["error"] and run.compile_s == 0
+  assert tpu_aot.Runner(path, refresh=False, retry_crashed=True).crashed == {}
