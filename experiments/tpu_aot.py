@@ -567,8 +567,22 @@ def why_missed(plan: Plan, one_b: dict) -> list[str]:
         f"estimate {_ms(base['estimated_step_s'])} ({_source(base)}).",
         f"- Bytes moved by (operands + results of the top-level ops): {_movers(base)}.",
         f"- The JAX operations behind them: {_top(base)}.",
-        "",
     ]
+    logits = sum(moved for name, moved, _ in base.get("top_instructions", []) if "bkgts" in name)
+    if logits:
+      # The twin's einsum attention writes its (T, S) logits to HBM and reads them back; a fused kernel
+      # (attention_impl='splash') keeps them on chip. Without that traffic: a bound, not an estimate.
+      chip = aot.parse_topology(topology).chip
+      rest_s = (base["xla_bytes_accessed_per_chip"] - logits) / chip.hbm_bandwidth
+      bound_s = max(rest_s, base["roofline_compute_s"])
+      lines.append(
+          f"- The twin's einsum attention moves its (T, S) logits through HBM: its instructions' operands and "
+          f"results come to {logits / 2**30:.1f} GiB of the {base['xla_bytes_accessed_per_chip'] / 2**30:.1f} GiB "
+          f"XLA counts. A fused kernel (`attention_impl=splash`) keeps the logits on chip; without those bytes the "
+          f"roofline is {_ms(bound_s)}, MFU at most "
+          f"{base['analytic_flops_per_chip'] / (bound_s * chip.peak_flops):.1%}."
+      )
+    lines.append("")
   sparse = _costed(one_b, "pmod", topology, "train")
   if base and sparse:
     ratio = sparse["estimated_step_s"] / base["estimated_step_s"]
