@@ -22,8 +22,8 @@ Layers are scanned with the blocked attention, as bench_1b runs them. XLA's cost
 body once (one layer of the scan, one tile of the attention), so every estimate comes from the program's
 loop-free twin (`aot.cost_twin_config`: layers unrolled, einsum attention, one microbatch), the memory
 from the real program: two compiles per row. Each compile is cached in .cache/tpu_aot.jsonl (keyed by
-its settings), so an interrupted run resumes where it stopped; a compile whose process died (killed for
-host memory) is reported as failed unless --retry_crashed.
+its settings), so an interrupted run resumes where it stopped. Each compile runs in its own process; one
+that dies (killed for host memory) is reported as failed, and compiled again only with --retry_crashed.
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only; set before jax is imported
 
 import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
+import multiprocessing  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -130,24 +132,26 @@ def paper_config(plan: Plan, name: str, strategy: str, microbatches: int):
 # --- Compiles, cached ----------------------------------------------------------------------------
 
 
+def _compile_program(config, topology: str, what: tuple[str, ...], kwargs: dict) -> dict[str, Any]:
+  return aot.compile_for_topology(config, topology, what=what, **kwargs)
+
+
 class Runner:
-  """Runs `aot.compile_for_topology`, caching each result by its key in a JSON-lines file."""
+  """Runs `aot.compile_for_topology`, each compile in a fresh process (a 1B twin holds ~10 GiB of host
+  memory, which a long-lived process would keep growing from; an out-of-memory kill takes only that compile),
+  caching each result by its key in a JSON-lines file."""
 
   def __init__(self, cache_path: str, refresh: bool, compile_missing: bool = True, retry_crashed: bool = False):
     self.path = cache_path
     self.compile_missing = compile_missing
     self.pending: list[str] = []  # keys looked up but neither cached nor compiled
     self.done: dict[str, Any] = {}
-    started: dict[str, int] = {}
     if os.path.exists(cache_path) and not refresh:
       with open(cache_path) as f:
         for line in f:
           entry = json.loads(line)
-          if "report" in entry:
+          if "report" in entry and not (retry_crashed and entry["report"].get("crashed")):
             self.done[entry["key"]] = entry["report"]
-          else:  # a compile's start: unmatched by a report, its process died (killed, e.g. out of host memory)
-            started[entry["key"]] = started.get(entry["key"], 0) + 1
-    self.crashed = {} if retry_crashed else {k: n for k, n in started.items() if k not in self.done}
     self.compile_s = 0.0
 
   def __call__(self, key: str, config, topology: str, what: tuple[str, ...], **kwargs) -> dict[str, Any]:
@@ -157,13 +161,14 @@ class Runner:
     if not self.compile_missing:
       self.pending.append(key)
       return {"pending": True, "fits": None, "programs": {}}
-    if key in self.crashed:
-      return {"error": f"the compiling process died {self.crashed[key]}x (killed: host memory?)", "programs": {}}
     print(f"compiling {key} ...", flush=True)
-    self._append({"key": key, "started": datetime.datetime.now().isoformat(timespec="seconds")})
     tick = time.perf_counter()
     try:
-      report = aot.compile_for_topology(config, topology, what=what, **kwargs)
+      spawn = multiprocessing.get_context("spawn")
+      with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        report = pool.submit(_compile_program, config, topology, what, kwargs).result()
+    except concurrent.futures.process.BrokenProcessPool:
+      report = {"error": "the compiling process died (killed: out of host memory?)", "crashed": True, "programs": {}}
     except Exception as e:  # noqa: BLE001 - recorded in the tables; the other compiles still run
       traceback.print_exc()
       report = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", "fits": False, "programs": {}}
@@ -171,13 +176,10 @@ class Runner:
     self.compile_s += report["wall_s"]
     print(f"  {report['wall_s']:.0f} s, fits={report.get('fits')}", flush=True)
     self.done[key] = report
-    self._append({"key": key, "report": report})
-    return report
-
-  def _append(self, entry: dict) -> None:
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     with open(self.path, "a") as f:
-      f.write(json.dumps(entry, default=str) + "\n")
+      f.write(json.dumps({"key": key, "report": report}, default=str) + "\n")
+    return report
 
   def memory(self, key: str, config, topology: str, what: tuple[str, ...], **kwargs) -> dict[str, Any]:
     """The real program alone: memory and fit (its FLOPs count each loop body once)."""
@@ -336,7 +338,7 @@ def _program(report: dict, name: str) -> dict | None:
   return (report.get("programs") or {}).get(name)
 
 
-def _compile(p: dict) -> str:
+def _compile_time(p: dict) -> str:
   twin = f" + {p['cost_compile_s']:.0f} s twin" if "cost_compile_s" in p else ""
   return f"{p['compile_s']:.0f} s{twin}"
 
@@ -389,7 +391,7 @@ def _one_b_row(report: dict, technique: str, topology: str) -> str:
   )
   return (
       f"| {technique} | {topology} ({report['chips']} chips) | {_gib(p['memory']['total_bytes'])} | "
-      f"{'yes' if p['fits'] else 'NO'} | {estimate} | {_compile(p)} |"
+      f"{'yes' if p['fits'] else 'NO'} | {estimate} | {_compile_time(p)} |"
   )
 
 

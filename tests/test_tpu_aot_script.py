@@ -2,6 +2,7 @@
 the report marks what is not compiled yet, and a compile whose process died is reported, not rerun."""
 
 import json
+import os
 
 import pytest
 
@@ -53,8 +54,15 @@ def cache(tmp_path):
       {"key": f"{key}:costs=loop-free", "report": _report(_cost_program(0.2))},
       # p-MoD's program compiled, its twin not yet.
       {"key": key.replace("baseline", "pmod") + ":twin=False", "report": _report(_memory_program(6.0))},
-      # A compile that started and never reported: its process died.
-      {"key": key.replace("baseline", "trol") + ":twin=False", "started": "2026-11-30T15:00:00"},
+      # A compile whose process died.
+      {
+          "key": key.replace("baseline", "trol") + ":twin=False",
+          "report": {
+              "error": "the compiling process died (killed: out of host memory?)",
+              "crashed": True,
+              "programs": {},
+          },
+      },
   ]
   path = tmp_path / "cache.jsonl"
   path.write_text("".join(json.dumps(e) + "\n" for e in entries))
@@ -85,10 +93,25 @@ def test_rows_merge_memory_and_twin_costs_and_the_report_marks_the_rest(cache):
   assert f"INCOMPLETE: {len(run.pending)} programs are not compiled yet" in text and len(run.pending) > 20
 
 
-def test_a_compile_whose_process_died_is_reported_not_rerun(cache):
+def test_a_compile_whose_process_died_is_reported_and_retried_only_on_request(cache):
   plan, path = cache
-  run = tpu_aot.Runner(path, refresh=False)  # compiles what is missing: nothing may reach the compiler here
-  config = tpu_aot.one_b_config(plan, "trol")
-  report = run.memory(f"1b:False:trol:v5e-8:{plan.one_b_shape}:train", config, "v5e-8", ("train",))
-  assert "died 1x" in report["error"] and run.compile_s == 0
-  assert tpu_aot.Runner(path, refresh=False, retry_crashed=True).crashed == {}
+  key = f"1b:False:trol:v5e-8:{plan.one_b_shape}:train"
+  one_b = tpu_aot.section_one_b(plan, tpu_aot.Runner(path, refresh=False, compile_missing=False))
+  row = tpu_aot._one_b_row(one_b[("trol", "v5e-8", "train")], "trol", "v5e-8")
+  assert row.startswith("| trol | v5e-8 | – | no |") and "process died" in row
+  assert f"{key}:twin=False" not in tpu_aot.Runner(path, refresh=False, retry_crashed=True).done
+
+
+def test_each_compile_runs_in_its_own_process(monkeypatch, tmp_path):
+  """The compile runs in a spawned process: its errors come back, a crash there is recorded, and the
+  runner goes on."""
+  run = tpu_aot.Runner(str(tmp_path / "cache.jsonl"), refresh=False)
+  config = tpu_aot.one_b_config(tpu_aot.Plan.make(quick=True), "baseline")
+  assert "v9z" in run("bad topology", config, "v9z-8", ("train",))["error"]
+  monkeypatch.setattr(tpu_aot, "_compile_program", _die)
+  report = run("k", None, "v5e-8", ("train",))
+  assert report["crashed"] and "died" in report["error"] and run.done["k"] is report
+
+
+def _die(*args):
+  os._exit(9)  # as a process the OOM killer takes
