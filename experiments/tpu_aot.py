@@ -229,6 +229,7 @@ COST_FIELDS = (
     "roofline_hbm_s",
     "estimated_mfu",
     "cost_program_loops",
+    "cost_program_loop_ops",
 )
 
 
@@ -531,7 +532,7 @@ def markdown(
         f"- decode ({technique}): HBM roofline / est. time {ratio:.0%} (target >= "
         f"{TARGETS['decode_of_roofline']:.0%}): {'met' if ok else 'MISSED'}."
     )
-  lines += [""] + notes + [""]
+  lines += [""] + notes + [""] + _loops_left(one_b, paper_found, pmod_7b)
   lines += [f"Compile time of this run: {run.compile_s / 60:.1f} min (cached compiles excluded).", ""]
   if run.pending:
     lines += [
@@ -549,6 +550,24 @@ def _top(p: dict) -> str:
       )
       or "–"
   )
+
+
+def _loops_left(one_b: dict, paper_found: dict, pmod_7b: dict | None) -> list[str]:
+  """Where a twin kept loops ('N loops left' above), the JAX operations they come from."""
+  reports = {f"{t} {topology} {program}": r for (t, topology, program), r in one_b.items()}
+  reports.update(
+      {f"{PAPER_7B[name]} {generation}": f.get("report", {}) for (name, generation), f in paper_found.items()}
+  )
+  reports["p-MoD-LLaVA-1.5-7B (section 4)"] = pmod_7b or {}
+  lines = []
+  for label, report in reports.items():
+    for program in (report.get("programs") or {}).values():
+      if _has_costs(report) and program.get("cost_program_loops"):
+        ops = (
+            ", ".join(f"{n}x {name}" for name, n in program.get("cost_program_loop_ops", {}).items()) or "not recorded"
+        )
+        lines.append(f"- {label}: {program['cost_program_loops']} loops left in the twin, from: {ops}.")
+  return ["### Loops left in the twins", ""] + lines + [""] if lines else []
 
 
 def _movers(p: dict) -> str:

@@ -475,6 +475,18 @@ def top_instructions(compiled: Any, top: int = 6) -> list[tuple[str, int, int]]:
   return [(name, b, n) for name, (b, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]]
 
 
+def _loops(compiled: Any) -> dict[str, Any]:
+  """The program's while loops: how many, and how many come from each JAX operation (its op_name)."""
+  names: dict[str, int] = {}
+  for line in compiled.as_text().splitlines():
+    if re.search(r"\swhile\(", line):
+      op_name = re.search(r'op_name="([^"]*)"', line)
+      parts = [p for p in (op_name.group(1) if op_name else "").split("/") if p and not p.startswith("jit(step_fn")]
+      name = "/".join(parts[-2:]) or "(inserted by XLA)"
+      names[name] = names.get(name, 0) + 1
+  return {"cost_program_loops": sum(names.values()), "cost_program_loop_ops": names}
+
+
 def _cost_dict(compiled) -> dict[str, float]:
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per device
@@ -519,9 +531,7 @@ def analyse(
       "hbm_movers": movers,
       "top_instructions": top,
       # While loops left in the program the costs come from: each counted once, so the costs undercount.
-      "cost_program_loops": len(
-          re.findall(r"\swhile\(", (compiled if cost_compiled is None else cost_compiled).as_text())
-      ),
+      **_loops(compiled if cost_compiled is None else cost_compiled),
       "compile_s": compile_s,
       "memory": {
           **{f"{k}_bytes": v for k, v in mem.items()},
@@ -767,8 +777,9 @@ def format_report(report: dict[str, Any]) -> str:
       lines.append("  bytes moved by: " + ", ".join(f"{kind} {_size(n)}" for kind, n in p["hbm_movers"][:5]))
     if p.get("cost_program_loops"):
       lines.append(
-          f"  NOTE: {p['cost_program_loops']} while loop(s) in the program the costs come from: XLA counts each "
-          "body once, so its FLOPs, bytes and the estimate are too low"
+          f"  NOTE: {p['cost_program_loops']} while loop(s) in the program the costs come from "
+          f"({p.get('cost_program_loop_ops')}): XLA counts each body once, so its FLOPs, bytes and the estimate are "
+          "too low"
       )
     for name, moved, count in p.get("top_instructions", [])[:3]:
       lines.append(f"    {_size(moved)} in {count} instruction(s) of {name}")
