@@ -404,13 +404,13 @@ def _closing_paren(text: str) -> int:
   return len(text)
 
 
-def _top_level_traffic(compiled: Any) -> Iterator[tuple[str, int, str]]:
+def _top_level_traffic(hlo_text: str) -> Iterator[tuple[str, int, str]]:
   """(kind, bytes, op_name) of each of the program's non-fused instructions: operand + result bytes
   (fusions named by what they compute: 'matmul' when they hold a convolution/dot, 'reduce', 'elementwise');
   a while loop's body is walked once, as XLA's cost analysis counts it."""
   computations: dict[str, list[str]] = {}
   current = None
-  for line in compiled.as_text().splitlines():
+  for line in hlo_text.splitlines():
     if line and not line[0].isspace() and line.rstrip().endswith("{"):
       current = line.split("(")[0].split()[-1].lstrip("%")
       computations[current] = []
@@ -453,20 +453,20 @@ def _top_level_traffic(compiled: Any) -> Iterator[tuple[str, int, str]]:
       yield kind, sizes[result] + sum(sizes.get(o, 0) for o in operands), op_name.group(1) if op_name else ""
 
 
-def hbm_movers(compiled: Any, top: int = 8) -> list[tuple[str, int]]:
+def hbm_movers(hlo_text: str, top: int = 8) -> list[tuple[str, int]]:
   """Which kinds of op move the bytes (see `_top_level_traffic`), summed, largest first: a rough view of
   XLA's 'bytes accessed', per chip."""
   totals: dict[str, int] = {}
-  for kind, traffic, _ in _top_level_traffic(compiled):
+  for kind, traffic, _ in _top_level_traffic(hlo_text):
     totals[kind] = totals.get(kind, 0) + traffic
   return sorted(totals.items(), key=lambda kv: -kv[1])[:top]
 
 
-def top_instructions(compiled: Any, top: int = 6) -> list[tuple[str, int, int]]:
+def top_instructions(hlo_text: str, top: int = 6) -> list[tuple[str, int, int]]:
   """The JAX operations (op_name without the jit/transpose/remat wrappers) whose instructions move the most
   bytes: (name, bytes, instruction count), largest first."""
   totals: dict[str, list[int]] = {}
-  for kind, traffic, op_name in _top_level_traffic(compiled):
+  for kind, traffic, op_name in _top_level_traffic(hlo_text):
     parts = [p for p in op_name.split("/") if p and not p.startswith(("jit(", "jvp(", "transpose(", "checkpoint"))]
     name = f"{kind}: {'/'.join(parts[-3:]) or '(inserted by XLA)'}"
     entry = totals.setdefault(name, [0, 0])
@@ -475,10 +475,10 @@ def top_instructions(compiled: Any, top: int = 6) -> list[tuple[str, int, int]]:
   return [(name, b, n) for name, (b, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]]
 
 
-def _loops(compiled: Any) -> dict[str, Any]:
+def _loops(hlo_text: str) -> dict[str, Any]:
   """The program's while loops: how many, and how many come from each JAX operation (its op_name)."""
   names: dict[str, int] = {}
-  for line in compiled.as_text().splitlines():
+  for line in hlo_text.splitlines():
     if re.search(r"\swhile\(", line):
       op_name = re.search(r'op_name="([^"]*)"', line)
       parts = [p for p in (op_name.group(1) if op_name else "").split("/") if p and not p.startswith("jit(step_fn")]
@@ -508,7 +508,8 @@ def analyse(
       for name in ("argument", "output", "temp", "generated_code", "alias")
   }
   total = mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
-  cost = _cost_dict(compiled if cost_compiled is None else cost_compiled)
+  cost_program = compiled if cost_compiled is None else cost_compiled
+  cost = _cost_dict(cost_program)
   xla_flops = float(cost.get("flops", 0.0))
   xla_bytes = float(cost.get("bytes accessed", 0.0))
   optimal = cost.get("optimal_seconds")
@@ -522,16 +523,18 @@ def analyse(
         "compute-bound" if compute_s >= memory_s else "memory-bound"
     )
   analytic_per_chip = analytic_flops / topology.chips
+  # One rendering of the cost program's HLO (megabytes for a 1B model) serves the three summaries.
+  hlo_text = cost_program.as_text()
   try:
-    movers = hbm_movers(compiled if cost_compiled is None else cost_compiled)
-    top = top_instructions(compiled if cost_compiled is None else cost_compiled)
+    movers = hbm_movers(hlo_text)
+    top = top_instructions(hlo_text)
   except Exception:  # noqa: BLE001 - a summary only; HLO text formats change
     movers, top = [], []
   return {
       "hbm_movers": movers,
       "top_instructions": top,
       # While loops left in the program the costs come from: each counted once, so the costs undercount.
-      **_loops(compiled if cost_compiled is None else cost_compiled),
+      **_loops(hlo_text),
       "compile_s": compile_s,
       "memory": {
           **{f"{k}_bytes": v for k, v in mem.items()},

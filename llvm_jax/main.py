@@ -247,7 +247,7 @@ def main(argv) -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   # Tracing and compiling allocate millions of short-lived objects; Python's default collector thresholds
-  # cost ~5% of a short run (4 demo steps from a cold compile cache: 35.9 -> 34.1 s of CPU, two A/B pairs).
+  # cost ~5% of a short run (4 demo steps from a cold compile cache: 36.2 -> 34.1 s of CPU, two A/B pairs).
   gc.set_threshold(100_000, 50, 1000)
   config = _CONFIG.value
   if config is None:
