@@ -242,30 +242,44 @@ def test_matches_reference(case_index, impl, blocks):
       np.testing.assert_allclose(g, ref_g, atol=ATOL, rtol=0)
 
 
-def test_blocked_bfloat16():
-  # Keeps the input dtype; float32 accumulation makes it at least as close as the einsum path (measured:
-  # out 5.5e-3, grads 2.7e-2 vs einsum's 7.8e-3, 2.7e-2).
-  case = CASES[0]
+def _check_bfloat16(case: Case, impl: str, fully_masked_out: str | None, **blocks) -> None:
+  """bf16 in, bf16 out, against the float64 reference of the bf16-rounded inputs."""
   bf16 = lambda x: x.astype(jnp.bfloat16)
   want_out, want_grads = reference(
-      bf16(case.q), bf16(case.k), bf16(case.v), dense_mask(case.mask), case.scale, bf16(case.cotangent())
-  )
-  out, grads = out_and_grads(
       bf16(case.q),
       bf16(case.k),
       bf16(case.v),
-      case.mask,
+      None if case.mask is None else dense_mask(case.mask),
+      case.scale,
       bf16(case.cotangent()),
-      impl="blocked",
-      scale=case.scale,
-      block_q=8,
-      block_kv=5,
+  )
+  out, grads = out_and_grads(
+      bf16(case.q), bf16(case.k), bf16(case.v), case.mask, bf16(case.cotangent()), impl=impl, scale=case.scale, **blocks
   )
   assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+  out, grads = np.asarray(out, np.float32), [np.asarray(g, np.float32) for g in grads]
+  # Padding rows included: a NaN there would reach the real gradients through 0 * NaN.
+  assert np.isfinite(out).all() and all(np.isfinite(g).all() for g in grads)
   valid = case.valid_rows[:, :, None, None]
-  np.testing.assert_allclose(np.where(valid, np.asarray(out, np.float32), 0), np.where(valid, want_out, 0), atol=2e-2)
-  for g, want in zip(grads, want_grads):
-    np.testing.assert_allclose(np.asarray(g, np.float32), want, atol=6e-2)
+  np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, want_out, 0), atol=2e-2)
+  if fully_masked_out == "zero":
+    np.testing.assert_array_equal(np.where(valid, 0, out), 0)
+  elif fully_masked_out == "mean_v":
+    np.testing.assert_allclose(np.where(valid, 0, out), np.where(valid, 0, want_out), atol=2e-2)
+  for name, g, want in zip("qkv", grads, want_grads):
+    np.testing.assert_allclose(g, want, atol=6e-2, err_msg=f"d{name}")
+
+
+def test_blocked_bfloat16():
+  # Keeps the input dtype; float32 accumulation makes it at least as close as the einsum path (measured:
+  # out 5.5e-3, grads 2.7e-2 vs einsum's 7.8e-3, 2.7e-2).
+  _check_bfloat16(CASES[0], "blocked", "zero", block_q=8, block_kv=5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused kernel needs an NVIDIA GPU")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_cudnn_kernel_on_gpu(case):
+  _check_bfloat16(case, "cudnn", "mean_v")
 
 
 SPLASH_CASES = [

@@ -149,6 +149,7 @@ def test_gpu_bench_script_times_and_writes_the_table(tmp_path, monkeypatch):
   gpu_bench.main()
   [result] = json.loads(raw.read_text())
   assert "error" not in result and result["step_time_s"] > 0 and result["tokens_per_second"] > 0
+  assert result["init_s"] > 0 and result["last_loss"] < result["first_loss"]  # the same batch, four steps
   cfg = config_utils.model_config(bench_1b.get_config("technique=trol,size=tiny"))
   assert result["params"] == cost.param_count(cfg)
   table = out.read_text()

@@ -51,9 +51,12 @@ def time_jax(config, steps: int) -> dict[str, float]:
   model = LLVM(config_utils.model_config(config))
   mesh = trainer.mesh_from_config(config)
   setup, _ = trainer.build_setup(config, model, mesh)
+  tick = time.perf_counter()
   params = trainer.initial_params(config, setup)
   with trainer.sharding_context(mesh, setup.rules):
     opt_state = jax.jit(setup.tx.init, out_shardings=setup.opt_shardings)(params)
+  jax.block_until_ready(opt_state)
+  init_s = time.perf_counter() - tick  # compile and run of the param and optimiser-state init
   b, s = config.data.global_batch_size, config.data.seq_len
   batch = make_global_batch(synthetic_batch(model.config, b, s, grid_mode=config.data.deepstack_grid_mode), mesh)
   tick = time.perf_counter()
@@ -61,12 +64,13 @@ def time_jax(config, steps: int) -> dict[str, float]:
       setup, trainer.make_train_step(setup, trainer.loss_function(config), 1), params, opt_state, batch
   )
   compile_s = time.perf_counter() - tick
-  times = []
+  times, losses = [], []
   for step in range(steps + 3):
     tick = time.perf_counter()
     params, opt_state, metrics = compiled(params, opt_state, batch, jnp.asarray(step, jnp.int32))
     jax.block_until_ready(metrics["loss"])
     times.append(time.perf_counter() - tick)
+    losses.append(metrics["loss"])
   step_time = float(np.median(times[3:]))
   step_flops = b * flops.train_flops_per_sample(model.config, s, 1 if model.config.vision else 0)
   result = {
@@ -80,6 +84,10 @@ def time_jax(config, steps: int) -> dict[str, float]:
       "tflops_per_device": step_flops / step_time / jax.device_count() / 1e12,
       "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
       "compile_s": compile_s,
+      "init_s": init_s,
+      # The same batch every step: the loss must fall (a sanity check on the timed program).
+      "first_loss": float(losses[0]),
+      "last_loss": float(losses[-1]),
   }
   memory = compiled.memory_analysis()
   if memory is not None and hasattr(memory, "temp_size_in_bytes"):
