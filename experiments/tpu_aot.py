@@ -380,6 +380,15 @@ def _has_costs(report: dict) -> bool:
   return not report.get("costs_pending") and report.get("costs_from", "loop-free").startswith("loop-free")
 
 
+def _twin_state(report: dict) -> str:
+  """Why a compiled program has no estimate: its loop-free twin is pending, or failed (and why)."""
+  if report.get("costs_pending"):
+    return "twin not compiled yet"
+  failed = report.get("costs_from", "")
+  # costs_from reads "program itself (its loop-free twin failed: <error>)"
+  return "twin failed: " + failed.split("twin failed: ", 1)[1][:-1] if "twin failed: " in failed else "failed"
+
+
 def _one_b_row(report: dict, technique: str, topology: str) -> str:
   p = _program(report, "train")
   if report.get("pending"):
@@ -392,7 +401,7 @@ def _one_b_row(report: dict, technique: str, topology: str) -> str:
       f"{_ms(p['estimated_step_s'])} | {_source(p)} | {p['estimated_mfu']:.1%} | "
       f"{p['xla_flops_per_chip'] / p['analytic_flops_per_chip']:.2f}"
       if _has_costs(report)
-      else "twin not compiled yet | – | – | –"
+      else f"{_twin_state(report)} | – | – | –"
   )
   return (
       f"| {technique} | {topology} ({report['chips']} chips) | {_gib(p['memory']['total_bytes'])} | "
@@ -474,10 +483,14 @@ def markdown(
       state = "failed" if report.get("error") or "error" in (_program(report, "decode") or {}) else "not compiled yet"
       lines.append(f"| {technique} | – | {state} | – | – | – | – | – |")
       continue
-    decode_ratios[technique] = p["roofline_hbm_s"] / p["estimated_step_s"]
+    decode_ratios[technique] = (
+        p["roofline_hbm_s"] / p["estimated_step_s"],
+        p["min_traffic_s"] / p["estimated_step_s"],
+        _source(p).startswith("roofline"),
+    )
     lines.append(
         f"| {technique} | {_gib(p['memory']['total_bytes'])} | {_ms(p['estimated_step_s'])} | {_source(p)} | "
-        f"{_ms(p['roofline_hbm_s'])} | {decode_ratios[technique]:.0%} | {_ms(p['min_traffic_s'])} | "
+        f"{_ms(p['roofline_hbm_s'])} | {decode_ratios[technique][0]:.0%} | {_ms(p['min_traffic_s'])} | "
         f"{p['min_traffic_s'] / p['estimated_step_s']:.0%} |"
     )
 
@@ -511,7 +524,7 @@ def markdown(
         f"{sparse['analytic_flops'] / dense['analytic_flops']:.3f} | {PAPER_PMOD_FLOPS:.3f} |"
     )
   elif dense and sparse and "error" not in sparse:  # p-MoD's program compiled; its twin failed or is pending
-    state = "twin not compiled yet" if pmod_7b.get("costs_pending") else pmod_7b.get("costs_from", "failed")
+    state = _twin_state(pmod_7b)
     lines.append(
         f"| {label} | {dense_found['topology']} | – ({state}) | "
         f"{sparse['analytic_flops'] / dense['analytic_flops']:.3f} | {PAPER_PMOD_FLOPS:.3f} |"
@@ -533,11 +546,20 @@ def markdown(
         f"- p-MoD / dense est. step time ({pair}): {ratio:.3f} (target <= {TARGETS['pmod_step_ratio']}): "
         f"{'met' if ok else 'MISSED'}."
     )
-  for technique, ratio in decode_ratios.items():
-    ok = ratio >= TARGETS["decode_of_roofline"]
+  for technique, (ratio, ideal_ratio, by_construction) in decode_ratios.items():
+    # Where the estimate is the roofline of XLA's own bytes, that ratio is 1 by construction: the target
+    # is then judged against the ideal traffic, each argument (weights, KV cache) read once.
+    judged = ideal_ratio if by_construction else ratio
+    ok = judged >= TARGETS["decode_of_roofline"]
+    what = (
+        f"one read of the arguments / est. time {ideal_ratio:.0%} (the estimate is XLA's bytes / bandwidth, "
+        f"so XLA bytes roofline / estimate = {ratio:.0%} by construction)"
+        if by_construction
+        else f"HBM roofline / est. time {ratio:.0%}"
+    )
     lines.append(
-        f"- decode ({technique}): HBM roofline / est. time {ratio:.0%} (target >= "
-        f"{TARGETS['decode_of_roofline']:.0%}): {'met' if ok else 'MISSED'}."
+        f"- decode ({technique}): {what} (target >= {TARGETS['decode_of_roofline']:.0%}): "
+        f"{'met' if ok else 'MISSED'}."
     )
   lines += [""] + notes + [""] + _loops_left(one_b, paper_found, pmod_7b)
   lines += [f"Compile time of this run: {run.compile_s / 60:.1f} min (cached compiles excluded).", ""]

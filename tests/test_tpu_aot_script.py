@@ -63,7 +63,22 @@ def cache(tmp_path):
               "programs": {},
           },
       },
+      # DeepStack's program compiled, its twin's process died.
+      {"key": key.replace("baseline", "deepstack") + ":twin=False", "report": _report(_memory_program(7.0))},
+      {
+          "key": key.replace("baseline", "deepstack") + ":costs=loop-free",
+          "report": {
+              "error": "the compiling process died (killed: out of host memory?)",
+              "crashed": True,
+              "programs": {},
+          },
+      },
   ]
+  # The baseline's decode step: estimated by the roofline of XLA's bytes, 4x one read of its arguments.
+  decode_key = key.replace(":train", f":decode:{plan.decode_rows}:{plan.new_tokens}")
+  decode_memory = dict(_memory_program(1.0), min_traffic_s=1e-3)
+  for suffix, program in ((":twin=False", decode_memory), (":costs=loop-free", _cost_program(4e-3))):
+    entries.append({"key": decode_key + suffix, "report": dict(_report({}), programs={"decode": program})})
   path = tmp_path / "cache.jsonl"
   path.write_text("".join(json.dumps(e) + "\n" for e in entries))
   return plan, str(path)
@@ -88,6 +103,13 @@ def test_rows_merge_memory_and_twin_costs_and_the_report_marks_the_rest(cache):
   )
   assert "| pmod | v5e-8 (8 chips) | 6.00 | yes | twin not compiled yet |" in text
   assert "| phantom | v5e-8 | – | not compiled yet |" in text
+  assert (
+      "| deepstack | v5e-8 (8 chips) | 7.00 | yes | twin failed: the compiling process died (killed: out of host memory?) |"
+      in text
+  )
+  # A roofline estimate equals XLA's bytes / bandwidth by construction: the decode target is judged against
+  # one read of the arguments instead.
+  assert "- decode (baseline): one read of the arguments / est. time 25% " in text and "70%): MISSED" in text
   # No p-MoD pair without p-MoD's twin; the baseline's MFU target is judged.
   assert "est. MFU 25.0% (target >= 50%): MISSED" in text and "1B v5e-8" not in text
   assert f"INCOMPLETE: {len(run.pending)} programs are not compiled yet" in text and len(run.pending) > 20
