@@ -45,6 +45,9 @@ def _cost_program(step_s: float) -> dict:
   }
 
 
+CRASHED = {"error": "the compiling process died (killed: out of host memory?)", "crashed": True, "programs": {}}
+
+
 @pytest.fixture
 def cache(tmp_path):
   plan = tpu_aot.Plan.make(quick=False)
@@ -55,24 +58,10 @@ def cache(tmp_path):
       # p-MoD's program compiled, its twin not yet.
       {"key": key.replace("baseline", "pmod") + ":twin=False", "report": _report(_memory_program(6.0))},
       # A compile whose process died.
-      {
-          "key": key.replace("baseline", "trol") + ":twin=False",
-          "report": {
-              "error": "the compiling process died (killed: out of host memory?)",
-              "crashed": True,
-              "programs": {},
-          },
-      },
+      {"key": key.replace("baseline", "trol") + ":twin=False", "report": CRASHED},
       # DeepStack's program compiled, its twin's process died.
       {"key": key.replace("baseline", "deepstack") + ":twin=False", "report": _report(_memory_program(7.0))},
-      {
-          "key": key.replace("baseline", "deepstack") + ":costs=loop-free",
-          "report": {
-              "error": "the compiling process died (killed: out of host memory?)",
-              "crashed": True,
-              "programs": {},
-          },
-      },
+      {"key": key.replace("baseline", "deepstack") + ":costs=loop-free", "report": CRASHED},
   ]
   # The baseline's decode step: estimated by the roofline of XLA's bytes, 4x one read of its arguments.
   decode_key = key.replace(":train", f":decode:{plan.decode_rows}:{plan.new_tokens}")
