@@ -4,11 +4,12 @@
   python experiments/gpu_bench.py --size=tiny --batch=4 --seq_len=128 --out=/tmp/gpu.md   # CPU check
 
 Runs llvm_jax.bench's timing (the trainer's own jitted train step, bf16 compute, fp32 master
-weights, full remat, synthetic batches) for the baseline and each technique in one process, one
-after the other on the same device, and writes a Markdown table: step time, tokens/s, TFLOP/s and
-MFU (analytic FLOPs including each technique's extra work, llvm_jax/flops.py), compile time,
-the step's memory, and the step-time ratio to the baseline. A variant that fails (out of memory,
-say) is recorded with its error and the others still run.
+weights, full remat, scanned layers, the backend's fused attention kernel, synthetic batches) for the
+baseline and each technique in one process, one after the other on the same device, and writes a
+Markdown table: step time, tokens/s, TFLOP/s and MFU (analytic FLOPs including each technique's extra
+work, llvm_jax/flops.py), init and compile time, the step's memory, the step-time ratio to the
+baseline, and the first and last step's loss. A variant that fails (out of memory, say) is recorded
+with its error and the others still run.
 """
 
 from __future__ import annotations
