@@ -104,6 +104,14 @@ def test_rows_merge_memory_and_twin_costs_and_the_report_marks_the_rest(cache):
   assert f"INCOMPLETE: {len(run.pending)} programs are not compiled yet" in text and len(run.pending) > 20
 
 
+def test_pmod_step_ratio_compares_like_with_like():
+  roofline = _cost_program(0.2)  # estimate = roofline, 0.2 s
+  xla = dict(_cost_program(0.1), estimate_source="XLA optimal_seconds", estimated_step_s=0.3)  # roofline 0.1 s
+  assert tpu_aot._step_ratio(roofline, dict(roofline, estimated_step_s=0.4)) == (0.5, "")
+  ratio, basis = tpu_aot._step_ratio(roofline, xla)  # 0.2 / 0.3 would mix the two chip models
+  assert ratio == 2.0 and "rooflines" in basis
+
+
 def test_a_compile_whose_process_died_is_reported_and_retried_only_on_request(cache):
   plan, path = cache
   key = f"1b:False:trol:v5e-8:{plan.one_b_shape}:train"
