@@ -29,6 +29,7 @@ import jax  # noqa: E402
 
 from configs import bench_1b  # noqa: E402
 from llvm_jax.bench.train_step import time_jax  # noqa: E402
+from llvm_jax.models.config import ATTENTION_IMPLEMENTATIONS  # noqa: E402
 
 TECHNIQUES = ("baseline", "trol", "phantom", "deepstack", "pmod", "all_four")
 DEFAULT_ATTENTION = {"gpu": "cudnn", "tpu": "splash"}
@@ -118,7 +119,7 @@ def main() -> None:
   parser.add_argument(
       "--attention",
       default=DEFAULT_ATTENTION.get(jax.default_backend(), "blocked"),
-      choices=("xla", "blocked", "cudnn", "splash"),
+      choices=ATTENTION_IMPLEMENTATIONS,
       help="attention_impl; default: the backend's fused kernel (cudnn on GPU, splash on TPU), else blocked.",
   )
   parser.add_argument("--scan", default="true", choices=("true", "false"), help="scan_layers")

@@ -209,7 +209,8 @@ class Runner:
     for name, program in merged["programs"].items():
       costs = (twin.get("programs") or {}).get(name)
       if not costs or "error" in costs:
-        merged["costs_from"] = f"program itself (its loop-free twin failed: {(costs or twin).get('error', '?')})"
+        merged["twin_error"] = (costs or twin).get("error", "?")
+        merged["costs_from"] = f"program itself (its loop-free twin failed: {merged['twin_error']})"
         continue
       program.update({field: costs[field] for field in COST_FIELDS if field in costs})
       program["cost_compile_s"] = costs["compile_s"]
@@ -344,8 +345,13 @@ def _compile_time(p: dict) -> str:
   return f"{p['compile_s']:.0f} s{twin}"
 
 
+def _xla_estimate(p: dict) -> bool:
+  """Whether the estimate is XLA's own (optimal_seconds), not the roofline it falls back to."""
+  return p.get("estimate_source", "").startswith("XLA")
+
+
 def _source(p: dict) -> str:
-  source = "XLA" if p.get("estimate_source", "").startswith("XLA") else "roofline"
+  source = "XLA" if _xla_estimate(p) else "roofline"
   # Loops XLA's compiler put back into the twin: each body counted once, so the estimate is too low.
   loops = p.get("cost_program_loops")
   return f"{source} ({loops} loops left)" if loops else source
@@ -383,7 +389,7 @@ def _has_costs(report: dict) -> bool:
 def _step_ratio(sparse: dict, dense: dict) -> tuple[float, str]:
   """p-MoD / dense estimated step time, like for like: where XLA's estimate is valid for only one of the
   two programs, the ratio of their rooflines (an XLA estimate over a roofline compares two chip models)."""
-  if _source(sparse).split()[0] == _source(dense).split()[0]:
+  if _xla_estimate(sparse) == _xla_estimate(dense):
     return sparse["estimated_step_s"] / dense["estimated_step_s"], ""
   roofline = lambda p: max(p["roofline_hbm_s"], p["roofline_compute_s"])
   return roofline(sparse) / roofline(dense), " (both rooflines: XLA's estimate is valid for one program only)"
@@ -393,9 +399,7 @@ def _twin_state(report: dict) -> str:
   """Why a compiled program has no estimate: its loop-free twin is pending, or failed (and why)."""
   if report.get("costs_pending"):
     return "twin not compiled yet"
-  failed = report.get("costs_from", "")
-  # costs_from reads "program itself (its loop-free twin failed: <error>)"
-  return "twin failed: " + failed.split("twin failed: ", 1)[1][:-1] if "twin failed: " in failed else "failed"
+  return f"twin failed: {report['twin_error']}" if "twin_error" in report else "failed"
 
 
 def _one_b_row(report: dict, technique: str, topology: str) -> str:
@@ -495,12 +499,12 @@ def markdown(
     decode_ratios[technique] = (
         p["roofline_hbm_s"] / p["estimated_step_s"],
         p["min_traffic_s"] / p["estimated_step_s"],
-        _source(p).startswith("roofline"),
+        not _xla_estimate(p),
     )
     lines.append(
         f"| {technique} | {_gib(p['memory']['total_bytes'])} | {_ms(p['estimated_step_s'])} | {_source(p)} | "
         f"{_ms(p['roofline_hbm_s'])} | {decode_ratios[technique][0]:.0%} | {_ms(p['min_traffic_s'])} | "
-        f"{p['min_traffic_s'] / p['estimated_step_s']:.0%} |"
+        f"{decode_ratios[technique][1]:.0%} |"
     )
 
   lines += [
