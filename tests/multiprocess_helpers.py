@@ -1,10 +1,29 @@
-"""Launching the real multi-process (gloo) test workers: a free coordinator port, and the workers run to
-completion, each log shown if one fails."""
+"""Launching subprocesses from the tests: the command lines as a user's install runs them, and the real
+multi-process (gloo) workers (a free coordinator port; the workers run to completion, each log shown if
+one fails)."""
 
 import os
 import socket
 import subprocess
 import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# `python -m MODULE ARGS` with torch hidden: torch is a test-only dependency (the parity reference), so a
+# user's install has none; with it present, `transformers` imports it (~3.5 s of CPU) in every CLI that
+# reads an HF config or processor.
+_AS_INSTALLED = "import runpy, sys; sys.modules['torch'] = None; del sys.argv[0]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
+
+
+def run_cli(module: str, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+  """Runs `python -m module *args` from the repository root, as installed (no torch); with `check`, asserts
+  it exits 0 (its stderr's tail shown)."""
+  result = subprocess.run(
+      [sys.executable, "-c", _AS_INSTALLED, module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+  )
+  if check:
+    assert result.returncode == 0, result.stderr[-4000:]
+  return result
 
 
 def worker_env(repo: str, devices: int) -> dict:

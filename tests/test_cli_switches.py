@@ -1,19 +1,14 @@
 """Techniques and evals switched from the command line; the console's progress bar (issue 16)."""
 
 import json
-import os
-import re
-import subprocess
-import sys
 
 import pytest
+from multiprocess_helpers import run_cli
 
 from configs import demo, internvl, llava, paper
 from llvm_jax import config_utils
 from llvm_jax.models.config import LLVMConfig, PmodConfig
 from llvm_jax.train import metrics as metrics_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -- config level (fast) ---------------------------------------------------------------------------
@@ -101,77 +96,42 @@ def test_progress_line_has_step_mean_loss_rate_and_eta(tmp_path, capsys):
   assert "2 steps/s" in line and "ETA 0:38" in line and "step_time" not in line
 
 
-# -- through the command line: each technique trains 2 steps ----------------------------------------
+# -- through the command line: the four techniques train 2 steps -------------------------------------
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
-
-
-def _train(workdir, data_dir, arg, *flags):
-  cmd = [
-      sys.executable,
-      "-m",
+def techniques_run(tmp_path_factory):
+  # One process switches all four techniques on, each the way a user would (the config arg or its block's
+  # flags): one model compile instead of one per technique. Evals from the command line: test_eval_predict.
+  workdir = tmp_path_factory.mktemp("techniques")
+  result = run_cli(
       "llvm_jax.main",
-      f"--config=configs/demo.py:steps=2,res=32,patch=16,layers=2,batch=8,{arg}",
+      "--config=configs/demo.py:steps=2,res=32,patch=16,layers=2,batch=8,technique=phantom",
       f"--workdir={workdir}",
       "--config.data.name=synthetic_vqa/tiny",
-      f"--config.data.data_dir={data_dir}",
+      f"--config.data.data_dir={tmp_path_factory.mktemp('tfds')}",
       "--config.train.log_every=1",
       "--config.evals.test.baseline_split=",
-      *flags,
-  ]
-  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result, json.loads((workdir / "config.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def techniques_run(tmp_path_factory, data_dir):
-  # One process switches three techniques on, each the way a user would (the config arg or its block's
-  # flags): one model compile instead of three; each test below checks its own technique.
-  return _train(
-      tmp_path_factory.mktemp("techniques"),
-      data_dir,
-      "technique=phantom",
       "--config.model.decoder.trol.enabled=True",
       "--config.model.decoder.trol.layers=(1,)",
       "--config.model.decoder.pmod.enabled=True",
       "--config.data.packing=False",  # p-MoD's kept length is sized for unpacked rows
-      "--config.eval_specs=-test",  # no eval: fast
+      "--config.model.deepstack.enabled=True",  # data.deepstack_grid follows
+      "--config.eval_specs=-test",  # no eval: the four techniques' sampler is the costliest compile here
   )
+  return result, json.loads((workdir / "config.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["trol", "phantom", "pmod"])
+@pytest.mark.parametrize("name", ["trol", "phantom", "pmod", "deepstack"])
 @pytest.mark.slow
 def test_each_technique_trains_from_the_command_line(techniques_run, name):
   result, saved = techniques_run
   model = LLVMConfig.from_dict(saved["model"])
-  assert getattr(model.decoder, name) is not None
+  block = model.deepstack if name == "deepstack" else getattr(model.decoder, name)
+  assert block is not None
   if name == "trol":
     assert model.decoder.trol.layers == (1,)
+  if name == "deepstack":
+    assert tuple(saved["data"]["deepstack_grid"]) == model.deepstack.num_crops
   assert "step 2/2" in result.stdout and "eval " not in result.stdout
-
-
-@pytest.mark.slow
-def test_deepstack_and_evals_from_the_command_line(tmp_path, data_dir):
-  # DeepStack from its block (data.deepstack_grid follows); evals: the config's own (updated) and one
-  # added, at every step.
-  result, saved = _train(
-      tmp_path,
-      data_dir,
-      "technique=baseline",
-      "--config.model.deepstack.enabled=True",
-      "--config.train.eval_every=1",
-      "--config.eval_specs=test,max_examples=2;extra:exact_match,split=test,max_examples=2",
-  )
-  model = LLVMConfig.from_dict(saved["model"])
-  assert tuple(saved["data"]["deepstack_grid"]) == model.deepstack.num_crops
-  out = result.stdout
-  assert "step 2/2" in out and "ETA" in out and "avg loss" in out
-  for step in (1, 2):  # intermediate and final evals are printed as they happen
-    assert f"eval test at step {step}" in out and f"eval extra at step {step}" in out
-  # Library INFO is off by default: no absl/Orbax 'I1130 ...' lines.
-  assert not re.search(r"^I\d{4} ", result.stderr, re.M), result.stderr[:2000]
 
 
 # -- predict --stream prints the same text as the returned answer ------------------------------------

@@ -11,7 +11,7 @@ import pytest
 
 from llvm_jax import config_utils, convert, flops
 from llvm_jax.models import deepstack
-from llvm_jax.models.config import DeepStackConfig, LLVMConfig, PhantomConfig, ProjectorConfig, TrolConfig
+from llvm_jax.models.config import DeepStackConfig, LLVMConfig, ProjectorConfig
 from llvm_jax.models.llvm import LLVM, decode_step, prefill, splice_image_features
 from llvm_jax.models.vision import VisionLayer, VisionTower
 from tests.model_helpers import LM, run_layer
@@ -240,22 +240,10 @@ def test_llvm_rows_without_images_untouched(llvm_setup):
   assert np.abs(np.asarray(full)[1, :3] - np.asarray(base)[1, :3]).max() <= 1e-6
 
 
-@pytest.mark.parametrize(
-    # TroL on two of the injection layers: the interplay (pass-2 caches of injected layers) at half the program.
-    "decoder_opts",
-    [{}, {"trol": TrolConfig(layers=(1, 2)), "phantom": PhantomConfig()}],
-    ids=["plain", "trol+phantom"],
-)
-def test_llvm_prefill_decode_equals_full(llvm_setup, decoder_opts):
+def test_llvm_prefill_decode_equals_full(llvm_setup):
+  # With TroL, Phantom and p-MoD too (pass-2 caches of injected layers): tests/test_sampler.py, all four.
   (tokens, images, image_mask, hires), params, full = llvm_setup
-  cfg = DS
-  if decoder_opts:
-    cfg = dataclasses.replace(DS, decoder=dataclasses.replace(DS.decoder, **decoder_opts))
-    params = convert.init_params(LLVM(cfg), jax.random.key(4))
-    full = jax.jit(lambda p, t, i, m, h: LLVM(cfg).apply({"params": p}, t, i, m, hires_images=h)[0])(
-        params, tokens, images, image_mask, hires
-    )
-  model = LLVM(cfg)
+  model = LLVM(DS)
   cut = SEQ - 3  # every image token is in the prompt
   logits, cache = jax.jit(lambda p, t, i, m, h: prefill(model, p, t, SEQ, i, m, hires_images=h))(
       params, tokens[:, :cut], images, image_mask, hires

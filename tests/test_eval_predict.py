@@ -3,12 +3,12 @@ training run writes here, and params-only restores onto another mesh."""
 
 import json
 import os
-import subprocess
-import sys
+import re
 
 import jax
 import numpy as np
 import pytest
+from multiprocess_helpers import REPO, run_cli
 from train_helpers import SyntheticBatches, tiny_config
 
 from llvm_jax import config_utils, convert, evaluators, predict, sampler
@@ -20,7 +20,6 @@ from llvm_jax.models.llvm import LLVM
 from llvm_jax.train import checkpoint, trainer
 from llvm_jax.tree_utils import flatten
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 
 
@@ -151,17 +150,18 @@ def test_accuracy_per_question_type(tmp_path, monkeypatch):
 
 
 # -- a real run: train a few steps, then predict / evaluate its checkpoint ---------------------------
-def _main(*args, module="llvm_jax.main", cwd=REPO):
-  result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result.stdout
+def _main(*args, module="llvm_jax.main"):
+  return run_cli(module, *args).stdout
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def training_run(tmp_path_factory):
+  """The run's workdir and its console output. Its evals: the config's own (updated) and one added from
+  the command line, every 2 steps."""
   root = tmp_path_factory.mktemp("run")
   workdir = root / "work"
-  _main(
+  result = run_cli(
+      "llvm_jax.main",
       f"--config={REPO}/configs/demo.py:steps={STEPS},res=32,patch=16",
       f"--workdir={workdir}",
       "--config.data.name=synthetic_vqa/tiny",
@@ -169,9 +169,25 @@ def run_dir(tmp_path_factory):
       "--config.data.global_batch_size=8",
       "--config.train.checkpoint_every=2",
       "--config.train.log_every=1",
-      "--config.evals.test.baseline_split=train",
+      "--config.train.eval_every=2",
+      "--config.eval_specs=test,baseline_split=train;extra:exact_match,split=test,max_examples=2",
   )
-  return workdir
+  return workdir, result
+
+
+@pytest.fixture(scope="module")
+def run_dir(training_run):
+  return training_run[0]
+
+
+@pytest.mark.slow
+def test_evals_and_progress_are_printed_as_they_happen(training_run):
+  out, err = training_run[1].stdout, training_run[1].stderr
+  assert f"step {STEPS}/{STEPS}" in out and "ETA" in out and "avg loss" in out
+  for step in (2, STEPS):  # intermediate and final evals
+    assert f"eval test at step {step}" in out and f"eval extra at step {step}" in out
+  # Library INFO is off by default: no absl/Orbax 'I1130 ...' lines.
+  assert not re.search(r"^I\d{4} ", err, re.M), err[:2000]
 
 
 def test_training_run_evaluates_with_chance_level(run_dir):

@@ -4,14 +4,13 @@ guards: a model with a technique is refused without --allow_custom, and round-tr
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 import transformers
 from hf_journey_helpers import build_llava_dir, build_llava_json
+from multiprocess_helpers import run_cli
 from PIL import Image
 from safetensors.numpy import load_file
 
@@ -19,18 +18,13 @@ from llvm_jax import config_utils, convert, predict, sampler
 from llvm_jax.convert import core
 from llvm_jax.data import vision
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _cli(module, *args):
-  result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=900)
-  return result
+  return run_cli(module, *args, timeout=900, check=False)
 
 
 def _ok(module, *args):
-  result = _cli(module, *args)
-  assert result.returncode == 0, result.stderr[-4000:]
-  return result.stdout
+  return run_cli(module, *args, timeout=900).stdout
 
 
 def _hf_generate(hf_dir, image_path, question, max_new_tokens):

@@ -1,22 +1,16 @@
 """The entry point: configs load, typos fail by name, the demo task runs end to end."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from multiprocess_helpers import run_cli
 
 from configs import demo, internvl, llava
 from llvm_jax import config_utils
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _run(*args):
-  return subprocess.run(
-      [sys.executable, "-m", "llvm_jax.main", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-  )
+  return run_cli("llvm_jax.main", *args, timeout=300, check=False)
 
 
 def test_demo_runs_and_cache_matches_full_sequence(tmp_path):

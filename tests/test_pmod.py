@@ -14,7 +14,7 @@ import pytest
 from llvm_jax import config_utils, convert, flops
 from llvm_jax import cost as cost_lib
 from llvm_jax.models import hooks, masks, pmod, trol
-from llvm_jax.models.config import DecoderConfig, LLVMConfig, PhantomConfig, PmodConfig, TrolConfig
+from llvm_jax.models.config import DecoderConfig, LLVMConfig, PmodConfig, TrolConfig
 from llvm_jax.models.decoder import MLP, Attention, DecoderLayer, init_cache
 from llvm_jax.models.layers import RMSNorm
 from llvm_jax.models.llvm import LLVM, decode_step, prefill
@@ -357,27 +357,6 @@ def test_trol_official_prefill_traverses_kept_prompt(params, batch):
   full = np.asarray(_forward(cfg)(p, prompt, prompt_segments))
   np.testing.assert_allclose(np.asarray(logits)[valid], full[valid], rtol=TOL, atol=TOL)
   assert [int(c["pmod"]["end"]) for c in cache["layers"][1:]] == [12, 8]
-
-
-def test_phantom_composition_prefill_decode(batch):
-  tokens, segments = batch
-  cfg = _cfg(phantom=PhantomConfig(eta=0.5))
-  p = nn.unbox(jax.jit(LM(cfg).init)(jax.random.PRNGKey(31), tokens, segments)["params"])
-  p = dict(
-      p,
-      decoder=dict(
-          p["decoder"],
-          pmod_router={
-              "kernel": jax.random.normal(jax.random.PRNGKey(32), (2, BASE.embed_dim)),
-              "bias": jnp.zeros((2,)),
-          },
-      ),
-  )
-  valid = np.asarray(segments) != 0
-  full = np.asarray(_forward(cfg)(p, tokens, segments))
-  got, cache = _incremental(cfg, p, tokens, segments)
-  np.testing.assert_allclose(got[valid], full[valid], rtol=TOL, atol=TOL)
-  assert [c["k"].shape[1] for c in cache["layers"]] == [24, 19, 15]
 
 
 def test_remat_matches(params, batch):

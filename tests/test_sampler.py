@@ -53,9 +53,13 @@ def _prompts():
   return [[1, 7] + [IMAGE] * n + [9, 10, 11], [1] + [IMAGE] * n + list(range(20, 28))]
 
 
-def _batch(cfg, prompts, batch_size=None, buckets=(16,), seed=0):
-  batch = sampler.pad_prompts(prompts, batch_size, buckets)
-  rng = np.random.RandomState(seed)
+# Every sampler call here is 4 rows of the 16 bucket: one compiled program per model and sampling mode.
+ROWS = 4
+
+
+def _batch(cfg, prompts):
+  batch = sampler.pad_prompts(prompts, ROWS, buckets=(16,))
+  rng = np.random.RandomState(0)
   rows = batch["tokens"].shape[0]
   batch["images"] = rng.uniform(-1, 1, (rows, 1, 16, 16, 3)).astype(np.float32)
   batch["image_mask"] = (batch["segment_ids"].sum(axis=1) > 0)[:, None]
@@ -73,6 +77,7 @@ def test_greedy_equals_argmax_of_full_sequence_logits(name):
   tokens = np.asarray(out.tokens)
   full_tokens = np.concatenate([batch["tokens"], tokens[:, :-1]], axis=1)
   segment_ids = np.concatenate([batch["segment_ids"], np.ones_like(tokens[:, :-1])], axis=1)
+  real = len(_prompts())  # the rows past it are padding
   logits, _ = jax.jit(model.apply)(
       {"params": params},
       full_tokens,
@@ -81,10 +86,10 @@ def test_greedy_equals_argmax_of_full_sequence_logits(name):
       segment_ids,
       hires_images=batch.get("hires_images"),
   )
-  step_logits = np.asarray(logits[:, batch["tokens"].shape[1] - 1 :])
-  np.testing.assert_array_equal(tokens, step_logits.argmax(-1))
-  np.testing.assert_allclose(np.asarray(out.logits), step_logits, atol=2e-4, rtol=2e-4)
-  assert np.asarray(out.lengths).tolist() == [NEW, NEW]
+  step_logits = np.asarray(logits[:real, batch["tokens"].shape[1] - 1 :])
+  np.testing.assert_array_equal(tokens[:real], step_logits.argmax(-1))
+  np.testing.assert_allclose(np.asarray(out.logits)[:real], step_logits, atol=2e-4, rtol=2e-4)
+  assert np.asarray(out.lengths)[:real].tolist() == [NEW, NEW]
   # The output is not degenerate: the rows differ, so images and prompts matter.
   assert not np.array_equal(tokens[0], tokens[1])
 
@@ -98,16 +103,19 @@ def test_bucketed_batch_rows_equal_prompts_run_alone(name):
   images = rng.uniform(-1, 1, (len(prompts), 1, 16, 16, 3)).astype(np.float32)
   sampling = sampler.SamplingConfig(max_new_tokens=NEW)
   hires = rng.uniform(-1, 1, (len(prompts), 1, 2, 16, 16, 3)).astype(np.float32)
-  batch = sampler.pad_prompts(prompts, batch_size=4, buckets=(16, 32))
-  assert batch["tokens"].shape == (4, 16)
+  batch = sampler.pad_prompts(prompts, batch_size=ROWS, buckets=(16, 32))
+  assert batch["tokens"].shape == (ROWS, 16)
   batch["images"] = np.concatenate([images, images[:1]])
   batch["hires_images"] = np.concatenate([hires, hires[:1]])
   batch["image_mask"] = np.asarray([[True]] * 3 + [[False]])
   together = sampler.sample(model, params, batch, sampling, return_logits=True)
   for row, prompt in enumerate(prompts):
-    alone_batch = sampler.pad_prompts([prompt], buckets=(16, 32))
+    # Alone: the only prompt among padding rows (the same shape as `together`: no second compile).
+    alone_batch = sampler.pad_prompts([prompt], batch_size=ROWS, buckets=(16, 32))
     alone_batch.update(
-        images=images[row : row + 1], hires_images=hires[row : row + 1], image_mask=np.ones((1, 1), bool)
+        images=np.roll(batch["images"], -row, axis=0),
+        hires_images=np.roll(batch["hires_images"], -row, axis=0),
+        image_mask=np.asarray([[True]] + [[False]] * (ROWS - 1)),
     )
     alone = sampler.sample(model, params, alone_batch, sampling, return_logits=True)
     np.testing.assert_array_equal(np.asarray(together.tokens)[row], np.asarray(alone.tokens)[0])

@@ -6,7 +6,7 @@ import os
 import subprocess
 
 import pytest
-from multiprocess_helpers import free_port, run_workers, worker_env
+from multiprocess_helpers import free_port, run_cli, run_workers, worker_env
 from train_helpers import run, tiny_config
 
 from llvm_jax.train import checkpoint, trainer
@@ -121,21 +121,8 @@ def test_bad_train_settings_are_named(tmp_path, field, value):
     ],
 )
 def test_cli_rejects_bad_settings_before_building_anything(tmp_path, override, named):
-  import sys
-
-  result = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "llvm_jax.main",
-          "--config=configs/demo.py",
-          f"--workdir={tmp_path}",
-          f"--config.{override}",
-      ],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=300,
+  result = run_cli(
+      "llvm_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path}", f"--config.{override}", check=False
   )
   assert result.returncode != 0 and named in result.stderr, result.stderr[-2000:]
   assert not os.path.exists(tmp_path / "tokenizer")  # failed before the tokenizer / data were built

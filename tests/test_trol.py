@@ -11,7 +11,7 @@ import pytest
 
 from llvm_jax import flops
 from llvm_jax.models import trol
-from llvm_jax.models.config import LLVMConfig, PhantomConfig, TrolConfig
+from llvm_jax.models.config import LLVMConfig, TrolConfig
 from llvm_jax.models.decoder import init_cache
 from llvm_jax.train import optim
 from tests.model_helpers import LM, TINY_DECODER, run_layer, stacked
@@ -162,14 +162,6 @@ def test_full_decoding_equals_full_sequence(scan_layers, layers, base_params, to
   # Pass-2 caches exist exactly where layers traverse (every layer of a scanned stack).
   if not scan_layers:
     assert [trol.PASS2_CACHE_KEY in c for c in cache["layers"]] == [i in (layers or range(3)) for i in range(3)]
-
-
-def test_full_decoding_with_phantom(tokens):
-  """TroL x Phantom: the pass-2 cache carries Phantom's entries too; decoding stays exact."""
-  cfg = dataclasses.replace(_cfg(layers=(0, 2), gate_init="normal"), phantom=PhantomConfig(eta=0.5))
-  params = nn.unbox(jax.jit(LM(cfg).init)(jax.random.PRNGKey(0), tokens)["params"])
-  incremental, _ = _incremental(cfg, params, tokens, PROMPT)
-  np.testing.assert_allclose(incremental, _forward(cfg)(params, tokens), rtol=TOL, atol=TOL)
 
 
 @pytest.mark.parametrize("scan_layers,layers", [(False, None), (True, (0, 2))])

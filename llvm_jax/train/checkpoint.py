@@ -42,6 +42,12 @@ def _item_handlers() -> dict[str, Any]:
 
 
 def manager(workdir: str, save_every: int, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+  # Orbax's replica-parallel save has each replica of a replicated array write a slice of it, so that
+  # the hosts share the writing. Within one process it only adds a device slice per array per replica
+  # (a tiny model's save on 8 CPU devices: 2,700 slices, ~1.5 s): off unless there are other hosts.
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1), override=True
+  )
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=async_save
   )
