@@ -1,6 +1,6 @@
 """Dot-product attention with interchangeable implementations (`DecoderConfig.attention_impl`).
 
-A leaf module (imports jax, numpy and `masks` only). Every implementation takes
+A leaf module (imports jax, numpy, `masks` and the config's constants only). Every implementation takes
 
     q: (B, T, H, dq); k: (B, S, Hkv, dq); v: (B, S, Hkv, dv); H a multiple of Hkv
 
@@ -31,11 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from llvm_jax.models import masks as masks_lib
+from llvm_jax.models.config import ATTENTION_IMPLEMENTATIONS
 
 Array = jax.Array
 MaskInfo = masks_lib.MaskInfo
 
-IMPLEMENTATIONS = ("xla", "blocked", "cudnn", "splash")
 
 # Large negative instead of -inf: a fully masked row stays finite (same value as `layers.NEG_INF`).
 NEG_INF = -1e30
@@ -73,12 +73,12 @@ def dot_product_attention(
     block_q: int = 512,
     block_kv: int = 512,
 ) -> Array:
-  """Attention of q over (k, v) under `mask` with the implementation `impl` (one of IMPLEMENTATIONS).
+  """Attention of q over (k, v) under `mask` with the implementation `impl` (one of ATTENTION_IMPLEMENTATIONS).
 
   `block_q`/`block_kv` are the tile sizes of 'blocked' and 'splash' (capped at T and S).
   """
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown attention implementation {impl!r}; expected one of {IMPLEMENTATIONS}")
+  if impl not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTENTION_IMPLEMENTATIONS}")
   _check_shapes(q, k, v, mask)
   if impl == "xla":
     return einsum_attention(q, k, v, None if mask is None else mask.dense(), scale)

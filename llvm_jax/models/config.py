@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 T = TypeVar("T")
 
-# The implementations of models/attention.py (kept here so the config imports nothing of the model).
+# The implementations of models/attention.py, which takes them from here (the config imports nothing of the
+# model).
 ATTENTION_IMPLEMENTATIONS = ("xla", "blocked", "cudnn", "splash")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
