@@ -1,6 +1,5 @@
-"""The one layer loop: scanned (with full remat) equals unrolled for the techniques together, forward,
-gradients and cached decoding. TroL, Phantom and DeepStack each check their own scanned stack alone
-(tests/test_trol.py, test_phantom.py, test_deepstack.py); p-MoD's, whose stages split the loop, is here."""
+"""The one layer loop: scanned (with full remat) equals unrolled for each technique and their combinations,
+forward, gradients and cached decoding. Phantom alone is in tests/test_phantom.py (the same check)."""
 
 import dataclasses
 import functools
@@ -31,9 +30,10 @@ TECHNIQUES = {
     ),
     "deepstack": {},
 }
-# p-MoD alone, the pairing with the most interplay (TroL reusing p-MoD's routing), all four.
+# Each technique alone (Phantom: test_phantom.py), the pairing with the most interplay (TroL reusing
+# p-MoD's routing), all four.
 LM = functools.partial(DecoderLM, image_token=IMG, num_vision=NUM_VISION)
-COMBOS = [("pmod",), ("trol", "pmod"), tuple(TECHNIQUES)]
+COMBOS = [("trol",), ("pmod",), ("deepstack",), ("trol", "pmod"), tuple(TECHNIQUES)]
 
 
 def _cfg(combo, **overrides):
