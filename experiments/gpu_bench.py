@@ -74,7 +74,7 @@ def markdown(results: list[dict], args, command: str) -> str:
       f"Measured {datetime.date.today().isoformat()} with jax {jax.__version__} ({jax.default_backend()}), "
       f"{jax.device_count()} device(s); batch {args.batch} x {args.seq_len} tokens, one {image_size} px image per row "
       f"(plus 4 crops with DeepStack), bf16 compute, fp32 master weights and AdamW, remat={args.remat}, "
-      f"attention_impl={args.attention}, scan_layers={args.scan}; "
+      f"attention_impl={args.attention}, scan_layers={args.scan}, threefry_kernel={args.threefry_kernel}; "
       f"median of {args.steps} steps after 3 warm-up steps.",
       "",
       "Produced by:",
@@ -123,10 +123,20 @@ def main() -> None:
       help="attention_impl; default: the backend's fused kernel (cudnn on GPU, splash on TPU), else blocked.",
   )
   parser.add_argument("--scan", default="true", choices=("true", "false"), help="scan_layers")
+  parser.add_argument(
+      "--threefry_kernel",
+      default="true",
+      choices=("true", "false"),
+      help="jax_threefry_gpu_kernel_lowering (GPU only): the random init's threefry as one CUDA kernel per call "
+      "instead of XLA's unrolled rounds (the same bits). The 1B param init compiled for >200 s on an H200 "
+      "without it (19 s on a 2-core CPU; its 64K HLO instructions hold ~110 threefry bodies); "
+      "false: A/B against XLA's lowering.",
+  )
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "gpu.md"))
   parser.add_argument("--json", default="", help="Also write the raw results here.")
   args = parser.parse_args()
+  jax.config.update("jax_threefry_gpu_kernel_lowering", args.threefry_kernel == "true")
   command = ("python experiments/gpu_bench.py " + " ".join(sys.argv[1:])).strip()
   results = run(args, command)
   print(markdown(results, args, command))

@@ -142,6 +142,7 @@ def test_gpu_bench_script_times_and_writes_the_table(tmp_path, monkeypatch):
           "--remat=none",  # remat is a config value, not a code path of the script: skip its compile cost
           "--steps=1",
           "--techniques=trol",
+          "--threefry_kernel=false",  # the test worker's jax setting as it is (the flag is in jit cache keys)
           f"--out={out}",
           f"--json={raw}",
       ],
@@ -153,4 +154,4 @@ def test_gpu_bench_script_times_and_writes_the_table(tmp_path, monkeypatch):
   cfg = config_utils.model_config(bench_1b.get_config("technique=trol,size=tiny"))
   assert result["params"] == cost.param_count(cfg)
   table = out.read_text()
-  assert "| trol |" in table and "--size=tiny" in table
+  assert "| trol |" in table and "--size=tiny" in table and "threefry_kernel=false" in table
