@@ -26,7 +26,7 @@ def run_cli(module: str, *args: str, timeout: float = 600, check: bool = True) -
   return result
 
 
-def worker_env(repo: str, devices: int) -> dict:
+def worker_env(devices: int) -> dict:
   """The test env for a worker process with `devices` fake CPU devices, keeping conftest's other XLA flags
   (XLA's backend optimisation off: the workers' compiles otherwise take several times longer)."""
   flags = [
@@ -34,7 +34,7 @@ def worker_env(repo: str, devices: int) -> dict:
   ]
   return dict(
       os.environ,
-      PYTHONPATH=repo + os.pathsep + os.path.join(repo, "tests"),
+      PYTHONPATH=REPO + os.pathsep + os.path.join(REPO, "tests"),
       JAX_PLATFORMS="cpu",
       XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", *flags]),
   )

@@ -8,11 +8,11 @@ slower one (~30 s on 2 cores: the scanned programs and their unrolled twins).
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from multiprocess_helpers import REPO
 
 from llvm_jax import aot
 
@@ -20,7 +20,6 @@ needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (pip install -e '.[aot]')"
 )
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Scanned layers and blocked attention: the costs come from the loop-free twin (XLA counts a loop body once).
 TINY = ["--config=configs/bench_1b.py:size=tiny,batch=8,seq_len=128,scan=true", "--config.model.decoder.num_layers=2"]
 # The same tiny model with a batch whose activations need ~400 GiB per chip.
@@ -33,7 +32,7 @@ HUGE = [
 def _start(args: list[str]) -> subprocess.Popen:
   return subprocess.Popen(
       [sys.executable, "-m", "llvm_jax.aot", "--topology=v5e:2x2", *args],
-      cwd=_REPO,
+      cwd=REPO,
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
       text=True,

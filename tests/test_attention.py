@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from multiprocess_helpers import REPO
 
 from llvm_jax.models import attention, masks
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-5
 
 
@@ -400,7 +400,7 @@ _TPU_COMPILE_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install libtpu)")
 def test_splash_compiles_for_tpu():
   # A subprocess: the deviceless TPU topology must not meet the test process's fake-CPU backend.
-  python_path = os.pathsep.join(filter(None, [_REPO, os.environ.get("PYTHONPATH")]))
+  python_path = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=python_path)
   env.pop("XLA_FLAGS", None)
   result = subprocess.run(

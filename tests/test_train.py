@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from multiprocess_helpers import free_port, run_workers, worker_env
+from multiprocess_helpers import REPO, free_port, run_workers, worker_env
 from train_helpers import SyntheticBatches, run, tiny_config
 
 from llvm_jax import config_utils, convert
@@ -16,7 +16,6 @@ from llvm_jax.models.llvm import LLVM
 from llvm_jax.train import checkpoint, lora, trainer
 from llvm_jax.tree_utils import flatten
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "train_multihost_worker.py")
 
 
@@ -125,7 +124,7 @@ def test_two_processes_match_one_process(tmp_path):
   single, _ = run(tiny_config(total_steps=3, checkpoint_every=3), tmp_path / "single")
   single_losses = [json.loads(l)["train/loss"] for l in open(tmp_path / "single" / "metrics.jsonl")]
   port = free_port()
-  env = worker_env(REPO, devices=4)
+  env = worker_env(devices=4)
   workdir = tmp_path / "pair"
   run_workers(WORKER, [[str(i), str(port), str(workdir)] for i in range(2)], env, timeout=240)
   pair_losses = [json.loads(l)["train/loss"] for l in open(workdir / "metrics.jsonl")]

@@ -6,13 +6,12 @@ import os
 import subprocess
 
 import pytest
-from multiprocess_helpers import free_port, run_cli, run_workers, worker_env
+from multiprocess_helpers import REPO, free_port, run_cli, run_workers, worker_env
 from train_helpers import run, tiny_config
 
 from llvm_jax.train import checkpoint, trainer
 from llvm_jax.train.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLockedError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH_WORKER = os.path.join(REPO, "tests", "mesh_check_worker.py")
 
 
@@ -167,7 +166,7 @@ def test_rerun_of_a_finished_run_reports_already_complete(tmp_path):
 # Row 1: processes must feed distinct batch rows.
 @pytest.mark.slow
 def test_mesh_replicating_the_batch_over_processes_is_an_error(tmp_path):
-  env = worker_env(REPO, devices=2)
+  env = worker_env(devices=2)
   port = free_port()
   logs = run_workers(MESH_WORKER, [[str(i), str(port)] for i in range(2)], env, timeout=180)
   for log in logs:

@@ -6,10 +6,9 @@ import json
 import os
 
 import pytest
-from multiprocess_helpers import free_port, run_workers
+from multiprocess_helpers import REPO, free_port, run_workers
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_multihost_worker.py")
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.slow
