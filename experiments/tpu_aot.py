@@ -7,7 +7,7 @@
 
 Every number comes from XLA's TPU compiler (libtpu) compiling the real programs for a deviceless
 topology: HBM per chip from `memory_analysis()`, step times and MFU ESTIMATED from XLA's cost model
-(`optimal_seconds`) or, where it gives none, the roofline of the compiled FLOPs and bytes. Sections:
+(`optimal_seconds`) or, where it gives none, the roofline of the compiled FLOPs and HBM bytes. Sections:
   1. The ~1B LLVM (configs/bench_1b.py: InternVL2-1B-like, batch 16 x 1024 tokens, bf16 compute, fp32
      master weights, remat full) with each technique, FSDP on v5e-8 (8 chips, one 2x4 host) and
      v5p-8 (Cloud TPU's name counts TensorCores: 4 chips, one 2x2x1 host): the train step.
@@ -17,7 +17,9 @@ topology: HBM per chip from `memory_analysis()`, step times and MFU ESTIMATED fr
      parallelism (remat full); the search compiles the scanned programs only (memory).
   3. The decode step (1B on v5e-8, weights replicated: 16 rows against 1152 cache slots): estimated
      time against the HBM roofline of its compiled bytes and against one read of its arguments.
-  4. p-MoD against its dense model: estimated step times next to the analytic FLOPs (paper: 58.7%).
+  4. p-MoD against its dense model: estimated step times next to the analytic FLOPs (paper: 58.7%), for
+     the train steps above and for the prefill at the paper's inference shape (16 rows of one image and
+     a 64-token prompt, weights replicated: the 1B on v5e-8, LLaVA-1.5-7B on v5p-8).
 Layers are scanned with the blocked attention, as bench_1b runs them. XLA's cost analysis counts a loop
 body once (one layer of the scan, one tile of the attention), so every estimate comes from the program's
 loop-free twin (`aot.cost_twin_config`: layers unrolled, einsum attention, one microbatch), the memory
@@ -84,6 +86,7 @@ class Plan:
   tensor_parallel: int = 4
   decode_rows: int = 16
   new_tokens: int = 128
+  prompt_tokens: int = 64  # the text after the image in section 4's prefill (the paper's inference shape)
 
   @classmethod
   def make(cls, quick: bool) -> Plan:
@@ -116,6 +119,16 @@ def one_b_config(plan: Plan, technique: str, strategy: str = "fsdp"):
   return _finish(config, strategy, 1, 1)
 
 
+def prefill_config(plan: Plan, model: str):
+  """Section 4's prefill, the shape of the paper's inference FLOPs: `plan.decode_rows` rows of one image and
+  a `plan.prompt_tokens`-token prompt, weights replicated. `model`: a 1B technique or a PAPER_7B name."""
+  config = one_b_config(plan, model, "dp") if model in TECHNIQUES else paper_config(plan, model, "dp", 1)
+  tokens = config_utils.model_config(config).tokens_per_image
+  with config.unlocked():
+    config.data.update(global_batch_size=plan.decode_rows, seq_len=tokens + plan.prompt_tokens)
+  return config
+
+
 def paper_config(plan: Plan, name: str, strategy: str, microbatches: int):
   batch, seq = plan.paper_shape
   if plan.quick:
@@ -144,6 +157,7 @@ class Runner:
   def __init__(self, cache_path: str, refresh: bool, compile_missing: bool = True, retry_crashed: bool = False):
     self.path = cache_path
     self.compile_missing = compile_missing
+    self.retry_crashed = retry_crashed
     self.pending: list[str] = []  # keys looked up but neither cached nor compiled
     self.done: dict[str, Any] = {}
     if os.path.exists(cache_path) and not refresh:
@@ -192,8 +206,14 @@ class Runner:
     twin_config = aot.cost_twin_config(config)
     if report.get("pending") or not report.get("fits") or twin_config is None:
       return report
+    twin_key, old_key = f"{key}:{TWIN_KEY}", f"{key}:costs=loop-free"
+    if twin_key not in self.done and old_key in self.done:
+      # Compiled before HBM bytes were counted (its roofline says so): kept unless this run compiles it
+      # again; one that died is compiled again only with --retry_crashed, as any other.
+      if not self.compile_missing or (self.done[old_key].get("crashed") and not self.retry_crashed):
+        twin_key = old_key
     twin = self(
-        f"{key}:costs=loop-free",
+        twin_key,
         twin_config,
         topology,
         what,
@@ -217,12 +237,16 @@ class Runner:
     return merged
 
 
+# The cache key of a loop-free twin; 'hbm': its bytes are the HBM traffic counted by memory space (older
+# twins, keyed 'costs=loop-free', have XLA's all-memory 'bytes accessed' in their roofline).
+TWIN_KEY = "costs=loop-free:hbm"
 # Fields of `aot.analyse` that come from the cost analysis (the rest: memory, from the real program).
 COST_FIELDS = (
     "hbm_movers",
     "top_instructions",
     "xla_flops_per_chip",
     "xla_bytes_accessed_per_chip",
+    "hbm_bytes_accessed_per_chip",
     "xla_optimal_seconds",
     "estimated_step_s",
     "estimate_source",
@@ -240,17 +264,16 @@ COST_FIELDS = (
 def section_one_b(plan: Plan, run: Runner) -> dict[tuple[str, str, str], dict]:
   """Train steps (FSDP) on each topology; decode steps on the first with the weights replicated (DP), as a
   server holds a 1B model (FSDP would all-gather every weight for every token). Compiled in the order the
-  targets need them: the first topology's train steps, its decode steps, then the other topologies.
-  Keyed (technique, topology, 'train' or 'decode')."""
+  targets need them, quickest first: the decode steps (seconds each), the first topology's train steps,
+  then the other topologies. Keyed (technique, topology, 'train' or 'decode')."""
   results = {}
-  first, *others = plan.one_b_topologies
+  first = plan.one_b_topologies[0]
 
   def train(topology: str) -> None:
     for technique in COMPILE_ORDER:
       key = f"1b:{plan.quick}:{technique}:{topology}:{plan.one_b_shape}:train"
       results[(technique, topology, "train")] = run.row(key, one_b_config(plan, technique), topology, ("train",))
 
-  train(first)
   for technique in COMPILE_ORDER:
     key = f"1b:{plan.quick}:{technique}:{first}:{plan.one_b_shape}:decode:{plan.decode_rows}:{plan.new_tokens}"
     results[(technique, first, "decode")] = run.row(
@@ -261,7 +284,7 @@ def section_one_b(plan: Plan, run: Runner) -> dict[tuple[str, str, str], dict]:
         decode_batch=plan.decode_rows,
         new_tokens=plan.new_tokens,
     )
-  for topology in others:
+  for topology in plan.one_b_topologies:
     train(topology)
   return results
 
@@ -351,7 +374,7 @@ def _xla_estimate(p: dict) -> bool:
 
 
 def _source(p: dict) -> str:
-  source = "XLA" if _xla_estimate(p) else "roofline"
+  source = "XLA" if _xla_estimate(p) else "roofline" if "hbm_bytes_accessed_per_chip" in p else "roofline (XLA bytes)"
   # Loops XLA's compiler put back into the twin: each body counted once, so the estimate is too low.
   loops = p.get("cost_program_loops")
   return f"{source} ({loops} loops left)" if loops else source
@@ -371,6 +394,31 @@ def section_pmod_7b(plan: Plan, run: Runner, paper_found: dict) -> dict | None:
   config = paper_config(plan, "pmod_llava15_7b", dense_found["strategy"], dense_found["microbatches"])
   report = run.row(key, config, dense_found["topology"], ("train",))
   return None if report.get("pending") else report
+
+
+# Section 4's prefill pairs: (label, dense model, p-MoD model, topology, compiled with which --compile section).
+PREFILL_PAIRS = (
+    ("~1B", "baseline", "pmod", "v5e-8", "1b"),
+    ("LLaVA-1.5-7B", "llava15_7b", "pmod_llava15_7b", "v5p-8", "7b"),
+)
+
+
+def section_pmod_prefill(plan: Plan, run: Runner, sections: set[str]) -> dict[str, tuple]:
+  """p-MoD's prefill against its dense model's at the paper's inference shape (`prefill_config`), where
+  vision tokens are most of the sequence: {label: (dense report, p-MoD report, (rows, seq_len), topology)}.
+  Pairs of a section this run does not compile come from the cache."""
+  pairs = {}
+  for label, dense, sparse, topology, section in PREFILL_PAIRS:
+    run_compile, run.compile_missing = run.compile_missing, section in sections
+    reports = []
+    for model in (dense, sparse):
+      config = prefill_config(plan, model)
+      shape = (config.data.global_batch_size, config.data.seq_len)
+      key = f"prefill:{plan.quick}:{model}:{topology}:{shape}:{plan.new_tokens}"
+      reports.append(run.row(key, config, topology, ("prefill",), new_tokens=plan.new_tokens))
+    run.compile_missing = run_compile
+    pairs[label] = (reports[0], reports[1], shape, topology)
+  return pairs
 
 
 def _costed(one_b: dict, technique: str, topology: str, program: str) -> dict | None:
@@ -393,6 +441,16 @@ def _step_ratio(sparse: dict, dense: dict) -> tuple[float, str]:
     return sparse["estimated_step_s"] / dense["estimated_step_s"], ""
   roofline = lambda p: max(p["roofline_hbm_s"], p["roofline_compute_s"])
   return roofline(sparse) / roofline(dense), " (both rooflines: XLA's estimate is valid for one program only)"
+
+
+def _pair_state(report: dict, program: str) -> str:
+  """'ok', or why a report has no estimate: not compiled yet, failed (why), its twin pending or failed."""
+  p = _program(report, program)
+  if report.get("pending"):
+    return "not compiled yet"
+  if p is None or "error" in p or "error" in report:
+    return f"failed: {(p or report).get('error', '?')}"
+  return "ok" if _has_costs(report) else _twin_state(report)
 
 
 def _twin_state(report: dict) -> str:
@@ -423,16 +481,26 @@ def _one_b_row(report: dict, technique: str, topology: str) -> str:
 
 
 def markdown(
-    plan: Plan, command: str, one_b: dict, paper_found: dict, pmod_7b: dict | None, run: Runner, notes: list[str]
+    plan: Plan,
+    command: str,
+    one_b: dict,
+    paper_found: dict,
+    pmod_7b: dict | None,
+    prefill_pairs: dict[str, tuple],
+    run: Runner,
+    notes: list[str],
 ) -> str:
   lines = [
       "# Cloud TPU estimates from ahead-of-time compiles" + (" (QUICK: tiny stand-in models)" if plan.quick else ""),
       "",
       f"Produced by `{command}` on {datetime.date.today()} (no TPU: `python -m llvm_jax.aot` compiles the real "
       "programs with libtpu for deviceless topologies). Step times and MFU are ESTIMATES of XLA's cost model "
-      "(`optimal_seconds`, 'XLA') or of the roofline max(compiled FLOPs / peak, compiled bytes / HBM bandwidth) "
-      "('roofline'), never measurements; MFU = analytic FLOPs (llvm_jax/flops.py, causal attention at 1/2, no "
-      "remat) / (estimated time x peak). HBM = arguments + outputs + temporaries − aliased, per chip.",
+      "(`optimal_seconds`, 'XLA') or of the roofline max(compiled FLOPs / peak, HBM bytes / HBM bandwidth) "
+      "('roofline'), never measurements. HBM bytes: what the compiled program's instructions read from and write "
+      "to HBM, by their buffers' memory spaces (XLA's own 'bytes accessed' also counts each prefetch into VMEM and "
+      "each read of the VMEM copy; 'roofline (XLA bytes)' marks twins compiled before the HBM count, which used "
+      "it). MFU = analytic FLOPs (llvm_jax/flops.py, causal attention at 1/2, no remat) / (estimated time x peak). "
+      "HBM / chip = arguments + outputs + temporaries − aliased, per chip.",
       "",
       f"## 1. ~1B LLVM, train step, FSDP (batch {plan.one_b_shape[0]} x {plan.one_b_shape[1]} tokens, remat full)",
       "",
@@ -484,7 +552,7 @@ def markdown(
       f"## 3. Decode step, ~1B LLVM on {decode_topology} ({plan.decode_rows} rows, "
       f"{plan.one_b_shape[1] + plan.new_tokens} cache slots, weights replicated in bf16)",
       "",
-      "| technique | HBM / chip (GiB) | est. step time | source | HBM roofline (XLA bytes / bandwidth) | "
+      "| technique | HBM / chip (GiB) | est. step time | source | HBM roofline (HBM bytes / bandwidth) | "
       "roofline / estimate | one read of the arguments | that / estimate |",
       "|---|---:|---:|---|---:|---:|---:|---:|",
   ]
@@ -544,6 +612,20 @@ def markdown(
     )
   else:
     lines.append(f"| {label} | – | not compiled yet | – | {PAPER_PMOD_FLOPS:.3f} |")
+  for label, (dense_report, sparse_report, (rows, seq_len), topology) in prefill_pairs.items():
+    name = f"{label} prefill: {rows} rows of one image + a {plan.prompt_tokens}-token prompt ({seq_len} tokens)"
+    paper = f"{PAPER_PMOD_FLOPS:.3f}" if "7B" in label else "–"
+    dense, sparse = (_program(r, "prefill") if _has_costs(r) else None for r in (dense_report, sparse_report))
+    if dense and sparse and "error" not in dense and "error" not in sparse:
+      ratio, basis = _step_ratio(sparse, dense)
+      pmod_ratios[f"{label} prefill, {topology}"] = ratio
+      lines.append(
+          f"| {name} | {topology} | {ratio:.3f}{basis} | {sparse['analytic_flops'] / dense['analytic_flops']:.3f} "
+          f"| {paper} |"
+      )
+    else:
+      states = {_pair_state(r, "prefill") for r in (dense_report, sparse_report)} - {"ok"}
+      lines.append(f"| {name} | {topology} | {', '.join(sorted(states))} | – | {paper} |")
 
   lines += ["", "## Targets", ""]
   base = _costed(one_b, "baseline", plan.one_b_topologies[0], "train")
@@ -565,8 +647,8 @@ def markdown(
     judged = ideal_ratio if by_construction else ratio
     ok = judged >= TARGETS["decode_of_roofline"]
     what = (
-        f"one read of the arguments / est. time {ideal_ratio:.0%} (the estimate is XLA's bytes / bandwidth, "
-        f"so XLA bytes roofline / estimate = {ratio:.0%} by construction)"
+        f"one read of the arguments / est. time {ideal_ratio:.0%} (the estimate is the HBM bytes' roofline, "
+        f"so HBM roofline / estimate = {ratio:.0%} by construction)"
         if by_construction
         else f"HBM roofline / est. time {ratio:.0%}"
     )
@@ -613,7 +695,19 @@ def _loops_left(one_b: dict, paper_found: dict, pmod_7b: dict | None) -> list[st
 
 
 def _movers(p: dict) -> str:
-  return ", ".join(f"{kind} {size / 2**30:.2f} GiB" for kind, size in p.get("hbm_movers", [])[:5]) or "–"
+  movers = ", ".join(f"{kind} {size / 2**30:.2f} GiB" for kind, size in p.get("hbm_movers", [])[:5]) or "–"
+  if "hbm_bytes_accessed_per_chip" not in p:  # a twin compiled before the HBM count
+    movers += " (operands + results in any memory space, VMEM included)"
+  return movers
+
+
+def _hbm_bytes(p: dict) -> float:
+  """The program's HBM traffic; XLA's all-memory count for twins compiled before it was counted."""
+  return p.get("hbm_bytes_accessed_per_chip", p["xla_bytes_accessed_per_chip"])
+
+
+def _bytes_name(p: dict) -> str:
+  return "HBM bytes" if "hbm_bytes_accessed_per_chip" in p else "XLA bytes (VMEM traffic included)"
 
 
 def why_missed(plan: Plan, one_b: dict) -> list[str]:
@@ -631,21 +725,29 @@ def why_missed(plan: Plan, one_b: dict) -> list[str]:
         "the masked half of the causal logits).",
         f"- Roofline: compute {_ms(base['roofline_compute_s'])}, HBM {_ms(base['roofline_hbm_s'])} ({bound}-bound); "
         f"estimate {_ms(base['estimated_step_s'])} ({_source(base)}).",
-        f"- Bytes moved by (operands + results of the top-level ops): {_movers(base)}.",
+        f"- HBM bytes moved by (what the top-level ops read from and write to HBM): {_movers(base)}.",
         f"- The JAX operations behind them: {_top(base)}.",
     ]
-    logits = sum(moved for name, moved, _ in base.get("top_instructions", []) if "bkgts" in name)
+    # The logits' einsums (bkgts) and the decoder's softmax over them (DecoderLayer/attn/...: sub, exp,
+    # reduce_sum), among the ops that move the most bytes.
+    logits = sum(
+        moved
+        for name, moved, _ in base.get("top_instructions", [])
+        if "bkgts" in name or ("reduce fusion" in name and "DecoderLayer/attn/" in name)
+    )
     if logits:
       # The twin's einsum attention writes its (T, S) logits to HBM and reads them back; a fused kernel
       # (attention_impl='splash') keeps them on chip. Without that traffic: a bound, not an estimate.
       chip = aot.parse_topology(topology).chip
-      rest_s = (base["xla_bytes_accessed_per_chip"] - logits) / chip.hbm_bandwidth
+      rest_s = (_hbm_bytes(base) - logits) / chip.hbm_bandwidth
       bound_s = max(rest_s, base["roofline_compute_s"])
       lines.append(
-          f"- The twin's einsum attention moves its (T, S) logits through HBM: its instructions' operands and "
-          f"results come to {logits / 2**30:.1f} GiB of the {base['xla_bytes_accessed_per_chip'] / 2**30:.1f} GiB "
-          f"XLA counts. A fused kernel (`attention_impl=splash`) keeps the logits on chip; without those bytes the "
-          f"roofline is {_ms(bound_s)}, MFU at most "
+          f"- The twin's einsum attention moves its (T, S) logits through HBM: the einsums' and the softmax's "
+          f"reads and writes come to {logits / 2**30:.1f} GiB of the {_hbm_bytes(base) / 2**30:.1f} GiB of "
+          f"{_bytes_name(base)}. A fused "
+          "kernel (`attention_impl=splash`: Pallas, whose work XLA's cost analysis does not see) keeps them in VMEM: "
+          f"without those bytes the roofline is {_ms(bound_s)} "
+          f"({'compute' if bound_s == base['roofline_compute_s'] else 'memory'}-bound), MFU at most "
           f"{base['analytic_flops_per_chip'] / (bound_s * chip.peak_flops):.1%}."
       )
     lines.append("")
@@ -670,7 +772,7 @@ def why_missed(plan: Plan, one_b: dict) -> list[str]:
         or p["min_traffic_s"] / p["estimated_step_s"] < TARGETS["decode_of_roofline"]
     ):
       lines.append(
-          f"- decode ({technique}): XLA bytes {p['xla_bytes_accessed_per_chip'] / 2**30:.2f} GiB against "
+          f"- decode ({technique}): {_bytes_name(p)} {_hbm_bytes(p) / 2**30:.2f} GiB against "
           f"{p['memory']['argument_bytes'] / 2**30:.2f} GiB of arguments; moved by: {_movers(p)}."
       )
   return lines
@@ -709,6 +811,7 @@ def main() -> None:
   )
   command = "python experiments/tpu_aot.py" + (" --quick" if args.quick else "")
   start = time.perf_counter()
+  prefill_pairs = section_pmod_prefill(plan, run, sections)  # minutes: before the hours of train steps
   run.compile_missing = "1b" in sections
   one_b = section_one_b(plan, run)
   run.compile_missing = "7b" in sections
@@ -717,7 +820,7 @@ def main() -> None:
   pmod_7b = section_pmod_7b(plan, run, paper_found)
   paper_found.update(section_paper(plan, run, [name for name in PAPER_7B if name != PMOD_DENSE_REFERENCE[0]]))
   notes = why_missed(plan, one_b)
-  text = markdown(plan, command, one_b, paper_found, pmod_7b, run, notes)
+  text = markdown(plan, command, one_b, paper_found, pmod_7b, prefill_pairs, run, notes)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
     f.write(text)

@@ -22,10 +22,12 @@ over the data axes by their batch axis, weights as the strategy's parameter shar
 
 Printed per program, per chip: HBM of arguments, outputs, temporaries and generated code from
 `compiled.memory_analysis()` (total = arguments + outputs + temporaries − aliased) against the chip's
-capacity (fits or not, headroom); XLA's compiled FLOPs and bytes accessed (`cost_analysis()`) next to
-the analytic FLOPs of `llvm_jax.flops` (XLA's differ: rematerialised forwards, masked causal attention
-counted in full, elementwise ops); an ESTIMATED step time and MFU, from XLA's `optimal_seconds`
-where it is positive and finite, otherwise the roofline max(flops / peak, bytes / HBM bandwidth) of
+capacity (fits or not, headroom); XLA's compiled FLOPs (`cost_analysis()`) next to the analytic FLOPs
+of `llvm_jax.flops` (XLA's differ: rematerialised forwards, masked causal attention counted in full,
+elementwise ops); the HBM bytes the compiled program reads and writes, counted from its instructions'
+memory spaces (XLA's 'bytes accessed' also counts every VMEM prefetch and VMEM read, several times the
+HBM traffic of a decode step); an ESTIMATED step time and MFU, from XLA's `optimal_seconds`
+where it is positive and finite, otherwise the roofline max(flops / peak, HBM bytes / HBM bandwidth) of
 the compiled numbers (the source is printed); and the compile time. Exits 1 when a program does not fit.
 XLA's cost analysis counts a while loop's body once, so a program with loops (scanned layers, the
 blocked attention's tile loops, splash's custom call, a microbatch scan) is compiled a second time as its
@@ -355,6 +357,8 @@ def lower_decode(config: ml_collections.ConfigDict, model, mesh: Mesh, rows: int
 # --- Analysis ------------------------------------------------------------------------------------
 
 
+# Instructions that move no bytes themselves: aliases, control flow (its bodies are walked), and the
+# starts of async copies (their done counts the copy).
 _NO_TRAFFIC = (
     "parameter",
     "get-tuple-element",
@@ -364,11 +368,22 @@ _NO_TRAFFIC = (
     "after-all",
     "partition-id",
     "replica-id",
+    "opt-barrier",
+    "while",
+    "conditional",
+    "call",
+    "slice-start",
+    "copy-start",
 )
+_SLICING = ("slice", "dynamic-slice", "gather")  # read only what they return from their first operand
 _DTYPE_BYTES = {
     "pred": 1,
+    "s4": 1,
+    "u4": 1,
     "s8": 1,
     "u8": 1,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
     "bf16": 2,
     "f16": 2,
     "s16": 2,
@@ -381,17 +396,46 @@ _DTYPE_BYTES = {
     "u64": 8,
     "c64": 8,
 }
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)$")
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)$")
+_ARRAY = re.compile(r"\b([a-z]\w*)\[([\d,]*)\](?:\{([^}]*)\})?")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Instruction:
+  name: str
+  shape: str
+  opcode: str
+  operands: tuple[str, ...]
+  attributes: str
+  is_root: bool
+
+
+def _arrays(shape: str) -> list[tuple[int, int]]:
+  """(bytes, memory space) of each array in an HLO shape, padded to its layout's first tile as HBM holds
+  it (T(8,128) pads the two most minor dimensions to 8 and 128); the layout's S(n) names the memory
+  space, none is HBM (TPU: S(1) is VMEM, S(2) SMEM)."""
+  arrays = []
+  for dtype, dims, layout in _ARRAY.findall(shape):
+    if dtype not in _DTYPE_BYTES:
+      continue
+    sizes = [int(d) for d in dims.split(",") if d]
+    minor_to_major, _, tiling = (layout or "").partition(":")
+    order = [int(d) for d in minor_to_major.split(",") if d.strip().isdigit()]
+    tile = re.match(r"T\(([\d,]+)\)", tiling)
+    if tile and len(order) == len(sizes):
+      for dim, multiple in zip(order, reversed([int(t) for t in tile.group(1).split(",")])):
+        sizes[dim] = -(-sizes[dim] // multiple) * multiple
+    space = re.search(r"S\((\d+)\)", tiling)
+    arrays.append((math.prod(sizes) * _DTYPE_BYTES[dtype], int(space.group(1)) if space else 0))
+  return arrays
 
 
 def _shape_bytes(shape: str) -> int:
-  total = 0
-  for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape):
-    count = 1
-    for d in dims.split(","):
-      count *= int(d) if d else 1
-    total += count * _DTYPE_BYTES.get(dtype, 4)
-  return total
+  return sum(size for size, _ in _arrays(shape))
+
+
+def _hbm_bytes(shape: str) -> int:
+  return sum(size for size, space in _arrays(shape) if space == 0)
 
 
 def _closing_paren(text: str) -> int:
@@ -404,73 +448,139 @@ def _closing_paren(text: str) -> int:
   return len(text)
 
 
-def _top_level_traffic(hlo_text: str) -> Iterator[tuple[str, int, str]]:
-  """(kind, bytes, op_name) of each of the program's non-fused instructions: operand + result bytes
-  (fusions named by what they compute: 'matmul' when they hold a convolution/dot, 'reduce', 'elementwise');
-  a while loop's body is walked once, as XLA's cost analysis counts it."""
-  computations: dict[str, list[str]] = {}
+def _computations(hlo_text: str) -> dict[str, list[_Instruction]]:
+  computations: dict[str, list[_Instruction]] = {}
   current = None
   for line in hlo_text.splitlines():
     if line and not line[0].isspace() and line.rstrip().endswith("{"):
       current = line.split("(")[0].split()[-1].lstrip("%")
       computations[current] = []
-    elif current is not None and line.strip() and line.strip() != "}":
-      computations[current].append(line)
+      continue
+    m = _INSTRUCTION.match(line) if current is not None else None
+    if m:
+      root, name, shape, opcode, rest = m.groups()
+      operands = tuple(re.findall(r"%([\w.\-]+)", rest[: _closing_paren(rest)]))
+      computations[current].append(_Instruction(name, shape, opcode, operands, rest, bool(root)))
+  return computations
+
+
+def _fused_reads(body: list[_Instruction]) -> tuple[dict[int, int], tuple[int, int] | None]:
+  """What a fusion reads of its operands: {operand index: bytes} for those it only slices or gathers
+  from (the rest it reads whole), and (operand index, update bytes) when it updates an operand in place
+  (a dynamic-update-slice root: only the update is written)."""
+  parameters = {i.name: int(re.match(r"\d+", i.attributes).group()) for i in body if i.opcode == "parameter"}
+  shapes = {i.name: i.shape for i in body}
+  uses: dict[str, list[_Instruction]] = {}
+  for instruction in body:
+    for position, operand in enumerate(instruction.operands):
+      uses.setdefault(operand, []).append((instruction, position))
+  reads = {}
+  for name, index in parameters.items():
+    users = uses.get(name, [])
+    if users and all(user.opcode in _SLICING and position == 0 for user, position in users):
+      reads[index] = sum(_shape_bytes(user.shape) for user, _ in users)
+  root = next((i for i in body if i.is_root), None)
+  in_place = None
+  if root is not None and root.opcode == "dynamic-update-slice" and root.operands[0] in parameters:
+    in_place = (parameters[root.operands[0]], _shape_bytes(shapes.get(root.operands[1], "")))
+  return reads, in_place
+
+
+def _hbm_traffic(instruction: _Instruction, shapes: dict[str, str], by_name: dict, computations: dict) -> int:
+  """Bytes the instruction reads from and writes to HBM; what it moves within VMEM is not counted."""
+  operands, shape = instruction.operands, instruction.shape
+  in_hbm = lambda name: _hbm_bytes(shapes.get(name, "")) > 0
+  opcode = instruction.opcode
+  if opcode in ("slice-done", "copy-done"):  # an async copy, typically an HBM -> VMEM prefetch
+    start = by_name.get(operands[0])
+    source = start.operands[0] if start is not None and start.operands else None
+    read = 0
+    if source is not None and in_hbm(source):
+      read = _shape_bytes(shape) if opcode == "slice-done" else _hbm_bytes(shapes[source])
+    return read + _hbm_bytes(shape)
+  if opcode.endswith("-done"):
+    return _hbm_bytes(shape)
+  if opcode.endswith("-start"):
+    return sum(_hbm_bytes(shapes.get(o, "")) for o in operands)
+  if opcode in _SLICING:
+    return (_shape_bytes(shape) if in_hbm(operands[0]) else 0) + _hbm_bytes(shape)
+  if opcode == "dynamic-update-slice":  # in place: the update is read and written
+    update = _shape_bytes(shapes.get(operands[1], ""))
+    return (update if in_hbm(operands[1]) else 0) + (update if _hbm_bytes(shape) else 0)
+  if opcode == "fusion":
+    callee = re.search(r"calls=%?([\w.\-]+)", instruction.attributes)
+    reads, in_place = _fused_reads(computations.get(callee.group(1), []) if callee else [])
+    moved = 0
+    for index, operand in enumerate(operands):
+      if in_hbm(operand) and not (in_place and index == in_place[0]):
+        moved += reads.get(index, _hbm_bytes(shapes[operand]))
+    if in_place:
+      return moved + (in_place[1] if _hbm_bytes(shape) else 0)
+    return moved + _hbm_bytes(shape)
+  return sum(_hbm_bytes(shapes.get(o, "")) for o in operands) + _hbm_bytes(shape)
+
+
+def _top_level_traffic(hlo_text: str) -> Iterator[tuple[str, int, str]]:
+  """(kind, HBM bytes, op_name) of each of the compiled program's non-fused instructions (fusions named by
+  what they compute: 'matmul' when they hold a convolution/dot, 'reduce', 'elementwise').
+
+  Only HBM traffic counts: after memory-space assignment, TPU programs prefetch weights and activations
+  into VMEM (async slices and copies into S(1) buffers) and their consumers read the VMEM copy; XLA's
+  'bytes accessed' counts each of those transfers and reads again, as if all were HBM traffic. Slices and
+  gathers read what they return; in-place updates write only the update. A while loop's body is walked
+  once, as XLA's cost analysis counts it."""
+  computations = _computations(hlo_text)
   called = {
       c
-      for lines in computations.values()
-      for line in lines
-      for c in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line)
+      for body in computations.values()
+      for instruction in body
+      for c in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", instruction.attributes)
   }
-  opcodes = {name: {m.group(3) for m in map(_INSTRUCTION.match, lines) if m} for name, lines in computations.items()}
-  for name, lines in computations.items():
+  opcodes = {name: {i.opcode for i in body} for name, body in computations.items()}
+  for name, body in computations.items():
     if name in called and not name.startswith(("while", "body", "cond")) and "while" not in name:
       continue  # fusion bodies and reducers: their traffic is their caller's operands and result
-    sizes: dict[str, int] = {}
-    for line in lines:
-      m = _INSTRUCTION.match(line)
-      if not m:
+    shapes = {i.name: i.shape for i in body}
+    by_name = {i.name: i for i in body}
+    for instruction in body:
+      if instruction.opcode in _NO_TRAFFIC:
         continue
-      result, shape, opcode, rest = m.groups()
-      sizes[result] = _shape_bytes(shape)
-      if opcode in _NO_TRAFFIC or opcode in ("while", "conditional", "call"):
-        continue
-      operands = re.findall(r"%([\w.\-]+)", rest[: _closing_paren(rest)])
-      kind = opcode
-      if opcode == "fusion":
-        body = re.search(r"calls=%?([\w.\-]+)", rest)
-        inner = opcodes.get(body.group(1), set()) if body else set()
+      kind = instruction.opcode
+      if kind == "fusion":
+        callee = re.search(r"calls=%?([\w.\-]+)", instruction.attributes)
+        inner = opcodes.get(callee.group(1), set()) if callee else set()
         kind = (
             "matmul fusion"
             if inner & {"convolution", "dot"}
             else "reduce fusion"
             if "reduce" in inner
-            else ("elementwise fusion")
+            else "elementwise fusion"
         )
-      elif opcode.endswith(("-start", "-done")):
-        kind = opcode.rsplit("-", 1)[0]
-      op_name = re.search(r'op_name="([^"]*)"', rest)
-      yield kind, sizes[result] + sum(sizes.get(o, 0) for o in operands), op_name.group(1) if op_name else ""
+      elif kind in ("slice-done", "copy-done") and _hbm_bytes(instruction.shape) == 0:
+        kind = "prefetch into VMEM"
+      elif kind.endswith(("-start", "-done")):
+        kind = kind.rsplit("-", 1)[0]
+      op_name = re.search(r'op_name="([^"]*)"', instruction.attributes)
+      yield kind, _hbm_traffic(instruction, shapes, by_name, computations), op_name.group(1) if op_name else ""
 
 
-def hbm_movers(hlo_text: str, top: int = 8) -> list[tuple[str, int]]:
-  """Which kinds of op move the bytes (see `_top_level_traffic`), summed, largest first: a rough view of
-  XLA's 'bytes accessed', per chip."""
+def hbm_movers(traffic: list[tuple[str, int, str]], top: int = 8) -> list[tuple[str, int]]:
+  """Which kinds of op move the HBM bytes of `_top_level_traffic`, summed, largest first (per chip)."""
   totals: dict[str, int] = {}
-  for kind, traffic, _ in _top_level_traffic(hlo_text):
-    totals[kind] = totals.get(kind, 0) + traffic
+  for kind, moved, _ in traffic:
+    totals[kind] = totals.get(kind, 0) + moved
   return sorted(totals.items(), key=lambda kv: -kv[1])[:top]
 
 
-def top_instructions(hlo_text: str, top: int = 6) -> list[tuple[str, int, int]]:
+def top_instructions(traffic: list[tuple[str, int, str]], top: int = 6) -> list[tuple[str, int, int]]:
   """The JAX operations (op_name without the jit/transpose/remat wrappers) whose instructions move the most
-  bytes: (name, bytes, instruction count), largest first."""
+  HBM bytes: (name, bytes, instruction count), largest first."""
   totals: dict[str, list[int]] = {}
-  for kind, traffic, op_name in _top_level_traffic(hlo_text):
+  for kind, moved, op_name in traffic:
     parts = [p for p in op_name.split("/") if p and not p.startswith(("jit(", "jvp(", "transpose(", "checkpoint"))]
     name = f"{kind}: {'/'.join(parts[-3:]) or '(inserted by XLA)'}"
     entry = totals.setdefault(name, [0, 0])
-    entry[0] += traffic
+    entry[0] += moved
     entry[1] += 1
   return [(name, b, n) for name, (b, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]]
 
@@ -512,24 +622,25 @@ def analyse(
   cost = _cost_dict(cost_program)
   xla_flops = float(cost.get("flops", 0.0))
   xla_bytes = float(cost.get("bytes accessed", 0.0))
+  # One rendering of the cost program's HLO (megabytes for a 1B model) serves the HBM count and summaries.
+  hlo_text = cost_program.as_text()
+  try:
+    traffic = list(_top_level_traffic(hlo_text))
+    hbm_bytes, bytes_name = float(sum(moved for _, moved, _ in traffic)), "HBM bytes"
+    movers, top = hbm_movers(traffic), top_instructions(traffic, top=12)
+  except Exception:  # noqa: BLE001 - HLO text formats change; XLA's all-memory count is then an upper bound
+    hbm_bytes, bytes_name, movers, top = xla_bytes, "XLA bytes (all memory spaces: the HBM count failed)", [], []
   optimal = cost.get("optimal_seconds")
   peak = chip.peak_flops
-  compute_s, memory_s = xla_flops / peak, xla_bytes / chip.hbm_bandwidth
+  compute_s, memory_s = xla_flops / peak, hbm_bytes / chip.hbm_bandwidth
   if optimal is not None and math.isfinite(optimal) and optimal > 0:
     step_s, source = float(optimal), "XLA optimal_seconds"
   else:
     step_s = max(compute_s, memory_s)
-    source = "roofline max(XLA flops / peak, XLA bytes / HBM bandwidth), " + (
+    source = f"roofline max(XLA flops / peak, {bytes_name} / HBM bandwidth), " + (
         "compute-bound" if compute_s >= memory_s else "memory-bound"
     )
   analytic_per_chip = analytic_flops / topology.chips
-  # One rendering of the cost program's HLO (megabytes for a 1B model) serves the three summaries.
-  hlo_text = cost_program.as_text()
-  try:
-    movers = hbm_movers(hlo_text)
-    top = top_instructions(hlo_text)
-  except Exception:  # noqa: BLE001 - a summary only; HLO text formats change
-    movers, top = [], []
   return {
       "hbm_movers": movers,
       "top_instructions": top,
@@ -545,7 +656,9 @@ def analyse(
       "fits": total <= chip.hbm_bytes,
       "headroom_bytes": chip.hbm_bytes - total,
       "xla_flops_per_chip": xla_flops,
+      # XLA's count includes every VMEM prefetch and VMEM read; the HBM count is what the roofline uses.
       "xla_bytes_accessed_per_chip": xla_bytes,
+      "hbm_bytes_accessed_per_chip": hbm_bytes,
       "xla_optimal_seconds": optimal,
       "analytic_flops": analytic_flops,
       "analytic_flops_per_chip": analytic_per_chip,
@@ -770,14 +883,15 @@ def format_report(report: dict[str, Any]) -> str:
             else f"DOES NOT FIT, {_size(-p['headroom_bytes'])} over"
         ),
         f"  FLOPs per chip: XLA {_flop(p['xla_flops_per_chip'])} (remat recompute, masked attention in full, "
-        f"elementwise ops), analytic {_flop(p['analytic_flops_per_chip'])}; XLA bytes accessed "
-        f"{_size(p['xla_bytes_accessed_per_chip'])}",
+        f"elementwise ops), analytic {_flop(p['analytic_flops_per_chip'])}; HBM bytes read and written "
+        f"{_size(p['hbm_bytes_accessed_per_chip'])} (XLA's bytes accessed, VMEM traffic included: "
+        f"{_size(p['xla_bytes_accessed_per_chip'])})",
         f"  ESTIMATED step time {_seconds(p['estimated_step_s'])} ({p['estimate_source']}), ESTIMATED MFU "
         f"{p['estimated_mfu']:.1%}; HBM roofline {_seconds(p['roofline_hbm_s'])}, compute roofline "
         f"{_seconds(p['roofline_compute_s'])}",
     ]
     if p.get("hbm_movers"):
-      lines.append("  bytes moved by: " + ", ".join(f"{kind} {_size(n)}" for kind, n in p["hbm_movers"][:5]))
+      lines.append("  HBM bytes moved by: " + ", ".join(f"{kind} {_size(n)}" for kind, n in p["hbm_movers"][:5]))
     if p.get("cost_program_loops"):
       lines.append(
           f"  NOTE: {p['cost_program_loops']} while loop(s) in the program the costs come from "

@@ -28,15 +28,18 @@ def _memory_program(total_gib: float) -> dict:
   }
 
 
-def _cost_program(step_s: float) -> dict:
+def _cost_program(step_s: float, hbm_bytes: float | None = 2 * GiB) -> dict:
+  """A twin's costs; without `hbm_bytes`, one compiled before the HBM count (roofline of XLA's bytes)."""
   return {
       "memory": {"argument_bytes": 9 * GiB, "total_bytes": 99 * GiB},  # the twin's own memory: never reported
       "fits": False,
       "compile_s": 400.0,
       "estimated_step_s": step_s,
-      "estimate_source": "roofline max(XLA flops / peak, XLA bytes / HBM bandwidth), memory-bound",
+      "estimate_source": "roofline max(XLA flops / peak, HBM bytes / HBM bandwidth), memory-bound",
       "estimated_mfu": 0.25,
       "xla_flops_per_chip": 13.0,
+      "xla_bytes_accessed_per_chip": 6 * GiB,
+      **({"hbm_bytes_accessed_per_chip": hbm_bytes} if hbm_bytes is not None else {}),
       "roofline_hbm_s": step_s,
       "roofline_compute_s": step_s / 4,
       "hbm_movers": [["matmul fusion", 5 * GiB]],
@@ -54,7 +57,7 @@ def cache(tmp_path):
   key = f"1b:False:baseline:v5e-8:{plan.one_b_shape}:train"
   entries = [
       {"key": f"{key}:twin=False", "report": _report(_memory_program(5.0), costs_from="program itself: ...")},
-      {"key": f"{key}:costs=loop-free", "report": _report(_cost_program(0.2))},
+      {"key": f"{key}:{tpu_aot.TWIN_KEY}", "report": _report(_cost_program(0.2))},
       # p-MoD's program compiled, its twin not yet.
       {"key": key.replace("baseline", "pmod") + ":twin=False", "report": _report(_memory_program(6.0))},
       # A compile whose process died.
@@ -63,11 +66,22 @@ def cache(tmp_path):
       {"key": key.replace("baseline", "deepstack") + ":twin=False", "report": _report(_memory_program(7.0))},
       {"key": key.replace("baseline", "deepstack") + ":costs=loop-free", "report": CRASHED},
   ]
-  # The baseline's decode step: estimated by the roofline of XLA's bytes, 4x one read of its arguments.
+  # Decode steps estimated by the roofline of their bytes, 4x one read of their arguments: the baseline's
+  # twin counted HBM bytes, p-MoD's is older (XLA's bytes).
   decode_key = key.replace(":train", f":decode:{plan.decode_rows}:{plan.new_tokens}")
   decode_memory = dict(_memory_program(1.0), min_traffic_s=1e-3)
-  for suffix, program in ((":twin=False", decode_memory), (":costs=loop-free", _cost_program(4e-3))):
-    entries.append({"key": decode_key + suffix, "report": dict(_report({}), programs={"decode": program})})
+  for technique, suffix, program in (
+      ("baseline", ":twin=False", decode_memory),
+      ("baseline", f":{tpu_aot.TWIN_KEY}", _cost_program(4e-3)),
+      ("pmod", ":twin=False", decode_memory),
+      ("pmod", ":costs=loop-free", _cost_program(4e-3, hbm_bytes=None)),
+  ):
+    entries.append(
+        {
+            "key": decode_key.replace("baseline", technique) + suffix,
+            "report": dict(_report({}), programs={"decode": program}),
+        }
+    )
   path = tmp_path / "cache.jsonl"
   path.write_text("".join(json.dumps(e) + "\n" for e in entries))
   return plan, str(path)
@@ -86,7 +100,12 @@ def test_rows_merge_memory_and_twin_costs_and_the_report_marks_the_rest(cache):
   assert one_b[("pmod", "v5e-8", "train")]["costs_pending"] and not tpu_aot._has_costs(
       one_b[("pmod", "v5e-8", "train")]
   )
-  text = tpu_aot.markdown(plan, "cmd", one_b, tpu_aot.section_paper(plan, run), None, run, [])
+  prefill_pairs = tpu_aot.section_pmod_prefill(plan, run, set())
+  text = tpu_aot.markdown(plan, "cmd", one_b, tpu_aot.section_paper(plan, run), None, prefill_pairs, run, [])
+  assert (
+      "| LLaVA-1.5-7B prefill: 16 rows of one image + a 64-token prompt (640 tokens) | v5p-8 | not compiled yet |"
+      in text
+  )
   assert (
       "| baseline | v5e-8 (8 chips) | 5.00 | yes | 200.00 ms | roofline | 25.0% | 1.30 | 100 s + 400 s twin |" in text
   )
@@ -96,9 +115,12 @@ def test_rows_merge_memory_and_twin_costs_and_the_report_marks_the_rest(cache):
       "| deepstack | v5e-8 (8 chips) | 7.00 | yes | twin failed: the compiling process died (killed: out of host memory?) |"
       in text
   )
-  # A roofline estimate equals XLA's bytes / bandwidth by construction: the decode target is judged against
+  # A roofline estimate equals the HBM bytes / bandwidth by construction: the decode target is judged against
   # one read of the arguments instead.
   assert "- decode (baseline): one read of the arguments / est. time 25% " in text and "70%): MISSED" in text
+  # A twin compiled before the HBM count is used by a run that compiles nothing, and labelled so.
+  assert "| pmod | 1.00 | 4.00 ms | roofline (XLA bytes) | 4.00 ms | 100% | 1.00 ms | 25% |" in text
+  assert "| baseline | 1.00 | 4.00 ms | roofline | 4.00 ms | 100% | 1.00 ms | 25% |" in text
   # No p-MoD pair without p-MoD's twin; the baseline's MFU target is judged.
   assert "est. MFU 25.0% (target >= 50%): MISSED" in text and "1B v5e-8" not in text
   assert f"INCOMPLETE: {len(run.pending)} programs are not compiled yet" in text and len(run.pending) > 20

@@ -172,7 +172,10 @@ def select(
   # What does not fit passes through as padding does (check_fits raises on concrete inputs).
   kept &= rank <= s_kept
   rank = jnp.minimum(rank, s_kept)
-  index = jax.vmap(lambda r: jnp.searchsorted(r, jnp.arange(1, s_kept + 1, dtype=jnp.int32), side="left"))(rank)
+  # method='sort': one sort, no while loop (the default binary search is a loop per MoD layer, whose body
+  # XLA's cost analysis counts once and whose iterations run one after another).
+  slots = jnp.arange(1, s_kept + 1, dtype=jnp.int32)
+  index = jax.vmap(lambda r: jnp.searchsorted(r, slots, side="left", method="sort"))(rank)
   return {
       "kept": kept,
       "index": jnp.minimum(index, s - 1),
