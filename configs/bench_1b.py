@@ -10,8 +10,8 @@ progressive shifted-cosine ratio decay).
 
 Arg: technique=baseline|trol|phantom|deepstack|pmod|all_four (or names joined by '+'), batch,
      seq_len, remat=none|full|dots|dots_no_batch, size=1b|tiny (tiny: the same structure at toy
-     widths, for CPU checks of the benchmark itself), attention=blocked|xla|cudnn|splash (the kernel:
-     cudnn on GPUs, splash on TPUs), block (its tile; 128 keeps the CPU check's memory small), scan=true|false (scanned layers: one
+     widths, for CPU checks of the benchmark itself), attention=blocked|xla|cudnn|splash (the kernel of
+     the decoder and the ViT: cudnn on GPUs, splash on TPUs), block (its tile; 128 keeps the CPU check's memory small), scan=true|false (scanned layers: one
      compiled layer body per stage instead of one per layer).
 """
 
@@ -65,6 +65,7 @@ def get_config(arg=None):
       decoder=dataclasses.replace(
           model.decoder, attention_impl=args.attention, attention_block_size=int(args.block), scan_layers=args.scan
       ),
+      vision=dataclasses.replace(model.vision, attention_impl=args.attention, attention_block_size=int(args.block)),
   )
   config = config_utils.experiment(model, task="train", lock=False)
   config.data.update(

@@ -701,13 +701,16 @@ def cost_twin_config(config: ml_collections.ConfigDict) -> ml_collections.Config
   """The config of the program's loop-free twin, whose cost analysis counts every FLOP and byte: layers
   unrolled, einsum attention (no tile loop, no custom call), one microbatch (same global batch); None when
   the program has no such loop."""
-  decoder = config.model.decoder
-  if not (decoder.scan_layers or decoder.attention_impl in ("blocked", "splash") or config.train.microbatches > 1):
+  decoder, vision = config.model.decoder, config.model.get("vision")
+  kernels = {decoder.attention_impl} | ({vision.attention_impl} if vision else set())
+  if not (decoder.scan_layers or kernels & {"blocked", "splash"} or config.train.microbatches > 1):
     return None
   twin = copy.deepcopy(config)
   with twin.unlocked():
     twin.model.decoder.scan_layers = False
     twin.model.decoder.attention_impl = "xla"
+    if vision:
+      twin.model.vision.attention_impl = "xla"
     twin.train.microbatches = 1
   return twin
 

@@ -132,6 +132,10 @@ def test_pmod_step_ratio_compares_like_with_like():
   assert tpu_aot._step_ratio(roofline, dict(roofline, estimated_step_s=0.4)) == (0.5, "")
   ratio, basis = tpu_aot._step_ratio(roofline, xla)  # 0.2 / 0.3 would mix the two chip models
   assert ratio == 2.0 and "rooflines" in basis
+  # A roofline of XLA's bytes (a twin from before the HBM count) is not compared with one of HBM bytes.
+  older = _cost_program(0.4, hbm_bytes=None)
+  assert tpu_aot._step_ratio(roofline, older) == (None, " (one twin predates the HBM count: not comparable)")
+  assert tpu_aot._step_ratio(older, dict(older, estimated_step_s=0.8))[0] == 0.5
 
 
 def test_a_compile_whose_process_died_is_reported_and_retried_only_on_request(cache):

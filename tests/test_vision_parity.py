@@ -6,6 +6,7 @@ after construction, so a mapping error cannot hide behind a zero / one / constan
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import flax.linen as nn
@@ -232,6 +233,23 @@ def test_clip_vision_model_parity(clip_case):
   ref = out.hidden_states[-2][:, 1:]
   assert clip_case.vision_cfg.num_layers_used == 2 and clip_case.vision_cfg.num_features == 16
   _report("CLIPVisionModel layer -2 default", clip_case.forward(pixels), ref)
+
+
+@pytest.mark.parametrize("impl", ["blocked", "splash"])
+def test_vision_attention_kernels_match_hf(clip_case, impl):
+  """The tower with the memory-efficient kernel: 17 tokens in tiles of 8 (padded to 24). Splash needs
+  multiples of 128 tokens, so this tower runs the blocked kernel where splash is asked for."""
+  cfg = dataclasses.replace(clip_case.vision_cfg, attention_impl=impl, attention_block_size=8)
+  pixels = _pixels()
+  out = jax.jit(lambda p, x: VisionTower(cfg).apply({"params": p}, x))(clip_case.vision_params, pixels)
+  with torch.no_grad():
+    ref = clip_case.hf(_torch_pixels(pixels), output_hidden_states=True).hidden_states[-2][:, 1:]
+  _report(f"CLIP tower, {impl} attention", out, ref)
+
+
+def test_vision_attention_impl_is_checked():
+  with pytest.raises(ValueError, match="vision.attention_impl must be one of"):
+    VisionConfig(attention_impl="flash")
 
 
 def test_siglip_vision_model_parity(siglip_case):

@@ -52,6 +52,7 @@ _RUNTIME_FIELDS = (
     "scan_layers",
     "remat_policy",
     "attention_impl",
+    "attention_block_size",
     "trol",
     "phantom",
     "pmod",

@@ -45,7 +45,7 @@ NEG_INF = -1e30
 # partitioned automatically, so splash runs inside a shard_map.
 SPLASH_HEAD_AXES = ("tensor",)
 
-_SPLASH_LANES = 128  # splash's block sizes must be multiples of the TPU lane width
+SPLASH_LANES = 128  # splash's block sizes must be multiples of the TPU lane width
 
 
 def for_call(impl: str, cached: bool, initializing: bool = False) -> str:
@@ -343,10 +343,10 @@ def splash_attention(
   if mask is not None:
     _check_splash_mask(mask, t, s)
   bq, bk = min(block_q, t), min(block_kv, s)
-  if t % bq or s % bk or bq % _SPLASH_LANES or bk % _SPLASH_LANES:
+  if t % bq or s % bk or bq % SPLASH_LANES or bk % SPLASH_LANES:
     raise ValueError(
-        f"attention impl 'splash' needs block sizes that are multiples of {_SPLASH_LANES} and divide T={t} and "
-        f"S={s}; got block_q={bq}, block_kv={bk} (pad sequences to a multiple of {_SPLASH_LANES}, or use 'blocked')"
+        f"attention impl 'splash' needs block sizes that are multiples of {SPLASH_LANES} and divide T={t} and "
+        f"S={s}; got block_q={bq}, block_kv={bk} (pad sequences to a multiple of {SPLASH_LANES}, or use 'blocked')"
     )
   window = None if mask is None else mask.sliding_window
   block_sizes = sk.BlockSizes(

@@ -311,6 +311,12 @@ class VisionConfig:
   param_dtype: str = "float32"
   # None (no rematerialisation) | 'full' | 'dots' | 'dots_no_batch' (see layers.REMAT_POLICIES).
   remat_policy: str | None = None
+  # The attention kernel, as the decoder's (models/attention.py): 'xla' (einsum) | 'blocked' | 'cudnn' |
+  # 'splash'. Splash tiles count multiples of 128 tokens: a tower whose token count is not one (CLIP-L/336:
+  # 577, InternViT-448: 1025) runs 'blocked' where 'splash' is asked for. The tile of 'blocked' and
+  # 'splash': 128 pads 1025 tokens to 1152.
+  attention_impl: str = "xla"
+  attention_block_size: int = 128
 
   def __post_init__(self):
     if self.kind not in ("clip", "siglip", "internvit"):
@@ -330,6 +336,10 @@ class VisionConfig:
       )
     if self.norm_type not in ("layer_norm", "rms_norm"):
       raise ValueError(f"vision.norm_type must be layer_norm or rms_norm, got {self.norm_type!r}")
+    if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"vision.attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention_impl!r}")
+    if self.attention_block_size < 1:
+      raise ValueError(f"vision.attention_block_size must be positive, got {self.attention_block_size}")
     if self.kind != "internvit":
       odd = [
           name

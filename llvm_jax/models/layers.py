@@ -14,8 +14,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llvm_jax.models import attention as attention_lib
-
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -109,15 +107,6 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
-
-
-def attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float) -> Array:
-  """Multi-head attention with grouped K/V heads (the 'xla' einsum of `attention.dot_product_attention`).
-
-  q: (B, T, H, d); k, v: (B, S, Hkv, dk/dv) with H a multiple of Hkv; mask: bool broadcastable to
-  (B, T, S) (True = may attend). Logits and softmax in float32. Returns (B, T, H, dv).
-  """
-  return attention_lib.einsum_attention(q, k, v, mask, scale)
 
 
 REMAT_POLICIES = {
