@@ -673,7 +673,7 @@ def markdown(
         f"- decode ({technique}): {what} (target >= {TARGETS['decode_of_roofline']:.0%}): "
         f"{'met' if ok else 'MISSED'}."
     )
-  lines += [""] + notes + [""] + _loops_left(one_b, paper_found, pmod_7b)
+  lines += [""] + notes + [""] + _loops_left(one_b, paper_found, pmod_7b, prefill_pairs)
   lines += [f"Compile time of this run: {run.compile_s / 60:.1f} min (cached compiles excluded).", ""]
   if run.pending:
     lines += [
@@ -693,13 +693,15 @@ def _top(p: dict) -> str:
   )
 
 
-def _loops_left(one_b: dict, paper_found: dict, pmod_7b: dict | None) -> list[str]:
+def _loops_left(one_b: dict, paper_found: dict, pmod_7b: dict | None, prefill_pairs: dict) -> list[str]:
   """Where a twin kept loops ('N loops left' above), the JAX operations they come from."""
   reports = {f"{t} {topology} {program}": r for (t, topology, program), r in one_b.items()}
   reports.update(
       {f"{PAPER_7B[name]} {generation}": f.get("report", {}) for (name, generation), f in paper_found.items()}
   )
   reports["p-MoD-LLaVA-1.5-7B (section 4)"] = pmod_7b or {}
+  for label, (dense, sparse, _, topology) in prefill_pairs.items():
+    reports[f"{label} prefill {topology} (dense)"], reports[f"{label} prefill {topology} (p-MoD)"] = dense, sparse
   lines = []
   for label, report in reports.items():
     for program in (report.get("programs") or {}).values():
