@@ -470,7 +470,7 @@ def _fused_reads(body: list[_Instruction]) -> tuple[dict[int, int], tuple[int, i
   (a dynamic-update-slice root: only the update is written)."""
   parameters = {i.name: int(re.match(r"\d+", i.attributes).group()) for i in body if i.opcode == "parameter"}
   shapes = {i.name: i.shape for i in body}
-  uses: dict[str, list[_Instruction]] = {}
+  uses: dict[str, list[tuple[_Instruction, int]]] = {}
   for instruction in body:
     for position, operand in enumerate(instruction.operands):
       uses.setdefault(operand, []).append((instruction, position))
@@ -496,7 +496,7 @@ def _hbm_traffic(instruction: _Instruction, shapes: dict[str, str], by_name: dic
     source = start.operands[0] if start is not None and start.operands else None
     read = 0
     if source is not None and in_hbm(source):
-      read = _shape_bytes(shape) if opcode == "slice-done" else _hbm_bytes(shapes[source])
+      read = _shape_bytes(shape) if opcode == "slice-done" else _hbm_bytes(shapes.get(source, ""))
     return read + _hbm_bytes(shape)
   if opcode.endswith("-done"):
     return _hbm_bytes(shape)
@@ -513,7 +513,7 @@ def _hbm_traffic(instruction: _Instruction, shapes: dict[str, str], by_name: dic
     moved = 0
     for index, operand in enumerate(operands):
       if in_hbm(operand) and not (in_place and index == in_place[0]):
-        moved += reads.get(index, _hbm_bytes(shapes[operand]))
+        moved += reads.get(index, _hbm_bytes(shapes.get(operand, "")))
     if in_place:
       return moved + (in_place[1] if _hbm_bytes(shape) else 0)
     return moved + _hbm_bytes(shape)
