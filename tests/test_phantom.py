@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from llvm_jax.models import hooks, masks, phantom
+from llvm_jax.models.attention import einsum_attention
 from llvm_jax.models.config import PhantomConfig, TrolConfig
 from llvm_jax.models.decoder import init_cache
-from llvm_jax.models.layers import attention
 from llvm_jax.train import optim, trainer
 from llvm_jax.tree_utils import flatten
 from tests.model_helpers import LM, TINY_DECODER, stacked
@@ -126,7 +126,7 @@ def test_attention_against_reference(params):
   expected = _reference(p, q, k, v, np.asarray(segments), STRONG)
   np.testing.assert_allclose(np.where(valid, got, 0), expected, rtol=TOL, atol=TOL)
   # The phantom branch matters at this eta: plain attention is far from it.
-  plain = attention(q, k, v, mask.dense(), D**-0.5)
+  plain = einsum_attention(q, k, v, mask.dense(), D**-0.5)
   assert np.abs(np.where(valid, got - plain, 0)).max() > 1e-2
 
 
