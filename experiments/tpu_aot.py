@@ -427,7 +427,10 @@ def section_pmod_prefill(plan: Plan, run: Runner, sections: set[str]) -> dict[st
 
 def _costed(one_b: dict, technique: str, topology: str, program: str) -> dict | None:
   """The program's report with every estimate field, or None (pending, failed, or its twin not compiled)."""
-  report = one_b.get((technique, topology, program), {})
+  return _costed_program(one_b.get((technique, topology, program), {}), program)
+
+
+def _costed_program(report: dict, program: str) -> dict | None:
   p = _program(report, program)
   return p if p and "error" not in p and _has_costs(report) else None
 
@@ -630,8 +633,8 @@ def markdown(
   for label, (dense_report, sparse_report, (rows, seq_len), topology) in prefill_pairs.items():
     name = f"{label} prefill: {rows} rows of one image + a {plan.prompt_tokens}-token prompt ({seq_len} tokens)"
     paper = f"{PAPER_PMOD_FLOPS:.3f}" if "7B" in label else "–"
-    dense, sparse = (_program(r, "prefill") if _has_costs(r) else None for r in (dense_report, sparse_report))
-    if dense and sparse and "error" not in dense and "error" not in sparse:
+    dense, sparse = (_costed_program(r, "prefill") for r in (dense_report, sparse_report))
+    if dense and sparse:
       ratio, basis = _step_ratio(sparse, dense)
       if ratio is not None:
         pmod_ratios[f"{label} prefill, {topology}"] = ratio
@@ -795,8 +798,8 @@ def why_missed(plan: Plan, one_b: dict, prefill_pairs: dict | None = None) -> li
           f"{p['memory']['argument_bytes'] / 2**30:.2f} GiB of arguments; moved by: {_movers(p)}."
       )
   for label, (dense_report, sparse_report, _, topology) in (prefill_pairs or {}).items():
-    dense, sparse = (_program(r, "prefill") if _has_costs(r) else None for r in (dense_report, sparse_report))
-    if not (dense and sparse and "error" not in dense and "error" not in sparse):
+    dense, sparse = (_costed_program(r, "prefill") for r in (dense_report, sparse_report))
+    if not (dense and sparse):
       continue
     ratio, _ = _step_ratio(sparse, dense)
     if ratio is None or ratio <= TARGETS["pmod_step_ratio"]:
