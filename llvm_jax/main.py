@@ -7,7 +7,6 @@ naming the key; so do unknown keys inside the model block.
 from __future__ import annotations
 
 import functools
-import gc
 import json
 import os
 import sys
@@ -19,7 +18,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llvm_jax import config_utils, convert, evaluators, sampler
+from llvm_jax import config_utils, convert, evaluators, host, sampler
 from llvm_jax.data import pipeline, vision
 from llvm_jax.data.config import validate_data_config
 from llvm_jax.data.pipeline import make_iterator
@@ -246,9 +245,7 @@ def main(argv) -> None:
   # results and summary are printed, so they show at any verbosity.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  # Tracing and compiling allocate millions of short-lived objects; Python's default collector thresholds
-  # cost ~5% of a short run (4 demo steps from a cold compile cache: 36.2 -> 34.1 s of CPU, two A/B pairs).
-  gc.set_threshold(100_000, 50, 1000)
+  host.tune_host_process()
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required")

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from llvm_jax import config_utils, convert, sampler, sharding
+from llvm_jax import config_utils, convert, host, sampler, sharding
 from llvm_jax.data import records, vision
 from llvm_jax.data.config import default_data_config, resolve
 from llvm_jax.data.pipeline import vision_spec_from_config
@@ -170,6 +170,7 @@ _STREAM = flags.DEFINE_bool("stream", False, "Print the answer token by token as
 
 def main(argv) -> None:
   del argv
+  host.tune_host_process()
   if bool(_CHECKPOINT.value) == bool(_HF.value):
     raise app.UsageError("give exactly one of --checkpoint and --hf")
   if _QUESTION.value is None:

@@ -3,8 +3,9 @@ backend optimisation and the CPU fusion emitters off (tiny test programs spend f
 codegen than running; compile-time flags, for the tests only); and a
 persistent compilation cache shared by the test workers and the subprocesses they start."""
 
-import gc
 import os
+
+from llvm_jax import host
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,10 +32,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
-# Tracing allocates millions of short-lived objects: with Python's default thresholds (700, 10, 10) the
-# collector ran often enough to cost ~8% of a tracing-bound test file (test_phantom.py: 41.0 -> 37.3 s of
-# CPU, two A/B pairs).
-gc.set_threshold(100_000, 50, 1000)
+host.tune_host_process()  # GC thresholds and malloc reuse, as in the CLIs
 
 
 def pytest_collection_modifyitems(config, items):

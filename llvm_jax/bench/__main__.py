@@ -5,8 +5,8 @@ shape on whatever backend jax finds (`--cpu_devices=N` splits a CPU host into N 
 steady-state step time, tokens/s, TFLOP/s per device and MFU (analytic FLOPs with each technique's
 extra work, see llvm_jax/flops.py; MFU only where the chip's peak is known). On CPU it also
 trains the same LLaVA configuration with `transformers` PyTorch (AdamW, same batch) and prints the
-step-time ratio, both measured in this one run; a model with a technique (which transformers lacks)
-is not compared.
+step-time ratio, both measured in this one run and process (both with `llvm_jax.host`'s malloc
+setting); a model with a technique (which transformers lacks) is not compared.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from llvm_jax import config_utils
+from llvm_jax import config_utils, host
 from llvm_jax.bench.train_step import time_jax, time_torch
 from llvm_jax.models.techniques import switched_on
 
@@ -29,13 +29,14 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices",
     0,
     "On a CPU host: split it into this many jax devices (the config's mesh spans them; with "
-    "--config.sharding.strategy=dp, data parallel). XLA:CPU runs one step's ops on about one core, so one "
-    "device per core is how a step uses them all. 0: jax's default.",
+    "--config.sharding.strategy=dp, data parallel). 0: jax's default (one device, whose larger ops XLA "
+    "splits over the cores).",
 )
 
 
 def main(argv) -> None:
   del argv
+  host.tune_host_process()
   config = _CONFIG.value
   if _CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # before the backend starts

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from llvm_jax import config_utils, convert, flops
+from llvm_jax import config_utils, convert, flops, host
 from llvm_jax.bench.common import time_interleaved, xla_flops
 from llvm_jax.models.config import DeepStackConfig, LLVMConfig
 from llvm_jax.models.llvm import LLVM, prefill
@@ -59,6 +59,7 @@ def compile_prefill(config: LLVMConfig, params: Any, inputs: dict[str, jax.Array
 
 def main(argv):
   del argv
+  host.tune_host_process()
   grid = tuple(int(g) for g in _GRID.value)
   tiny = config_utils.tiny_llvm(image_size=_IMAGE_SIZE.value, embed_dim=_EMBED_DIM.value, num_layers=_NUM_LAYERS.value)
   base = dataclasses.replace(tiny, decoder=dataclasses.replace(tiny.decoder, max_position_embeddings=4096))

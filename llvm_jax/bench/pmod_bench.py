@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from configs.llava import llava_7b
-from llvm_jax import config_utils, flops
+from llvm_jax import config_utils, flops, host
 from llvm_jax import cost as cost_lib
 from llvm_jax.bench.common import time_interleaved, xla_flops
 from llvm_jax.models import pmod
@@ -135,6 +135,7 @@ def report(seq_len: int) -> None:
 
 def main(argv):
   del argv
+  host.tune_host_process()
   if _REPORT.value:
     report(_REPORT_SEQ_LEN.value)
     return

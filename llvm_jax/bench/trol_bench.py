@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from llvm_jax import config_utils, flops
+from llvm_jax import config_utils, flops, host
 from llvm_jax.bench.common import time_interleaved, xla_flops
 from llvm_jax.models.config import DecoderConfig, TrolConfig
 from llvm_jax.models.decoder import Decoder, init_cache
@@ -62,6 +62,7 @@ def compile_variant(config: DecoderConfig, tokens: jax.Array) -> tuple[Callable[
 
 def main(argv):
   del argv
+  host.tune_host_process()
   base = dataclasses.replace(
       config_utils.tiny_llvm(embed_dim=_EMBED_DIM.value, num_layers=_NUM_LAYERS.value).decoder,
       max_position_embeddings=max(512, _SEQ_LEN.value + 1),
