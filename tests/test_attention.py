@@ -318,6 +318,21 @@ def test_unknown_impl_names_the_valid_ones():
     attention.dot_product_attention(case.q, case.k, case.v, case.mask, case.scale, "flash")
 
 
+@pytest.mark.parametrize(
+    "impl, cached, initializing, fixed_tokens, expected",
+    [
+        ("splash", False, False, None, "splash"),  # the decoder's cache-free call
+        ("splash", True, False, None, "blocked"),  # prefill into / decode from a KV cache
+        ("splash", False, False, 256, "splash"),  # a ViT of a whole number of 128-lane tiles
+        ("splash", False, False, 577, "blocked"),  # CLIP-L/336's tokens
+        ("cudnn", False, False, 577, "cudnn"),
+        ("splash", False, True, 256, "xla"),  # init creates parameters only
+    ],
+)
+def test_kernel_for_each_kind_of_call(impl, cached, initializing, fixed_tokens, expected):
+  assert attention.for_call(impl, cached, initializing, fixed_tokens) == expected
+
+
 def test_mask_shape_mismatch_raises():
   case, other = CASES[0], CASES[1]
   with pytest.raises(ValueError, match="does not fit"):

@@ -48,16 +48,19 @@ SPLASH_HEAD_AXES = ("tensor",)
 SPLASH_LANES = 128  # splash's block sizes must be multiples of the TPU lane width
 
 
-def for_call(impl: str, cached: bool, initializing: bool = False) -> str:
+def for_call(impl: str, cached: bool, initializing: bool = False, fixed_tokens: int | None = None) -> str:
   """The implementation a call uses when the model is configured with `impl`.
 
   Initialisation only creates parameters, so it takes the einsum (any shape). Splash is a kernel
   for self-attention without a cache (training, a cache-free prefill); calls with a KV cache
   (prefill into it, decode steps) run the blocked kernel instead, which handles cache slots.
+  `fixed_tokens`: the token count of a call whose length the model fixes (a ViT's 577 or 1025):
+  splash runs blocked when it is not a multiple of SPLASH_LANES. The decoder's lengths are the
+  user's to pad, so it does not pass one and splash raises on a misaligned length.
   """
   if initializing:
     return "xla"
-  if cached and impl == "splash":
+  if impl == "splash" and (cached or (fixed_tokens is not None and fixed_tokens % SPLASH_LANES)):
     return "blocked"
   return impl
 
