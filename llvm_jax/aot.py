@@ -33,8 +33,10 @@ XLA's cost analysis counts a while loop's body once, so a program with loops (sc
 blocked attention's tile loops, splash's custom call, a microbatch scan) is compiled a second time as its
 loop-free twin (`cost_twin_config`: layers unrolled, einsum attention, one microbatch) for its FLOPs,
 bytes and estimates; the twin's attention holds the whole (T, S) logits, so they are an upper bound for
-the tiled kernels. Memory stays the real program's; --nounrolled_costs skips the twin and flags the
-undercount.
+the tiled kernels. With --twin_attention=splash the twin keeps the splash kernel (no loop either), whose
+work XLA's cost analysis does not see: `splash_kernels` models each call's FLOPs and tile traffic from its
+shapes and mask, added to XLA's numbers (the estimate is then the roofline). Memory stays the real
+program's; --nounrolled_costs skips the twin and flags the undercount.
 
 Topologies: 'v5e:2x4' (generation:chip grid, as `get_topology_desc` takes it) or a Cloud TPU
 accelerator type: 'v5e-8', 'v5litepod-8', 'v6e-8' count chips; 'v4-8', 'v5p-8' count TensorCores
@@ -520,6 +522,69 @@ def _hbm_traffic(instruction: _Instruction, shapes: dict[str, str], by_name: dic
   return sum(_hbm_bytes(shapes.get(o, "")) for o in operands) + _hbm_bytes(shape)
 
 
+def _top_level_bodies(computations: dict[str, list[_Instruction]]) -> Iterator[list[_Instruction]]:
+  """The computations whose instructions run as such: the entry and while loops' bodies and conditions
+  (fusion bodies and reducers are their callers' work)."""
+  called = {
+      c
+      for body in computations.values()
+      for instruction in body
+      for c in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", instruction.attributes)
+  }
+  for name, body in computations.items():
+    if name not in called or name.startswith(("while", "body", "cond")) or "while" in name:
+      yield body
+
+
+# Splash's Pallas kernels are custom calls named after the kernel; XLA's cost analysis counts none of
+# their FLOPs, and their operands say nothing of the tiles they stream.
+_SPLASH_KERNEL = re.compile(r"splash_mha_(fwd|dkv|dq)")
+
+
+def splash_kernels(
+    hlo_text: str, causal: bool = True, sliding_window: int | None = None
+) -> list[tuple[str, float, float]]:
+  """(kernel, FLOPs, HBM bytes) per chip of each splash kernel call in a compiled TPU program, MODELLED
+  from the call's q/k/v shapes and the tiles its mask leaves non-empty (`attention.splash_visited_tiles`;
+  every call is taken to have the mask `causal`/`sliding_window`, the decoder's). Per (row, query head)
+  over V visited (bq, bk) tiles, flash attention's matmuls and tile traffic:
+    fwd  QK' and PV: 2 bq bk (dq + dv) V FLOPs; reads q once and each visited tile's k and v, writes o
+         and the log-sum-exp;
+    dkv  QK', dV = P'dO, dP = dO V', dK = dS'Q: 4 bq bk (dq + dv) V; reads k, v once and each visited
+         tile's q, dO and softmax statistics, writes dk, dv;
+    dq   QK', dP, dQ = dS K: 2 bq bk (2 dq + dv) V; reads q, dO and statistics once and each visited
+         tile's k and v, writes dq.
+  Segment ids' reads and the softmax's exponentials are not counted. A loop's body is walked once."""
+  from llvm_jax.models import attention  # the mask's tiling is the kernel's; kept out of aot's import time
+
+  kernels = []
+  for body in _top_level_bodies(_computations(hlo_text)):
+    for instruction in body:
+      kernel = _SPLASH_KERNEL.match(instruction.name)
+      if instruction.opcode != "custom-call" or not kernel:
+        continue
+      operands = instruction.attributes.split("operand_layout_constraints=", 1)[-1]
+      arrays = [(dtype, [int(d) for d in dims.split(",") if d]) for dtype, dims, _ in _ARRAY.findall(operands)]
+      grid = next(dims for dtype, dims in arrays if dtype == "s8")  # the mask info: (heads, q tiles, kv tiles)
+      # q, k, v: (rows, heads, length, head dim), rows squeezed away when a chip holds one.
+      (dtype, q), (_, k), (_, v) = [a for a in arrays if len(a[1]) in (3, 4) and a[0] in ("bf16", "f16", "f32")][:3]
+      b, (h, t, dq), (s, dk), dv = math.prod(q[:-3]), q[-3:], k[-2:], v[-1]
+      bq, bk = t // grid[1], s // grid[2]
+      visited = attention.splash_visited_tiles(t, s, bq, bk, causal, sliding_window)
+      size, tile = _DTYPE_BYTES[dtype], bq * bk
+      if kernel.group(1) == "fwd":
+        flops = 2 * tile * (dq + dv) * visited
+        moved = t * (dq + dv) * size + t * 4 + visited * bk * (dk + dv) * size
+      elif kernel.group(1) == "dkv":
+        flops = 4 * tile * (dq + dv) * visited
+        moved = 2 * s * (dk + dv) * size + visited * bq * ((dq + dv) * size + 8)
+      else:
+        flops = 2 * tile * (2 * dq + dv) * visited
+        moved = t * (2 * dq + dv) * size + t * 8 + visited * bk * (dk + dv) * size
+      kernels.append((f"splash_mha_{kernel.group(1)}", float(b * h * flops), float(b * h * moved)))
+  return kernels
+
+
 def _top_level_traffic(hlo_text: str) -> Iterator[tuple[str, int, str]]:
   """(kind, HBM bytes, op_name) of each of the compiled program's non-fused instructions (fusions named by
   what they compute: 'matmul' when they hold a convolution/dot, 'reduce', 'elementwise').
@@ -530,21 +595,13 @@ def _top_level_traffic(hlo_text: str) -> Iterator[tuple[str, int, str]]:
   gathers read what they return; in-place updates write only the update. A while loop's body is walked
   once, as XLA's cost analysis counts it."""
   computations = _computations(hlo_text)
-  called = {
-      c
-      for body in computations.values()
-      for instruction in body
-      for c in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", instruction.attributes)
-  }
   opcodes = {name: {i.opcode for i in body} for name, body in computations.items()}
-  for name, body in computations.items():
-    if name in called and not name.startswith(("while", "body", "cond")) and "while" not in name:
-      continue  # fusion bodies and reducers: their traffic is their caller's operands and result
+  for body in _top_level_bodies(computations):
     shapes = {i.name: i.shape for i in body}
     by_name = {i.name: i for i in body}
     for instruction in body:
-      if instruction.opcode in _NO_TRAFFIC:
-        continue
+      if instruction.opcode in _NO_TRAFFIC or _SPLASH_KERNEL.match(instruction.name):
+        continue  # a splash kernel's traffic is modelled (`splash_kernels`), not its operands once
       kind = instruction.opcode
       if kind == "fusion":
         callee = re.search(r"calls=%?([\w.\-]+)", instruction.attributes)
@@ -605,11 +662,18 @@ def _cost_dict(compiled) -> dict[str, float]:
 
 
 def analyse(
-    compiled, topology: Topology, analytic_flops: float, compile_s: float, cost_compiled: Any = None
+    compiled,
+    topology: Topology,
+    analytic_flops: float,
+    compile_s: float,
+    cost_compiled: Any = None,
+    sliding_window: int | None = None,
 ) -> dict[str, Any]:
   """Memory against the chip's HBM, XLA's and the analytic FLOPs, and the estimated step time (per chip).
 
   cost_compiled: the program whose cost analysis to use instead of `compiled`'s (its loop-free twin).
+  Splash kernels (custom calls XLA's cost analysis does not see) add their modelled FLOPs and HBM bytes
+  (`splash_kernels`, causal over `sliding_window`); XLA's own estimate then omits them and is not used.
   """
   chip = topology.chip
   memory = compiled.memory_analysis()
@@ -624,20 +688,25 @@ def analyse(
   xla_bytes = float(cost.get("bytes accessed", 0.0))
   # One rendering of the cost program's HLO (megabytes for a 1B model) serves the HBM count and summaries.
   hlo_text = cost_program.as_text()
+  kernels = splash_kernels(hlo_text, sliding_window=sliding_window)
+  kernel_flops = sum(flop for _, flop, _ in kernels)
   try:
-    traffic = list(_top_level_traffic(hlo_text))
+    traffic = list(_top_level_traffic(hlo_text)) + [
+        (f"{name} (modelled)", moved, "attention kernel") for name, _, moved in kernels
+    ]
     hbm_bytes, bytes_name = float(sum(moved for _, moved, _ in traffic)), "HBM bytes"
     movers, top = hbm_movers(traffic), top_instructions(traffic, top=12)
   except Exception:  # noqa: BLE001 - HLO text formats change; XLA's all-memory count is then an upper bound
     hbm_bytes, bytes_name, movers, top = xla_bytes, "XLA bytes (all memory spaces: the HBM count failed)", [], []
   optimal = cost.get("optimal_seconds")
   peak = chip.peak_flops
-  compute_s, memory_s = xla_flops / peak, hbm_bytes / chip.hbm_bandwidth
-  if optimal is not None and math.isfinite(optimal) and optimal > 0:
+  compute_s, memory_s = (xla_flops + kernel_flops) / peak, hbm_bytes / chip.hbm_bandwidth
+  if not kernels and optimal is not None and math.isfinite(optimal) and optimal > 0:
     step_s, source = float(optimal), "XLA optimal_seconds"
   else:
+    kernel_terms = " + splash kernels' modelled FLOPs" if kernels else ""
     step_s = max(compute_s, memory_s)
-    source = f"roofline max(XLA flops / peak, {bytes_name} / HBM bandwidth), " + (
+    source = f"roofline max((XLA flops{kernel_terms}) / peak, {bytes_name} / HBM bandwidth), " + (
         "compute-bound" if compute_s >= memory_s else "memory-bound"
     )
   analytic_per_chip = analytic_flops / topology.chips
@@ -656,6 +725,10 @@ def analyse(
       "fits": total <= chip.hbm_bytes,
       "headroom_bytes": chip.hbm_bytes - total,
       "xla_flops_per_chip": xla_flops,
+      # Splash kernel calls (a loop's counted once) and their modelled work, which XLA's numbers lack.
+      "splash_kernel_calls": len(kernels),
+      "splash_kernel_flops_per_chip": kernel_flops,
+      "splash_kernel_bytes_per_chip": float(sum(moved for _, _, moved in kernels)),
       # XLA's count includes every VMEM prefetch and VMEM read; the HBM count is what the roofline uses.
       "xla_bytes_accessed_per_chip": xla_bytes,
       "hbm_bytes_accessed_per_chip": hbm_bytes,
@@ -697,10 +770,15 @@ TWIN_COMPILER_OPTIONS = {
 }
 
 
-def cost_twin_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
-  """The config of the program's loop-free twin, whose cost analysis counts every FLOP and byte: layers
-  unrolled, einsum attention (no tile loop, no custom call), one microbatch (same global batch); None when
-  the program has no such loop."""
+def cost_twin_config(
+    config: ml_collections.ConfigDict, attention_impl: str = "xla"
+) -> ml_collections.ConfigDict | None:
+  """The config of the program's loop-free twin, whose costs count every FLOP and byte: layers unrolled,
+  one microbatch (same global batch), the decoder's attention `attention_impl` ('xla': the einsum, every
+  FLOP and byte seen by XLA; 'splash': the kernel, no loop either, its work modelled by `splash_kernels`),
+  the ViT's the einsum; None when the program has no such loop."""
+  if attention_impl not in ("xla", "splash"):
+    raise ValueError(f"a loop-free twin's attention is 'xla' or 'splash', got {attention_impl!r}")
   decoder, vision = config.model.decoder, config.model.get("vision")
   kernels = {decoder.attention_impl} | ({vision.attention_impl} if vision else set())
   if not (decoder.scan_layers or kernels & {"blocked", "splash"} or config.train.microbatches > 1):
@@ -708,7 +786,7 @@ def cost_twin_config(config: ml_collections.ConfigDict) -> ml_collections.Config
   twin = copy.deepcopy(config)
   with twin.unlocked():
     twin.model.decoder.scan_layers = False
-    twin.model.decoder.attention_impl = "xla"
+    twin.model.decoder.attention_impl = attention_impl
     if vision:
       twin.model.vision.attention_impl = "xla"
     twin.train.microbatches = 1
@@ -724,6 +802,7 @@ def compile_for_topology(
     new_tokens: int = 128,
     unrolled_costs: bool = True,
     compiler_options: dict[str, Any] | None = None,
+    twin_attention: str = "xla",
 ) -> dict[str, Any]:
   """Compiles the `what` programs of `config` for the TPU topology; returns the report (see module doc).
 
@@ -732,7 +811,8 @@ def compile_for_topology(
   its loop-free twin (`cost_twin_config`) and the FLOPs, bytes and step-time estimate come from it (the
   same math, attention as one einsum); memory and fit stay those of the real program.
   `compiler_options` (XLA/libtpu flags) apply to the program's own compile, e.g. TWIN_COMPILER_OPTIONS
-  when `config` is itself a cost twin compiled on its own.
+  when `config` is itself a cost twin compiled on its own. `twin_attention`: the twin's decoder attention
+  ('splash': the TPU kernel, its work modelled; see `cost_twin_config`).
   """
 
   unknown = sorted(set(what) - set(PROGRAMS))
@@ -773,18 +853,18 @@ def compile_for_topology(
         f"strategy {config.sharding.strategy} on a mesh whose fsdp axis is 1: parameters and optimiser state "
         "are replicated on every chip (FSDP over all chips: --config.sharding.mesh_shape='(1,-1,1)')"
     )
-  twin_config = cost_twin_config(config)
+  twin_config = cost_twin_config(config, twin_attention)
   twin = None
   if twin_config is not None and unrolled_costs:
     twin = (twin_config, LLVM(config_utils.model_config(twin_config)))
+    kernel = "einsum attention" if twin_attention == "xla" else "splash attention (modelled)"
     report["costs_from"] = (
-        "loop-free twin (layers unrolled, einsum attention, one microbatch; XLA's cost analysis counts a loop "
-        "body once)"
+        f"loop-free twin (layers unrolled, {kernel}, one microbatch; XLA's cost analysis counts a loop body once)"
     )
   elif twin_config is not None:
     report["costs_from"] = "program itself: its FLOPs, bytes and estimates count each loop's body ONCE"
     if cfg.decoder.attention_impl == "splash":
-      notes.append("splash attention is a Pallas custom call: XLA's cost analysis counts none of its FLOPs or bytes")
+      notes.append("splash attention is a Pallas custom call XLA's cost analysis does not see: its work is modelled")
   report["notes"] = notes
 
   def lower(name: str, config, model):
@@ -824,7 +904,7 @@ def compile_for_topology(
         # The twin may not fit where the program does; its costs are then unknown.
         cost_compiled = None
         report["costs_from"] = "program itself (its loop-free twin does not fit): loops' bodies counted ONCE"
-    report["programs"][name] = analyse(compiled, topo, analytic, compile_s, cost_compiled)
+    report["programs"][name] = analyse(compiled, topo, analytic, compile_s, cost_compiled, cfg.decoder.sliding_window)
     if twin is not None:
       report["programs"][name]["cost_compile_s"] = time.perf_counter() - tick
   report["fits"] = all(p["fits"] for p in report["programs"].values())
@@ -893,6 +973,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"{p['estimated_mfu']:.1%}; HBM roofline {_seconds(p['roofline_hbm_s'])}, compute roofline "
         f"{_seconds(p['roofline_compute_s'])}",
     ]
+    if p.get("splash_kernel_calls"):
+      lines.append(
+          f"  splash kernels: {p['splash_kernel_calls']} calls, MODELLED {_flop(p['splash_kernel_flops_per_chip'])} "
+          f"and {_size(p['splash_kernel_bytes_per_chip'])} per chip (in the estimate; XLA's counts omit them)"
+      )
     if p.get("hbm_movers"):
       lines.append("  HBM bytes moved by: " + ", ".join(f"{kind} {_size(n)}" for kind, n in p["hbm_movers"][:5]))
     if p.get("cost_program_loops"):
@@ -918,6 +1003,7 @@ def main(argv) -> None:
       f.decode_batch or None,
       f.new_tokens,
       f.unrolled_costs,
+      twin_attention=f.twin_attention,
   )
   report["command"] = "python -m llvm_jax.aot " + " ".join(sys.argv[1:])
   print(format_report(report))
@@ -941,6 +1027,13 @@ if __name__ == "__main__":
       True,
       "Programs with loops (scanned layers, blocked/splash attention, microbatches): take FLOPs, bytes and "
       "estimates from a loop-free twin compile (XLA counts a loop body once).",
+  )
+  flags.DEFINE_enum(
+      "twin_attention",
+      "xla",
+      ["xla", "splash"],
+      "The loop-free twin's decoder attention: the einsum (XLA sees all its work; its (T, S) logits go through "
+      "HBM) or the splash kernel (kept on chip; its FLOPs and bytes modelled from its shapes and mask).",
   )
   flags.mark_flags_as_required(["config"])
   app.run(main)

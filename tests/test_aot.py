@@ -104,6 +104,10 @@ def test_cost_twin_unrolls_every_loop_and_keeps_the_batch():
   assert twin.model.vision.attention_impl == "xla" and config.model.vision.attention_impl == "blocked"
   assert twin.data.global_batch_size == config.data.global_batch_size and twin.data.seq_len == config.data.seq_len
   assert config.model.decoder.scan_layers and config.train.microbatches == 2  # the real config is untouched
+  splash = aot.cost_twin_config(config, "splash")
+  assert (splash.model.decoder.attention_impl, splash.model.vision.attention_impl) == ("splash", "xla")
+  with pytest.raises(ValueError, match="'xla' or 'splash'"):
+    aot.cost_twin_config(config, "blocked")  # its tile loops are what the twin removes
   assert aot.cost_twin_config(bench_1b.get_config("size=tiny,scan=false,attention=xla")) is None
   assert aot.cost_twin_config(bench_1b.get_config("size=tiny,scan=false,attention=splash")) is not None
 

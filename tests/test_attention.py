@@ -383,30 +383,40 @@ _TPU_COMPILE_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.experimental import topologies
     from jax.sharding import NamedSharding, PartitionSpec as P
+    from llvm_jax import aot
     from llvm_jax.models import attention, masks
 
     topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2", chip_config_name="default",
                                         chips_per_host_bounds=(2, 2, 1), num_slices=1)
     b, t, h, hkv = 4, 256, 4, 2
 
-    def compile_fwd_bwd(mesh, spec, d, window, with_mask):
+    def compile_fwd_bwd(mesh, spec, d, window, with_mask, impl="splash"):
       def attn(q, k, v, seg):
         mask = masks.self_attention(seg, masks.default_positions(seg), window) if with_mask else None
-        return attention.dot_product_attention(q, k, v, mask, d**-0.5, "splash", block_q=128, block_kv=128)
-      loss = lambda *a: attn(*a).astype(jnp.float32).sum()
+        return attention.dot_product_attention(q, k, v, mask, d**-0.5, impl, block_q=128, block_kv=128)
+      loss = lambda *a: jnp.square(attn(*a).astype(jnp.float32)).sum()  # dO = 2 o: no matmul simplified away
       sds = lambda shape, dtype, s: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P(*s)))
       args = (sds((b, t, h, d), jnp.bfloat16, spec), sds((b, t, hkv, d), jnp.bfloat16, spec),
               sds((b, t, hkv, d), jnp.bfloat16, spec), sds((b, t), jnp.int32, spec[:1]))
       with jax.set_mesh(mesh):
         for fn in (jax.jit(attn), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))):
-          fn.lower(*args).compile()
+          compiled = fn.lower(*args).compile()
+      return compiled  # the gradient's program
+
+    def report_kernels(label, compiled, causal, window=None):
+      kernels = aot.splash_kernels(compiled.as_text(), causal, window)
+      assert sorted(name for name, _, _ in kernels) == ["splash_mha_dkv", "splash_mha_dq", "splash_mha_fwd"]
+      print("KERNELS", label, sum(flop for _, flop, _ in kernels))
 
     data = jax.sharding.Mesh(np.array(topo.devices).reshape(4), ("data",))
     data_tensor = jax.sharding.Mesh(np.array(topo.devices).reshape(2, 2), ("data", "tensor"))
-    compile_fwd_bwd(data, ("data",), 128, None, True)  # causal + segment ids, GQA
+    report_kernels("causal", compile_fwd_bwd(data, ("data",), 128, None, True), True)  # + segment ids, GQA
     compile_fwd_bwd(data, ("data",), 256, None, True)  # Phantom-style 2d-wide heads
-    compile_fwd_bwd(data_tensor, ("data", None, "tensor"), 64, 32, True)  # heads sharded, sliding window
-    compile_fwd_bwd(data, ("data",), 128, None, False)  # bidirectional
+    window = compile_fwd_bwd(data_tensor, ("data", None, "tensor"), 64, 32, True)  # heads sharded, window
+    report_kernels("window", window, True, 32)
+    report_kernels("full", compile_fwd_bwd(data, ("data",), 128, None, False), False)  # bidirectional
+    einsum = compile_fwd_bwd(data, ("data",), 128, None, False, impl="xla")
+    print("EINSUM_FLOPS", einsum.cost_analysis()["flops"])
     print("SPLASH_TPU_COMPILE_OK")
 """)
 
@@ -422,3 +432,34 @@ def test_splash_compiles_for_tpu():
       [sys.executable, "-c", _TPU_COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600
   )
   assert "SPLASH_TPU_COMPILE_OK" in result.stdout, result.stderr[-3000:]
+  modelled = {}
+  for line in result.stdout.splitlines():
+    if line.startswith("KERNELS "):
+      _, label, flops = line.split()
+      modelled[label] = float(flops)
+  # The gradient's forward, dK/dV and dQ kernels per chip: (rows x heads) x visited 128 x 128 tiles x
+  # 128^2 x 18 d FLOPs (forward 2 (dq + dv), dK/dV 4 (dq + dv), dQ 2 (2 dq + dv), dq = dv = d). 256
+  # tokens: the causal mask visits 3 of 4 tiles, the 32-token window too, the full mask all 4.
+  assert modelled["causal"] == 1 * 4 * 3 * 128**2 * 18 * 128
+  assert modelled["window"] == 2 * 2 * 3 * 128**2 * 18 * 64  # 2 rows and 2 of 4 heads per chip
+  assert modelled["full"] == 1 * 4 * 4 * 128**2 * 18 * 128
+  # Less the backward kernels' two recomputed QK' products (18 -> 12 d), that is the einsum's six matmuls,
+  # which XLA counts with the softmax's elementwise ops on top.
+  einsum = float(next(line.split()[1] for line in result.stdout.splitlines() if line.startswith("EINSUM_FLOPS")))
+  assert 1.0 <= einsum / (modelled["full"] * 12 / 18) < 1.05, (einsum, modelled)
+
+
+@pytest.mark.parametrize(
+    "t, block, causal, window, tiles",
+    [(1024, 128, True, None, 36), (1024, 512, True, None, 3), (256, 128, False, None, 4), (1024, 128, True, 256, 21)],
+)
+def test_splash_visited_tiles_are_the_kernels_nonempty_blocks(t, block, causal, window, tiles):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mask_info
+
+  head = sm.FullMask((t, t)) if not causal else sm.CausalMask((t, t))
+  if window:
+    head = sm.LocalMask((t, t), window_size=(window - 1, 0), offset=0)
+  info, _ = mask_info.process_mask(sm.MultiHeadMask([head]), (block, block))
+  assert attention.splash_visited_tiles(t, t, block, block, causal, window) == tiles
+  assert np.count_nonzero(np.asarray(info.block_mask)) == tiles
