@@ -33,9 +33,10 @@ XLA's cost analysis counts a while loop's body once, so a program with loops (sc
 blocked attention's tile loops, splash's custom call, a microbatch scan) is compiled a second time as its
 loop-free twin (`cost_twin_config`: layers unrolled, einsum attention, one microbatch) for its FLOPs,
 bytes and estimates; the twin's attention holds the whole (T, S) logits, so they are an upper bound for
-the tiled kernels. With --twin_attention=splash the twin keeps the splash kernel (no loop either), whose
-work XLA's cost analysis does not see: `splash_kernels` models each call's FLOPs and tile traffic from its
-shapes and mask, added to XLA's numbers (the estimate is then the roofline). Memory stays the real
+the tiled kernels. A program on splash attention (or --twin_attention=splash) keeps the splash kernel in
+its twin (no loop either), whose work XLA's cost analysis does not see: `splash_kernels` models each
+call's FLOPs and tile traffic from its shapes and mask, added to XLA's numbers (the estimate is then the
+roofline). Memory stays the real
 program's; --nounrolled_costs skips the twin and flags the undercount.
 
 Topologies: 'v5e:2x4' (generation:chip grid, as `get_topology_desc` takes it) or a Cloud TPU
@@ -771,15 +772,17 @@ TWIN_COMPILER_OPTIONS = {
 
 
 def cost_twin_config(
-    config: ml_collections.ConfigDict, attention_impl: str = "xla"
+    config: ml_collections.ConfigDict, attention_impl: str | None = None
 ) -> ml_collections.ConfigDict | None:
   """The config of the program's loop-free twin, whose costs count every FLOP and byte: layers unrolled,
   one microbatch (same global batch), the decoder's attention `attention_impl` ('xla': the einsum, every
-  FLOP and byte seen by XLA; 'splash': the kernel, no loop either, its work modelled by `splash_kernels`),
-  the ViT's the einsum; None when the program has no such loop."""
+  FLOP and byte seen by XLA; 'splash': the kernel, no loop either, its work modelled by `splash_kernels`;
+  None: splash where the program runs splash, else the einsum), the ViT's the einsum; None when the
+  program has no such loop."""
+  decoder, vision = config.model.decoder, config.model.get("vision")
+  attention_impl = attention_impl or ("splash" if decoder.attention_impl == "splash" else "xla")
   if attention_impl not in ("xla", "splash"):
     raise ValueError(f"a loop-free twin's attention is 'xla' or 'splash', got {attention_impl!r}")
-  decoder, vision = config.model.decoder, config.model.get("vision")
   kernels = {decoder.attention_impl} | ({vision.attention_impl} if vision else set())
   if not (decoder.scan_layers or kernels & {"blocked", "splash"} or config.train.microbatches > 1):
     return None
@@ -802,7 +805,7 @@ def compile_for_topology(
     new_tokens: int = 128,
     unrolled_costs: bool = True,
     compiler_options: dict[str, Any] | None = None,
-    twin_attention: str = "xla",
+    twin_attention: str | None = None,
 ) -> dict[str, Any]:
   """Compiles the `what` programs of `config` for the TPU topology; returns the report (see module doc).
 
@@ -812,7 +815,8 @@ def compile_for_topology(
   same math, attention as one einsum); memory and fit stay those of the real program.
   `compiler_options` (XLA/libtpu flags) apply to the program's own compile, e.g. TWIN_COMPILER_OPTIONS
   when `config` is itself a cost twin compiled on its own. `twin_attention`: the twin's decoder attention
-  ('splash': the TPU kernel, its work modelled; see `cost_twin_config`).
+  ('xla', 'splash': the TPU kernel, its work modelled; None: the program's own if splash; see
+  `cost_twin_config`).
   """
 
   unknown = sorted(set(what) - set(PROGRAMS))
@@ -857,7 +861,7 @@ def compile_for_topology(
   twin = None
   if twin_config is not None and unrolled_costs:
     twin = (twin_config, LLVM(config_utils.model_config(twin_config)))
-    kernel = "einsum attention" if twin_attention == "xla" else "splash attention (modelled)"
+    kernel = "einsum attention" if twin_config.model.decoder.attention_impl == "xla" else "splash attention (modelled)"
     report["costs_from"] = (
         f"loop-free twin (layers unrolled, {kernel}, one microbatch; XLA's cost analysis counts a loop body once)"
     )
@@ -1003,7 +1007,7 @@ def main(argv) -> None:
       f.decode_batch or None,
       f.new_tokens,
       f.unrolled_costs,
-      twin_attention=f.twin_attention,
+      twin_attention=None if f.twin_attention == "auto" else f.twin_attention,
   )
   report["command"] = "python -m llvm_jax.aot " + " ".join(sys.argv[1:])
   print(format_report(report))
@@ -1030,10 +1034,11 @@ if __name__ == "__main__":
   )
   flags.DEFINE_enum(
       "twin_attention",
-      "xla",
-      ["xla", "splash"],
+      "auto",
+      ["auto", "xla", "splash"],
       "The loop-free twin's decoder attention: the einsum (XLA sees all its work; its (T, S) logits go through "
-      "HBM) or the splash kernel (kept on chip; its FLOPs and bytes modelled from its shapes and mask).",
+      "HBM), the splash kernel (kept on chip; its FLOPs and bytes modelled from its shapes and mask), or auto: "
+      "splash where the program's decoder runs splash, else the einsum.",
   )
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -106,6 +106,9 @@ def test_cost_twin_unrolls_every_loop_and_keeps_the_batch():
   assert config.model.decoder.scan_layers and config.train.microbatches == 2  # the real config is untouched
   splash = aot.cost_twin_config(config, "splash")
   assert (splash.model.decoder.attention_impl, splash.model.vision.attention_impl) == ("splash", "xla")
+  # By default a program on splash keeps it in its twin, its work modelled (aot.splash_kernels).
+  on_splash = bench_1b.get_config("size=tiny,scan=true,attention=splash")
+  assert aot.cost_twin_config(on_splash).model.decoder.attention_impl == "splash"
   with pytest.raises(ValueError, match="'xla' or 'splash'"):
     aot.cost_twin_config(config, "blocked")  # its tile loops are what the twin removes
   assert aot.cost_twin_config(bench_1b.get_config("size=tiny,scan=false,attention=xla")) is None
