@@ -464,6 +464,10 @@ def _computations(hlo_text: str) -> dict[str, list[_Instruction]]:
       root, name, shape, opcode, rest = m.groups()
       operands = tuple(re.findall(r"%([\w.\-]+)", rest[: _closing_paren(rest)]))
       computations[current].append(_Instruction(name, shape, opcode, operands, rest, bool(root)))
+    elif current is not None and computations[current] and line.strip() not in ("", "}"):
+      # An instruction printed over several lines (a Pallas kernel's metadata): the rest of its attributes.
+      last = computations[current][-1]
+      computations[current][-1] = dataclasses.replace(last, attributes=f"{last.attributes}\n{line}")
   return computations
 
 
@@ -546,8 +550,9 @@ def splash_kernels(
     hlo_text: str, causal: bool = True, sliding_window: int | None = None
 ) -> list[tuple[str, float, float]]:
   """(kernel, FLOPs, HBM bytes) per chip of each splash kernel call in a compiled TPU program, MODELLED
-  from the call's q/k/v shapes and the tiles its mask leaves non-empty (`attention.splash_visited_tiles`;
-  every call is taken to have the mask `causal`/`sliding_window`, the decoder's). Per (row, query head)
+  from the call's q/k/v shapes and the tiles its mask leaves non-empty (`attention.splash_visited_tiles`):
+  the vision tower's calls (op_name under 'vision') full attention, the others the decoder's mask
+  (`causal`, `sliding_window`); the padding tiles of a padded call count as visited. Per (row, query head)
   over V visited (bq, bk) tiles, flash attention's matmuls and tile traffic:
     fwd  QK' and PV: 2 bq bk (dq + dv) V FLOPs; reads q once and each visited tile's k and v, writes o
          and the log-sum-exp;
@@ -571,7 +576,11 @@ def splash_kernels(
       (dtype, q), (_, k), (_, v) = [a for a in arrays if len(a[1]) in (3, 4) and a[0] in ("bf16", "f16", "f32")][:3]
       b, (h, t, dq), (s, dk), dv = math.prod(q[:-3]), q[-3:], k[-2:], v[-1]
       bq, bk = t // grid[1], s // grid[2]
-      visited = attention.splash_visited_tiles(t, s, bq, bk, causal, sliding_window)
+      op_name = re.search(r'op_name="([^"]*)"', instruction.attributes)
+      if op_name and "/vision/" in op_name.group(1):
+        visited = grid[1] * grid[2]  # the ViT: full attention (its padding keys are masked by segment)
+      else:
+        visited = attention.splash_visited_tiles(t, s, bq, bk, causal, sliding_window)
       size, tile = _DTYPE_BYTES[dtype], bq * bk
       if kernel.group(1) == "fwd":
         flops = 2 * tile * (dq + dv) * visited
@@ -777,8 +786,8 @@ def cost_twin_config(
   """The config of the program's loop-free twin, whose costs count every FLOP and byte: layers unrolled,
   one microbatch (same global batch), the decoder's attention `attention_impl` ('xla': the einsum, every
   FLOP and byte seen by XLA; 'splash': the kernel, no loop either, its work modelled by `splash_kernels`;
-  None: splash where the program runs splash, else the einsum), the ViT's the einsum; None when the
-  program has no such loop."""
+  None: splash where the program runs splash, else the einsum); the ViT's splash where both the twin's
+  decoder and the program's ViT run it, else the einsum; None when the program has no such loop."""
   decoder, vision = config.model.decoder, config.model.get("vision")
   attention_impl = attention_impl or ("splash" if decoder.attention_impl == "splash" else "xla")
   if attention_impl not in ("xla", "splash"):
@@ -791,7 +800,8 @@ def cost_twin_config(
     twin.model.decoder.scan_layers = False
     twin.model.decoder.attention_impl = attention_impl
     if vision:
-      twin.model.vision.attention_impl = "xla"
+      both_splash = attention_impl == "splash" and vision.attention_impl == "splash"
+      twin.model.vision.attention_impl = "splash" if both_splash else "xla"
     twin.train.microbatches = 1
   return twin
 

@@ -289,7 +289,9 @@ SPLASH_CASES = [
         *_qkv(8, 2, 128, 128, 4, 2, 8, dv=6),
         _self_mask([[1] * 50 + [2] * 60 + [0] * 18, [0] * 30 + [1] * 98], window=9),
         8**-0.5,
-    )
+    ),
+    # Full attention (a ViT's) at 17 queries over 23 keys: padded to one 128-tile, the padding keys masked.
+    _case_bidirectional(),
 ]
 
 
@@ -319,18 +321,16 @@ def test_unknown_impl_names_the_valid_ones():
 
 
 @pytest.mark.parametrize(
-    "impl, cached, initializing, fixed_tokens, expected",
+    "impl, cached, initializing, expected",
     [
-        ("splash", False, False, None, "splash"),  # the decoder's cache-free call
-        ("splash", True, False, None, "blocked"),  # prefill into / decode from a KV cache
-        ("splash", False, False, 256, "splash"),  # a ViT of a whole number of 128-lane tiles
-        ("splash", False, False, 577, "blocked"),  # CLIP-L/336's tokens
-        ("cudnn", False, False, 577, "cudnn"),
-        ("splash", False, True, 256, "xla"),  # init creates parameters only
+        ("splash", False, False, "splash"),  # the decoder's cache-free call, a ViT at any token count
+        ("splash", True, False, "blocked"),  # prefill into / decode from a KV cache
+        ("cudnn", False, False, "cudnn"),
+        ("splash", False, True, "xla"),  # init creates parameters only
     ],
 )
-def test_kernel_for_each_kind_of_call(impl, cached, initializing, fixed_tokens, expected):
-  assert attention.for_call(impl, cached, initializing, fixed_tokens) == expected
+def test_kernel_for_each_kind_of_call(impl, cached, initializing, expected):
+  assert attention.for_call(impl, cached, initializing) == expected
 
 
 def test_mask_shape_mismatch_raises():
@@ -390,7 +390,7 @@ _TPU_COMPILE_SCRIPT = textwrap.dedent("""
                                         chips_per_host_bounds=(2, 2, 1), num_slices=1)
     b, t, h, hkv = 4, 256, 4, 2
 
-    def compile_fwd_bwd(mesh, spec, d, window, with_mask, impl="splash"):
+    def compile_fwd_bwd(mesh, spec, d, window, with_mask, impl="splash", t=t):
       def attn(q, k, v, seg):
         mask = masks.self_attention(seg, masks.default_positions(seg), window) if with_mask else None
         return attention.dot_product_attention(q, k, v, mask, d**-0.5, impl, block_q=128, block_kv=128)
@@ -415,6 +415,7 @@ _TPU_COMPILE_SCRIPT = textwrap.dedent("""
     window = compile_fwd_bwd(data_tensor, ("data", None, "tensor"), 64, 32, True)  # heads sharded, window
     report_kernels("window", window, True, 32)
     report_kernels("full", compile_fwd_bwd(data, ("data",), 128, None, False), False)  # bidirectional
+    report_kernels("padded", compile_fwd_bwd(data, ("data",), 128, None, False, t=200), False)  # a ViT's 200
     einsum = compile_fwd_bwd(data, ("data",), 128, None, False, impl="xla")
     print("EINSUM_FLOPS", einsum.cost_analysis()["flops"])
     print("SPLASH_TPU_COMPILE_OK")
@@ -443,6 +444,7 @@ def test_splash_compiles_for_tpu():
   assert modelled["causal"] == 1 * 4 * 3 * 128**2 * 18 * 128
   assert modelled["window"] == 2 * 2 * 3 * 128**2 * 18 * 64  # 2 rows and 2 of 4 heads per chip
   assert modelled["full"] == 1 * 4 * 4 * 128**2 * 18 * 128
+  assert modelled["padded"] == modelled["full"]  # 200 tokens padded to 256: the same 4 tiles
   # Less the backward kernels' two recomputed QK' products (18 -> 12 d), that is the einsum's six matmuls,
   # which XLA counts with the softmax's elementwise ops on top.
   einsum = float(next(line.split()[1] for line in result.stdout.splitlines() if line.startswith("EINSUM_FLOPS")))

@@ -7,6 +7,7 @@ after construction, so a mapping error cannot hide behind a zero / one / constan
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import flax.linen as nn
@@ -27,6 +28,7 @@ from llvm_jax.convert.vision_table import (
     vision_config_to_hf,
     vision_table,
 )
+from llvm_jax.models import attention
 from llvm_jax.models.config import LLVMConfig, ProjectorConfig, VisionConfig
 from llvm_jax.models.projector import Projector, pixel_shuffle
 from llvm_jax.models.vision import VisionTower
@@ -235,11 +237,14 @@ def test_clip_vision_model_parity(clip_case):
   _report("CLIPVisionModel layer -2 default", clip_case.forward(pixels), ref)
 
 
-@pytest.mark.parametrize("impl", ["blocked", "splash"])
-def test_vision_attention_kernels_match_hf(clip_case, impl):
-  """The tower with the memory-efficient kernel: 17 tokens in tiles of 8 (padded to 24). Splash needs
-  multiples of 128 tokens, so this tower runs the blocked kernel where splash is asked for."""
-  cfg = dataclasses.replace(clip_case.vision_cfg, attention_impl=impl, attention_block_size=8)
+@pytest.mark.parametrize("impl, block", [("blocked", 8), ("splash", 128)])
+def test_vision_attention_kernels_match_hf(clip_case, impl, block, monkeypatch):
+  """The tower with the memory-efficient kernels at 17 tokens: blocked in tiles of 8 (padded to 24),
+  splash (its Pallas kernel in the interpreter: no TPU here) padded to one 128-token tile, the padding
+  keys masked by segment ids."""
+  if impl == "splash":
+    monkeypatch.setattr(attention, "splash_attention", functools.partial(attention.splash_attention, interpret=True))
+  cfg = dataclasses.replace(clip_case.vision_cfg, attention_impl=impl, attention_block_size=block)
   pixels = _pixels()
   out = jax.jit(lambda p, x: VisionTower(cfg).apply({"params": p}, x))(clip_case.vision_params, pixels)
   with torch.no_grad():

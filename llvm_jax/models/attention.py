@@ -48,19 +48,17 @@ SPLASH_HEAD_AXES = ("tensor",)
 SPLASH_LANES = 128  # splash's block sizes must be multiples of the TPU lane width
 
 
-def for_call(impl: str, cached: bool, initializing: bool = False, fixed_tokens: int | None = None) -> str:
+def for_call(impl: str, cached: bool, initializing: bool = False) -> str:
   """The implementation a call uses when the model is configured with `impl`.
 
   Initialisation only creates parameters, so it takes the einsum (any shape). Splash is a kernel
-  for self-attention without a cache (training, a cache-free prefill); calls with a KV cache
-  (prefill into it, decode steps) run the blocked kernel instead, which handles cache slots.
-  `fixed_tokens`: the token count of a call whose length the model fixes (a ViT's 577 or 1025):
-  splash runs blocked when it is not a multiple of SPLASH_LANES. The decoder's lengths are the
-  user's to pad, so it does not pass one and splash raises on a misaligned length.
+  for self-attention without a cache (training, a cache-free prefill, a ViT at any token count);
+  calls with a KV cache (prefill into it, decode steps) run the blocked kernel instead, which handles
+  cache slots.
   """
   if initializing:
     return "xla"
-  if impl == "splash" and (cached or (fixed_tokens is not None and fixed_tokens % SPLASH_LANES)):
+  if impl == "splash" and cached:
     return "blocked"
   return impl
 
@@ -331,27 +329,67 @@ def splash_attention(
   window counts token indices, which equals the position difference when positions advance by one
   per token within a segment (`masks.default_positions`). Decoding with a cache or p-MoD's shortened
   keys raise: use 'xla' or 'blocked' there. Padding queries (segment 0) attend to the padding keys.
-  mask None is full attention (T may differ from S). Block sizes (capped at T, S) must be multiples
-  of 128 dividing T and S. Under a mesh (`jax.set_mesh`) the kernel runs in a shard_map: batch over
-  the mesh axes not in SPLASH_HEAD_AXES, heads over those (when they divide both head counts); a
-  multi-device jit without a mesh set fails (Mosaic kernels cannot be partitioned automatically).
-  `interpret` runs the kernel in the Pallas interpreter (any backend; for tests).
+  Block sizes (capped at T, S) must be multiples of 128 dividing T and S. mask None is full attention
+  (T may differ from S) at any length, e.g. a ViT's 577 or 1025 tokens: T and S are padded up to whole
+  blocks (capped at T and S rounded up to 128), the padding keys masked by segment ids, the padding
+  rows dropped. Under a mesh (`jax.set_mesh`) the kernel runs in a shard_map: batch over the mesh axes
+  not in SPLASH_HEAD_AXES, heads over those (when they divide both head counts); a multi-device jit
+  without a mesh set fails (Mosaic kernels cannot be partitioned automatically). `interpret` runs the
+  kernel in the Pallas interpreter (any backend; for tests).
   """
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-
   _check_shapes(q, k, v, mask)
-  b, t, h, _ = q.shape
-  s, hkv = k.shape[1], k.shape[2]
-  if mask is not None:
-    _check_splash_mask(mask, t, s)
-  bq, bk = min(block_q, t), min(block_kv, s)
+  t, s = q.shape[1], k.shape[1]
+  if mask is None:
+    return _full_splash(q, k, v, scale, block_q, block_kv, interpret)
+  _check_splash_mask(mask, t, s)
+  bq, bk = _splash_blocks(t, s, min(block_q, t), min(block_kv, s))
+  segments = (mask.q_segment_ids, mask.kv_segment_ids)
+  return _splash(q, k, v, segments, scale, (bq, bk), mask.sliding_window, interpret)
+
+
+def _splash_blocks(t: int, s: int, bq: int, bk: int) -> tuple[int, int]:
   if t % bq or s % bk or bq % SPLASH_LANES or bk % SPLASH_LANES:
     raise ValueError(
         f"attention impl 'splash' needs block sizes that are multiples of {SPLASH_LANES} and divide T={t} and "
         f"S={s}; got block_q={bq}, block_kv={bk} (pad sequences to a multiple of {SPLASH_LANES}, or use 'blocked')"
     )
-  window = None if mask is None else mask.sliding_window
+  return bq, bk
+
+
+def _full_splash(q: Array, k: Array, v: Array, scale: float, block_q: int, block_kv: int, interpret: bool) -> Array:
+  """Full attention at any length: T and S padded to whole blocks, the real tokens in segment 1 and the
+  padding in segment 0 (real queries see only real keys; the padding rows are dropped)."""
+  round_up = lambda n, m: -(-n // m) * m
+  (b, t), s = q.shape[:2], k.shape[1]
+  bq, bk = min(block_q, round_up(t, SPLASH_LANES)), min(block_kv, round_up(s, SPLASH_LANES))
+  tp, sp = round_up(t, bq), round_up(s, bk)
+  _splash_blocks(tp, sp, bq, bk)
+  if (tp, sp) == (t, s):
+    return _splash(q, k, v, (None, None), scale, (bq, bk), None, interpret, causal=False)
+  pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)])
+  real = lambda n, count: jnp.broadcast_to((jnp.arange(n) < count).astype(jnp.int32), (b, n))
+  out = _splash(pad(q, tp), pad(k, sp), pad(v, sp), (real(tp, t), real(sp, s)), scale, (bq, bk), None, interpret, False)
+  return out[:, :t]
+
+
+def _splash(
+    q: Array,
+    k: Array,
+    v: Array,
+    segments: tuple[Array | None, Array | None],
+    scale: float,
+    blocks: tuple[int, int],
+    sliding_window: int | None,
+    interpret: bool,
+    causal: bool = True,
+) -> Array:
+  """The kernel call: q (B, T, H, dq), k/v (B, S, Hkv, d) on whole blocks; segment ids (B, T|S) or None."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+  b, t, h, _ = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  bq, bk = blocks
   block_sizes = sk.BlockSizes(
       block_q=bq,
       block_kv=bk,
@@ -365,7 +403,7 @@ def splash_attention(
 
   def local(q, k, v, q_seg, kv_seg):
     """Per shard: q (b, h, T, dq), k/v (b, hkv, S, d); segment ids (b, T|S) or None."""
-    head_mask = _splash_head_mask(t, s, causal=mask is not None, sliding_window=window)
+    head_mask = _splash_head_mask(t, s, causal=causal, sliding_window=sliding_window)
     kernel = sk.make_splash_mha(
         sm.MultiHeadMask([head_mask] * q.shape[1]),
         block_sizes=block_sizes,
@@ -381,8 +419,7 @@ def splash_attention(
   q = (q.astype(jnp.float32) * scale).astype(q.dtype)
   heads_first = lambda x: x.transpose(0, 2, 1, 3)
   args = (heads_first(q), heads_first(k), heads_first(v))
-  segs = (None, None) if mask is None else (mask.q_segment_ids, mask.kv_segment_ids)
-  out = _in_shard_map(local, args, segs, b, h, hkv)
+  out = _in_shard_map(local, args, segments, b, h, hkv)
   return heads_first(out).astype(v.dtype)
 
 

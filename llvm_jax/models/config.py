@@ -312,8 +312,8 @@ class VisionConfig:
   # None (no rematerialisation) | 'full' | 'dots' | 'dots_no_batch' (see layers.REMAT_POLICIES).
   remat_policy: str | None = None
   # The attention kernel, as the decoder's (models/attention.py): 'xla' (einsum) | 'blocked' | 'cudnn' |
-  # 'splash'. Splash tiles count multiples of 128 tokens: a tower whose token count is not one (CLIP-L/336:
-  # 577, InternViT-448: 1025) runs 'blocked' where 'splash' is asked for. The tile of 'blocked' and
+  # 'splash'. Both pad the tokens up to whole tiles (splash's are multiples of 128: CLIP-L/336's 577 and
+  # InternViT-448's 1025 tokens run in 640 and 1152), the padding keys masked. The tile of 'blocked' and
   # 'splash': 128 pads 1025 tokens to 1152.
   attention_impl: str = "xla"
   attention_block_size: int = 128

@@ -75,9 +75,7 @@ class VisionAttention(nn.Module):
     q, k, v = proj("q"), proj("k"), proj("v")
     if cfg.qk_norm:
       q, k = qk_norm(q, "q_norm"), qk_norm(k, "k_norm")
-    impl = attention.for_call(
-        cfg.attention_impl, cached=False, initializing=self.is_initializing(), fixed_tokens=x.shape[1]
-    )
+    impl = attention.for_call(cfg.attention_impl, cached=False, initializing=self.is_initializing())
     block = cfg.attention_block_size
     out = attention.dot_product_attention(q, k, v, None, d**-0.5, impl, block_q=block, block_kv=block)
     out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", None))
