@@ -11,6 +11,8 @@ topology: HBM per chip from `memory_analysis()`, step times and MFU ESTIMATED fr
   1. The ~1B LLVM (configs/bench_1b.py: InternVL2-1B-like, batch 16 x 1024 tokens, bf16 compute, fp32
      master weights, remat full) with each technique, FSDP on v5e-8 (8 chips, one 2x4 host) and
      v5p-8 (Cloud TPU's name counts TensorCores: 4 chips, one 2x2x1 host): the train step.
+  1b. The same with the decoder and the ViT on the splash kernel (all but p-MoD), costed by a twin that
+     keeps the kernel and models its work (`aot.splash_kernels`; `--compile=splash`).
   2. The paper-scale 7B models of configs/paper.py at SFT shapes (global batch 128, 2048 tokens, one
      image per sample, the SFT stage's freeze rules): the smallest v5e and v5p slice of 8 ... 256
      chips whose train step fits, trying FSDP, FSDP with 4 microbatches, FSDP + 4-way tensor

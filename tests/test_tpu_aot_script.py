@@ -65,6 +65,14 @@ def cache(tmp_path):
       # DeepStack's program compiled, its twin's process died.
       {"key": key.replace("baseline", "deepstack") + ":twin=False", "report": _report(_memory_program(7.0))},
       {"key": key.replace("baseline", "deepstack") + ":costs=loop-free", "report": CRASHED},
+      # Section 1b: the baseline on splash, its twin's kernels modelled (3 of its 13 FLOPs per chip).
+      {"key": f"{key}:splash+vit:twin=False", "report": _report(_memory_program(4.0))},
+      {
+          "key": f"{key}:splash+vit:{tpu_aot.TWIN_KEY}",
+          "report": _report(
+              dict(_cost_program(0.1), estimated_mfu=0.55, xla_flops_per_chip=10.0, splash_kernel_flops_per_chip=3.0)
+          ),
+      },
   ]
   # Decode steps estimated by the roofline of their bytes, 4x one read of their arguments: the baseline's
   # twin counted HBM bytes, p-MoD's is older (XLA's bytes).
@@ -101,7 +109,9 @@ def test_rows_merge_memory_and_twin_costs_and_the_report_marks_the_rest(cache):
       one_b[("pmod", "v5e-8", "train")]
   )
   prefill_pairs = tpu_aot.section_pmod_prefill(plan, run, set())
-  text = tpu_aot.markdown(plan, "cmd", one_b, tpu_aot.section_paper(plan, run), None, prefill_pairs, run, [])
+  one_b_splash = tpu_aot.section_one_b_splash(plan, run)
+  paper = tpu_aot.section_paper(plan, run)
+  text = tpu_aot.markdown(plan, "cmd", one_b, one_b_splash, paper, None, prefill_pairs, run, [])
   assert (
       "| LLaVA-1.5-7B prefill: 16 rows of one image + a 64-token prompt (640 tokens) | v5p-8 | not compiled yet |"
       in text
@@ -123,6 +133,12 @@ def test_rows_merge_memory_and_twin_costs_and_the_report_marks_the_rest(cache):
   assert "| baseline | 1.00 | 4.00 ms | roofline | 4.00 ms | 100% | 1.00 ms | 25% |" in text
   # No p-MoD pair without p-MoD's twin; the baseline's MFU target is judged.
   assert "est. MFU 25.0% (target >= 50%): MISSED" in text and "1B v5e-8" not in text
+  # Section 1b: XLA's and the kernels' FLOPs over the analytic ones; the MFU target judged on it too.
+  assert (
+      "| baseline | v5e-8 (8 chips) | 4.00 | yes | 100.00 ms | roofline | 55.0% | 1.30 | 100 s + 400 s twin |" in text
+  )
+  assert "| trol | v5e-8 | – | not compiled yet |" in text
+  assert "(splash kernel, modelled): est. MFU 55.0% (target >= 50%): met." in text
   assert f"INCOMPLETE: {len(run.pending)} programs are not compiled yet" in text and len(run.pending) > 20
 
 
