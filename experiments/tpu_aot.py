@@ -810,7 +810,7 @@ def why_missed(
   if base and base["estimated_mfu"] < TARGETS["mfu_1b_v5e"]:
     bound = "memory" if base["roofline_hbm_s"] > base["roofline_compute_s"] else "compute"
     lines += [
-        "### Why the 1B baseline misses the MFU target",
+        "### Why the 1B baseline's einsum twin misses the MFU target",
         "",
         f"- XLA executes {base['xla_flops_per_chip'] / base['analytic_flops_per_chip']:.2f}x the analytic FLOPs "
         "(remat='full' recomputes every layer's forward; elementwise ops; the twin's einsum attention computes "
