@@ -138,7 +138,7 @@ def test_rows_merge_memory_and_twin_costs_and_the_report_marks_the_rest(cache):
       "| baseline | v5e-8 (8 chips) | 4.00 | yes | 100.00 ms | roofline | 55.0% | 1.30 | 100 s + 400 s twin |" in text
   )
   assert "| trol | v5e-8 | – | not compiled yet |" in text
-  assert "(splash kernel, modelled): est. MFU 55.0% (target >= 50%): met." in text
+  assert "(splash kernel modelled, roofline: an upper bound): est. MFU 55.0% (target >= 50%): met." in text
   assert f"INCOMPLETE: {len(run.pending)} programs are not compiled yet" in text and len(run.pending) > 20
 
 
