@@ -36,8 +36,7 @@ bytes and estimates; the twin's attention holds the whole (T, S) logits, so they
 the tiled kernels. A program on splash attention (or --twin_attention=splash) keeps the splash kernel in
 its twin (no loop either), whose work XLA's cost analysis does not see: `splash_kernels` models each
 call's FLOPs and tile traffic from its shapes and mask, added to XLA's numbers (the estimate is then the
-roofline). Memory stays the real
-program's; --nounrolled_costs skips the twin and flags the undercount.
+roofline). Memory stays the real program's; --nounrolled_costs skips the twin and flags the undercount.
 
 Topologies: 'v5e:2x4' (generation:chip grid, as `get_topology_desc` takes it) or a Cloud TPU
 accelerator type: 'v5e-8', 'v5litepod-8', 'v6e-8' count chips; 'v4-8', 'v5p-8' count TensorCores
@@ -822,7 +821,8 @@ def compile_for_topology(
   XLA's cost analysis counts a while loop's body once: a scanned decoder reports one layer of L, the
   blocked attention one tile. With `unrolled_costs`, a program with loops is compiled a second time as
   its loop-free twin (`cost_twin_config`) and the FLOPs, bytes and step-time estimate come from it (the
-  same math, attention as one einsum); memory and fit stay those of the real program.
+  same math, attention as one einsum or as splash with its work modelled); memory and fit stay those of the
+  real program.
   `compiler_options` (XLA/libtpu flags) apply to the program's own compile, e.g. TWIN_COMPILER_OPTIONS
   when `config` is itself a cost twin compiled on its own. `twin_attention`: the twin's decoder attention
   ('xla', 'splash': the TPU kernel, its work modelled; None: the program's own if splash; see
