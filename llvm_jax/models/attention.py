@@ -58,7 +58,7 @@ def for_call(impl: str, cached: bool, initializing: bool = False) -> str:
   """
   if initializing:
     return "xla"
-  if impl == "splash" and cached:
+  if cached and impl == "splash":
     return "blocked"
   return impl
 
@@ -124,6 +124,15 @@ def einsum_attention(q: Array, k: Array, v: Array, mask: Array | None, scale: fl
 # -------------------------------------------------------------------------------------- blocked
 
 
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _pad_tokens(x: Array, n: int) -> Array:
+  """x (B, T, ...) zero-padded along its token axis to n (the tiled kernels' whole blocks)."""
+  return jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
 def blocked_attention(
     q: Array, k: Array, v: Array, mask: MaskInfo | None, scale: float, *, block_q: int = 512, block_kv: int = 512
 ) -> Array:
@@ -135,19 +144,18 @@ def blocked_attention(
   b, t, h, dq = q.shape
   s, hkv = k.shape[1], k.shape[2]
   bq, bk = max(1, min(block_q, t)), max(1, min(block_kv, s))
-  tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
+  tp, sp = _round_up(t, bq), _round_up(s, bk)
   if mask is None:  # everyone sees every key; only the padding keys (segment 0) get masked
     ones = lambda n: jnp.ones((b, n), jnp.int32)
     zeros = lambda n: jnp.zeros((b, n), jnp.int32)
     mask = MaskInfo(ones(t), zeros(t), zeros(t), ones(s), zeros(s), zeros(s))
-  pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
   mask = MaskInfo(
-      *(pad(a.astype(jnp.int32), tp) for a in (mask.q_segment_ids, mask.q_slots, mask.q_positions)),
-      *(pad(a.astype(jnp.int32), sp) for a in (mask.kv_segment_ids, mask.kv_slots, mask.kv_positions)),
+      *(_pad_tokens(a.astype(jnp.int32), tp) for a in (mask.q_segment_ids, mask.q_slots, mask.q_positions)),
+      *(_pad_tokens(a.astype(jnp.int32), sp) for a in (mask.kv_segment_ids, mask.kv_slots, mask.kv_positions)),
       sliding_window=mask.sliding_window,
   )
-  qg = pad(q.reshape(b, t, hkv, h // hkv, dq), tp)
-  out = _flash(qg, pad(k, sp), pad(v, sp), mask, float(scale), bq, bk)
+  qg = _pad_tokens(q.reshape(b, t, hkv, h // hkv, dq), tp)
+  out = _flash(qg, _pad_tokens(k, sp), _pad_tokens(v, sp), mask, float(scale), bq, bk)
   return out[:, :t].reshape(b, t, h, v.shape[-1])
 
 
@@ -342,33 +350,41 @@ def splash_attention(
   if mask is None:
     return _full_splash(q, k, v, scale, block_q, block_kv, interpret)
   _check_splash_mask(mask, t, s)
-  bq, bk = _splash_blocks(t, s, min(block_q, t), min(block_kv, s))
+  bq, bk = min(block_q, t), min(block_kv, s)
+  _check_splash_blocks(t, s, bq, bk)
   segments = (mask.q_segment_ids, mask.kv_segment_ids)
   return _splash(q, k, v, segments, scale, (bq, bk), mask.sliding_window, interpret)
 
 
-def _splash_blocks(t: int, s: int, bq: int, bk: int) -> tuple[int, int]:
+def _check_splash_blocks(t: int, s: int, bq: int, bk: int) -> None:
   if t % bq or s % bk or bq % SPLASH_LANES or bk % SPLASH_LANES:
     raise ValueError(
         f"attention impl 'splash' needs block sizes that are multiples of {SPLASH_LANES} and divide T={t} and "
         f"S={s}; got block_q={bq}, block_kv={bk} (pad sequences to a multiple of {SPLASH_LANES}, or use 'blocked')"
     )
-  return bq, bk
 
 
 def _full_splash(q: Array, k: Array, v: Array, scale: float, block_q: int, block_kv: int, interpret: bool) -> Array:
   """Full attention at any length: T and S padded to whole blocks, the real tokens in segment 1 and the
   padding in segment 0 (real queries see only real keys; the padding rows are dropped)."""
-  round_up = lambda n, m: -(-n // m) * m
   (b, t), s = q.shape[:2], k.shape[1]
-  bq, bk = min(block_q, round_up(t, SPLASH_LANES)), min(block_kv, round_up(s, SPLASH_LANES))
-  tp, sp = round_up(t, bq), round_up(s, bk)
-  _splash_blocks(tp, sp, bq, bk)
+  bq, bk = min(block_q, _round_up(t, SPLASH_LANES)), min(block_kv, _round_up(s, SPLASH_LANES))
+  tp, sp = _round_up(t, bq), _round_up(s, bk)
+  _check_splash_blocks(tp, sp, bq, bk)
   if (tp, sp) == (t, s):
     return _splash(q, k, v, (None, None), scale, (bq, bk), None, interpret, causal=False)
-  pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)])
   real = lambda n, count: jnp.broadcast_to((jnp.arange(n) < count).astype(jnp.int32), (b, n))
-  out = _splash(pad(q, tp), pad(k, sp), pad(v, sp), (real(tp, t), real(sp, s)), scale, (bq, bk), None, interpret, False)
+  out = _splash(
+      _pad_tokens(q, tp),
+      _pad_tokens(k, sp),
+      _pad_tokens(v, sp),
+      (real(tp, t), real(sp, s)),
+      scale,
+      (bq, bk),
+      None,
+      interpret,
+      False,
+  )
   return out[:, :t]
 
 
