@@ -25,8 +25,9 @@ topology: HBM per chip from `memory_analysis()`, step times and MFU ESTIMATED fr
 Layers are scanned with the blocked attention, as bench_1b runs them. XLA's cost analysis counts a loop
 body once (one layer of the scan, one tile of the attention), so every estimate comes from the program's
 loop-free twin (`aot.cost_twin_config`: layers unrolled, einsum attention, one microbatch), the memory
-from the real program: two compiles per row. Each compile is cached in .cache/tpu_aot.jsonl (keyed by
-its settings), so an interrupted run resumes where it stopped. Each compile runs in its own process; one
+from the real program: two compiles per row. Each compile is cached in experiments/results/tpu_aot.jsonl
+(keyed by its settings; committed with the report, since a fresh checkout would otherwise compile for
+hours again), so an interrupted run resumes where it stopped. Each compile runs in its own process; one
 that dies (killed for host memory) is reported as failed, and compiled again only with --retry_crashed.
 """
 
@@ -75,7 +76,7 @@ PMOD_DENSE_REFERENCE = ("llava15_7b", "v5p")  # section 4's 7B pair runs on this
 PAPER_PMOD_FLOPS = 0.587  # p-MoD-LLaVA-1.5-7B's TFLOPs against LLaVA-1.5-7B (p-MoD paper)
 TARGETS = {"mfu_1b_v5e": 0.50, "pmod_step_ratio": 0.65, "decode_of_roofline": 0.70}
 OUT = os.path.join(REPO, "experiments", "results", "tpu_aot.md")
-CACHE = os.path.join(REPO, ".cache", "tpu_aot.jsonl")
+CACHE = os.path.join(REPO, "experiments", "results", "tpu_aot.jsonl")
 
 
 @dataclasses.dataclass

@@ -18,12 +18,16 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from llvm_jax import config_utils, host
+from llvm_jax.bench.breakdown import format_breakdown
 from llvm_jax.bench.train_step import time_jax, time_torch
 from llvm_jax.models.techniques import switched_on
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps).")
 _TORCH = flags.DEFINE_bool("torch", True, "On CPU, also time transformers PyTorch on the same model.")
+_BREAKDOWN = flags.DEFINE_bool(
+    "breakdown", False, "Also trace a few steps and print where their op time goes, by model scope."
+)
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices",
@@ -40,12 +44,14 @@ def main(argv) -> None:
   config = _CONFIG.value
   if _CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # before the backend starts
-  result = time_jax(config, _STEPS.value)
+  result = time_jax(config, _STEPS.value, breakdown=_BREAKDOWN.value)
   print(
       f"llvm_jax train step on {result['devices']} x {result['device']}: {result['step_time_s'] * 1e3:.1f} ms, "
       f"{result['tokens_per_second']:.0f} tokens/s, {result['tflops_per_device']:.3f} TFLOP/s per device"
       + (f", MFU {result['mfu']:.1%}" if "mfu" in result else "")
   )
+  if _BREAKDOWN.value:
+    print(format_breakdown(result.pop("breakdown"), result["step_time_s"]))
   techniques = switched_on(config_utils.model_config(config))
   if jax.default_backend() == "cpu" and _TORCH.value and techniques:
     print(f"PyTorch comparison skipped: transformers has no {', '.join(techniques)}, so it cannot train the same model")

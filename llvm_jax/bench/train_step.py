@@ -8,12 +8,14 @@ steady-state (median after 3 warm-up steps). time_torch: the same LLaVA model tr
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from llvm_jax import config_utils, convert, flops
+from llvm_jax.bench.breakdown import step_breakdown
 from llvm_jax.data.pipeline import make_global_batch
 from llvm_jax.models import deepstack
 from llvm_jax.models.llvm import LLVM
@@ -47,7 +49,9 @@ def synthetic_batch(cfg, batch: int, seq_len: int, seed: int = 0, grid_mode: str
   return out
 
 
-def time_jax(config, steps: int) -> dict[str, float]:
+def time_jax(config, steps: int, breakdown: bool = False) -> dict[str, Any]:
+  """The trainer's step timed over `steps` steps; `breakdown`: also trace a few steps and charge their op
+  time to model scopes (`result['breakdown']`, see llvm_jax/bench/breakdown.py)."""
   model = LLVM(config_utils.model_config(config))
   mesh = trainer.mesh_from_config(config)
   setup, _ = trainer.build_setup(config, model, mesh)
@@ -72,6 +76,16 @@ def time_jax(config, steps: int) -> dict[str, float]:
     times.append(time.perf_counter() - tick)
     losses.append(metrics["loss"])
   step_time = float(np.median(times[3:]))
+  if breakdown:
+    state = {"params": params, "opt_state": opt_state}
+
+    def one_step():
+      state["params"], state["opt_state"], metrics = compiled(
+          state["params"], state["opt_state"], batch, jnp.asarray(steps, jnp.int32)
+      )
+      jax.block_until_ready(metrics["loss"])
+
+    scopes = step_breakdown(compiled.as_text(), one_step)
   step_flops = b * flops.train_flops_per_sample(model.config, s, 1 if model.config.vision else 0)
   result = {
       "backend": jax.default_backend(),
@@ -89,6 +103,8 @@ def time_jax(config, steps: int) -> dict[str, float]:
       "first_loss": float(losses[0]),
       "last_loss": float(losses[-1]),
   }
+  if breakdown:
+    result["breakdown"] = scopes
   memory = compiled.memory_analysis()
   if memory is not None and hasattr(memory, "temp_size_in_bytes"):
     result["step_memory_gib"] = (

@@ -1,0 +1,101 @@
+"""The train-step bench: its CLI against PyTorch on a tiny demo model, and the op-time breakdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from llvm_jax.bench import breakdown
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+    "op_name, scope, backward",
+    [
+        (
+            "jit(step_fn)/jvp(LLVM)/decoder/decoder._layers/DecoderLayer/attn/div",
+            "decoder/decoder._layers/DecoderLayer/attn",
+            False,
+        ),
+        (
+            "jit(step_fn)/transpose(jvp(LLVM))/decoder/decoder._layers/DecoderLayer/attn/bkgts,bskd->btkgd/dot_general",
+            "decoder/decoder._layers/DecoderLayer/attn",
+            True,
+        ),
+        (
+            "jit(step_fn)/jvp(LLVM)/LLVM.encode_images/vision/layers_1/mlp/jit(gelu)/erf",
+            "LLVM.encode_images/vision/layers_*/mlp",
+            False,
+        ),
+        ("jit(step_fn)/mul", breakdown.OUTSIDE_MODEL, False),
+    ],
+)
+def test_scope_of_strips_transformations_primitives_and_layer_indices(op_name, scope, backward):
+  assert breakdown.scope_of(op_name) == (scope, backward)
+
+
+class _TwoLayers(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(64, name="wide")(x)
+    return nn.Dense(8, name="narrow")(jax.nn.relu(x))
+
+
+def test_step_breakdown_charges_forward_and_backward_ops_to_modules():
+  model = _TwoLayers()
+  x = jnp.ones((256, 32))
+  params = model.init(jax.random.key(0), x)
+
+  def loss(p):
+    return jnp.sum(jax.lax.fori_loop(0, 2, lambda i, y: y * 0.5, model.apply(p, x)) ** 2)
+
+  step = jax.jit(jax.grad(loss)).lower(params).compile()
+  scopes = {s.path: s for s in breakdown.step_breakdown(step.as_text(), lambda: jax.block_until_ready(step(params)))}
+  assert {"wide", "narrow"} <= set(scopes)  # the root module is the jvp(...) wrapper
+  for name in ("wide", "narrow"):
+    assert scopes[name].forward_s > 0 and scopes[name].backward_s > 0
+  # The loop is control flow: its body's ops are charged, the while itself is not.
+  hlo = step.as_text()
+  loops = re.findall(r"%([\w.]+) = \([^\n]*?\) while\(", hlo)
+  assert loops and not set(loops) & set(breakdown.instruction_scopes(hlo))
+  table = breakdown.format_breakdown(list(scopes.values()), wall_s=1e-3)
+  assert "wide" in table and "share" in table
+
+
+def test_bench_cli_times_llvm_jax_against_pytorch_and_breaks_the_step_down(tmp_path):
+  out = tmp_path / "bench.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "llvm_jax.bench",
+          "--config=configs/demo.py:width=32,layers=1,batch=2,seq=32",
+          "--steps=2",
+          "--breakdown",
+          f"--out={out}",
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Where the step's op time goes" in proc.stdout
+  assert "decoder/decoder._layers/DecoderLayer/attn" in proc.stdout
+  result = json.loads(out.read_text())
+  assert result["batch"] == 2 and result["seq_len"] == 32
+  assert result["step_time_s"] > 0 and result["torch_step_time_s"] > 0
+  assert result["torch_over_jax"] == pytest.approx(result["torch_step_time_s"] / result["step_time_s"])
+  assert result["last_loss"] < result["first_loss"]
