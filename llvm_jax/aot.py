@@ -453,20 +453,31 @@ def _closing_paren(text: str) -> int:
 def _computations(hlo_text: str) -> dict[str, list[_Instruction]]:
   computations: dict[str, list[_Instruction]] = {}
   current = None
+  # An instruction printed over several lines (a Pallas kernel's metadata, thousands of lines): the rest
+  # of its attributes, joined once (appending line by line copied the growing string: quadratic).
+  continued: list[str] = []
+
+  def attach_continued() -> None:
+    if continued:
+      last = computations[current][-1]
+      computations[current][-1] = dataclasses.replace(last, attributes="\n".join([last.attributes, *continued]))
+      continued.clear()
+
   for line in hlo_text.splitlines():
     if line and not line[0].isspace() and line.rstrip().endswith("{"):
+      attach_continued()
       current = line.split("(")[0].split()[-1].lstrip("%")
       computations[current] = []
       continue
     m = _INSTRUCTION.match(line) if current is not None else None
     if m:
+      attach_continued()
       root, name, shape, opcode, rest = m.groups()
       operands = tuple(re.findall(r"%([\w.\-]+)", rest[: _closing_paren(rest)]))
       computations[current].append(_Instruction(name, shape, opcode, operands, rest, bool(root)))
     elif current is not None and computations[current] and line.strip() not in ("", "}"):
-      # An instruction printed over several lines (a Pallas kernel's metadata): the rest of its attributes.
-      last = computations[current][-1]
-      computations[current][-1] = dataclasses.replace(last, attributes=f"{last.attributes}\n{line}")
+      continued.append(line)
+  attach_continued()
   return computations
 
 
