@@ -11,8 +11,9 @@ topology: HBM per chip from `memory_analysis()`, step times and MFU ESTIMATED fr
   1. The ~1B LLVM (configs/bench_1b.py: InternVL2-1B-like, batch 16 x 1024 tokens, bf16 compute, fp32
      master weights, remat full) with each technique, FSDP on v5e-8 (8 chips, one 2x4 host) and
      v5p-8 (Cloud TPU's name counts TensorCores: 4 chips, one 2x2x1 host): the train step.
-  1b. The same with the decoder and the ViT on the splash kernel (all but p-MoD), costed by a twin that
-     keeps the kernel and models its work (`aot.splash_kernels`; `--compile=splash`).
+  1b. The same with the decoder and the ViT on the splash kernel (p-MoD's MoD layers on their kept tokens,
+     padded to whole tiles), costed by a twin that keeps the kernel and models its work
+     (`aot.splash_kernels`; `--compile=splash`).
   2. The paper-scale 7B models of configs/paper.py at SFT shapes (global batch 128, 2048 tokens, one
      image per sample, the SFT stage's freeze rules): the smallest v5e and v5p slice of 8 ... 256
      chips whose train step fits, trying FSDP, FSDP with 4 microbatches, FSDP + 4-way tensor
@@ -272,9 +273,6 @@ COST_FIELDS = (
     "splash_kernel_flops_per_chip",
     "splash_kernel_bytes_per_chip",
 )
-# Section 1b: the techniques whose every attention call splash can run (p-MoD's MoD layers attend over
-# their kept tokens, a length that is no multiple of 128 and whose slots are not the token indices).
-SPLASH_TECHNIQUES = ("baseline", "trol", "phantom", "deepstack")
 
 
 # --- The sections --------------------------------------------------------------------------------
@@ -314,7 +312,7 @@ def section_one_b_splash(plan: Plan, run: Runner) -> dict[tuple[str, str, str], 
   other techniques. Keyed as section 1."""
   results = {}
   order = [("baseline", t) for t in plan.one_b_topologies]
-  order += [(technique, t) for t in plan.one_b_topologies for technique in SPLASH_TECHNIQUES[1:]]
+  order += [(technique, t) for t in plan.one_b_topologies for technique in COMPILE_ORDER[1:]]
   for technique, topology in order:
     key = f"1b:{plan.quick}:{technique}:{topology}:{plan.one_b_shape}:train:splash+vit"
     config = one_b_config(plan, technique, attention="splash")
@@ -568,15 +566,14 @@ def markdown(
       "MODELS each kernel call from its q/k/v shapes and the tiles its mask leaves non-empty (the decoder's causal "
       "mask: 36 of 64; all of the ViT's): flash "
       "attention's matmuls (the backward recomputes QK') and tile loads, added to XLA's FLOPs and HBM bytes; the "
-      "estimate is then always the roofline. p-MoD (and all four) cannot run splash: its MoD layers attend over "
-      "their kept tokens, no multiple of 128 and not at the token indices' slots.",
+      "estimate is then always the roofline. p-MoD's MoD layers run it on their kept tokens, padded to whole tiles.",
       "",
       "| technique | slice | HBM / chip (GiB) | fits | est. step time | source | est. MFU | "
       "(XLA + kernels) / analytic FLOPs | compile (program + twin) |",
       "|---|---|---:|---|---:|---|---:|---:|---:|",
   ]
   for topology in plan.one_b_topologies:
-    for technique in SPLASH_TECHNIQUES:
+    for technique in TECHNIQUES:
       report = one_b_splash.get((technique, topology, "train"), {"pending": True})
       lines.append(_one_b_row(report, technique, topology))
   # How far XLA's own cost model sits above the roofline, where it gave an estimate for section 1's twins.
@@ -667,17 +664,18 @@ def markdown(
       "|---|---|---:|---:|---:|",
   ]
   pmod_ratios = {}
-  for topology in plan.one_b_topologies:
-    dense, sparse = (_costed(one_b, t, topology, "train") for t in ("baseline", "pmod"))
-    if dense and sparse:
-      ratio, basis = _step_ratio(sparse, dense)
-      if ratio is not None:
-        pmod_ratios[f"1B {topology}"] = ratio
-      tokens = config_utils.model_config(one_b_config(plan, "pmod")).tokens_per_image
-      lines.append(
-          f"| ~1B, {tokens} of {plan.one_b_shape[1]} tokens vision | {topology} | {_ratio_cell(ratio, basis)} | "
-          f"{sparse['analytic_flops'] / dense['analytic_flops']:.3f} | – |"
-      )
+  for kernel, results in (("", one_b), (", splash", one_b_splash)):
+    for topology in plan.one_b_topologies:
+      dense, sparse = (_costed(results, t, topology, "train") for t in ("baseline", "pmod"))
+      if dense and sparse:
+        ratio, basis = _step_ratio(sparse, dense)
+        if ratio is not None:
+          pmod_ratios[f"1B {topology}{kernel}"] = ratio
+        tokens = config_utils.model_config(one_b_config(plan, "pmod")).tokens_per_image
+        lines.append(
+            f"| ~1B{kernel}, {tokens} of {plan.one_b_shape[1]} tokens vision | {topology} | "
+            f"{_ratio_cell(ratio, basis)} | {sparse['analytic_flops'] / dense['analytic_flops']:.3f} | – |"
+        )
   dense_found = paper_found.get(PMOD_DENSE_REFERENCE, {})
   dense = _program(dense_found.get("report", {}), "train") if _has_costs(dense_found.get("report", {})) else None
   sparse = _program(pmod_7b or {}, "train")

@@ -290,6 +290,8 @@ SPLASH_CASES = [
         _self_mask([[1] * 50 + [2] * 60 + [0] * 18, [0] * 30 + [1] * 98], window=9),
         8**-0.5,
     ),
+    # Causal at 37 tokens (p-MoD's kept tokens are no multiple of 128): padded to one tile in segment 0.
+    _case_causal_packed_gqa(),
     # Full attention (a ViT's) at 17 queries over 23 keys: padded to one 128-tile, the padding keys masked.
     _case_bidirectional(),
 ]
@@ -348,9 +350,8 @@ def test_splash_rejects_what_it_cannot_express():
   shifted = c.mask.replace(q_slots=c.mask.q_slots + 3)  # cache offsets with T == S
   with pytest.raises(ValueError, match="slots"):
     attention.dot_product_attention(c.q, c.k, c.v, shifted, c.scale, "splash")
-  short = CASES[0]  # T = 37: no block size that is a multiple of 128 divides it
   with pytest.raises(ValueError, match="multiples of 128"):
-    attention.dot_product_attention(short.q, short.k, short.v, short.mask, short.scale, "splash")
+    attention.dot_product_attention(c.q, c.k, c.v, c.mask, c.scale, "splash", block_q=100, block_kv=100)
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the error off GPU")

@@ -13,7 +13,7 @@ import pytest
 
 from llvm_jax import config_utils, convert, flops
 from llvm_jax import cost as cost_lib
-from llvm_jax.models import hooks, masks, pmod, trol
+from llvm_jax.models import attention, hooks, masks, pmod, trol
 from llvm_jax.models.config import DecoderConfig, LLVMConfig, PmodConfig, TrolConfig
 from llvm_jax.models.decoder import MLP, Attention, DecoderLayer, init_cache
 from llvm_jax.models.layers import RMSNorm
@@ -195,6 +195,39 @@ def test_against_per_sample_reference(params, batch):
   np.testing.assert_allclose(got, expected, rtol=TOL, atol=TOL)
   dense = np.asarray(_forward(BASE)(_dense_params(params), tokens, segments))
   assert np.abs(got - dense)[np.asarray(segments) != 0].max() > 2e-3
+
+
+def test_splash_attention_runs_the_kept_tokens(params, batch, monkeypatch):
+  """Splash (its Pallas kernel in the interpreter: no TPU here) on the MoD layers' kept tokens, whose
+  count is no multiple of 128 (padded in segment 0): the same logits and parameter gradients as the
+  einsum path."""
+  lengths = []
+
+  def interpreted(q, *args, **kwargs):
+    lengths.append(q.shape[1])
+    return splash(q, *args, **kwargs, interpret=True)
+
+  splash = attention.splash_attention
+  monkeypatch.setattr(attention, "splash_attention", interpreted)
+  tokens, segments = batch
+  valid = np.asarray(segments) != 0
+
+  def loss_and_grads(cfg):
+    def loss(p):
+      logits = LM(cfg).apply({"params": p}, tokens, segments)[0]
+      return jnp.sum(jnp.where(segments[..., None] != 0, jnp.tanh(logits), 0.0)), logits
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (_, got), got_grads = loss_and_grads(_cfg(attention_impl="splash"))
+  (_, want), want_grads = loss_and_grads(_cfg())
+  # Layer 0 is dense (24 tokens), layers 1 and 2 keep 24 - 12 + trunc(0.6 * 12) and + trunc(0.3 * 12).
+  assert sorted(set(lengths)) == [15, 19, 24]
+  with pytest.raises(ValueError, match="sliding window"):
+    loss_and_grads(_cfg(attention_impl="splash", sliding_window=4))
+  np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], rtol=TOL, atol=TOL)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
 def test_select_matches_reference_choice(batch):

@@ -73,6 +73,12 @@ def cache(tmp_path):
               dict(_cost_program(0.1), estimated_mfu=0.55, xla_flops_per_chip=10.0, splash_kernel_flops_per_chip=3.0)
           ),
       },
+      # p-MoD on splash (its kept tokens padded to whole tiles): its pair with the baseline in section 4.
+      {"key": key.replace("baseline", "pmod") + ":splash+vit:twin=False", "report": _report(_memory_program(4.0))},
+      {
+          "key": key.replace("baseline", "pmod") + f":splash+vit:{tpu_aot.TWIN_KEY}",
+          "report": _report(dict(_cost_program(0.06), splash_kernel_flops_per_chip=2.0)),
+      },
   ]
   # Decode steps estimated by the roofline of their bytes, 4x one read of their arguments: the baseline's
   # twin counted HBM bytes, p-MoD's is older (XLA's bytes).
@@ -132,13 +138,16 @@ def test_rows_merge_memory_and_twin_costs_and_the_report_marks_the_rest(cache):
   assert "| pmod | 1.00 | 4.00 ms | roofline (XLA bytes) | 4.00 ms | 100% | 1.00 ms | 25% |" in text
   assert "| baseline | 1.00 | 4.00 ms | roofline | 4.00 ms | 100% | 1.00 ms | 25% |" in text
   # No p-MoD pair without p-MoD's twin; the baseline's MFU target is judged.
-  assert "est. MFU 25.0% (target >= 50%): MISSED" in text and "1B v5e-8" not in text
+  assert "est. MFU 25.0% (target >= 50%): MISSED" in text and "(1B v5e-8)" not in text
   # Section 1b: XLA's and the kernels' FLOPs over the analytic ones; the MFU target judged on it too.
   assert (
       "| baseline | v5e-8 (8 chips) | 4.00 | yes | 100.00 ms | roofline | 55.0% | 1.30 | 100 s + 400 s twin |" in text
   )
   assert "| trol | v5e-8 | – | not compiled yet |" in text
   assert "(splash kernel modelled, roofline: an upper bound): est. MFU 55.0% (target >= 50%): met." in text
+  assert "| pmod | v5e-8 (8 chips) | 4.00 | yes | 60.00 ms | roofline |" in text
+  assert "| ~1B, splash, 256 of 1024 tokens vision | v5e-8 | 0.600 | 1.000 | – |" in text
+  assert "- p-MoD / dense est. step time (1B v5e-8, splash): 0.600 (target <= 0.65): met." in text
   assert f"INCOMPLETE: {len(run.pending)} programs are not compiled yet" in text and len(run.pending) > 20
 
 

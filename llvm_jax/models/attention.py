@@ -337,10 +337,10 @@ def splash_attention(
   window counts token indices, which equals the position difference when positions advance by one
   per token within a segment (`masks.default_positions`). Decoding with a cache or p-MoD's shortened
   keys raise: use 'xla' or 'blocked' there. Padding queries (segment 0) attend to the padding keys.
-  Block sizes (capped at T, S) must be multiples of 128 dividing T and S. mask None is full attention
-  (T may differ from S) at any length, e.g. a ViT's 577 or 1025 tokens: T and S are padded up to whole
-  blocks (capped at T and S rounded up to 128), the padding keys masked by segment ids, the padding
-  rows dropped. Under a mesh (`jax.set_mesh`) the kernel runs in a shard_map: batch over the mesh axes
+  Block sizes must be multiples of 128 (they are capped at T and S rounded up to 128). Any length runs:
+  with a mask, T is padded up to whole blocks with tokens in segment 0 (p-MoD's kept tokens, e.g.),
+  whose rows are dropped; mask None is full attention (T may differ from S), e.g. a ViT's 577 or 1025
+  tokens, T and S padded up to whole blocks, the padding keys masked by segment ids. Under a mesh (`jax.set_mesh`) the kernel runs in a shard_map: batch over the mesh axes
   not in SPLASH_HEAD_AXES, heads over those (when they divide both head counts); a multi-device jit
   without a mesh set fails (Mosaic kernels cannot be partitioned automatically). `interpret` runs the
   kernel in the Pallas interpreter (any backend; for tests).
@@ -350,10 +350,16 @@ def splash_attention(
   if mask is None:
     return _full_splash(q, k, v, scale, block_q, block_kv, interpret)
   _check_splash_mask(mask, t, s)
-  bq, bk = min(block_q, t), min(block_kv, s)
-  _check_splash_blocks(t, s, bq, bk)
-  segments = (mask.q_segment_ids, mask.kv_segment_ids)
-  return _splash(q, k, v, segments, scale, (bq, bk), mask.sliding_window, interpret)
+  bq, bk = min(block_q, _round_up(t, SPLASH_LANES)), min(block_kv, _round_up(s, SPLASH_LANES))
+  n = _round_up(t, math.lcm(bq, bk))
+  _check_splash_blocks(n, n, bq, bk)
+  if n == t:
+    segments = (mask.q_segment_ids, mask.kv_segment_ids)
+    return _splash(q, k, v, segments, scale, (bq, bk), mask.sliding_window, interpret)
+  # Padding tokens appended in segment 0: real queries (segments >= 1) never attend to them.
+  pad = lambda x: _pad_tokens(x, n)
+  segments = (pad(mask.q_segment_ids), pad(mask.kv_segment_ids))
+  return _splash(pad(q), pad(k), pad(v), segments, scale, (bq, bk), mask.sliding_window, interpret)[:, :t]
 
 
 def _check_splash_blocks(t: int, s: int, bq: int, bk: int) -> None:

@@ -265,6 +265,11 @@ def run_routed(layer: hooks.LayerFn, config: DecoderConfig) -> hooks.LayerFn:
     segment_ids, positions = ctx.mask.q_segment_ids, ctx.mask.q_positions
     cos, sin, mlp_weight = ctx.cos, ctx.sin, ctx.mlp_weight
     if routing is not None:
+      if ctx.mask.sliding_window is not None and ctx.attention_impl == "splash":
+        raise ValueError(
+            "p-MoD with attention_impl 'splash' and a sliding window: splash's window counts token indices, "
+            "but the kept tokens' positions skip the dropped vision tokens; use 'xla' or 'blocked'"
+        )
       index = routing["index"]
       x_kept = _take(x, index)
       seg_kept = jnp.where(routing["valid"], _take(segment_ids, index), 0)
