@@ -187,15 +187,17 @@ class Runner:
       return {"pending": True, "fits": None, "programs": {}}
     print(f"compiling {key} ...", flush=True)
     tick = time.perf_counter()
-    try:
-      spawn = multiprocessing.get_context("spawn")
-      with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-        report = pool.submit(_compile_program, config, topology, what, kwargs).result()
-    except concurrent.futures.process.BrokenProcessPool:
-      report = {"error": "the compiling process died (killed: out of host memory?)", "crashed": True, "programs": {}}
-    except Exception as e:  # noqa: BLE001 - recorded in the tables; the other compiles still run
-      traceback.print_exc()
-      report = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", "fits": False, "programs": {}}
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+      # A process that cannot start (a caller without the __main__ guard) is no compile result: raised, not cached.
+      future = pool.submit(_compile_program, config, topology, what, kwargs)
+      try:
+        report = future.result()
+      except concurrent.futures.process.BrokenProcessPool:
+        report = {"error": "the compiling process died (killed: out of host memory?)", "crashed": True, "programs": {}}
+      except Exception as e:  # noqa: BLE001 - recorded in the tables; the other compiles still run
+        traceback.print_exc()
+        report = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", "fits": False, "programs": {}}
     report["wall_s"] = time.perf_counter() - tick
     self.compile_s += report["wall_s"]
     print(f"  {report['wall_s']:.0f} s, fits={report.get('fits')}", flush=True)

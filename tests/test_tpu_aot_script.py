@@ -2,6 +2,7 @@
 the report marks what is not compiled yet, and a compile whose process died is reported, not rerun."""
 
 import json
+import multiprocessing
 import os
 
 import pytest
@@ -185,3 +186,18 @@ def test_each_compile_runs_in_its_own_process(monkeypatch, tmp_path):
 
 def _die(*args):
   os._exit(9)  # as a process the OOM killer takes
+
+
+class _Unstartable(multiprocessing.context.SpawnProcess):
+
+  def start(self):
+    raise RuntimeError("cannot start: the caller lacks the __main__ guard")
+
+
+def test_a_compile_process_that_cannot_start_raises_and_is_not_cached(monkeypatch, tmp_path):
+  path = tmp_path / "cache.jsonl"
+  run = tpu_aot.Runner(str(path), refresh=False)
+  monkeypatch.setattr(multiprocessing.get_context("spawn"), "Process", _Unstartable)
+  with pytest.raises(RuntimeError, match="__main__ guard"):
+    run("k", None, "v5e-8", ("train",))
+  assert "k" not in run.done and not path.exists()
