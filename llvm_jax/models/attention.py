@@ -340,10 +340,11 @@ def splash_attention(
   Block sizes must be multiples of 128 (they are capped at T and S rounded up to 128). Any length runs:
   with a mask, T is padded up to whole blocks with tokens in segment 0 (p-MoD's kept tokens, e.g.),
   whose rows are dropped; mask None is full attention (T may differ from S), e.g. a ViT's 577 or 1025
-  tokens, T and S padded up to whole blocks, the padding keys masked by segment ids. Under a mesh (`jax.set_mesh`) the kernel runs in a shard_map: batch over the mesh axes
-  not in SPLASH_HEAD_AXES, heads over those (when they divide both head counts); a multi-device jit
-  without a mesh set fails (Mosaic kernels cannot be partitioned automatically). `interpret` runs the
-  kernel in the Pallas interpreter (any backend; for tests).
+  tokens, T and S padded up to whole blocks, the padding keys masked by segment ids. Under a mesh
+  (`jax.set_mesh`) the kernel runs in a shard_map: batch over the mesh axes not in SPLASH_HEAD_AXES,
+  heads over those (when they divide both head counts); a multi-device jit without a mesh set fails
+  (Mosaic kernels cannot be partitioned automatically). `interpret` runs the kernel in the Pallas
+  interpreter (any backend; for tests).
   """
   _check_shapes(q, k, v, mask)
   t, s = q.shape[1], k.shape[1]
