@@ -66,11 +66,21 @@ def instruction_scopes(hlo_text: str) -> dict[str, tuple[str, bool]]:
   return scopes
 
 
-def _event_instruction(event: Any) -> str:
-  for name, value in event.stats:
-    if name == "hlo_op":
-      return str(value)
-  return event.name.removeprefix("end: ")
+def _op_events(trace: Any, module: str) -> list[tuple[str, int]]:
+  """(instruction name, duration ns) of the trace's op events. Device kernels name theirs in an `hlo_op`
+  stat (GPU; counted alone where present, the host's launch events left out), XLA:CPU's thunks in the
+  event name."""
+  device, host = [], []
+  for plane in trace.planes:
+    for line in plane.lines:
+      for event in line.events:
+        stats = dict(event.stats)
+        if "hlo_op" in stats:
+          if stats.get("hlo_module", module) == module:
+            device.append((str(stats["hlo_op"]), event.duration_ns))
+        else:
+          host.append((event.name.removeprefix("end: "), event.duration_ns))
+  return device or host
 
 
 def step_breakdown(hlo_text: str, call: Callable[[], Any], calls: int = 5) -> list[Scope]:
@@ -83,14 +93,11 @@ def step_breakdown(hlo_text: str, call: Callable[[], Any], calls: int = 5) -> li
       for _ in range(calls):
         call()
     trace = jax.profiler.ProfileData.from_file(_xplane_file(trace_dir))
-    for plane in trace.planes:
-      for line in plane.lines:
-        for event in line.events:
-          name = _event_instruction(event)
-          if name not in scopes:
-            continue
-          path, is_backward = scopes[name]
-          (backward if is_backward else forward)[path] += event.duration_ns * 1e-9 / calls
+  module = re.match(r"HloModule ([\w.\-]+)", hlo_text)
+  for name, duration_ns in _op_events(trace, module.group(1) if module else ""):
+    if name in scopes:
+      path, is_backward = scopes[name]
+      (backward if is_backward else forward)[path] += duration_ns * 1e-9 / calls
   paths = set(forward) | set(backward)
   rows = [Scope(p, forward[p], backward[p]) for p in paths]
   return sorted(rows, key=lambda s: -s.total_s)
