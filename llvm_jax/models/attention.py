@@ -351,16 +351,8 @@ def splash_attention(
   if mask is None:
     return _full_splash(q, k, v, scale, block_q, block_kv, interpret)
   _check_splash_mask(mask, t, s)
-  bq, bk = min(block_q, _round_up(t, SPLASH_LANES)), min(block_kv, _round_up(s, SPLASH_LANES))
-  n = _round_up(t, math.lcm(bq, bk))
-  _check_splash_blocks(n, n, bq, bk)
-  if n == t:
-    segments = (mask.q_segment_ids, mask.kv_segment_ids)
-    return _splash(q, k, v, segments, scale, (bq, bk), mask.sliding_window, interpret)
-  # Padding tokens appended in segment 0: real queries (segments >= 1) never attend to them.
-  pad = lambda x: _pad_tokens(x, n)
-  segments = (pad(mask.q_segment_ids), pad(mask.kv_segment_ids))
-  return _splash(pad(q), pad(k), pad(v), segments, scale, (bq, bk), mask.sliding_window, interpret)[:, :t]
+  segments = (mask.q_segment_ids, mask.kv_segment_ids)
+  return _padded_splash(q, k, v, segments, scale, (block_q, block_kv), mask.sliding_window, interpret, causal=True)
 
 
 def _check_splash_blocks(t: int, s: int, bq: int, bk: int) -> None:
@@ -372,25 +364,44 @@ def _check_splash_blocks(t: int, s: int, bq: int, bk: int) -> None:
 
 
 def _full_splash(q: Array, k: Array, v: Array, scale: float, block_q: int, block_kv: int, interpret: bool) -> Array:
-  """Full attention at any length: T and S padded to whole blocks, the real tokens in segment 1 and the
-  padding in segment 0 (real queries see only real keys; the padding rows are dropped)."""
+  """Full attention at any length: the real tokens in segment 1 (the padding, in segment 0, is masked)."""
   (b, t), s = q.shape[:2], k.shape[1]
-  bq, bk = min(block_q, _round_up(t, SPLASH_LANES)), min(block_kv, _round_up(s, SPLASH_LANES))
-  tp, sp = _round_up(t, bq), _round_up(s, bk)
+  segments = (jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32))
+  return _padded_splash(q, k, v, segments, scale, (block_q, block_kv), None, interpret, causal=False)
+
+
+def _padded_splash(
+    q: Array,
+    k: Array,
+    v: Array,
+    segments: tuple[Array, Array],
+    scale: float,
+    blocks: tuple[int, int],
+    sliding_window: int | None,
+    interpret: bool,
+    causal: bool,
+) -> Array:
+  """The kernel at any length: blocks capped at T and S rounded up to 128, T and S padded up to whole
+  blocks (causal: one length, T == S) with tokens in segment 0, whose rows are dropped; real queries
+  (segments >= 1) never attend to them. Unpadded calls keep their segment ids, None for full attention."""
+  t, s = q.shape[1], k.shape[1]
+  bq, bk = min(blocks[0], _round_up(t, SPLASH_LANES)), min(blocks[1], _round_up(s, SPLASH_LANES))
+  tp, sp = (_round_up(t, math.lcm(bq, bk)),) * 2 if causal else (_round_up(t, bq), _round_up(s, bk))
   _check_splash_blocks(tp, sp, bq, bk)
   if (tp, sp) == (t, s):
-    return _splash(q, k, v, (None, None), scale, (bq, bk), None, interpret, causal=False)
-  real = lambda n, count: jnp.broadcast_to((jnp.arange(n) < count).astype(jnp.int32), (b, n))
+    kept = segments if causal else (None, None)
+    return _splash(q, k, v, kept, scale, (bq, bk), sliding_window, interpret, causal)
+  padded = (_pad_tokens(segments[0], tp), _pad_tokens(segments[1], sp))
   out = _splash(
       _pad_tokens(q, tp),
       _pad_tokens(k, sp),
       _pad_tokens(v, sp),
-      (real(tp, t), real(sp, s)),
+      padded,
       scale,
       (bq, bk),
-      None,
+      sliding_window,
       interpret,
-      False,
+      causal,
   )
   return out[:, :t]
 
