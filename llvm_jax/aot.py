@@ -75,7 +75,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from llvm_jax import config_utils, flops, sharding  # noqa: E402
+from llvm_jax import hlo_text as hlo  # noqa: E402
 from llvm_jax.bench.train_step import synthetic_batch  # noqa: E402
+from llvm_jax.hlo_text import Instruction  # noqa: E402
 from llvm_jax.models import llvm  # noqa: E402
 from llvm_jax.models.decoder import init_cache  # noqa: E402
 from llvm_jax.models.llvm import LLVM  # noqa: E402
@@ -398,18 +400,7 @@ _DTYPE_BYTES = {
     "u64": 8,
     "c64": 8,
 }
-_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)$")
 _ARRAY = re.compile(r"\b([a-z]\w*)\[([\d,]*)\](?:\{([^}]*)\})?")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Instruction:
-  name: str
-  shape: str
-  opcode: str
-  operands: tuple[str, ...]
-  attributes: str
-  is_root: bool
 
 
 def _arrays(shape: str) -> list[tuple[int, int]]:
@@ -440,54 +431,13 @@ def _hbm_bytes(shape: str) -> int:
   return sum(size for size, space in _arrays(shape) if space == 0)
 
 
-def _closing_paren(text: str) -> int:
-  """Index of the ')' closing an already opened '(' (the end of an instruction's operand list)."""
-  depth = 1
-  for index, char in enumerate(text):
-    depth += {"(": 1, ")": -1}.get(char, 0)
-    if depth == 0:
-      return index
-  return len(text)
-
-
-def _computations(hlo_text: str) -> dict[str, list[_Instruction]]:
-  computations: dict[str, list[_Instruction]] = {}
-  current = None
-  # An instruction printed over several lines (a Pallas kernel's metadata, thousands of lines): the rest
-  # of its attributes, joined once (appending line by line copied the growing string: quadratic).
-  continued: list[str] = []
-
-  def attach_continued() -> None:
-    if continued:
-      last = computations[current][-1]
-      computations[current][-1] = dataclasses.replace(last, attributes="\n".join([last.attributes, *continued]))
-      continued.clear()
-
-  for line in hlo_text.splitlines():
-    if line and not line[0].isspace() and line.rstrip().endswith("{"):
-      attach_continued()
-      current = line.split("(")[0].split()[-1].lstrip("%")
-      computations[current] = []
-      continue
-    m = _INSTRUCTION.match(line) if current is not None else None
-    if m:
-      attach_continued()
-      root, name, shape, opcode, rest = m.groups()
-      operands = tuple(re.findall(r"%([\w.\-]+)", rest[: _closing_paren(rest)]))
-      computations[current].append(_Instruction(name, shape, opcode, operands, rest, bool(root)))
-    elif current is not None and computations[current] and line.strip() not in ("", "}"):
-      continued.append(line)
-  attach_continued()
-  return computations
-
-
-def _fused_reads(body: list[_Instruction]) -> tuple[dict[int, int], tuple[int, int] | None]:
+def _fused_reads(body: list[Instruction]) -> tuple[dict[int, int], tuple[int, int] | None]:
   """What a fusion reads of its operands: {operand index: bytes} for those it only slices or gathers
   from (the rest it reads whole), and (operand index, update bytes) when it updates an operand in place
   (a dynamic-update-slice root: only the update is written)."""
   parameters = {i.name: int(re.match(r"\d+", i.attributes).group()) for i in body if i.opcode == "parameter"}
   shapes = {i.name: i.shape for i in body}
-  uses: dict[str, list[tuple[_Instruction, int]]] = {}
+  uses: dict[str, list[tuple[Instruction, int]]] = {}
   for instruction in body:
     for position, operand in enumerate(instruction.operands):
       uses.setdefault(operand, []).append((instruction, position))
@@ -503,7 +453,7 @@ def _fused_reads(body: list[_Instruction]) -> tuple[dict[int, int], tuple[int, i
   return reads, in_place
 
 
-def _hbm_traffic(instruction: _Instruction, shapes: dict[str, str], by_name: dict, computations: dict) -> int:
+def _hbm_traffic(instruction: Instruction, shapes: dict[str, str], by_name: dict, computations: dict) -> int:
   """Bytes the instruction reads from and writes to HBM; what it moves within VMEM is not counted."""
   operands, shape = instruction.operands, instruction.shape
   in_hbm = lambda name: _hbm_bytes(shapes.get(name, "")) > 0
@@ -537,7 +487,7 @@ def _hbm_traffic(instruction: _Instruction, shapes: dict[str, str], by_name: dic
   return sum(_hbm_bytes(shapes.get(o, "")) for o in operands) + _hbm_bytes(shape)
 
 
-def _top_level_bodies(computations: dict[str, list[_Instruction]]) -> Iterator[list[_Instruction]]:
+def _top_level_bodies(computations: dict[str, list[Instruction]]) -> Iterator[list[Instruction]]:
   """The computations whose instructions run as such: the entry and while loops' bodies and conditions
   (fusion bodies and reducers are their callers' work)."""
   called = {
@@ -574,7 +524,7 @@ def splash_kernels(
   from llvm_jax.models import attention  # the mask's tiling is the kernel's; kept out of aot's import time
 
   kernels = []
-  for body in _top_level_bodies(_computations(hlo_text)):
+  for body in _top_level_bodies(hlo.computations(hlo_text)):
     for instruction in body:
       kernel = _SPLASH_KERNEL.match(instruction.name)
       if instruction.opcode != "custom-call" or not kernel:
@@ -614,7 +564,7 @@ def _top_level_traffic(hlo_text: str) -> Iterator[tuple[str, int, str]]:
   'bytes accessed' counts each of those transfers and reads again, as if all were HBM traffic. Slices and
   gathers read what they return; in-place updates write only the update. A while loop's body is walked
   once, as XLA's cost analysis counts it."""
-  computations = _computations(hlo_text)
+  computations = hlo.computations(hlo_text)
   opcodes = {name: {i.opcode for i in body} for name, body in computations.items()}
   for body in _top_level_bodies(computations):
     shapes = {i.name: i.shape for i in body}

@@ -19,11 +19,10 @@ from typing import Any
 
 import jax
 
+from llvm_jax import hlo_text as hlo
+
 # Control flow: its event spans the events of its body, which are charged themselves.
 _CONTAINERS = ("while", "conditional", "call")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
-# The opcode after the result shape (a tuple shape is parenthesised).
-_OPCODE = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+([\w\-]+)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 # Path segments that name a transformation or a jitted helper, not a module.
 _WRAPPER = re.compile(r"^(jit|jvp|transpose|vmap|remat|checkpoint|pjit|custom_jvp_call|custom_vjp_call)\(")
@@ -54,15 +53,12 @@ def scope_of(op_name: str) -> tuple[str, bool]:
 def instruction_scopes(hlo_text: str) -> dict[str, tuple[str, bool]]:
   """Instruction name -> (scope, is backward), for the instructions that do work (not control flow)."""
   scopes = {}
-  for line in hlo_text.splitlines():
-    match = _INSTRUCTION.match(line)
-    if not match:
-      continue
-    opcode = _OPCODE.search(line)
-    if opcode and opcode.group(1) in _CONTAINERS:
-      continue
-    op_name = _OP_NAME.search(line)
-    scopes[match.group(1)] = scope_of(op_name.group(1)) if op_name else (OUTSIDE_MODEL, False)
+  for body in hlo.computations(hlo_text).values():
+    for instruction in body:
+      if instruction.opcode in _CONTAINERS:
+        continue
+      op_name = _OP_NAME.search(instruction.attributes)
+      scopes[instruction.name] = scope_of(op_name.group(1)) if op_name else (OUTSIDE_MODEL, False)
   return scopes
 
 
