@@ -60,13 +60,8 @@ def get_config(arg=None):
   pmod = PmodConfig() if args.size == "1b" else PmodConfig(schedule="explicit", layers=(2, 3, 4, 5), ratios=(0.5,) * 4)
   model = config_utils.with_techniques(base, args.technique, pmod=pmod)
   model = config_utils.with_precision(model, "bfloat16", "float32", None if args.remat == "none" else args.remat)
-  model = dataclasses.replace(
-      model,
-      decoder=dataclasses.replace(
-          model.decoder, attention_impl=args.attention, attention_block_size=int(args.block), scan_layers=args.scan
-      ),
-      vision=dataclasses.replace(model.vision, attention_impl=args.attention, attention_block_size=int(args.block)),
-  )
+  model = config_utils.with_attention(model, args.attention, block_size=args.block)
+  model = dataclasses.replace(model, decoder=dataclasses.replace(model.decoder, scan_layers=args.scan))
   config = config_utils.experiment(model, task="train", lock=False)
   config.data.update(
       seq_len=args.seq_len,

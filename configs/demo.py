@@ -14,7 +14,9 @@ Arg: task=train|eval|demo (eval: the workdir's checkpoint with config.evals; dem
      llvm_jax/data/builders.py), seq (tokens per row), vision_lr / projector_lr (learning-rate multipliers; vision_lr=none
      freezes the ViT, projector_lr=none the projector), batch,
      technique=baseline|trol|phantom|deepstack|pmod|all_four (or names joined by '+', e.g. trol+pmod;
-     each with its paper's settings, fitted to the model's depth; data.deepstack_grid follows the model).
+     each with its paper's settings, fitted to the model's depth; data.deepstack_grid follows the model),
+     attention=cpu_flash|xla|blocked|cudnn|splash (decoder and ViT; cpu_flash, the default, is the fused
+     C++ kernel for XLA:CPU, built on first use: on a GPU or TPU pass another, e.g. attention=xla).
 Every technique block is also in the config, off: e.g. --config.model.decoder.trol.enabled=True
 --config.model.decoder.trol.layers='(0,1)', --config.model.deepstack.enabled=True.
 """
@@ -41,6 +43,7 @@ def get_config(arg=None):
       technique="baseline",
       dataset="synthetic_vqa/large",
       seq=96,
+      attention="cpu_flash",
   )
   vocab = tiny_vocabulary()
   model = config_utils.tiny_llvm(
@@ -56,6 +59,7 @@ def get_config(arg=None):
       vision_depth=2,
   )
   model = config_utils.with_techniques(model, args.technique)
+  model = config_utils.with_attention(model, args.attention)
   config = config_utils.experiment(model, task=args.task, lock=False)
   config.data.update(
       name=args.dataset,

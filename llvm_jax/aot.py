@@ -793,6 +793,12 @@ def compile_for_topology(
   unknown = sorted(set(what) - set(PROGRAMS))
   if unknown:
     raise ValueError(f"unknown program(s) {unknown}; expected some of {PROGRAMS}")
+  vision = config.model.get("vision")
+  if "cpu_flash" in (config.model.decoder.attention_impl, vision and vision.attention_impl):
+    raise ValueError(
+        "attention impl 'cpu_flash' is a kernel for XLA:CPU and cannot be compiled for a TPU: set the config's "
+        "decoder and vision attention_impl to 'xla', 'blocked' or 'splash'"
+    )
   topo = topology if isinstance(topology, Topology) else parse_topology(topology, num_slices)
   devices = topology_devices(topo)
   mesh = sharding.make_mesh(tuple(config.sharding.mesh_shape), devices=devices)

@@ -170,6 +170,17 @@ def with_precision(
   )
 
 
+def with_attention(cfg: LLVMConfig, impl: str, block_size: int | None = None) -> LLVMConfig:
+  """`cfg` with attention implementation `impl` (models/attention.py) in the decoder and the ViT, and
+  their tile size ('blocked', 'splash') when `block_size` is given."""
+  tiles = {} if block_size is None else dict(attention_block_size=int(block_size))
+  return dataclasses.replace(
+      cfg,
+      decoder=dataclasses.replace(cfg.decoder, attention_impl=impl, **tiles),
+      vision=cfg.vision and dataclasses.replace(cfg.vision, attention_impl=impl, **tiles),
+  )
+
+
 def tiny_llvm(
     vocab_size: int = 128,
     image_token_id: int = 4,

@@ -115,6 +115,13 @@ def test_cost_twin_unrolls_every_loop_and_keeps_the_batch():
   assert aot.cost_twin_config(bench_1b.get_config("size=tiny,scan=false,attention=splash")) is not None
 
 
+def test_cpu_kernel_is_refused_before_compiling():
+  from configs import demo
+
+  with pytest.raises(ValueError, match="'cpu_flash' is a kernel for XLA:CPU"):
+    aot.compile_for_topology(demo.get_config(), "v5e:2x2")  # the demo's default attention
+
+
 def test_topology_names():
   v5e_8 = aot.parse_topology("v5e-8")
   assert v5e_8.name == "v5e:2x4" and v5e_8.chips_per_host_bounds == (2, 4, 1)  # one 8-chip host

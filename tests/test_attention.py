@@ -196,7 +196,9 @@ IMPLS = {
     "blocked_8x5": ("blocked", dict(block_q=8, block_kv=5)),  # blocks dividing neither T nor S: padding path
     "blocked_64x64": ("blocked", dict(block_q=64, block_kv=64)),  # blocks larger than T and S
     "cudnn_mapping_xla": ("cudnn_xla", {}),
+    "cpu_flash": ("cpu_flash", {}),
 }
+ZERO_ROW_IMPLS = ("blocked", "cpu_flash")  # rows without keys give 0 and pass no gradient
 # Blocks larger than T and S only on some cases (one compile each; the mask logic is the same).
 _LARGE_BLOCK_CASES = ("causal_packed_leftpad_gqa2", "kv_cache", "bidirectional_none")
 MATRIX = [
@@ -232,8 +234,8 @@ def _assert_matches(case: Case, got, want, fully_masked_out):
 def test_matches_reference(case_index, impl, blocks):
   case = CASES[case_index]
   got = out_and_grads(case.q, case.k, case.v, case.mask, case.cotangent(), impl=impl, scale=case.scale, **blocks)
-  _assert_matches(case, got, _reference(case), "zero" if impl == "blocked" else "mean_v")
-  if impl == "blocked" and not case.valid_rows.all():
+  _assert_matches(case, got, _reference(case), "zero" if impl in ZERO_ROW_IMPLS else "mean_v")
+  if impl in ZERO_ROW_IMPLS and not case.valid_rows.all():
     # Rows without keys pass no gradient: weighting them too leaves the gradients as they were.
     _, grads = out_and_grads(
         case.q, case.k, case.v, case.mask, case.cotangent(masked_rows=True), impl=impl, scale=case.scale, **blocks
@@ -274,6 +276,45 @@ def test_blocked_bfloat16():
   # Keeps the input dtype; float32 accumulation makes it at least as close as the einsum path (measured:
   # out 5.5e-3, grads 2.7e-2 vs einsum's 7.8e-3, 2.7e-2).
   _check_bfloat16(CASES[0], "blocked", "zero", block_q=8, block_kv=5)
+
+
+def test_cpu_flash_bfloat16():
+  # float32 inside the kernel, v's dtype out: as close as the einsum path.
+  _check_bfloat16(CASES[0], "cpu_flash", "zero")
+
+
+def test_cpu_flash_runs_per_shard_under_a_mesh():
+  # Batch over 'data' x 'fsdp', heads over 'tensor': each device runs the kernel on its shard (a
+  # shard_map), no all-gather of q/k/v; same numbers as one device.
+  case = CASES[0]  # causal, packed, left padding, GQA: 2 KV heads
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(1, 2, 2), ("data", "fsdp", "tensor"))
+  want = out_and_grads(case.q, case.k, case.v, case.mask, case.cotangent(), impl="cpu_flash", scale=case.scale)
+  shard = lambda x, *spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+  q, k, v = (shard(x, "fsdp", None, "tensor") for x in (case.q, case.k, case.v))
+  with jax.set_mesh(mesh):
+    mask = jax.tree.map(lambda a: shard(a, "fsdp"), case.mask)
+    fn = jax.jit(lambda q, k, v, mask: attention.dot_product_attention(q, k, v, mask, case.scale, "cpu_flash"))
+    hlo = fn.lower(q, k, v, mask).compile().as_text()
+    got = out_and_grads(q, k, v, mask, case.cotangent(), impl="cpu_flash", scale=case.scale)
+  assert "llvm_jax_cpu_flash_forward" in hlo and "all-gather" not in hlo
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6, rtol=0)
+
+
+def test_cpu_flash_build_errors_name_the_cause(tmp_path, monkeypatch):
+  from llvm_jax.models import cpu_attention
+
+  monkeypatch.setenv("LLVM_JAX_CACHE", str(tmp_path))
+  monkeypatch.setenv("CXX", "no-such-compiler")
+  with pytest.raises(RuntimeError, match="'no-such-compiler' is not on PATH"):
+    cpu_attention.build()
+  monkeypatch.delenv("CXX")
+  broken = tmp_path / "cpu_attention.cc"
+  broken.write_text("this is not C++\n")
+  monkeypatch.setattr(cpu_attention, "SOURCE", broken)
+  with pytest.raises(RuntimeError, match="building cpu_attention.cc failed"):
+    cpu_attention.build()
+  assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob("*.tmp"))  # nothing half-built is kept
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused kernel needs an NVIDIA GPU")
@@ -328,6 +369,7 @@ def test_unknown_impl_names_the_valid_ones():
         ("splash", False, False, "splash"),  # the decoder's cache-free call, a ViT at any token count
         ("splash", True, False, "blocked"),  # prefill into / decode from a KV cache
         ("cudnn", False, False, "cudnn"),
+        ("cpu_flash", True, False, "cpu_flash"),  # any mask, KV caches included
         ("splash", False, True, "xla"),  # init creates parameters only
     ],
 )

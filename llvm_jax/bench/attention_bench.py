@@ -8,7 +8,8 @@ per row, float32. Each variant is timed as the gradient of sum(out * w) with res
 jax variants interleaved (`common.time_interleaved`), then PyTorch alone (its OpenMP threads spin after
 each op and would slow what runs between); the last column multiplies by the decoder's depth.
 PyTorch's CPU SDPA is a fused flash kernel; XLA:CPU runs the einsum path as separate matmul, mask,
-softmax and transpose kernels over the (B, H, T, S) logits.
+softmax and transpose kernels over the (B, H, T, S) logits; 'cpu_flash' is llvm_jax's own fused C++
+kernel (models/cpu_attention.cc).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from llvm_jax.models import attention, masks
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed calls per variant (after one warm-up).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time PyTorch's scaled_dot_product_attention.")
-CPU_IMPLEMENTATIONS = ("xla", "blocked")
+CPU_IMPLEMENTATIONS = ("xla", "blocked", "cpu_flash")
 
 
 def attention_inputs(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int) -> dict[str, np.ndarray]:

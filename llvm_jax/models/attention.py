@@ -13,9 +13,11 @@ h // (H // Hkv). `mask` is a factored `MaskInfo` (None: full bidirectional atten
                backend, memory O(T + S) per head instead of O(T * S), any mask (caches, p-MoD keys).
     'cudnn'    `jax.nn.dot_product_attention(implementation='cudnn')`: NVIDIA GPU, bf16/fp16 only.
     'splash'   Pallas splash attention: TPU only, self-attention without a KV cache (training/prefill).
+    'cpu_flash' FlashAttention in C++ for XLA:CPU (`cpu_attention`, jax.ffi; built on first use): CPU
+               only, any mask, float32 inside.
 
 Rows with no valid key (padding queries, or queries before every kept key) are finite everywhere:
-'xla' and 'cudnn' give the mean of v there (a uniform softmax), 'blocked' gives 0 with zero gradient,
+'xla' and 'cudnn' give the mean of v there (a uniform softmax), 'blocked' and 'cpu_flash' give 0 with zero gradient,
 'splash' lets padding queries attend to the padding keys. Real losses never read those rows.
 """
 
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llvm_jax.models import cpu_attention
 from llvm_jax.models import masks as masks_lib
 from llvm_jax.models.config import ATTENTION_IMPLEMENTATIONS
 
@@ -87,6 +90,8 @@ def dot_product_attention(
     return blocked_attention(q, k, v, mask, scale, block_q=block_q, block_kv=block_kv)
   if impl == "cudnn":
     return cudnn_attention(q, k, v, mask, scale)
+  if impl == "cpu_flash":
+    return cpu_flash_attention(q, k, v, mask, scale)
   return splash_attention(q, k, v, mask, scale, block_q=block_q, block_kv=block_kv)
 
 
@@ -503,21 +508,35 @@ def _check_splash_mask(mask: MaskInfo, t: int, s: int) -> None:
       )
 
 
-def _in_shard_map(fn: Callable[..., Array], args: tuple[Array, ...], segs: tuple[Any, Any], b: int, h: int, hkv: int):
-  """fn(q, k, v, q_seg, kv_seg) directly, or in a shard_map over the current mesh (Mosaic can't be auto-partitioned)."""
+def _kernel_partition(b: int, h: int, hkv: int) -> tuple[Any, tuple[str, ...]] | None:
+  """How a custom-call kernel splits over the current mesh: (batch axes spec, head axes), or None (no mesh).
+
+  Heads go over SPLASH_HEAD_AXES when they divide both head counts (GQA groups stay whole), the batch
+  over the other axes that divide it. XLA cannot partition a custom call (Mosaic kernels fail, an FFI
+  call is gathered to every device), so such kernels run per shard in a shard_map.
+  """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return fn(*args, *segs)
+    return None
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
   head_axes = tuple(a for a in SPLASH_HEAD_AXES if sizes.get(a, 1) > 1)
   n_heads = math.prod(sizes[a] for a in head_axes)
-  if h % n_heads or hkv % n_heads:  # GQA groups must stay whole within a shard
+  if h % n_heads or hkv % n_heads:
     head_axes = ()
   batch_axes: list[str] = []
   for a in mesh.axis_names:
     if a not in head_axes and sizes[a] > 1 and b % (math.prod(sizes[x] for x in batch_axes) * sizes[a]) == 0:
       batch_axes.append(a)
-  batch_spec = tuple(batch_axes) or None
+  return tuple(batch_axes) or None, head_axes
+
+
+def _in_shard_map(fn: Callable[..., Array], args: tuple[Array, ...], segs: tuple[Any, Any], b: int, h: int, hkv: int):
+  """fn(q, k, v, q_seg, kv_seg) with q/k/v heads first, directly or per shard of the current mesh."""
+  partition = _kernel_partition(b, h, hkv)
+  if partition is None:
+    return fn(*args, *segs)
+  batch_spec, head_axes = partition
+  mesh = jax.sharding.get_abstract_mesh()
   qkv_spec = jax.sharding.PartitionSpec(batch_spec, head_axes or None)
   seg_spec = jax.sharding.PartitionSpec(batch_spec)
   if segs[0] is None:
@@ -531,3 +550,26 @@ def _in_shard_map(fn: Callable[..., Array], args: tuple[Array, ...], segs: tuple
   return jax.shard_map(fn, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,) * 2, out_specs=qkv_spec, check_vma=False)(
       *args, *segs
   )
+
+
+# ------------------------------------------------------------------------------------ cpu_flash
+
+
+def cpu_flash_attention(q: Array, k: Array, v: Array, mask: MaskInfo | None, scale: float) -> Array:
+  """`cpu_attention.flash_attention`, per shard of the current mesh when there is one."""
+  _check_shapes(q, k, v, mask)
+  b, _, h, _ = q.shape
+  partition = _kernel_partition(b, h, k.shape[2])
+  if partition is None:
+    return cpu_attention.flash_attention(q, k, v, mask, scale)
+  batch_spec, head_axes = partition
+  qkv_spec = jax.sharding.PartitionSpec(batch_spec, None, head_axes or None)
+  mask_spec = jax.sharding.PartitionSpec(batch_spec)
+  local = lambda q, k, v, mask: cpu_attention.flash_attention(q, k, v, mask, scale)
+  return jax.shard_map(
+      local,
+      mesh=jax.sharding.get_abstract_mesh(),
+      in_specs=(qkv_spec,) * 3 + (mask_spec,),
+      out_specs=qkv_spec,
+      check_vma=False,
+  )(q, k, v, mask)

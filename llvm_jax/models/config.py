@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 # The implementations of models/attention.py, which takes them from here (the config imports nothing of the
 # model).
-ATTENTION_IMPLEMENTATIONS = ("xla", "blocked", "cudnn", "splash")
+ATTENTION_IMPLEMENTATIONS = ("xla", "blocked", "cudnn", "splash", "cpu_flash")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -228,7 +228,8 @@ class DecoderConfig:
   # None (no rematerialisation) | 'full' | 'dots' | 'dots_no_batch' (see layers.REMAT_POLICIES).
   remat_policy: str | None = None
   # Attention kernel (models/attention.py): 'xla' (einsum, the reference) | 'blocked' (online softmax,
-  # any backend, O(T) memory) | 'cudnn' (GPU flash) | 'splash' (TPU Pallas, no-cache calls).
+  # any backend, O(T) memory) | 'cudnn' (GPU flash) | 'splash' (TPU Pallas, no-cache calls) |
+  # 'cpu_flash' (C++ FlashAttention for XLA:CPU, built on first use).
   attention_impl: str = "xla"
   # Query and key tile of 'blocked' and 'splash' (capped at the sequence): smaller tiles hold less
   # memory at once, larger ones run faster on accelerators.
@@ -312,9 +313,9 @@ class VisionConfig:
   # None (no rematerialisation) | 'full' | 'dots' | 'dots_no_batch' (see layers.REMAT_POLICIES).
   remat_policy: str | None = None
   # The attention kernel, as the decoder's (models/attention.py): 'xla' (einsum) | 'blocked' | 'cudnn' |
-  # 'splash'. Both pad the tokens up to whole tiles (splash's are multiples of 128: CLIP-L/336's 577 and
-  # InternViT-448's 1025 tokens run in 640 and 1152), the padding keys masked. The tile of 'blocked' and
-  # 'splash': 128 pads 1025 tokens to 1152.
+  # 'splash' | 'cpu_flash'. 'blocked' and 'splash' pad the tokens up to whole tiles (splash's are
+  # multiples of 128: CLIP-L/336's 577 and InternViT-448's 1025 tokens run in 640 and 1152), the
+  # padding keys masked. The tile of 'blocked' and 'splash': 128 pads 1025 tokens to 1152.
   attention_impl: str = "xla"
   attention_block_size: int = 128
 

@@ -1,0 +1,463 @@
+// FlashAttention for XLA:CPU, called through jax.ffi by llvm_jax/models/cpu_attention.py (attention_impl="cpu_flash").
+//
+// FlashAttention-2's recipe on a CPU: one task per (batch row, KV head) copies that head's K and V
+// into zero-padded buffers that stay in L1/L2 and walks its query rows, so the (T, S) logits never
+// exist beyond a few rows; the backward pass recomputes the probabilities from the saved
+// log-sum-exp. The mask is the factored MaskInfo of llvm_jax/models/masks.py: query t sees key s iff
+//   q_seg[t] == kv_seg[s] != 0 and kv_slot[s] <= q_slot[t] [and q_pos[t] - kv_pos[s] < window].
+// A row with no visible key outputs 0, has log-sum-exp +inf and passes no gradient.
+//
+// Vectors are GCC/Clang vector extensions of 8 floats (one AVX register, two SSE or NEON ones): the
+// compiler maps them onto the build machine's SIMD unit. Feature widths are zero-padded to W
+// vectors, W a compile-time constant, so the per-key loops keep their accumulators in registers.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kLanes = 8;
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+inline f8 load(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store(float* p, f8 v) { std::memcpy(p, &v, sizeof(v)); }
+inline i8 load_i(const int32_t* p) {
+  i8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline f8 splat(float x) { return f8{x, x, x, x, x, x, x, x}; }
+inline float hsum(f8 v) {
+  float s = 0;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+inline float hmax(f8 v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+// exp(x) for x in [-87, 0] (inputs are clamped there): 2^k times a degree-6 Taylor polynomial of
+// r = x - k ln2 in [-ln2/2, ln2/2]; relative error below 2e-7.
+inline f8 exp8(f8 x) {
+  x = x < -87.0f ? splat(-87.0f) : x;
+  x = x > 0.0f ? splat(0.0f) : x;
+  const f8 magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const f8 k = (x * 1.44269504088896341f + magic) - magic;
+  const f8 r = x - k * 0.693145751953125f - k * 1.428606765330187045e-06f;
+  f8 p = splat(1.0f / 720);
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  i8 bits = (__builtin_convertvector(k, i8) + 127) << 23;
+  return p * reinterpret_cast<f8&>(bits);
+}
+
+struct Dims {
+  int64_t b, t, s, h, hkv, dq, dv;
+  int64_t groups() const { return h / hkv; }
+  int64_t sp() const { return round_up(s, 2 * kLanes); }  // keys, padded to whole key blocks
+};
+
+struct Mask {
+  const int32_t *q_seg, *q_slot, *q_pos, *kv_seg, *kv_slot, *kv_pos;
+  int32_t window;  // INT32_MAX: no sliding window
+};
+
+// Runs fn(task) for task in [0, n) on the caller and the XLA:CPU intra-op pool. Tasks are claimed
+// from a shared counter, so the caller never waits for a task that nobody has started.
+template <typename Fn>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, Fn fn) {
+  const int64_t workers = std::min<int64_t>(pool.num_threads(), n);
+  if (workers <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, n, fn]() {
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      fn(i);
+      if (state->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t w = 1; w < workers; ++w) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
+constexpr int64_t kKeyBlock = 2 * kLanes;  // keys per step of the block kernels
+constexpr int64_t kRows = 4;               // query rows per block: each key vector loaded feeds kRows FMAs
+
+inline bool any(i8 ok) {
+#if defined(__AVX__)
+  return _mm256_movemask_ps(reinterpret_cast<__m256&>(ok)) != 0;
+#else
+  bool seen = false;
+  for (int i = 0; i < kLanes; ++i) seen |= ok[i] != 0;
+  return seen;
+#endif
+}
+
+// One task's head, features padded to W vectors: K transposed (width, sp) and row-major (sp, width),
+// V transposed and row-major alike, and the batch row's key mask vectors (padding keys get segment
+// -1, which no query has).
+template <int W>
+struct Head {
+  static constexpr int64_t width = W * kLanes;
+  std::vector<float> k_t, k_rows, v_t, v_rows;
+  std::vector<int32_t> seg, slot, pos;
+
+  void load(const Dims& d, const Mask& m, const float* k, const float* v, int64_t b, int64_t kvh, bool backward) {
+    const int64_t sp = d.sp();
+    k_t.assign(width * sp, 0.0f);
+    v_rows.assign(sp * width, 0.0f);
+    if (backward) {
+      k_rows.assign(sp * width, 0.0f);
+      v_t.assign(width * sp, 0.0f);
+    }
+    for (int64_t s = 0; s < d.s; ++s) {
+      const float* ks = k + ((b * d.s + s) * d.hkv + kvh) * d.dq;
+      const float* vs = v + ((b * d.s + s) * d.hkv + kvh) * d.dv;
+      for (int64_t i = 0; i < d.dq; ++i) k_t[i * sp + s] = ks[i];
+      std::copy(vs, vs + d.dv, v_rows.begin() + s * width);
+      if (backward) {
+        std::copy(ks, ks + d.dq, k_rows.begin() + s * width);
+        for (int64_t e = 0; e < d.dv; ++e) v_t[e * sp + s] = vs[e];
+      }
+    }
+    seg.assign(sp, -1);
+    slot.assign(sp, 0);
+    pos.assign(sp, 0);
+    std::copy(m.kv_seg + b * d.s, m.kv_seg + (b + 1) * d.s, seg.begin());
+    std::copy(m.kv_slot + b * d.s, m.kv_slot + (b + 1) * d.s, slot.begin());
+    std::copy(m.kv_pos + b * d.s, m.kv_pos + (b + 1) * d.s, pos.begin());
+  }
+
+  // The masks of query rows [t0, t0 + kRows) of batch row b: allowed[r * sp + s] = 1 where row r sees
+  // key s, else 0 (rows past T see nothing). Returns the keys [lo, hi), in whole key blocks, that hold
+  // every visible one (the loops skip the rest: for a causal mask, the future; lo == hi: none), and
+  // sets visible[r].
+  std::pair<int64_t, int64_t> mask_rows(const Dims& d, const Mask& m, int64_t b, int64_t t0, float* allowed,
+                                        bool* visible) const {
+    const int64_t sp = d.sp();
+    int64_t lo = sp, hi = 0;
+    for (int64_t r = 0; r < kRows; ++r) {
+      float* row = allowed + r * sp;
+      visible[r] = false;
+      const int64_t t = t0 + r;
+      const int32_t qseg = t < d.t ? m.q_seg[b * d.t + t] : 0;
+      if (qseg == 0) {
+        std::fill(row, row + sp, 0.0f);
+        continue;
+      }
+      const int32_t qslot = m.q_slot[b * d.t + t], qpos = m.q_pos[b * d.t + t];
+      for (int64_t s = 0; s < sp; s += kLanes) {
+        const i8 ok = (load_i(&seg[s]) == qseg) & (load_i(&slot[s]) <= qslot) & ((qpos - load_i(&pos[s])) < m.window);
+        store(row + s, __builtin_convertvector(ok & 1, f8));
+        if (any(ok)) {
+          visible[r] = true;
+          lo = std::min(lo, s / kKeyBlock * kKeyBlock);
+          hi = std::max(hi, (s / kKeyBlock + 1) * kKeyBlock);
+        }
+      }
+    }
+    return {std::min(lo, hi), hi};
+  }
+};
+
+// out[r * sp + s] = rows[r] . cols[:, s] for the block's kRows rows (rows (kRows, width)) and s in
+// [lo, hi), cols (width, sp): a register tile of kRows x 2 vectors.
+template <int W>
+inline void block_times(const float* rows, const float* cols, int64_t sp, int64_t lo, int64_t hi, float* out) {
+  constexpr int64_t width = W * kLanes;
+  for (int64_t s = lo; s < hi; s += kKeyBlock) {
+    f8 acc[kRows][2] = {};
+    for (int64_t i = 0; i < width; ++i) {
+      const f8 c0 = load(cols + i * sp + s), c1 = load(cols + i * sp + s + kLanes);
+      for (int r = 0; r < kRows; ++r) {
+        const float x = rows[r * width + i];
+        acc[r][0] += x * c0;
+        acc[r][1] += x * c1;
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      store(out + r * sp + s, acc[r][0]);
+      store(out + r * sp + s + kLanes, acc[r][1]);
+    }
+  }
+}
+
+// out[r] = sum over s in [lo, hi) of w[r * sp + s] * mat[s, :] for the block's rows, mat (sp, width):
+// register tiles of kRows x (up to) 2 vectors.
+template <int W>
+inline void block_weighted(const float* w, const float* mat, int64_t sp, int64_t lo, int64_t hi, float* out) {
+  constexpr int64_t width = W * kLanes;
+  constexpr int G = W < 2 ? W : 2;
+  for (int c0 = 0; c0 < W; c0 += G) {
+    f8 acc[kRows][G] = {};
+    for (int64_t s = lo; s < hi; ++s) {
+      f8 col[G];
+      for (int g = 0; g < G; ++g) col[g] = load(mat + s * width + (c0 + g) * kLanes);
+      for (int r = 0; r < kRows; ++r) {
+        const float x = w[r * sp + s];
+        for (int g = 0; g < G; ++g) acc[r][g] += x * col[g];
+      }
+    }
+    for (int r = 0; r < kRows; ++r)
+      for (int g = 0; g < G; ++g) store(out + r * width + (c0 + g) * kLanes, acc[r][g]);
+  }
+}
+
+template <int W>
+void forward(ffi::ThreadPool& pool, const Dims d, const Mask m, const float* qp, const float* kp, const float* vp,
+             float scale, float* op, float* lp) {
+  parallel_for(pool, d.b * d.hkv, [=](int64_t task) {
+    const int64_t b = task / d.hkv, kvh = task % d.hkv, sp = d.sp(), width = W * kLanes;
+    thread_local Head<W> head;
+    thread_local std::vector<float> buf;
+    head.load(d, m, kp, vp, b, kvh, false);
+    buf.assign(kRows * (2 * sp + 2 * width), 0.0f);
+    float *p = buf.data(), *allowed = p + kRows * sp, *q_rows = allowed + kRows * sp, *o_rows = q_rows + kRows * width;
+    bool visible[kRows];
+    for (int64_t t0 = 0; t0 < d.t; t0 += kRows) {
+      const auto [lo, hi] = head.mask_rows(d, m, b, t0, allowed, visible);
+      for (int64_t g = 0; g < d.groups(); ++g) {
+        const int64_t h = kvh * d.groups() + g;
+        for (int64_t r = 0; r < kRows; ++r) {
+          const int64_t row = (b * d.t + t0 + r) * d.h + h;
+          for (int64_t i = 0; i < d.dq; ++i) q_rows[r * width + i] = visible[r] ? qp[row * d.dq + i] * scale : 0.0f;
+        }
+        block_times<W>(q_rows, head.k_t.data(), sp, lo, hi, p);
+        float sums[kRows], maxes[kRows];
+        for (int64_t r = 0; r < kRows; ++r) {
+          float *p_r = p + r * sp, *a_r = allowed + r * sp;
+          f8 max8 = splat(-kInf);
+          for (int64_t s = lo; s < hi; s += kLanes) {
+            const f8 l = load(p_r + s);
+            max8 = load(a_r + s) > 0.0f ? (l > max8 ? l : max8) : max8;
+          }
+          maxes[r] = visible[r] ? hmax(max8) : 0.0f;
+          f8 sum8 = splat(0.0f);
+          for (int64_t s = lo; s < hi; s += kLanes) {
+            const f8 e = exp8(load(p_r + s) - maxes[r]) * load(a_r + s);
+            store(p_r + s, e);
+            sum8 += e;
+          }
+          sums[r] = hsum(sum8);
+        }
+        block_weighted<W>(p, head.v_rows.data(), sp, lo, hi, o_rows);
+        for (int64_t r = 0; r < kRows && t0 + r < d.t; ++r) {
+          const int64_t t = t0 + r, row = (b * d.t + t) * d.h + h;
+          const float inv = visible[r] ? 1.0f / sums[r] : 0.0f;
+          for (int64_t e = 0; e < d.dv; ++e) op[row * d.dv + e] = o_rows[r * width + e] * inv;
+          lp[(b * d.h + h) * d.t + t] = visible[r] ? maxes[r] + std::log(sums[r]) : kInf;
+        }
+      }
+    }
+  });
+}
+
+template <int W>
+void backward(ffi::ThreadPool& pool, const Dims d, const Mask m, const float* qp, const float* kp, const float* vp,
+              const float* op, const float* lp, const float* dop, float scale, float* dq_out, float* dk_out,
+              float* dv_out) {
+  parallel_for(pool, d.b * d.hkv, [=](int64_t task) {
+    const int64_t b = task / d.hkv, kvh = task % d.hkv, sp = d.sp(), width = W * kLanes;
+    thread_local Head<W> head;
+    thread_local std::vector<float> buf;
+    head.load(d, m, kp, vp, b, kvh, true);
+    buf.assign(2 * sp * width + kRows * (3 * sp + 3 * width), 0.0f);
+    float *dk_acc = buf.data(), *dv_acc = dk_acc + sp * width;
+    float *p = dv_acc + sp * width, *ds = p + kRows * sp, *allowed = ds + kRows * sp;  // (kRows, sp) each
+    float *q_rows = allowed + kRows * sp, *do_rows = q_rows + kRows * width, *dq_rows = do_rows + kRows * width;
+    bool visible[kRows];
+    for (int64_t t0 = 0; t0 < d.t; t0 += kRows) {
+      const auto [lo, hi] = head.mask_rows(d, m, b, t0, allowed, visible);
+      for (int64_t g = 0; g < d.groups(); ++g) {
+        const int64_t h = kvh * d.groups() + g;
+        float deltas[kRows], lses[kRows];
+        for (int64_t r = 0; r < kRows; ++r) {
+          const int64_t row = (b * d.t + t0 + r) * d.h + h;
+          deltas[r] = 0.0f;
+          lses[r] = visible[r] ? lp[(b * d.h + h) * d.t + t0 + r] : 0.0f;
+          for (int64_t i = 0; i < d.dq; ++i) q_rows[r * width + i] = visible[r] ? qp[row * d.dq + i] * scale : 0.0f;
+          for (int64_t e = 0; e < d.dv; ++e) {
+            do_rows[r * width + e] = visible[r] ? dop[row * d.dv + e] : 0.0f;
+            deltas[r] += visible[r] ? do_rows[r * width + e] * op[row * d.dv + e] : 0.0f;
+          }
+        }
+        block_times<W>(q_rows, head.k_t.data(), sp, lo, hi, p);
+        block_times<W>(do_rows, head.v_t.data(), sp, lo, hi, ds);  // dP = dO V^T
+        for (int64_t r = 0; r < kRows; ++r) {
+          float *p_r = p + r * sp, *ds_r = ds + r * sp, *a_r = allowed + r * sp;
+          for (int64_t s = lo; s < hi; s += kLanes) {
+            const f8 pv = exp8(load(p_r + s) - lses[r]) * load(a_r + s);  // rows seeing nothing: allowed is 0
+            store(p_r + s, pv);
+            store(ds_r + s, pv * (load(ds_r + s) - deltas[r]));
+          }
+        }
+        block_weighted<W>(ds, head.k_rows.data(), sp, lo, hi, dq_rows);
+        for (int64_t r = 0; r < kRows && t0 + r < d.t; ++r) {
+          const int64_t row = (b * d.t + t0 + r) * d.h + h;
+          for (int64_t i = 0; i < d.dq; ++i) dq_out[row * d.dq + i] = dq_rows[r * width + i] * scale;
+        }
+        // dK[s] += sum_r dS[r, s] q_r and dV[s] += sum_r P[r, s] dO_r (q_r already carries the scale).
+        for (int64_t s = lo; s < hi; ++s) {
+          f8 k_acc[W], v_acc[W];
+          for (int c = 0; c < W; ++c) {
+            k_acc[c] = load(dk_acc + s * width + c * kLanes);
+            v_acc[c] = load(dv_acc + s * width + c * kLanes);
+          }
+          for (int64_t r = 0; r < kRows; ++r) {
+            const float ds_rs = ds[r * sp + s], p_rs = p[r * sp + s];
+            for (int c = 0; c < W; ++c) {
+              k_acc[c] += ds_rs * load(q_rows + r * width + c * kLanes);
+              v_acc[c] += p_rs * load(do_rows + r * width + c * kLanes);
+            }
+          }
+          for (int c = 0; c < W; ++c) {
+            store(dk_acc + s * width + c * kLanes, k_acc[c]);
+            store(dv_acc + s * width + c * kLanes, v_acc[c]);
+          }
+        }
+      }
+    }
+    for (int64_t s = 0; s < d.s; ++s) {
+      std::memcpy(dk_out + ((b * d.s + s) * d.hkv + kvh) * d.dq, dk_acc + s * width, d.dq * sizeof(float));
+      std::memcpy(dv_out + ((b * d.s + s) * d.hkv + kvh) * d.dv, dv_acc + s * width, d.dv * sizeof(float));
+    }
+  });
+}
+
+// Calls fn.template operator()<W>() with W the smallest supported vector count that holds both
+// feature widths.
+template <typename Fn>
+ffi::Error with_width(const Dims& d, Fn&& fn) {
+  const int64_t vectors = round_up(std::max(d.dq, d.dv), kLanes) / kLanes;
+  if (vectors <= 1) return fn.template operator()<1>();
+  if (vectors <= 2) return fn.template operator()<2>();
+  if (vectors <= 4) return fn.template operator()<4>();
+  if (vectors <= 8) return fn.template operator()<8>();
+  if (vectors <= 16) return fn.template operator()<16>();
+  if (vectors <= 32) return fn.template operator()<32>();
+  return ffi::Error::InvalidArgument("cpu attention supports head dimensions up to 256");
+}
+
+Dims dims_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  return Dims{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], vd[3]};
+}
+
+Mask mask_of(const ffi::Buffer<ffi::S32>& q_seg, const ffi::Buffer<ffi::S32>& q_slot, const ffi::Buffer<ffi::S32>& q_pos,
+             const ffi::Buffer<ffi::S32>& kv_seg, const ffi::Buffer<ffi::S32>& kv_slot,
+             const ffi::Buffer<ffi::S32>& kv_pos, int64_t window) {
+  const int32_t w = window > 0 ? static_cast<int32_t>(std::min<int64_t>(window, INT32_MAX)) : INT32_MAX;
+  return Mask{q_seg.typed_data(),  q_slot.typed_data(),  q_pos.typed_data(), kv_seg.typed_data(),
+              kv_slot.typed_data(), kv_pos.typed_data(), w};
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::S32> q_seg, ffi::Buffer<ffi::S32> q_slot, ffi::Buffer<ffi::S32> q_pos,
+                   ffi::Buffer<ffi::S32> kv_seg, ffi::Buffer<ffi::S32> kv_slot, ffi::Buffer<ffi::S32> kv_pos,
+                   float scale, int64_t window, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  const Dims d = dims_of(q, k, v);
+  if (d.hkv <= 0 || d.h % d.hkv) return ffi::Error::InvalidArgument("query heads must be a multiple of KV heads");
+  const Mask m = mask_of(q_seg, q_slot, q_pos, kv_seg, kv_slot, kv_pos, window);
+  return with_width(d, [&]<int W>() {
+    forward<W>(pool, d, m, q.typed_data(), k.typed_data(), v.typed_data(), scale, out->typed_data(),
+               lse->typed_data());
+    return ffi::Error::Success();
+  });
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                    ffi::Buffer<ffi::S32> q_seg, ffi::Buffer<ffi::S32> q_slot, ffi::Buffer<ffi::S32> q_pos,
+                    ffi::Buffer<ffi::S32> kv_seg, ffi::Buffer<ffi::S32> kv_slot, ffi::Buffer<ffi::S32> kv_pos,
+                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_out, float scale,
+                    int64_t window, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> dv) {
+  const Dims d = dims_of(q, k, v);
+  if (d.hkv <= 0 || d.h % d.hkv) return ffi::Error::InvalidArgument("query heads must be a multiple of KV heads");
+  const Mask m = mask_of(q_seg, q_slot, q_pos, kv_seg, kv_slot, kv_pos, window);
+  return with_width(d, [&]<int W>() {
+    backward<W>(pool, d, m, q.typed_data(), k.typed_data(), v.typed_data(), out.typed_data(), lse.typed_data(),
+                d_out.typed_data(), scale, dq->typed_data(), dk->typed_data(), dv->typed_data());
+    return ffi::Error::Success();
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlvmJaxCpuAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q (B, T, H, dq)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k (B, S, Hkv, dq)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v (B, S, Hkv, dv)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q segment ids (B, T)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q slots
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q positions
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv segment ids (B, S)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv slots
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv positions
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out (B, T, H, dv)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // log-sum-exp (B, H, T)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlvmJaxCpuAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q segment ids
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q slots
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q positions
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv segment ids
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv slots
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // kv positions
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // log-sum-exp
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d out
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d q
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d k
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // d v
