@@ -1,8 +1,8 @@
 // FlashAttention for XLA:CPU, called through jax.ffi by llvm_jax/models/cpu_attention.py (attention_impl="cpu_flash").
 //
 // FlashAttention-2's recipe on a CPU: one task per (batch row, KV head) copies that head's K and V
-// into zero-padded buffers that stay in L1/L2 and walks its query rows, so the (T, S) logits never
-// exist beyond a few rows; the backward pass recomputes the probabilities from the saved
+// into zero-padded buffers that stay in L1/L2 and walks its query rows four at a time (register
+// tiles of 4 rows x 2 vectors), so the (T, S) logits never exist beyond those rows; the backward pass recomputes the probabilities from the saved
 // log-sum-exp. The mask is the factored MaskInfo of llvm_jax/models/masks.py: query t sees key s iff
 //   q_seg[t] == kv_seg[s] != 0 and kv_slot[s] <= q_slot[t] [and q_pos[t] - kv_pos[s] < window].
 // A row with no visible key outputs 0, has log-sum-exp +inf and passes no gradient.
