@@ -283,6 +283,22 @@ def test_cpu_flash_bfloat16():
   _check_bfloat16(CASES[0], "cpu_flash", "zero")
 
 
+@pytest.mark.parametrize("dq, dv", [(3, 5), (40, 24), (136, 136)])
+def test_cpu_flash_head_widths(dq, dv):
+  # The kernel pads features to 1, 2, 4, 8, 16 or 32 vectors of 8: odd widths, q/k wider than v, and
+  # Phantom-style wide heads run the padded instantiations.
+  mask = _self_mask([[1] * 20 + [0] * 5, [0] * 3 + [1] * 22])
+  case = Case(f"widths_{dq}_{dv}", *_qkv(7, 2, 25, 25, 2, 1, dq, dv=dv), mask, dq**-0.5)
+  got = out_and_grads(case.q, case.k, case.v, case.mask, case.cotangent(), impl="cpu_flash", scale=case.scale)
+  _assert_matches(case, got, _reference(case), "zero")
+
+
+def test_cpu_flash_rejects_heads_wider_than_its_kernels():
+  q, k, v = _qkv(0, 1, 4, 4, 1, 1, 264)
+  with pytest.raises(ValueError, match="head dims up to 256"):
+    attention.dot_product_attention(q, k, v, None, 1.0, "cpu_flash")
+
+
 def test_cpu_flash_runs_per_shard_under_a_mesh():
   # Batch over 'data' x 'fsdp', heads over 'tensor': each device runs the kernel on its shard (a
   # shard_map), no all-gather of q/k/v; same numbers as one device.
