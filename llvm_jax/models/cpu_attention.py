@@ -110,8 +110,8 @@ def flash_attention(q: Array, k: Array, v: Array, mask: masks_lib.MaskInfo | Non
   register()
   b, t, s = q.shape[0], q.shape[1], k.shape[1]
   if mask is None:  # full attention: one segment, every slot 0
-    ones, zeros = jnp.ones((b, max(t, s)), jnp.int32), jnp.zeros((b, max(t, s)), jnp.int32)
-    mask = masks_lib.MaskInfo(ones[:, :t], zeros[:, :t], zeros[:, :t], ones[:, :s], zeros[:, :s], zeros[:, :s])
+    ones, zeros = (lambda n: jnp.ones((b, n), jnp.int32)), (lambda n: jnp.zeros((b, n), jnp.int32))
+    mask = masks_lib.MaskInfo(ones(t), zeros(t), zeros(t), ones(s), zeros(s), zeros(s))
   vectors = tuple(
       a.astype(jnp.int32)
       for a in (
