@@ -244,6 +244,17 @@ inline void block_weighted(const float* w, const float* mat, int64_t sp, int64_t
   }
 }
 
+// The block's query rows [t0, t0 + kRows) of head h, scaled, into q_rows (kRows, width); rows that see
+// no key (padding queries, rows past T) are zero and never read from q.
+template <int W>
+inline void query_rows(const Dims& d, const float* qp, int64_t b, int64_t t0, int64_t h, float scale,
+                       const bool* visible, float* q_rows) {
+  for (int64_t r = 0; r < kRows; ++r) {
+    const int64_t row = (b * d.t + t0 + r) * d.h + h;
+    for (int64_t i = 0; i < d.dq; ++i) q_rows[r * W * kLanes + i] = visible[r] ? qp[row * d.dq + i] * scale : 0.0f;
+  }
+}
+
 template <int W>
 void forward(ffi::ThreadPool& pool, const Dims d, const Mask m, const float* qp, const float* kp, const float* vp,
              float scale, float* op, float* lp) {
@@ -259,10 +270,7 @@ void forward(ffi::ThreadPool& pool, const Dims d, const Mask m, const float* qp,
       const auto [lo, hi] = head.mask_rows(d, m, b, t0, allowed, visible);
       for (int64_t g = 0; g < d.groups(); ++g) {
         const int64_t h = kvh * d.groups() + g;
-        for (int64_t r = 0; r < kRows; ++r) {
-          const int64_t row = (b * d.t + t0 + r) * d.h + h;
-          for (int64_t i = 0; i < d.dq; ++i) q_rows[r * width + i] = visible[r] ? qp[row * d.dq + i] * scale : 0.0f;
-        }
+        query_rows<W>(d, qp, b, t0, h, scale, visible, q_rows);
         block_times<W>(q_rows, head.k_t.data(), sp, lo, hi, p);
         float sums[kRows], maxes[kRows];
         for (int64_t r = 0; r < kRows; ++r) {
@@ -311,12 +319,12 @@ void backward(ffi::ThreadPool& pool, const Dims d, const Mask m, const float* qp
       const auto [lo, hi] = head.mask_rows(d, m, b, t0, allowed, visible);
       for (int64_t g = 0; g < d.groups(); ++g) {
         const int64_t h = kvh * d.groups() + g;
+        query_rows<W>(d, qp, b, t0, h, scale, visible, q_rows);
         float deltas[kRows], lses[kRows];
         for (int64_t r = 0; r < kRows; ++r) {
           const int64_t row = (b * d.t + t0 + r) * d.h + h;
           deltas[r] = 0.0f;
           lses[r] = visible[r] ? lp[(b * d.h + h) * d.t + t0 + r] : 0.0f;
-          for (int64_t i = 0; i < d.dq; ++i) q_rows[r * width + i] = visible[r] ? qp[row * d.dq + i] * scale : 0.0f;
           for (int64_t e = 0; e < d.dv; ++e) {
             do_rows[r * width + e] = visible[r] ? dop[row * d.dv + e] : 0.0f;
             deltas[r] += visible[r] ? do_rows[r * width + e] * op[row * d.dv + e] : 0.0f;
