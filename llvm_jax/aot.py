@@ -77,7 +77,6 @@ from ml_collections import config_flags  # noqa: E402
 from llvm_jax import config_utils, flops, sharding  # noqa: E402
 from llvm_jax import hlo_text as hlo  # noqa: E402
 from llvm_jax.bench.train_step import synthetic_batch  # noqa: E402
-from llvm_jax.hlo_text import Instruction  # noqa: E402
 from llvm_jax.models import llvm  # noqa: E402
 from llvm_jax.models.decoder import init_cache  # noqa: E402
 from llvm_jax.models.llvm import LLVM  # noqa: E402
@@ -431,13 +430,13 @@ def _hbm_bytes(shape: str) -> int:
   return sum(size for size, space in _arrays(shape) if space == 0)
 
 
-def _fused_reads(body: list[Instruction]) -> tuple[dict[int, int], tuple[int, int] | None]:
+def _fused_reads(body: list[hlo.Instruction]) -> tuple[dict[int, int], tuple[int, int] | None]:
   """What a fusion reads of its operands: {operand index: bytes} for those it only slices or gathers
   from (the rest it reads whole), and (operand index, update bytes) when it updates an operand in place
   (a dynamic-update-slice root: only the update is written)."""
   parameters = {i.name: int(re.match(r"\d+", i.attributes).group()) for i in body if i.opcode == "parameter"}
   shapes = {i.name: i.shape for i in body}
-  uses: dict[str, list[tuple[Instruction, int]]] = {}
+  uses: dict[str, list[tuple[hlo.Instruction, int]]] = {}
   for instruction in body:
     for position, operand in enumerate(instruction.operands):
       uses.setdefault(operand, []).append((instruction, position))
@@ -453,7 +452,7 @@ def _fused_reads(body: list[Instruction]) -> tuple[dict[int, int], tuple[int, in
   return reads, in_place
 
 
-def _hbm_traffic(instruction: Instruction, shapes: dict[str, str], by_name: dict, computations: dict) -> int:
+def _hbm_traffic(instruction: hlo.Instruction, shapes: dict[str, str], by_name: dict, computations: dict) -> int:
   """Bytes the instruction reads from and writes to HBM; what it moves within VMEM is not counted."""
   operands, shape = instruction.operands, instruction.shape
   in_hbm = lambda name: _hbm_bytes(shapes.get(name, "")) > 0
@@ -487,7 +486,7 @@ def _hbm_traffic(instruction: Instruction, shapes: dict[str, str], by_name: dict
   return sum(_hbm_bytes(shapes.get(o, "")) for o in operands) + _hbm_bytes(shape)
 
 
-def _top_level_bodies(computations: dict[str, list[Instruction]]) -> Iterator[list[Instruction]]:
+def _top_level_bodies(computations: dict[str, list[hlo.Instruction]]) -> Iterator[list[hlo.Instruction]]:
   """The computations whose instructions run as such: the entry and while loops' bodies and conditions
   (fusion bodies and reducers are their callers' work)."""
   called = {
