@@ -11,6 +11,7 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from llvm_jax.bench import breakdown
@@ -99,3 +100,24 @@ def test_bench_cli_times_llvm_jax_against_pytorch_and_breaks_the_step_down(tmp_p
   assert result["step_time_s"] > 0 and result["torch_step_time_s"] > 0
   assert result["torch_over_jax"] == pytest.approx(result["torch_step_time_s"] / result["step_time_s"])
   assert result["last_loss"] < result["first_loss"]
+
+
+def test_matmul_bench_times_each_dense_layers_three_matmuls_on_both_sides():
+  from configs import demo
+  from llvm_jax import config_utils
+  from llvm_jax.bench import matmul_bench
+
+  decoder = config_utils.model_config(demo.get_config()).decoder
+  layers = matmul_bench.projections(decoder)
+  assert layers["q"] == (64, 64, 4) and layers["k, v"] == (64, 32, 8) and layers["gate, up"] == (64, 128, 8)
+  assert layers["lm_head"] == (64, decoder.vocab_size, 1)
+  rng = np.random.RandomState(0)
+  x, w, dy = rng.randn(12, 5), rng.randn(5, 3), rng.randn(12, 3)
+  expected = {"x W": x @ w, "dy W^T": dy @ w.T, "x^T dy": x.T @ dy}
+  for which in matmul_bench.PASSES:
+    a, b = matmul_bench.operands(12, 5, 3, which, rng)
+    assert matmul_bench.product(which, a, b).shape == expected[which].shape
+    a, b = {"x W": (x, w), "dy W^T": (dy, w), "x^T dy": (x, dy)}[which]
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    np.testing.assert_allclose(matmul_bench.jax_thunk(which, a, b)(), expected[which], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(matmul_bench.torch_thunk(which, a, b)().numpy(), expected[which], rtol=1e-5, atol=1e-5)
