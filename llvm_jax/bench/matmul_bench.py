@@ -32,9 +32,6 @@ from llvm_jax import config_utils, host
 from llvm_jax.bench.common import time_interleaved
 from llvm_jax.models.config import DecoderConfig
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config.", lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 100, "Timed calls per matmul and side (after one warm-up).")
-
 # A dense layer's matmuls: forward, input gradient, weight gradient.
 PASSES = ("x W", "dy W^T", "x^T dy")
 
@@ -96,7 +93,7 @@ def time_each(thunks: dict[Any, Callable[[], Any]], steps: int) -> dict[Any, flo
 def main(argv) -> None:
   del argv
   host.tune_host_process()
-  config = _CONFIG.value
+  config, steps = flags.FLAGS.config, flags.FLAGS.steps
   decoder = config_utils.model_config(config).decoder
   tokens = config.data.global_batch_size * config.data.seq_len
   rng = np.random.RandomState(0)
@@ -105,9 +102,9 @@ def main(argv) -> None:
       for name, (fan_in, fan_out, count) in projections(decoder).items()
       for which in PASSES
   }
-  jax_times = time_each({key: jax_thunk(key[1], *ab) for key, (_, ab) in cases.items()}, _STEPS.value)
-  floor = time_each({"noop": dispatch_floor()}, _STEPS.value)["noop"]
-  torch_times = time_each({key: torch_thunk(key[1], *ab) for key, (_, ab) in cases.items()}, _STEPS.value)
+  jax_times = time_each({key: jax_thunk(key[1], *ab) for key, (_, ab) in cases.items()}, steps)
+  floor = time_each({"noop": dispatch_floor()}, steps)["noop"]
+  torch_times = time_each({key: torch_thunk(key[1], *ab) for key, (_, ab) in cases.items()}, steps)
   print(f"decoder matmuls over {tokens} tokens, float32, on {jax.devices()[0].device_kind} (ms per call):")
   print(
       f"  {'projection':10s} {'M x K x N':>16s} {'pass':8s} {'per step':>8s} {'jax':>8s} {'torch':>8s} {'torch/jax':>9s}"
@@ -129,4 +126,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  # Defined here, not on import: the tests import this module next to the CLIs that define --config.
+  config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config.", lock_config=True)
+  flags.DEFINE_integer("steps", 100, "Timed calls per matmul and side (after one warm-up).")
   app.run(main)
