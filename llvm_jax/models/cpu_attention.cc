@@ -373,10 +373,11 @@ void backward(ffi::ThreadPool& pool, const Dims d, const Mask m, const float* qp
   });
 }
 
-// Calls fn.template operator()<W>() with W the smallest supported vector count that holds both
-// feature widths.
+// Checks the head counts, then calls fn.template operator()<W>() with W the smallest supported vector
+// count that holds both feature widths.
 template <typename Fn>
 ffi::Error with_width(const Dims& d, Fn&& fn) {
+  if (d.hkv <= 0 || d.h % d.hkv) return ffi::Error::InvalidArgument("query heads must be a multiple of KV heads");
   const int64_t vectors = round_up(std::max(d.dq, d.dv), kLanes) / kLanes;
   if (vectors <= 1) return fn.template operator()<1>();
   if (vectors <= 2) return fn.template operator()<2>();
@@ -405,7 +406,6 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
                    ffi::Buffer<ffi::S32> kv_seg, ffi::Buffer<ffi::S32> kv_slot, ffi::Buffer<ffi::S32> kv_pos,
                    float scale, int64_t window, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   const Dims d = dims_of(q, k, v);
-  if (d.hkv <= 0 || d.h % d.hkv) return ffi::Error::InvalidArgument("query heads must be a multiple of KV heads");
   const Mask m = mask_of(q_seg, q_slot, q_pos, kv_seg, kv_slot, kv_pos, window);
   return with_width(d, [&]<int W>() {
     forward<W>(pool, d, m, q.typed_data(), k.typed_data(), v.typed_data(), scale, out->typed_data(),
@@ -421,7 +421,6 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     int64_t window, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv) {
   const Dims d = dims_of(q, k, v);
-  if (d.hkv <= 0 || d.h % d.hkv) return ffi::Error::InvalidArgument("query heads must be a multiple of KV heads");
   const Mask m = mask_of(q_seg, q_slot, q_pos, kv_seg, kv_slot, kv_pos, window);
   return with_width(d, [&]<int W>() {
     backward<W>(pool, d, m, q.typed_data(), k.typed_data(), v.typed_data(), out.typed_data(), lse.typed_data(),
