@@ -115,7 +115,7 @@ def test_matmul_bench_times_each_dense_layers_three_matmuls_on_both_sides():
   x, w, dy = rng.randn(12, 5), rng.randn(5, 3), rng.randn(12, 3)
   expected = {"x W": x @ w, "dy W^T": dy @ w.T, "x^T dy": x.T @ dy}
   for which in matmul_bench.PASSES:
-    a, b = matmul_bench.operands(12, 5, 3, which, rng)
+    a, b = matmul_bench.operands(*matmul_bench.matmul_dims(12, 5, 3, which), which, rng)
     assert matmul_bench.product(which, a, b).shape == expected[which].shape
     a, b = {"x W": (x, w), "dy W^T": (dy, w), "x^T dy": (x, dy)}[which]
     a, b = a.astype(np.float32), b.astype(np.float32)

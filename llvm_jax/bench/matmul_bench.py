@@ -50,11 +50,16 @@ def projections(decoder: DecoderConfig) -> dict[str, tuple[int, int, int]]:
   }
 
 
-def operands(tokens: int, fan_in: int, fan_out: int, which: str, rng: np.random.RandomState) -> tuple[Any, Any]:
-  """Random float32 operands of one pass of a (fan_in -> fan_out) dense layer over `tokens` rows."""
-  shapes = {"x W": ((tokens, fan_in), (fan_in, fan_out)), "dy W^T": ((tokens, fan_out), (fan_in, fan_out))}
-  shapes["x^T dy"] = ((tokens, fan_in), (tokens, fan_out))
-  a, b = shapes[which]
+def matmul_dims(tokens: int, fan_in: int, fan_out: int, which: str) -> tuple[int, int, int]:
+  """(M, K, N) of one pass of a (fan_in -> fan_out) dense layer over `tokens` rows."""
+  return {"x W": (tokens, fan_in, fan_out), "dy W^T": (tokens, fan_out, fan_in), "x^T dy": (fan_in, tokens, fan_out)}[
+      which
+  ]
+
+
+def operands(m: int, k: int, n: int, which: str, rng: np.random.RandomState) -> tuple[Any, Any]:
+  """Random float32 operands of an (M, K) x (K, N) pass, laid out as the pass reads them."""
+  a, b = {"x W": ((m, k), (k, n)), "dy W^T": ((m, k), (n, k)), "x^T dy": ((k, m), (k, n))}[which]
   return rng.randn(*a).astype(np.float32), rng.randn(*b).astype(np.float32)
 
 
@@ -98,24 +103,22 @@ def main(argv) -> None:
   tokens = config.data.global_batch_size * config.data.seq_len
   rng = np.random.RandomState(0)
   cases = {
-      (name, which): (count, operands(tokens, fan_in, fan_out, which, rng))
+      (name, which): (count, matmul_dims(tokens, fan_in, fan_out, which))
       for name, (fan_in, fan_out, count) in projections(decoder).items()
       for which in PASSES
   }
-  jax_times = time_each({key: jax_thunk(key[1], *ab) for key, (_, ab) in cases.items()}, steps)
+  inputs = {key: operands(*mkn, key[1], rng) for key, (_, mkn) in cases.items()}
+  jax_times = time_each({key: jax_thunk(key[1], *ab) for key, ab in inputs.items()}, steps)
   floor = time_each({"noop": dispatch_floor()}, steps)["noop"]
-  torch_times = time_each({key: torch_thunk(key[1], *ab) for key, (_, ab) in cases.items()}, steps)
+  torch_times = time_each({key: torch_thunk(key[1], *ab) for key, ab in inputs.items()}, steps)
   print(f"decoder matmuls over {tokens} tokens, float32, on {jax.devices()[0].device_kind} (ms per call):")
   print(
       f"  {'projection':10s} {'M x K x N':>16s} {'pass':8s} {'per step':>8s} {'jax':>8s} {'torch':>8s} {'torch/jax':>9s}"
   )
-  for (name, which), (count, (a, b)) in cases.items():
-    m, k = (a.shape[1], a.shape[0]) if which == "x^T dy" else a.shape
-    n = b.shape[0] if which == "dy W^T" else b.shape[1]
+  for (name, which), (count, mkn) in cases.items():
     ratio = torch_times[name, which] / jax_times[name, which]
-    mkn = f"{m}x{k}x{n}"
     times = f"{jax_times[name, which]:8.3f} {torch_times[name, which]:8.3f} {ratio:9.2f}"
-    print(f"  {name:10s} {mkn:>16s} {which:8s} {count:8d} {times}")
+    print(f"  {name:10s} {'x'.join(map(str, mkn)):>16s} {which:8s} {count:8d} {times}")
   print(f"  jax dispatch floor (a jitted no-op): {floor:.3f} ms per call")
   jax_step = sum(count * (jax_times[key] - floor) for key, (count, _) in cases.items())
   torch_step = sum(count * torch_times[key] for key, (count, _) in cases.items())
