@@ -506,9 +506,10 @@ _SPLASH_KERNEL = re.compile(r"splash_mha_(fwd|dkv|dq)")
 
 
 def splash_kernels(
-    hlo_text: str, causal: bool = True, sliding_window: int | None = None
+    computations: dict[str, list[hlo.Instruction]], causal: bool = True, sliding_window: int | None = None
 ) -> list[tuple[str, float, float]]:
-  """(kernel, FLOPs, HBM bytes) per chip of each splash kernel call in a compiled TPU program, MODELLED
+  """(kernel, FLOPs, HBM bytes) per chip of each splash kernel call in a compiled TPU program (its HLO text
+  parsed: `hlo_text.computations`), MODELLED
   from the call's q/k/v shapes and the tiles its mask leaves non-empty (`attention.splash_visited_tiles`):
   the vision tower's calls (op_name under 'vision') full attention, the others the decoder's mask
   (`causal`, `sliding_window`); the padding tiles of a padded call count as visited. Per (row, query head)
@@ -523,7 +524,7 @@ def splash_kernels(
   from llvm_jax.models import attention  # the mask's tiling is the kernel's; kept out of aot's import time
 
   kernels = []
-  for body in _top_level_bodies(hlo.computations(hlo_text)):
+  for body in _top_level_bodies(computations):
     for instruction in body:
       kernel = _SPLASH_KERNEL.match(instruction.name)
       if instruction.opcode != "custom-call" or not kernel:
@@ -554,7 +555,7 @@ def splash_kernels(
   return kernels
 
 
-def _top_level_traffic(hlo_text: str) -> Iterator[tuple[str, int, str]]:
+def _top_level_traffic(computations: dict[str, list[hlo.Instruction]]) -> Iterator[tuple[str, int, str]]:
   """(kind, HBM bytes, op_name) of each of the compiled program's non-fused instructions (fusions named by
   what they compute: 'matmul' when they hold a convolution/dot, 'reduce', 'elementwise').
 
@@ -563,7 +564,6 @@ def _top_level_traffic(hlo_text: str) -> Iterator[tuple[str, int, str]]:
   'bytes accessed' counts each of those transfers and reads again, as if all were HBM traffic. Slices and
   gathers read what they return; in-place updates write only the update. A while loop's body is walked
   once, as XLA's cost analysis counts it."""
-  computations = hlo.computations(hlo_text)
   opcodes = {name: {i.opcode for i in body} for name, body in computations.items()}
   for body in _top_level_bodies(computations):
     shapes = {i.name: i.shape for i in body}
@@ -655,12 +655,14 @@ def analyse(
   cost = _cost_dict(cost_program)
   xla_flops = float(cost.get("flops", 0.0))
   xla_bytes = float(cost.get("bytes accessed", 0.0))
-  # One rendering of the cost program's HLO (megabytes for a 1B model) serves the HBM count and summaries.
+  # One rendering and one parse of the cost program's HLO (megabytes for a 1B model) serve the kernel
+  # model, the HBM count and the summaries.
   hlo_text = cost_program.as_text()
-  kernels = splash_kernels(hlo_text, sliding_window=sliding_window)
+  computations = hlo.computations(hlo_text)
+  kernels = splash_kernels(computations, sliding_window=sliding_window)
   kernel_flops = sum(flop for _, flop, _ in kernels)
   try:
-    traffic = list(_top_level_traffic(hlo_text)) + [
+    traffic = list(_top_level_traffic(computations)) + [
         (f"{name} (modelled)", moved, "attention kernel") for name, _, moved in kernels
     ]
     hbm_bytes, bytes_name = float(sum(moved for _, moved, _ in traffic)), "HBM bytes"

@@ -14,7 +14,7 @@ import sys
 import pytest
 from multiprocess_helpers import REPO
 
-from llvm_jax import aot
+from llvm_jax import aot, hlo_text
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (pip install -e '.[aot]')"
@@ -204,7 +204,7 @@ ENTRY %main (w: bf16[512,128], x: bf16[8,512], v: bf16[128,128], table: bf16[100
 
 
 def test_hbm_traffic_counts_each_buffer_in_hbm_once_and_no_vmem_traffic():
-  traffic = list(aot._top_level_traffic(_PREFETCHING_HLO))
+  traffic = list(aot._top_level_traffic(hlo_text.computations(_PREFETCHING_HLO)))
   kib = 1024
   by_kind = dict(aot.hbm_movers(traffic))
   # The weight's two slices read its 128 KiB from HBM; their VMEM results, the concatenation and the

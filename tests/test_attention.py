@@ -442,7 +442,7 @@ _TPU_COMPILE_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.experimental import topologies
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from llvm_jax import aot
+    from llvm_jax import aot, hlo_text
     from llvm_jax.models import attention, masks
 
     topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2", chip_config_name="default",
@@ -463,7 +463,7 @@ _TPU_COMPILE_SCRIPT = textwrap.dedent("""
       return compiled  # the gradient's program
 
     def report_kernels(label, compiled, causal, window=None):
-      kernels = aot.splash_kernels(compiled.as_text(), causal, window)
+      kernels = aot.splash_kernels(hlo_text.computations(compiled.as_text()), causal, window)
       assert sorted(name for name, _, _ in kernels) == ["splash_mha_dkv", "splash_mha_dq", "splash_mha_fwd"]
       print("KERNELS", label, sum(flop for _, flop, _ in kernels))
 
