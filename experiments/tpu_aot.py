@@ -239,8 +239,7 @@ class Runner:
     if twin.get("pending"):
       return {**report, "costs_pending": True}
     merged = json.loads(json.dumps(report))
-    kernel = "einsum attention" if twin_attention == "xla" else "splash attention, its kernels' work modelled"
-    merged["costs_from"] = f"loop-free twin (layers unrolled, {kernel}, one microbatch)"
+    merged["costs_from"] = aot.twin_costs_from(twin_config)
     merged["wall_s"] = report.get("wall_s", 0.0) + twin.get("wall_s", 0.0)
     for name, program in merged["programs"].items():
       costs = (twin.get("programs") or {}).get(name)
@@ -666,6 +665,7 @@ def markdown(
       "|---|---|---:|---:|---:|",
   ]
   pmod_ratios = {}
+  tokens = config_utils.model_config(one_b_config(plan, "pmod")).tokens_per_image
   for kernel, results in (("", one_b), (", splash", one_b_splash)):
     for topology in plan.one_b_topologies:
       dense, sparse = (_costed(results, t, topology, "train") for t in ("baseline", "pmod"))
@@ -673,7 +673,6 @@ def markdown(
         ratio, basis = _step_ratio(sparse, dense)
         if ratio is not None:
           pmod_ratios[f"1B {topology}{kernel}"] = ratio
-        tokens = config_utils.model_config(one_b_config(plan, "pmod")).tokens_per_image
         lines.append(
             f"| ~1B{kernel}, {tokens} of {plan.one_b_shape[1]} tokens vision | {topology} | "
             f"{_ratio_cell(ratio, basis)} | {sparse['analytic_flops'] / dense['analytic_flops']:.3f} | – |"

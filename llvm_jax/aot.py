@@ -741,6 +741,13 @@ TWIN_COMPILER_OPTIONS = {
 }
 
 
+def twin_costs_from(twin_config: ml_collections.ConfigDict) -> str:
+  """A report's `costs_from` when its FLOPs, bytes and estimates come from the loop-free twin `twin_config`."""
+  attention_impl = twin_config.model.decoder.attention_impl
+  kernel = "einsum attention" if attention_impl == "xla" else "splash attention, its kernels' work modelled"
+  return f"loop-free twin (layers unrolled, {kernel}, one microbatch; XLA's cost analysis counts a loop body once)"
+
+
 def cost_twin_config(
     config: ml_collections.ConfigDict, attention_impl: str | None = None
 ) -> ml_collections.ConfigDict | None:
@@ -839,10 +846,7 @@ def compile_for_topology(
   twin = None
   if twin_config is not None and unrolled_costs:
     twin = (twin_config, LLVM(config_utils.model_config(twin_config)))
-    kernel = "einsum attention" if twin_config.model.decoder.attention_impl == "xla" else "splash attention (modelled)"
-    report["costs_from"] = (
-        f"loop-free twin (layers unrolled, {kernel}, one microbatch; XLA's cost analysis counts a loop body once)"
-    )
+    report["costs_from"] = twin_costs_from(twin_config)
   elif twin_config is not None:
     report["costs_from"] = "program itself: its FLOPs, bytes and estimates count each loop's body ONCE"
     if cfg.decoder.attention_impl == "splash":
