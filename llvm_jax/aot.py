@@ -611,15 +611,14 @@ def top_instructions(traffic: list[tuple[str, int, str]], top: int = 6) -> list[
   return [(name, b, n) for name, (b, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]]
 
 
-def _loops(hlo_text: str) -> dict[str, Any]:
+def _loops(computations: dict[str, list[hlo.Instruction]]) -> dict[str, Any]:
   """The program's while loops: how many, and how many come from each JAX operation (its op_name)."""
   names: dict[str, int] = {}
-  for line in hlo_text.splitlines():
-    if re.search(r"\swhile\(", line):
-      op_name = re.search(r'op_name="([^"]*)"', line)
-      parts = [p for p in (op_name.group(1) if op_name else "").split("/") if p and not p.startswith("jit(step_fn")]
-      name = "/".join(parts[-2:]) or "(inserted by XLA)"
-      names[name] = names.get(name, 0) + 1
+  for instruction in (i for body in computations.values() for i in body if i.opcode == "while"):
+    op_name = re.search(r'op_name="([^"]*)"', instruction.attributes)
+    parts = [p for p in (op_name.group(1) if op_name else "").split("/") if p and not p.startswith("jit(step_fn")]
+    name = "/".join(parts[-2:]) or "(inserted by XLA)"
+    names[name] = names.get(name, 0) + 1
   return {"cost_program_loops": sum(names.values()), "cost_program_loop_ops": names}
 
 
@@ -657,8 +656,7 @@ def analyse(
   xla_bytes = float(cost.get("bytes accessed", 0.0))
   # One rendering and one parse of the cost program's HLO (megabytes for a 1B model) serve the kernel
   # model, the HBM count and the summaries.
-  hlo_text = cost_program.as_text()
-  computations = hlo.computations(hlo_text)
+  computations = hlo.computations(cost_program.as_text())
   kernels = splash_kernels(computations, sliding_window=sliding_window)
   kernel_flops = sum(flop for _, flop, _ in kernels)
   try:
@@ -685,7 +683,7 @@ def analyse(
       "hbm_movers": movers,
       "top_instructions": top,
       # While loops left in the program the costs come from: each counted once, so the costs undercount.
-      **_loops(hlo_text),
+      **_loops(computations),
       "compile_s": compile_s,
       "memory": {
           **{f"{k}_bytes": v for k, v in mem.items()},
