@@ -44,6 +44,7 @@ import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -164,9 +165,17 @@ class Runner:
   memory, which a long-lived process would keep growing from; an out-of-memory kill takes only that compile),
   caching each result by its key in a JSON-lines file."""
 
-  def __init__(self, cache_path: str, refresh: bool, compile_missing: bool = True, retry_crashed: bool = False):
+  def __init__(
+      self,
+      cache_path: str,
+      refresh: bool,
+      compile_missing: bool = True,
+      retry_crashed: bool = False,
+      only: str | None = None,
+  ):
     self.path = cache_path
     self.compile_missing = compile_missing
+    self.only = re.compile(only) if only else None  # compile only the missing keys it matches
     self.retry_crashed = retry_crashed
     self.pending: list[str] = []  # keys looked up but neither cached nor compiled
     self.done: dict[str, Any] = {}
@@ -178,11 +187,15 @@ class Runner:
             self.done[entry["key"]] = entry["report"]
     self.compile_s = 0.0
 
+  def compiles(self, key: str) -> bool:
+    """Whether this run compiles `key` when the cache lacks it."""
+    return self.compile_missing and (self.only is None or self.only.search(key) is not None)
+
   def __call__(self, key: str, config, topology: str, what: tuple[str, ...], **kwargs) -> dict[str, Any]:
     """`aot.compile_for_topology(config, topology, what, **kwargs)`, cached under `key`."""
     if key in self.done:
       return self.done[key]
-    if not self.compile_missing:
+    if not self.compiles(key):
       self.pending.append(key)
       return {"pending": True, "fits": None, "programs": {}}
     print(f"compiling {key} ...", flush=True)
@@ -225,7 +238,7 @@ class Runner:
     if twin_key not in self.done and old_key in self.done:
       # Compiled before HBM bytes were counted (its roofline says so): kept unless this run compiles it
       # again; one that died is compiled again only with --retry_crashed, as any other.
-      if not self.compile_missing or (self.done[old_key].get("crashed") and not self.retry_crashed):
+      if not self.compiles(twin_key) or (self.done[old_key].get("crashed") and not self.retry_crashed):
         twin_key = old_key
     twin = self(
         twin_key,
@@ -932,6 +945,13 @@ def main() -> None:
       "others come from the cache only, as 'not compiled yet' where absent. Two runs with --compile=1b and "
       "--compile=7b use both cores; --compile= writes the report from the cache alone",
   )
+  parser.add_argument(
+      "--only",
+      default=None,
+      help="a regular expression: of the programs --compile would compile, only those whose cache key it "
+      "matches (e.g. 'v5p-8' for one topology's rows, 'twin=False' for the programs without their twins; "
+      "keys as in the cache file); the others stay 'not compiled yet'",
+  )
   args = parser.parse_args()
   sections = {name for name in args.compile.split(",") if name}
   if sections - {"1b", "7b", "splash"}:
@@ -942,6 +962,7 @@ def main() -> None:
       args.cache or ("/tmp/tpu_aot_quick.jsonl" if args.quick else CACHE),
       args.refresh,
       retry_crashed=args.retry_crashed,
+      only=args.only,
   )
   command = "python experiments/tpu_aot.py" + (" --quick" if args.quick else "")
   start = time.perf_counter()

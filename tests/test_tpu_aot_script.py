@@ -1,6 +1,7 @@
 """experiments/tpu_aot.py without compiling: its cache merges a program's memory with its twin's costs,
 the report marks what is not compiled yet, and a compile whose process died is reported, not rerun."""
 
+import concurrent.futures
 import json
 import multiprocessing
 import os
@@ -174,6 +175,22 @@ def test_a_compile_whose_process_died_is_reported_and_retried_only_on_request(ca
   row = tpu_aot._one_b_row(one_b[("trol", "v5e-8", "train")], "trol", "v5e-8")
   assert row.startswith("| trol | v5e-8 | – | no |") and "process died" in row
   assert f"{key}:twin=False" not in tpu_aot.Runner(path, refresh=False, retry_crashed=True).done
+
+
+def test_only_restricts_the_compiles_to_the_matching_keys(monkeypatch, tmp_path):
+  compiled = []
+  monkeypatch.setattr(tpu_aot, "_compile_program", lambda *a: compiled.append(a[1]) or {"fits": True, "programs": {}})
+  monkeypatch.setattr(tpu_aot.concurrent.futures, "ProcessPoolExecutor", _InProcess)
+  run = tpu_aot.Runner(str(tmp_path / "cache.jsonl"), refresh=False, only="v5p-8")
+  assert run("1b:baseline:v5e-8:train:twin=False", None, "v5e-8", ("train",))["pending"]
+  assert run("1b:baseline:v5p-8:train:twin=False", None, "v5p-8", ("train",))["fits"]
+  assert compiled == ["v5p-8"] and run.pending == ["1b:baseline:v5e-8:train:twin=False"]
+
+
+class _InProcess(concurrent.futures.ThreadPoolExecutor):
+
+  def __init__(self, workers, mp_context=None):
+    super().__init__(workers)
 
 
 def test_each_compile_runs_in_its_own_process(monkeypatch, tmp_path):
