@@ -4,6 +4,7 @@
   python experiments/tpu_aot.py --quick   # tiny stand-ins of every model, same tables: checks the script
   python experiments/tpu_aot.py --compile=1b & python experiments/tpu_aot.py --compile=7b   # both cores
   python experiments/tpu_aot.py --compile=  # the report from what is cached so far (missing rows marked)
+  python experiments/tpu_aot.py --compile=1b --only=v5p-8   # only the missing compiles whose key matches
 
 Every number comes from XLA's TPU compiler (libtpu) compiling the real programs for a deviceless
 topology: HBM per chip from `memory_analysis()`, step times and MFU ESTIMATED from XLA's cost model
