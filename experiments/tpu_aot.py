@@ -352,45 +352,71 @@ def _required_bytes(report: dict) -> float | None:
   return (p.get("memory") or {}).get("total_bytes")
 
 
-def section_paper(plan: Plan, run: Runner, names=tuple(PAPER_7B)) -> dict[tuple[str, str], dict]:
+def _fit_on(plan: Plan, run: Runner, name: str, generation: str, chips: int, entry: dict) -> tuple[str, float | None]:
+  """Tries the candidates of `chips` chips in order, each recorded in entry['tried'], the first that fits
+  as the entry's slice. Returns 'fits', 'refused' or 'pending', and the smallest bytes x chips that a refused
+  candidate needed (None if none said)."""
+  hbm = aot.CHIPS[generation].hbm_bytes
+  topology = aot.topology_for_chips(generation, chips).name
+  needed_total = None
+  for strategy, microbatches in _candidates(plan, chips):
+    key = f"7b:{plan.quick}:{name}:{topology}:{strategy}:{microbatches}:{plan.paper_shape}"
+    config = paper_config(plan, name, strategy, microbatches)
+    report = run.memory(key, config, topology, ("train",))
+    if report.get("pending"):
+      return "pending", needed_total
+    entry["tried"].append((topology, strategy, microbatches, report))
+    if report.get("fits"):
+      if (name, generation) == PMOD_DENSE_REFERENCE:
+        report = run.row(key, config, topology, ("train",))
+      entry.update(topology=topology, strategy=strategy, microbatches=microbatches, report=report, chips=chips)
+      return "fits", needed_total
+    needed = _required_bytes(report)
+    if needed:
+      needed_total = needed * chips if needed_total is None else min(needed_total, needed * chips)
+      if needed > 1.5 * hbm:
+        break  # far over: the other strategies will not close the gap on this size
+  return "refused", needed_total
+
+
+def section_paper(
+    plan: Plan, run: Runner, names=tuple(PAPER_7B), start: dict[str, int] | None = None
+) -> dict[tuple[str, str], dict]:
   """The smallest slice (and the first strategy) each 7B model's train step fits on, per generation.
 
-  A refused compile reports the bytes it needed (R on c chips): sizes where R·c/c' is still over 1.5x
-  the chip's HBM are skipped (microbatches and tensor parallelism cut activations, not that much). The
-  search compiles the scanned programs only (memory). Only the dense reference of section 4 (LLaVA-1.5-7B
-  on v5p) is compiled again with its unrolled twin, for a step-time estimate: a 32-layer twin costs several
-  times the scanned compile, and the issue asks the other 7B rows for their slice only.
+  The search goes up from `start[generation]` chips (default: the fewest) until a size fits. A refused
+  compile reports the bytes it needed (R on c chips): sizes where R·c/c' is still over 1.5x the chip's HBM
+  are skipped (microbatches and tensor parallelism cut activations, not that much). Where the first size
+  tried fits, the search goes down instead, while a size fits: a model that fits on no strategy of c chips
+  fits on none of fewer. `start`: where the dense reference fit, for the other 7B models (the same ~7B
+  LLM, plus their technique): a compile of the fewest chips, which cannot hold them, is then not spent.
+  The search compiles the scanned programs only (memory). Only the dense reference of section 4
+  (LLaVA-1.5-7B on v5p) is compiled again with its unrolled twin, for a step-time estimate: a 32-layer twin
+  costs several times the scanned compile, and the issue asks the other 7B rows for their slice only.
   """
   found = {}
   for name in names:
     for generation in ("v5e", "v5p"):
       entry = found[(name, generation)] = {"tried": []}
       hbm = aot.CHIPS[generation].hbm_bytes
-      lower_bound = None  # bytes x chips that the smallest refused program needed
-      for chips in plan.chips:
-        if lower_bound is not None and lower_bound / chips > 1.5 * hbm:
-          continue
-        topology = aot.topology_for_chips(generation, chips).name
-        for strategy, microbatches in _candidates(plan, chips):
-          key = f"7b:{plan.quick}:{name}:{topology}:{strategy}:{microbatches}:{plan.paper_shape}"
-          config = paper_config(plan, name, strategy, microbatches)
-          report = run.memory(key, config, topology, ("train",))
-          if report.get("pending"):
-            entry["pending"] = True
+      first = plan.chips.index((start or {}).get(generation, plan.chips[0]))
+      outcome, lower_bound = _fit_on(plan, run, name, generation, plan.chips[first], entry)
+      if outcome == "fits":
+        for chips in reversed(plan.chips[:first]):
+          outcome, _ = _fit_on(plan, run, name, generation, chips, entry)
+          if outcome != "fits":
             break
-          entry["tried"].append((topology, strategy, microbatches, report))
-          if report.get("fits"):
-            if (name, generation) == PMOD_DENSE_REFERENCE:
-              report = run.row(key, config, topology, ("train",))
-            entry.update(topology=topology, strategy=strategy, microbatches=microbatches, report=report)
+      elif outcome == "refused":
+        for chips in plan.chips[first + 1 :]:
+          if lower_bound is not None and lower_bound / chips > 1.5 * hbm:
+            continue
+          outcome, needed = _fit_on(plan, run, name, generation, chips, entry)
+          if needed is not None:
+            lower_bound = needed if lower_bound is None else min(lower_bound, needed)
+          if outcome != "refused":
             break
-          needed = _required_bytes(report)
-          if needed:
-            lower_bound = needed * chips if lower_bound is None else min(lower_bound, needed * chips)
-            if needed > 1.5 * hbm:
-              break  # far over: the other strategies will not close the gap on this size
-        if "report" in entry or entry.get("pending"):
-          break
+      if outcome == "pending":
+        entry["pending"] = True
   return found
 
 
@@ -620,7 +646,10 @@ def markdown(
   for (name, generation), found in paper_found.items():
     tried = len(found["tried"])
     if found.get("pending"):
-      smallest = f"search not finished ({found['tried'][-1][0]} refused)" if tried else "not compiled yet"
+      if "report" in found:
+        smallest = f"search not finished ({found['topology']} fits; fewer chips not compiled yet)"
+      else:
+        smallest = f"search not finished ({found['tried'][-1][0]} refused)" if tried else "not compiled yet"
       lines.append(f"| {PAPER_7B[name]} | {generation} | {smallest} | – | – | – | – | – | – | {tried} |")
       continue
     if "report" not in found:
@@ -974,7 +1003,9 @@ def main() -> None:
   # The dense reference first, then its p-MoD pair (section 4), then the other models' searches.
   paper_found = section_paper(plan, run, PMOD_DENSE_REFERENCE[:1])
   pmod_7b = section_pmod_7b(plan, run, paper_found)
-  paper_found.update(section_paper(plan, run, [name for name in PAPER_7B if name != PMOD_DENSE_REFERENCE[0]]))
+  dense_chips = {g: f["chips"] for (_, g), f in paper_found.items() if "chips" in f}
+  others = [name for name in PAPER_7B if name != PMOD_DENSE_REFERENCE[0]]
+  paper_found.update(section_paper(plan, run, others, start=dense_chips))
   run.compile_missing = "splash" in sections
   one_b_splash = section_one_b_splash(plan, run)
   notes = why_missed(plan, one_b, prefill_pairs, one_b_splash)
