@@ -446,7 +446,10 @@ def _xla_estimate(p: dict) -> bool:
 
 
 def _source(p: dict) -> str:
-  source = "XLA" if _xla_estimate(p) else "roofline" if "hbm_bytes_accessed_per_chip" in p else "roofline (XLA bytes)"
+  source = "roofline" if "hbm_bytes_accessed_per_chip" in p else "roofline (XLA bytes)"
+  if _xla_estimate(p):
+    # Rows on the two chip models are not comparable: the roofline goes alongside XLA's estimate.
+    source = f"XLA ({source} {_ms(max(p['roofline_compute_s'], p['roofline_hbm_s']))})"
   # Loops XLA's compiler put back into the twin: each body counted once, so the estimate is too low.
   loops = p.get("cost_program_loops")
   return f"{source} ({loops} loops left)" if loops else source
@@ -625,11 +628,13 @@ def markdown(
       if (p := _costed(one_b, technique, topology, "train")) and _xla_estimate(p)
   }
   if above:
+    low, high = f"{min(above.values()):.2f}", f"{max(above.values()):.2f}"
     lines += [
         "",
         "A roofline is the least time the compiled work can take (compute and HBM traffic fully overlapped, at "
         "peak). XLA's cost model, which cannot price the kernels, gave section 1's twins estimates "
-        f"{min(above.values()):.2f}-{max(above.values()):.2f}x their roofline where it gave a valid one "
+        f"{low if low == high else f'{low}-{high}'}x their roofline where it "
+        "gave a valid one "
         f"({', '.join(f'{name}: {ratio:.2f}x' for name, ratio in above.items())}): the MFU above is an upper "
         "bound of that kind, not a prediction.",
     ]

@@ -161,6 +161,7 @@ def test_pmod_step_ratio_compares_like_with_like():
   xla = dict(_cost_program(0.1), estimate_source="XLA optimal_seconds", estimated_step_s=0.3)  # roofline 0.1 s
   assert tpu_aot._step_ratio(roofline, dict(roofline, estimated_step_s=0.4)) == (0.5, "")
   ratio, basis = tpu_aot._step_ratio(roofline, xla)  # 0.2 / 0.3 would mix the two chip models
+  assert tpu_aot._source(xla) == "XLA (roofline 100.00 ms)" and tpu_aot._source(roofline) == "roofline"
   assert ratio == 2.0 and "rooflines" in basis
   # A roofline of XLA's bytes (a twin from before the HBM count) is not compared with one of HBM bytes.
   older = _cost_program(0.4, hbm_bytes=None)
