@@ -445,11 +445,16 @@ def _xla_estimate(p: dict) -> bool:
   return p.get("estimate_source", "").startswith("XLA")
 
 
+def _roofline_s(p: dict) -> float:
+  """The roofline of a costed program: compute and HBM traffic fully overlapped, at peak."""
+  return max(p["roofline_compute_s"], p["roofline_hbm_s"])
+
+
 def _source(p: dict) -> str:
   source = "roofline" if "hbm_bytes_accessed_per_chip" in p else "roofline (XLA bytes)"
   if _xla_estimate(p):
     # Rows on the two chip models are not comparable: the roofline goes alongside XLA's estimate.
-    source = f"XLA ({source} {_ms(max(p['roofline_compute_s'], p['roofline_hbm_s']))})"
+    source = f"XLA ({source} {_ms(_roofline_s(p))})"
   # Loops XLA's compiler put back into the twin: each body counted once, so the estimate is too low.
   loops = p.get("cost_program_loops")
   return f"{source} ({loops} loops left)" if loops else source
@@ -523,8 +528,7 @@ def _step_ratio(sparse: dict, dense: dict) -> tuple[float | None, str]:
     return None, " (one twin predates the HBM count: not comparable)"
   if same_model:  # two rooflines of the same kind of bytes
     return sparse["estimated_step_s"] / dense["estimated_step_s"], ""
-  roofline = lambda p: max(p["roofline_hbm_s"], p["roofline_compute_s"])
-  return roofline(sparse) / roofline(dense), " (both rooflines: XLA's estimate is valid for one program only)"
+  return _roofline_s(sparse) / _roofline_s(dense), " (both rooflines: XLA's estimate is valid for one program only)"
 
 
 def _ratio_cell(ratio: float | None, basis: str) -> str:
@@ -622,7 +626,7 @@ def markdown(
       lines.append(_one_b_row(report, technique, topology))
   # How far XLA's own cost model sits above the roofline, where it gave an estimate for section 1's twins.
   above = {
-      f"{technique} {topology}": p["estimated_step_s"] / max(p["roofline_compute_s"], p["roofline_hbm_s"])
+      f"{technique} {topology}": p["estimated_step_s"] / _roofline_s(p)
       for technique in TECHNIQUES
       for topology in plan.one_b_topologies
       if (p := _costed(one_b, technique, topology, "train")) and _xla_estimate(p)

@@ -179,16 +179,15 @@ def test_a_compile_whose_process_died_is_reported_and_retried_only_on_request(ca
 
 
 class _FitsFrom:
-  """A runner whose train steps fit on `chips` chips or more (needing 2x the HBM below), counting compiles."""
+  """A runner whose train steps fit on `chips` chips or more (needing 2x the HBM below)."""
 
   def __init__(self, chips: int):
-    self.chips, self.keys = chips, []
+    self.chips = chips
 
   def memory(self, key, config, topology, what):
-    self.keys.append(key)
     chips = tpu_aot.aot.parse_topology(topology).chips
     needed = 2 * tpu_aot.aot.CHIPS["v5e"].hbm_bytes * (chips < self.chips)
-    return {"fits": chips >= self.chips, "chips": chips, "programs": {"train": {"memory": {"total_bytes": needed}}}}
+    return {"fits": chips >= self.chips, "programs": {"train": {"memory": {"total_bytes": needed}}}}
 
   row = memory
 
@@ -197,12 +196,10 @@ def test_the_7b_search_starts_where_the_dense_model_fit_and_goes_down_or_up():
   plan = tpu_aot.Plan.make(quick=False)  # batch 128: every strategy splits over up to 128 chips
   plan.chips = (8, 16, 32, 64)
   # From the fewest chips up: one refused size (far over: its other strategies skipped), then the fit.
-  run = _FitsFrom(32)
-  found = tpu_aot.section_paper(plan, run, ["trol_7b"])[("trol_7b", "v5e")]
+  found = tpu_aot.section_paper(plan, _FitsFrom(32), ["trol_7b"])[("trol_7b", "v5e")]
   assert found["chips"] == 32 and [t[0] for t in found["tried"]] == ["v5e:2x4", "v5e:4x4", "v5e:4x8"]
   # Started at 32 where it fits: down to 16 (refused), never 8.
-  run = _FitsFrom(32)
-  found = tpu_aot.section_paper(plan, run, ["trol_7b"], start={"v5e": 32})[("trol_7b", "v5e")]
+  found = tpu_aot.section_paper(plan, _FitsFrom(32), ["trol_7b"], start={"v5e": 32})[("trol_7b", "v5e")]
   assert found["chips"] == 32 and [t[0] for t in found["tried"]] == ["v5e:4x8", "v5e:4x4"]
   # A model smaller than the start: down while it fits.
   found = tpu_aot.section_paper(plan, _FitsFrom(16), ["trol_7b"], start={"v5e": 32})[("trol_7b", "v5e")]
