@@ -451,10 +451,12 @@ def _roofline_s(p: dict) -> float:
 
 
 def _source(p: dict) -> str:
-  source = "roofline" if "hbm_bytes_accessed_per_chip" in p else "roofline (XLA bytes)"
+  hbm_counted = "hbm_bytes_accessed_per_chip" in p
   if _xla_estimate(p):
     # Rows on the two chip models are not comparable: the roofline goes alongside XLA's estimate.
-    source = f"XLA ({source} {_ms(_roofline_s(p))})"
+    source = f"XLA (roofline {_ms(_roofline_s(p))}{'' if hbm_counted else ', XLA bytes'})"
+  else:
+    source = "roofline" if hbm_counted else "roofline (XLA bytes)"
   # Loops XLA's compiler put back into the twin: each body counted once, so the estimate is too low.
   loops = p.get("cost_program_loops")
   return f"{source} ({loops} loops left)" if loops else source

@@ -167,6 +167,9 @@ def test_pmod_step_ratio_compares_like_with_like():
   older = _cost_program(0.4, hbm_bytes=None)
   assert tpu_aot._step_ratio(roofline, older) == (None, " (one twin predates the HBM count: not comparable)")
   assert tpu_aot._step_ratio(older, dict(older, estimated_step_s=0.8))[0] == 0.5
+  assert tpu_aot._source(older) == "roofline (XLA bytes)"
+  older_xla = dict(older, estimate_source="XLA optimal_seconds", estimated_step_s=0.9)
+  assert tpu_aot._source(older_xla) == "XLA (roofline 400.00 ms, XLA bytes)"
 
 
 def test_a_compile_whose_process_died_is_reported_and_retried_only_on_request(cache):

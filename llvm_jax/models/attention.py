@@ -556,8 +556,8 @@ def _in_shard_map(fn: Callable[..., Array], args: tuple[Array, ...], segs: tuple
 
 
 def cpu_flash_attention(q: Array, k: Array, v: Array, mask: MaskInfo | None, scale: float) -> Array:
-  """`cpu_attention.flash_attention`, per shard of the current mesh when there is one."""
-  _check_shapes(q, k, v, mask)
+  """`cpu_attention.flash_attention`, per shard of the current mesh when there is one (shapes checked by
+  `dot_product_attention`, its only caller)."""
   b, _, h, _ = q.shape
   partition = _kernel_partition(b, h, k.shape[2])
   if partition is None:
