@@ -22,8 +22,10 @@ import pytest
 from multiprocess_helpers import REPO
 
 from llvm_jax.models import attention, masks
+from llvm_jax.models.config import RopeConfig
 
 ATOL = 1e-5
+TINY_ROPE = RopeConfig()
 
 
 def reference(q, k, v, dense, scale, d_out):
@@ -524,3 +526,49 @@ def test_splash_visited_tiles_are_the_kernels_nonempty_blocks(t, block, causal, 
   info, _ = mask_info.process_mask(sm.MultiHeadMask([head]), (block, block))
   assert attention.splash_visited_tiles(t, t, block, block, causal, window) == tiles
   assert np.count_nonzero(np.asarray(info.block_mask)) == tiles
+
+
+def _decoder_rope_trig(hlo: str) -> int:
+  return sum(1 for line in hlo.splitlines() if (" cosine(" in line or " sine(" in line) and "decoder/" in line)
+
+
+def test_cpu_flash_decoder_computes_rope_tables_once():
+  # XLA:CPU fuses RoPE's cos and sin into every layer's rotation of q and k (and their backward) and
+  # recomputes them there; under cpu_flash the decoder materialises them once. Same numbers as 'xla'.
+  import dataclasses
+
+  from model_helpers import LM, TINY_DECODER
+
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 12)))
+
+  def loss_and_grads(impl):
+    model = LM(dataclasses.replace(TINY_DECODER, attention_impl=impl))
+    params = model.init(jax.random.key(0), tokens)["params"]
+    loss = lambda p: jnp.sum(model.apply({"params": p}, tokens)[0] ** 2)
+    fn = jax.jit(jax.value_and_grad(loss))
+    return fn(params), fn.lower(params).compile().as_text()
+
+  (want, want_grads), xla_hlo = loss_and_grads("xla")
+  (got, got_grads), flash_hlo = loss_and_grads("cpu_flash")
+  assert _decoder_rope_trig(flash_hlo) == 2 and flash_hlo.count("llvm_jax_cpu_materialize") == 2
+  assert _decoder_rope_trig(xla_hlo) > 2 * TINY_DECODER.num_layers  # one cos and sin per consumer
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_layer_shared_arrays_materialise_per_shard_under_a_mesh():
+  from llvm_jax.models.rope import rope_cos_sin
+
+  positions = jnp.tile(jnp.arange(6, dtype=jnp.int32), (4, 1))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(1, 2, 2), ("data", "fsdp", "tensor"))
+  want = rope_cos_sin(positions, TINY_ROPE, 8, 64)
+  with jax.set_mesh(mesh):
+    sharded = jax.device_put(positions, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")))
+    fn = jax.jit(lambda p: attention.layer_shared("cpu_flash", *rope_cos_sin(p, TINY_ROPE, 8, 64)))
+    hlo = fn.lower(sharded).compile().as_text()
+    got = fn(sharded)
+  assert "llvm_jax_cpu_materialize" in hlo and "all-gather" not in hlo
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  assert all(a is b for a, b in zip(attention.layer_shared("xla", *want), want))  # the others take them as they are

@@ -95,6 +95,25 @@ def dot_product_attention(
   return splash_attention(q, k, v, mask, scale, block_q=block_q, block_kv=block_kv)
 
 
+def layer_shared(impl: str, *arrays: Array) -> tuple[Array, ...]:
+  """Arrays that every layer's attention reads (RoPE's cos and sin, batch first) as `impl` wants them:
+  'cpu_flash' materialises them once (`cpu_attention.materialized`, per shard of the current mesh);
+  the others take them as they are."""
+  if impl != "cpu_flash":
+    return arrays
+  partition = _kernel_partition(arrays[0].shape[0], 1, 1)  # one "head": the batch over every axis it divides
+  if partition is None:
+    return tuple(cpu_attention.materialized(a) for a in arrays)
+  spec = jax.sharding.PartitionSpec(partition[0])
+  return jax.shard_map(
+      lambda *xs: tuple(cpu_attention.materialized(x) for x in xs),
+      mesh=jax.sharding.get_abstract_mesh(),
+      in_specs=(spec,) * len(arrays),
+      out_specs=(spec,) * len(arrays),
+      check_vma=False,
+  )(*arrays)
+
+
 def _check_shapes(q: Array, k: Array, v: Array, mask: MaskInfo | None) -> None:
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be (B, T|S, heads, dim); got {q.shape}, {k.shape}, {v.shape}")

@@ -429,7 +429,17 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   });
 }
 
+// A copy of x into a buffer of its own: XLA:CPU reads an FFI call's result where it would otherwise fuse
+// an elementwise producer (RoPE's cos and sin) into each of its consumers and recompute it there.
+ffi::Error Materialize(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out) {
+  std::memcpy(out->untyped_data(), x.untyped_data(), x.size_bytes());
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlvmJaxCpuMaterialize, Materialize,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LlvmJaxCpuAttentionForward, Forward,
                               ffi::Ffi::Bind()

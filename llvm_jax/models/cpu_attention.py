@@ -35,6 +35,7 @@ Array = jax.Array
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-w")
 FORWARD_TARGET, BACKWARD_TARGET = "llvm_jax_cpu_flash_forward", "llvm_jax_cpu_flash_backward"
+MATERIALIZE_TARGET = "llvm_jax_cpu_materialize"
 MAX_HEAD_DIM = 256  # the widest feature vector the kernel is instantiated for (cpu_attention.cc)
 
 
@@ -86,13 +87,29 @@ def build() -> Path:
 
 @functools.cache
 def register() -> None:
-  """Builds (or finds) the library and registers its two FFI targets with XLA:CPU, once per process."""
+  """Builds (or finds) the library and registers its FFI targets with XLA:CPU, once per process."""
   library = ctypes.cdll.LoadLibrary(str(build()))
   for target, symbol in (
       (FORWARD_TARGET, "LlvmJaxCpuAttentionForward"),
       (BACKWARD_TARGET, "LlvmJaxCpuAttentionBackward"),
+      (MATERIALIZE_TARGET, "LlvmJaxCpuMaterialize"),
   ):
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+
+
+@jax.custom_jvp
+def materialized(x: Array) -> Array:
+  """x, computed once into a buffer its consumers read. XLA:CPU fuses an elementwise producer into each
+  consumer and recomputes it there (an optimization barrier is gone before fusion): RoPE's cos and sin
+  were evaluated again in every layer's rotation of q and k, per head, forward and backward, 11% of the
+  demo's train step. An FFI call (a copy) is never fused."""
+  register()
+  return jax.ffi.ffi_call(MATERIALIZE_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="broadcast_all")(x)
+
+
+@materialized.defjvp
+def _materialized_jvp(primals, tangents):
+  return materialized(primals[0]), tangents[0]
 
 
 def flash_attention(q: Array, k: Array, v: Array, mask: masks_lib.MaskInfo | None, scale: float) -> Array:

@@ -274,8 +274,10 @@ class Decoder(nn.Module):
           cfg.sliding_window,
       )
       layer_caches = cache["layers"]
-    cos, sin = rope_cos_sin(positions, cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
     impl = attention.for_call(cfg.attention_impl, cached=cache is not None, initializing=self.is_initializing())
+    cos, sin = attention.layer_shared(
+        impl, *rope_cos_sin(positions, cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+    )
     ctx = hooks.LayerContext(
         cos,
         sin,
