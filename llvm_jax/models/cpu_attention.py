@@ -101,7 +101,7 @@ def register() -> None:
 def materialized(x: Array) -> Array:
   """x, computed once into a buffer its consumers read. XLA:CPU fuses an elementwise producer into each
   consumer and recomputes it there (an optimization barrier is gone before fusion): RoPE's cos and sin
-  were evaluated again in every layer's rotation of q and k, per head, forward and backward, 11% of the
+  were evaluated again in every layer's rotation of q and k, per head, forward and backward, 10% of the
   demo's train step. An FFI call (a copy) is never fused."""
   register()
   return jax.ffi.ffi_call(MATERIALIZE_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="broadcast_all")(x)
