@@ -5,8 +5,9 @@ shape on whatever backend jax finds (`--cpu_devices=N` splits a CPU host into N 
 steady-state step time, tokens/s, TFLOP/s per device and MFU (analytic FLOPs with each technique's
 extra work, see llvm_jax/flops.py; MFU only where the chip's peak is known). On CPU it also
 trains the same LLaVA configuration with `transformers` PyTorch (AdamW, same batch) and prints the
-step-time ratio, both measured in this one run and process (both with `llvm_jax.host`'s malloc
-setting); a model with a technique (which transformers lacks) is not compared.
+step-time ratio: the two steps alternate in this one process (both with `llvm_jax.host`'s malloc
+setting), each timed alone, so load drift on a shared machine hits both medians alike; a model with a
+technique (which transformers lacks) is not compared.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ml_collections import config_flags
 
 from llvm_jax import config_utils, host
 from llvm_jax.bench.breakdown import format_breakdown
-from llvm_jax.bench.train_step import time_jax, time_torch
+from llvm_jax.bench.train_step import time_jax, torch_step
 from llvm_jax.models.techniques import switched_on
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config.", lock_config=True)
@@ -44,7 +45,10 @@ def main(argv) -> None:
   config = _CONFIG.value
   if _CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)  # before the backend starts
-  result = time_jax(config, _STEPS.value, breakdown=_BREAKDOWN.value)
+  techniques = switched_on(config_utils.model_config(config))
+  compare = jax.default_backend() == "cpu" and _TORCH.value
+  rival = torch_step(config) if compare and not techniques else None
+  result = time_jax(config, _STEPS.value, breakdown=_BREAKDOWN.value, rival=rival)
   print(
       f"llvm_jax train step on {result['devices']} x {result['device']}: {result['step_time_s'] * 1e3:.1f} ms, "
       f"{result['tokens_per_second']:.0f} tokens/s, {result['tflops_per_device']:.3f} TFLOP/s per device"
@@ -52,15 +56,14 @@ def main(argv) -> None:
   )
   if _BREAKDOWN.value:
     print(format_breakdown(result.pop("breakdown"), result["step_time_s"]))
-  techniques = switched_on(config_utils.model_config(config))
-  if jax.default_backend() == "cpu" and _TORCH.value and techniques:
+  if compare and techniques:
     print(f"PyTorch comparison skipped: transformers has no {', '.join(techniques)}, so it cannot train the same model")
-  elif jax.default_backend() == "cpu" and _TORCH.value:
-    torch_time = time_torch(config, _STEPS.value)
-    result["torch_step_time_s"] = torch_time
-    result["torch_over_jax"] = torch_time / result["step_time_s"]
+  elif rival:
+    result["torch_step_time_s"] = result.pop("rival_step_time_s")
+    result["torch_over_jax"] = result["torch_step_time_s"] / result["step_time_s"]
     print(
-        f"transformers PyTorch (CPU, same model and batch): {torch_time * 1e3:.1f} ms/step; "
+        f"transformers PyTorch (CPU, same model and batch, steps alternating with llvm_jax's): "
+        f"{result['torch_step_time_s'] * 1e3:.1f} ms/step; "
         f"PyTorch / llvm_jax step-time ratio = {result['torch_over_jax']:.2f}"
     )
   if _OUT.value:

@@ -1,13 +1,15 @@
 """The train-step timings behind `python -m llvm_jax.bench` and experiments/gpu_bench.py.
 
 time_jax: the trainer's own jitted, sharded train step on synthetic batches of the config's shape,
-steady-state (median after 3 warm-up steps). time_torch: the same LLaVA model trained with
-`transformers` PyTorch (CPU reference).
+steady-state (median after 3 warm-up steps), optionally alternating step by step with a rival's step
+(torch_step: the same LLaVA model trained with `transformers` PyTorch, the CPU reference), so that
+load drift on a shared machine hits both sides of the ratio alike.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -16,6 +18,7 @@ import numpy as np
 
 from llvm_jax import config_utils, convert, flops
 from llvm_jax.bench.breakdown import step_breakdown
+from llvm_jax.bench.common import time_interleaved
 from llvm_jax.data.pipeline import make_global_batch
 from llvm_jax.models import deepstack
 from llvm_jax.models.llvm import LLVM
@@ -49,9 +52,11 @@ def synthetic_batch(cfg, batch: int, seq_len: int, seed: int = 0, grid_mode: str
   return out
 
 
-def time_jax(config, steps: int, breakdown: bool = False) -> dict[str, Any]:
+def time_jax(config, steps: int, breakdown: bool = False, rival: Callable[[], Any] | None = None) -> dict[str, Any]:
   """The trainer's step timed over `steps` steps; `breakdown`: also trace a few steps and charge their op
-  time to model scopes (`result['breakdown']`, see llvm_jax/bench/breakdown.py)."""
+  time to model scopes (`result['breakdown']`, see llvm_jax/bench/breakdown.py). `rival` (one blocking
+  step of another implementation) runs alternately with it, each step timed alone:
+  `result['rival_step_time_s']`."""
   model = LLVM(config_utils.model_config(config))
   mesh = trainer.mesh_from_config(config)
   setup, _ = trainer.build_setup(config, model, mesh)
@@ -68,23 +73,21 @@ def time_jax(config, steps: int, breakdown: bool = False) -> dict[str, Any]:
       setup, trainer.make_train_step(setup, trainer.loss_function(config), 1), params, opt_state, batch
   )
   compile_s = time.perf_counter() - tick
-  times, losses = [], []
-  for step in range(steps + 3):
-    tick = time.perf_counter()
-    params, opt_state, metrics = compiled(params, opt_state, batch, jnp.asarray(step, jnp.int32))
-    jax.block_until_ready(metrics["loss"])
-    times.append(time.perf_counter() - tick)
-    losses.append(metrics["loss"])
-  step_time = float(np.median(times[3:]))
+  state, losses = {"params": params, "opt_state": opt_state}, []
+
+  def one_step():
+    state["params"], state["opt_state"], metrics = compiled(
+        state["params"], state["opt_state"], batch, jnp.asarray(len(losses), jnp.int32)
+    )
+    losses.append(float(metrics["loss"]))  # blocks until the step is done
+
+  steps_of = {"jax": one_step, **({"rival": rival} if rival else {})}
+  for _ in range(2):  # warm-up, with the one time_interleaved runs: 3 steps each
+    for run in steps_of.values():
+      run()
+  medians_ms = time_interleaved(steps_of, steps)
+  step_time = medians_ms["jax"] / 1e3
   if breakdown:
-    state = {"params": params, "opt_state": opt_state}
-
-    def one_step():
-      state["params"], state["opt_state"], metrics = compiled(
-          state["params"], state["opt_state"], batch, jnp.asarray(steps, jnp.int32)
-      )
-      jax.block_until_ready(metrics["loss"])
-
     scopes = step_breakdown(compiled.as_text(), one_step)
   step_flops = b * flops.train_flops_per_sample(model.config, s, 1 if model.config.vision else 0)
   result = {
@@ -103,6 +106,8 @@ def time_jax(config, steps: int, breakdown: bool = False) -> dict[str, Any]:
       "first_loss": float(losses[0]),
       "last_loss": float(losses[-1]),
   }
+  if rival:
+    result["rival_step_time_s"] = medians_ms["rival"] / 1e3
   if breakdown:
     result["breakdown"] = scopes
   memory = compiled.memory_analysis()
@@ -119,8 +124,8 @@ def time_jax(config, steps: int, breakdown: bool = False) -> dict[str, Any]:
   return result
 
 
-def time_torch(config, steps: int) -> float:
-  """Median step time of the same model in transformers PyTorch (fp32, AdamW, CPU)."""
+def torch_step(config) -> Callable[[], None]:
+  """One train step (blocking) of the same model in transformers PyTorch (fp32, AdamW, CPU)."""
   # torch and transformers: heavy imports, only paid when the PyTorch comparison runs.
   import torch
   import transformers
@@ -141,9 +146,8 @@ def time_torch(config, steps: int) -> float:
     inputs["pixel_values"] = torch.tensor(batch["images"][:, 0].transpose(0, 3, 1, 2))
   targets = torch.tensor(batch["targets"], dtype=torch.long)
   mask = torch.tensor(batch["target_mask"])
-  times = []
-  for _ in range(steps + 3):
-    tick = time.perf_counter()
+
+  def step() -> None:
     logits = model(**inputs).logits.float()
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     loss = (nll * mask.reshape(-1)).sum() / mask.sum()
@@ -151,5 +155,5 @@ def time_torch(config, steps: int) -> float:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip or 1e9)
     opt.step()
-    times.append(time.perf_counter() - tick)
-  return float(np.median(times[3:]))
+
+  return step
