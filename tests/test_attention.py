@@ -22,10 +22,8 @@ import pytest
 from multiprocess_helpers import REPO
 
 from llvm_jax.models import attention, masks
-from llvm_jax.models.config import RopeConfig
 
 ATOL = 1e-5
-TINY_ROPE = RopeConfig()
 
 
 def reference(q, k, v, dense, scale, d_out):
@@ -535,8 +533,6 @@ def _decoder_rope_trig(hlo: str) -> int:
 def test_cpu_flash_decoder_computes_rope_tables_once():
   # XLA:CPU fuses RoPE's cos and sin into every layer's rotation of q and k (and their backward) and
   # recomputes them there; under cpu_flash the decoder materialises them once. Same numbers as 'xla'.
-  import dataclasses
-
   from model_helpers import LM, TINY_DECODER
 
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 12)))
@@ -558,14 +554,16 @@ def test_cpu_flash_decoder_computes_rope_tables_once():
 
 
 def test_layer_shared_arrays_materialise_per_shard_under_a_mesh():
+  from llvm_jax.models.config import RopeConfig
   from llvm_jax.models.rope import rope_cos_sin
 
+  rope = RopeConfig()
   positions = jnp.tile(jnp.arange(6, dtype=jnp.int32), (4, 1))
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(1, 2, 2), ("data", "fsdp", "tensor"))
-  want = rope_cos_sin(positions, TINY_ROPE, 8, 64)
+  want = rope_cos_sin(positions, rope, 8, 64)
   with jax.set_mesh(mesh):
     sharded = jax.device_put(positions, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")))
-    fn = jax.jit(lambda p: attention.layer_shared("cpu_flash", *rope_cos_sin(p, TINY_ROPE, 8, 64)))
+    fn = jax.jit(lambda p: attention.layer_shared("cpu_flash", *rope_cos_sin(p, rope, 8, 64)))
     hlo = fn.lower(sharded).compile().as_text()
     got = fn(sharded)
   assert "llvm_jax_cpu_materialize" in hlo and "all-gather" not in hlo

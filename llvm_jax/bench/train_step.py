@@ -103,8 +103,8 @@ def time_jax(config, steps: int, breakdown: bool = False, rival: Callable[[], An
       "compile_s": compile_s,
       "init_s": init_s,
       # The same batch every step: the loss must fall (a sanity check on the timed program).
-      "first_loss": float(losses[0]),
-      "last_loss": float(losses[-1]),
+      "first_loss": losses[0],
+      "last_loss": losses[-1],
   }
   if rival:
     result["rival_step_time_s"] = medians_ms["rival"] / 1e3
