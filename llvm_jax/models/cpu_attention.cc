@@ -1,8 +1,9 @@
 // FlashAttention for XLA:CPU, called through jax.ffi by llvm_jax/models/cpu_attention.py (attention_impl="cpu_flash").
 //
-// FlashAttention-2's recipe on a CPU: one task per (batch row, KV head) copies that head's K and V
-// into zero-padded buffers that stay in L1/L2 and walks its query rows four at a time (register
-// tiles of 4 rows x 2 vectors), so the (T, S) logits never exist beyond those rows; the backward pass recomputes the probabilities from the saved
+// FlashAttention-2's recipe on a CPU: one task per (batch row, KV head) copies that head's K and V, and
+// the rows of its query heads, into zero-padded buffers that stay in L1/L2 (one streaming pass each),
+// and walks the query rows four at a time (register tiles of 4 rows x 2 vectors), so the (T, S) logits
+// never exist beyond those rows; the backward pass recomputes the probabilities from the saved
 // log-sum-exp. The mask is the factored MaskInfo of llvm_jax/models/masks.py: query t sees key s iff
 //   q_seg[t] == kv_seg[s] != 0 and kv_slot[s] <= q_slot[t] [and q_pos[t] - kv_pos[s] < window].
 // A row with no visible key outputs 0, has log-sum-exp +inf and passes no gradient.
@@ -244,15 +245,61 @@ inline void block_weighted(const float* w, const float* mat, int64_t sp, int64_t
   }
 }
 
-// The block's query rows [t0, t0 + kRows) of head h, scaled, into q_rows (kRows, width); rows that see
-// no key (padding queries, rows past T) are zero and never read from q.
+// acc[s, :] += sum_r w[r * sp + s] * rows[r, :] for s in [lo, hi) (rows (kRows, width), acc (sp, width)):
+// each chunk of the rows stays in registers while the keys stream past.
 template <int W>
-inline void query_rows(const Dims& d, const float* qp, int64_t b, int64_t t0, int64_t h, float scale,
-                       const bool* visible, float* q_rows) {
-  for (int64_t r = 0; r < kRows; ++r) {
-    const int64_t row = (b * d.t + t0 + r) * d.h + h;
-    for (int64_t i = 0; i < d.dq; ++i) q_rows[r * W * kLanes + i] = visible[r] ? qp[row * d.dq + i] * scale : 0.0f;
+inline void block_accumulate(const float* w, const float* rows, int64_t sp, int64_t lo, int64_t hi, float* acc) {
+  constexpr int64_t width = W * kLanes;
+  constexpr int G = W < 2 ? W : 2;
+  for (int c0 = 0; c0 < W; c0 += G) {
+    f8 row[kRows][G];
+    for (int r = 0; r < kRows; ++r)
+      for (int g = 0; g < G; ++g) row[r][g] = load(rows + r * width + (c0 + g) * kLanes);
+    for (int64_t s = lo; s < hi; ++s) {
+      f8 a[G];
+      for (int g = 0; g < G; ++g) a[g] = load(acc + s * width + (c0 + g) * kLanes);
+      for (int r = 0; r < kRows; ++r) {
+        const float x = w[r * sp + s];
+        for (int g = 0; g < G; ++g) a[g] += x * row[r][g];
+      }
+      for (int g = 0; g < G; ++g) store(acc + s * width + (c0 + g) * kLanes, a[g]);
+    }
   }
+}
+
+// A task's rows of x (B, T, H, dim) for its query heads [kvh * G, (kvh + 1) * G), times `scale`, into
+// rows (G, tp, width), which the caller has zeroed.
+template <int W>
+void gather_rows(const Dims& d, const float* x, int64_t dim, int64_t b, int64_t kvh, float scale, float* rows) {
+  constexpr int64_t width = W * kLanes;
+  const int64_t groups = d.groups(), tp = round_up(d.t, kRows);
+  for (int64_t t = 0; t < d.t; ++t) {
+    const float* src = x + ((b * d.t + t) * d.h + kvh * groups) * dim;
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t i = 0; i < dim; ++i) rows[(g * tp + t) * width + i] = src[g * dim + i] * scale;
+  }
+}
+
+// The inverse of gather_rows (no scale): rows (G, tp, width) back into x (B, T, H, dim).
+template <int W>
+void scatter_rows(const Dims& d, const float* rows, int64_t dim, int64_t b, int64_t kvh, float* x) {
+  constexpr int64_t width = W * kLanes;
+  const int64_t groups = d.groups(), tp = round_up(d.t, kRows);
+  for (int64_t t = 0; t < d.t; ++t)
+    for (int64_t g = 0; g < groups; ++g)
+      std::memcpy(x + ((b * d.t + t) * d.h + kvh * groups + g) * dim, rows + (g * tp + t) * width, dim * sizeof(float));
+}
+
+// The block's kRows rows of a gathered head (rows (kRows, width)) with the rows that see no key (padding
+// queries, rows past T) zeroed: `rows` itself when every row sees a key, else a copy in `scratch`.
+template <int W>
+inline const float* visible_rows(const float* rows, const bool* visible, float* scratch) {
+  constexpr int64_t width = W * kLanes;
+  if (std::all_of(visible, visible + kRows, [](bool v) { return v; })) return rows;
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int c = 0; c < W; ++c)
+      store(scratch + r * width + c * kLanes, visible[r] ? load(rows + r * width + c * kLanes) : splat(0.0f));
+  return scratch;
 }
 
 template <int W>
@@ -260,17 +307,22 @@ void forward(ffi::ThreadPool& pool, const Dims d, const Mask m, const float* qp,
              float scale, float* op, float* lp) {
   parallel_for(pool, d.b * d.hkv, [=](int64_t task) {
     const int64_t b = task / d.hkv, kvh = task % d.hkv, sp = d.sp(), width = W * kLanes;
+    const int64_t groups = d.groups(), tp = round_up(d.t, kRows);
     thread_local Head<W> head;
-    thread_local std::vector<float> buf;
+    thread_local std::vector<float> buf, q_all, o_all;
     head.load(d, m, kp, vp, b, kvh, false);
+    q_all.assign(groups * tp * width, 0.0f);
+    o_all.assign(groups * tp * width, 0.0f);
+    gather_rows<W>(d, qp, d.dq, b, kvh, scale, q_all.data());
     buf.assign(kRows * (2 * sp + 2 * width), 0.0f);
-    float *p = buf.data(), *allowed = p + kRows * sp, *q_rows = allowed + kRows * sp, *o_rows = q_rows + kRows * width;
+    float *p = buf.data(), *allowed = p + kRows * sp;  // (kRows, sp) each
+    float *q_scratch = allowed + kRows * sp, *o_rows = q_scratch + kRows * width;
     bool visible[kRows];
     for (int64_t t0 = 0; t0 < d.t; t0 += kRows) {
       const auto [lo, hi] = head.mask_rows(d, m, b, t0, allowed, visible);
-      for (int64_t g = 0; g < d.groups(); ++g) {
-        const int64_t h = kvh * d.groups() + g;
-        query_rows<W>(d, qp, b, t0, h, scale, visible, q_rows);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t h = kvh * groups + g;
+        const float* q_rows = visible_rows<W>(q_all.data() + (g * tp + t0) * width, visible, q_scratch);
         block_times<W>(q_rows, head.k_t.data(), sp, lo, hi, p);
         float sums[kRows], maxes[kRows];
         for (int64_t r = 0; r < kRows; ++r) {
@@ -291,13 +343,15 @@ void forward(ffi::ThreadPool& pool, const Dims d, const Mask m, const float* qp,
         }
         block_weighted<W>(p, head.v_rows.data(), sp, lo, hi, o_rows);
         for (int64_t r = 0; r < kRows && t0 + r < d.t; ++r) {
-          const int64_t t = t0 + r, row = (b * d.t + t) * d.h + h;
-          const float inv = visible[r] ? 1.0f / sums[r] : 0.0f;
-          for (int64_t e = 0; e < d.dv; ++e) op[row * d.dv + e] = o_rows[r * width + e] * inv;
+          const int64_t t = t0 + r;
+          const f8 inv = splat(visible[r] ? 1.0f / sums[r] : 0.0f);
+          for (int c = 0; c < W; ++c)
+            store(o_all.data() + (g * tp + t) * width + c * kLanes, load(o_rows + r * width + c * kLanes) * inv);
           lp[(b * d.h + h) * d.t + t] = visible[r] ? maxes[r] + std::log(sums[r]) : kInf;
         }
       }
     }
+    scatter_rows<W>(d, o_all.data(), d.dv, b, kvh, op);
   });
 }
 
@@ -307,28 +361,38 @@ void backward(ffi::ThreadPool& pool, const Dims d, const Mask m, const float* qp
               float* dv_out) {
   parallel_for(pool, d.b * d.hkv, [=](int64_t task) {
     const int64_t b = task / d.hkv, kvh = task % d.hkv, sp = d.sp(), width = W * kLanes;
+    const int64_t groups = d.groups(), tp = round_up(d.t, kRows);
     thread_local Head<W> head;
-    thread_local std::vector<float> buf;
+    thread_local std::vector<float> buf, q_all, do_all, dq_all, delta_all;
     head.load(d, m, kp, vp, b, kvh, true);
-    buf.assign(2 * sp * width + kRows * (3 * sp + 3 * width), 0.0f);
+    for (auto* rows : {&q_all, &do_all, &dq_all}) rows->assign(groups * tp * width, 0.0f);
+    gather_rows<W>(d, qp, d.dq, b, kvh, scale, q_all.data());
+    gather_rows<W>(d, dop, d.dv, b, kvh, 1.0f, do_all.data());
+    // delta = rowsum(dO * O), gathered the same way.
+    delta_all.assign(groups * tp, 0.0f);
+    for (int64_t t = 0; t < d.t; ++t)
+      for (int64_t g = 0; g < groups; ++g) {
+        const float* o_row = op + ((b * d.t + t) * d.h + kvh * groups + g) * d.dv;
+        const float* do_row = do_all.data() + (g * tp + t) * width;
+        float delta = 0.0f;
+        for (int64_t e = 0; e < d.dv; ++e) delta += do_row[e] * o_row[e];
+        delta_all[g * tp + t] = delta;
+      }
+    buf.assign(2 * sp * width + kRows * (3 * sp + 2 * width), 0.0f);
     float *dk_acc = buf.data(), *dv_acc = dk_acc + sp * width;
     float *p = dv_acc + sp * width, *ds = p + kRows * sp, *allowed = ds + kRows * sp;  // (kRows, sp) each
-    float *q_rows = allowed + kRows * sp, *do_rows = q_rows + kRows * width, *dq_rows = do_rows + kRows * width;
+    float *q_scratch = allowed + kRows * sp, *do_scratch = q_scratch + kRows * width;
     bool visible[kRows];
     for (int64_t t0 = 0; t0 < d.t; t0 += kRows) {
       const auto [lo, hi] = head.mask_rows(d, m, b, t0, allowed, visible);
-      for (int64_t g = 0; g < d.groups(); ++g) {
-        const int64_t h = kvh * d.groups() + g;
-        query_rows<W>(d, qp, b, t0, h, scale, visible, q_rows);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t h = kvh * groups + g;
+        const float* q_rows = visible_rows<W>(q_all.data() + (g * tp + t0) * width, visible, q_scratch);
+        const float* do_rows = visible_rows<W>(do_all.data() + (g * tp + t0) * width, visible, do_scratch);
         float deltas[kRows], lses[kRows];
         for (int64_t r = 0; r < kRows; ++r) {
-          const int64_t row = (b * d.t + t0 + r) * d.h + h;
-          deltas[r] = 0.0f;
+          deltas[r] = visible[r] ? delta_all[g * tp + t0 + r] : 0.0f;
           lses[r] = visible[r] ? lp[(b * d.h + h) * d.t + t0 + r] : 0.0f;
-          for (int64_t e = 0; e < d.dv; ++e) {
-            do_rows[r * width + e] = visible[r] ? dop[row * d.dv + e] : 0.0f;
-            deltas[r] += visible[r] ? do_rows[r * width + e] * op[row * d.dv + e] : 0.0f;
-          }
         }
         block_times<W>(q_rows, head.k_t.data(), sp, lo, hi, p);
         block_times<W>(do_rows, head.v_t.data(), sp, lo, hi, ds);  // dP = dO V^T
@@ -340,32 +404,14 @@ void backward(ffi::ThreadPool& pool, const Dims d, const Mask m, const float* qp
             store(ds_r + s, pv * (load(ds_r + s) - deltas[r]));
           }
         }
-        block_weighted<W>(ds, head.k_rows.data(), sp, lo, hi, dq_rows);
-        for (int64_t r = 0; r < kRows && t0 + r < d.t; ++r) {
-          const int64_t row = (b * d.t + t0 + r) * d.h + h;
-          for (int64_t i = 0; i < d.dq; ++i) dq_out[row * d.dq + i] = dq_rows[r * width + i] * scale;
-        }
+        block_weighted<W>(ds, head.k_rows.data(), sp, lo, hi, dq_all.data() + (g * tp + t0) * width);
         // dK[s] += sum_r dS[r, s] q_r and dV[s] += sum_r P[r, s] dO_r (q_r already carries the scale).
-        for (int64_t s = lo; s < hi; ++s) {
-          f8 k_acc[W], v_acc[W];
-          for (int c = 0; c < W; ++c) {
-            k_acc[c] = load(dk_acc + s * width + c * kLanes);
-            v_acc[c] = load(dv_acc + s * width + c * kLanes);
-          }
-          for (int64_t r = 0; r < kRows; ++r) {
-            const float ds_rs = ds[r * sp + s], p_rs = p[r * sp + s];
-            for (int c = 0; c < W; ++c) {
-              k_acc[c] += ds_rs * load(q_rows + r * width + c * kLanes);
-              v_acc[c] += p_rs * load(do_rows + r * width + c * kLanes);
-            }
-          }
-          for (int c = 0; c < W; ++c) {
-            store(dk_acc + s * width + c * kLanes, k_acc[c]);
-            store(dv_acc + s * width + c * kLanes, v_acc[c]);
-          }
-        }
+        block_accumulate<W>(ds, q_rows, sp, lo, hi, dk_acc);
+        block_accumulate<W>(p, do_rows, sp, lo, hi, dv_acc);
       }
     }
+    for (float& x : dq_all) x *= scale;
+    scatter_rows<W>(d, dq_all.data(), d.dq, b, kvh, dq_out);
     for (int64_t s = 0; s < d.s; ++s) {
       std::memcpy(dk_out + ((b * d.s + s) * d.hkv + kvh) * d.dq, dk_acc + s * width, d.dq * sizeof(float));
       std::memcpy(dv_out + ((b * d.s + s) * d.hkv + kvh) * d.dv, dv_acc + s * width, d.dv * sizeof(float));
