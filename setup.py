@@ -48,8 +48,8 @@ setup(
     version=VERSION,
     description=__doc__,
     packages=find_packages(include=["llvm_jax", "llvm_jax.*"]),
-    # The C++ source of attention_impl='cpu_flash', compiled on first use (llvm_jax/models/cpu_attention.py).
-    package_data={"llvm_jax.models": ["cpu_attention.cc"]},
+    # The C++ source of attention_impl='cpu_flash', compiled on first use (llvm_jax/models/cpu_kernels.py).
+    package_data={"llvm_jax.models": ["cpu_kernels.cc"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

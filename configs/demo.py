@@ -16,13 +16,20 @@ Arg: task=train|eval|demo (eval: the workdir's checkpoint with config.evals; dem
      technique=baseline|trol|phantom|deepstack|pmod|all_four (or names joined by '+', e.g. trol+pmod;
      each with its paper's settings, fitted to the model's depth; data.deepstack_grid follows the model),
      attention=cpu_flash|xla|blocked|cudnn|splash (decoder and ViT; cpu_flash, the default, is the fused
-     C++ kernel for XLA:CPU, built on first use: on a GPU or TPU pass another, e.g. attention=xla).
+     C++ kernel for XLA:CPU, built on first use: on a GPU or TPU pass another, e.g. attention=xla),
+     dense=auto|cpu|xla (weight gradients of the dense layers; cpu: the C++ kernel for XLA:CPU; auto, the
+     default: cpu with attention=cpu_flash, else xla).
 Every technique block is also in the config, off: e.g. --config.model.decoder.trol.enabled=True
 --config.model.decoder.trol.layers='(0,1)', --config.model.deepstack.enabled=True.
 """
 
 from llvm_jax import config_utils
 from llvm_jax.data.tokenizer import tiny_vocabulary
+
+
+def _dense_for(attention: str) -> str:
+  """The C++ kernels go together: on XLA:CPU (cpu_flash) the weight gradients too, elsewhere XLA's."""
+  return "cpu" if attention == "cpu_flash" else "xla"
 
 
 def get_config(arg=None):
@@ -44,6 +51,7 @@ def get_config(arg=None):
       dataset="synthetic_vqa/large",
       seq=96,
       attention="cpu_flash",
+      dense="auto",
   )
   vocab = tiny_vocabulary()
   model = config_utils.tiny_llvm(
@@ -60,6 +68,7 @@ def get_config(arg=None):
   )
   model = config_utils.with_techniques(model, args.technique)
   model = config_utils.with_attention(model, args.attention)
+  model = config_utils.with_dense(model, args.dense if args.dense != "auto" else _dense_for(args.attention))
   config = config_utils.experiment(model, task=args.task, lock=False)
   config.data.update(
       name=args.dataset,

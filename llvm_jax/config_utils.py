@@ -181,6 +181,17 @@ def with_attention(cfg: LLVMConfig, impl: str, block_size: int | None = None) ->
   )
 
 
+def with_dense(cfg: LLVMConfig, impl: str) -> LLVMConfig:
+  """`cfg` with dense-layer implementation `impl` (config.DENSE_IMPLEMENTATIONS: 'xla' | 'cpu') in the
+  decoder, the ViT and the projector."""
+  return dataclasses.replace(
+      cfg,
+      decoder=dataclasses.replace(cfg.decoder, dense_impl=impl),
+      vision=cfg.vision and dataclasses.replace(cfg.vision, dense_impl=impl),
+      projector=dataclasses.replace(cfg.projector, dense_impl=impl),
+  )
+
+
 def tiny_llvm(
     vocab_size: int = 128,
     image_token_id: int = 4,

@@ -318,18 +318,18 @@ def test_cpu_flash_runs_per_shard_under_a_mesh():
 
 
 def test_cpu_flash_build_errors_name_the_cause(tmp_path, monkeypatch):
-  from llvm_jax.models import cpu_attention
+  from llvm_jax.models import cpu_kernels
 
   monkeypatch.setenv("LLVM_JAX_CACHE", str(tmp_path))
   monkeypatch.setenv("CXX", "no-such-compiler")
   with pytest.raises(RuntimeError, match="'no-such-compiler' is not on PATH"):
-    cpu_attention.build()
+    cpu_kernels.build()
   monkeypatch.delenv("CXX")
-  broken = tmp_path / "cpu_attention.cc"
+  broken = tmp_path / "cpu_kernels.cc"
   broken.write_text("this is not C++\n")
-  monkeypatch.setattr(cpu_attention, "SOURCE", broken)
-  with pytest.raises(RuntimeError, match="building cpu_attention.cc failed"):
-    cpu_attention.build()
+  monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
+  with pytest.raises(RuntimeError, match="building cpu_kernels.cc failed"):
+    cpu_kernels.build()
   assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob("*.tmp"))  # nothing half-built is kept
 
 

@@ -113,6 +113,7 @@ def test_matmul_bench_times_each_dense_layers_three_matmuls_on_both_sides():
   assert layers["lm_head"] == (64, decoder.vocab_size, 1)
   rng = np.random.RandomState(0)
   x, w, dy = rng.randn(12, 5), rng.randn(5, 3), rng.randn(12, 3)
+  x32, dy32 = x.astype(np.float32), dy.astype(np.float32)
   expected = {"x W": x @ w, "dy W^T": dy @ w.T, "x^T dy": x.T @ dy}
   for which in matmul_bench.PASSES:
     a, b = matmul_bench.operands(*matmul_bench.matmul_dims(12, 5, 3, which), which, rng)
@@ -121,3 +122,6 @@ def test_matmul_bench_times_each_dense_layers_three_matmuls_on_both_sides():
     a, b = a.astype(np.float32), b.astype(np.float32)
     np.testing.assert_allclose(matmul_bench.jax_thunk(which, a, b)(), expected[which], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(matmul_bench.torch_thunk(which, a, b)().numpy(), expected[which], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      matmul_bench.jax_thunk("x^T dy", x32, dy32, "cpu")(), expected["x^T dy"], rtol=1e-5, atol=1e-5
+  )

@@ -9,7 +9,7 @@ jax variants interleaved (`common.time_interleaved`), then PyTorch alone (its Op
 each op and would slow what runs between); the last column multiplies by the decoder's depth.
 PyTorch's CPU SDPA is a fused flash kernel; XLA:CPU runs the einsum path as separate matmul, mask,
 softmax and transpose kernels over the (B, H, T, S) logits; 'cpu_flash' is llvm_jax's own fused C++
-kernel (models/cpu_attention.cc).
+kernel (models/cpu_kernels.cc).
 """
 
 from __future__ import annotations

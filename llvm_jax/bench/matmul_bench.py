@@ -7,7 +7,8 @@ Each projection of a decoder layer (q, k, v, o, gate, up, down) and the LM head,
 batch x seq_len tokens, as the three matmuls of its forward and backward pass: y = x W, the input's
 gradient dy W^T and the weight's gradient x^T dy. Each matmul is called `--steps` times in a row (its
 operands stay in cache, as in a step that has just made them) and timed by its median wall time per
-call: the jax side jitted, then PyTorch eager (its OpenMP threads spin after each op and would slow
+call: the jax side jitted, as the train step runs it (under the config's dense_impl 'cpu', the weight
+gradient by the C++ kernel of models/cpu_kernels.cc), then PyTorch eager (its OpenMP threads spin after each op and would slow
 what runs between). A jitted call also pays one dispatch, which a step pays once for all its ops: the
 'dispatch floor' (a jitted no-op) is printed, and taken off the jax side's per-step total, which
 multiplies each matmul by its count in a train step.
@@ -30,6 +31,7 @@ from ml_collections import config_flags
 
 from llvm_jax import config_utils, host
 from llvm_jax.bench.common import time_interleaved
+from llvm_jax.models import cpu_kernels
 from llvm_jax.models.config import DecoderConfig
 
 # A dense layer's matmuls: forward, input gradient, weight gradient.
@@ -70,9 +72,14 @@ def product(which: str, a, b):
   return a @ b.T if which == "dy W^T" else a.T @ b
 
 
-def jax_thunk(which: str, a: np.ndarray, b: np.ndarray) -> Callable[[], Any]:
+def jax_thunk(which: str, a: np.ndarray, b: np.ndarray, dense_impl: str = "xla") -> Callable[[], Any]:
+  """The pass as the train step runs it: with dense_impl 'cpu', the weight gradient by the C++ kernel."""
   a, b = jnp.asarray(a), jnp.asarray(b)
-  compiled = jax.jit(lambda a, b: product(which, a, b)).lower(a, b).compile()
+  if which == "x^T dy" and dense_impl == "cpu":
+    fn = cpu_kernels.dense_weight_gradient  # a is x (tokens, fan in), b is dy (tokens, fan out)
+  else:
+    fn = lambda a, b: product(which, a, b)
+  compiled = jax.jit(fn).lower(a, b).compile()
   return lambda: jax.block_until_ready(compiled(a, b))
 
 
@@ -108,10 +115,13 @@ def main(argv) -> None:
       for which in PASSES
   }
   inputs = {key: operands(*mkn, key[1], rng) for key, (_, mkn) in cases.items()}
-  jax_times = time_each({key: jax_thunk(key[1], *ab) for key, ab in inputs.items()}, steps)
+  jax_times = time_each({key: jax_thunk(key[1], *ab, decoder.dense_impl) for key, ab in inputs.items()}, steps)
   floor = time_each({"noop": dispatch_floor()}, steps)["noop"]
   torch_times = time_each({key: torch_thunk(key[1], *ab) for key, ab in inputs.items()}, steps)
-  print(f"decoder matmuls over {tokens} tokens, float32, on {jax.devices()[0].device_kind} (ms per call):")
+  print(
+      f"decoder matmuls over {tokens} tokens, float32, on {jax.devices()[0].device_kind}, dense_impl "
+      f"{decoder.dense_impl!r} (ms per call):"
+  )
   print(
       f"  {'projection':10s} {'M x K x N':>16s} {'pass':8s} {'per step':>8s} {'jax':>8s} {'torch':>8s} {'torch/jax':>9s}"
   )

@@ -13,7 +13,7 @@ h // (H // Hkv). `mask` is a factored `MaskInfo` (None: full bidirectional atten
                backend, memory O(T + S) per head instead of O(T * S), any mask (caches, p-MoD keys).
     'cudnn'    `jax.nn.dot_product_attention(implementation='cudnn')`: NVIDIA GPU, bf16/fp16 only.
     'splash'   Pallas splash attention: TPU only, self-attention without a KV cache (training/prefill).
-    'cpu_flash' FlashAttention in C++ for XLA:CPU (`cpu_attention`, jax.ffi; built on first use): CPU
+    'cpu_flash' FlashAttention in C++ for XLA:CPU (`cpu_kernels`, jax.ffi; built on first use): CPU
                only, any mask, float32 inside.
 
 Rows with no valid key (padding queries, or queries before every kept key) are finite everywhere:
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llvm_jax.models import cpu_attention
+from llvm_jax.models import cpu_kernels
 from llvm_jax.models import masks as masks_lib
 from llvm_jax.models.config import ATTENTION_IMPLEMENTATIONS
 
@@ -97,16 +97,16 @@ def dot_product_attention(
 
 def layer_shared(impl: str, *arrays: Array) -> tuple[Array, ...]:
   """Arrays that every layer's attention reads (RoPE's cos and sin, batch first) as `impl` wants them:
-  'cpu_flash' materialises them once (`cpu_attention.materialized`, per shard of the current mesh);
+  'cpu_flash' materialises them once (`cpu_kernels.materialized`, per shard of the current mesh);
   the others take them as they are."""
   if impl != "cpu_flash":
     return arrays
   partition = _kernel_partition(arrays[0].shape[0], 1, 1)  # one "head": the batch over every axis it divides
   if partition is None:
-    return tuple(cpu_attention.materialized(a) for a in arrays)
+    return tuple(cpu_kernels.materialized(a) for a in arrays)
   spec = jax.sharding.PartitionSpec(partition[0])
   return jax.shard_map(
-      lambda *xs: tuple(cpu_attention.materialized(x) for x in xs),
+      lambda *xs: tuple(cpu_kernels.materialized(x) for x in xs),
       mesh=jax.sharding.get_abstract_mesh(),
       in_specs=(spec,) * len(arrays),
       out_specs=(spec,) * len(arrays),
@@ -575,16 +575,16 @@ def _in_shard_map(fn: Callable[..., Array], args: tuple[Array, ...], segs: tuple
 
 
 def cpu_flash_attention(q: Array, k: Array, v: Array, mask: MaskInfo | None, scale: float) -> Array:
-  """`cpu_attention.flash_attention`, per shard of the current mesh when there is one (shapes checked by
+  """`cpu_kernels.flash_attention`, per shard of the current mesh when there is one (shapes checked by
   `dot_product_attention`, its only caller)."""
   b, _, h, _ = q.shape
   partition = _kernel_partition(b, h, k.shape[2])
   if partition is None:
-    return cpu_attention.flash_attention(q, k, v, mask, scale)
+    return cpu_kernels.flash_attention(q, k, v, mask, scale)
   batch_spec, head_axes = partition
   qkv_spec = jax.sharding.PartitionSpec(batch_spec, None, head_axes or None)
   mask_spec = jax.sharding.PartitionSpec(batch_spec)
-  local = lambda q, k, v, mask: cpu_attention.flash_attention(q, k, v, mask, scale)
+  local = lambda q, k, v, mask: cpu_kernels.flash_attention(q, k, v, mask, scale)
   return jax.shard_map(
       local,
       mesh=jax.sharding.get_abstract_mesh(),

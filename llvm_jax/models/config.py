@@ -20,6 +20,14 @@ T = TypeVar("T")
 # The implementations of models/attention.py, which takes them from here (the config imports nothing of the
 # model).
 ATTENTION_IMPLEMENTATIONS = ("xla", "blocked", "cudnn", "splash", "cpu_flash")
+# How a dense layer computes its weight gradient (models/layers.py): 'xla' | 'cpu' (cpu_kernels.dense_matmul).
+DENSE_IMPLEMENTATIONS = ("xla", "cpu")
+
+
+def _check_dense_impl(owner: str, impl: str) -> None:
+  if impl not in DENSE_IMPLEMENTATIONS:
+    raise ValueError(f"{owner}.dense_impl must be one of {DENSE_IMPLEMENTATIONS}, got {impl!r}")
+
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -234,6 +242,9 @@ class DecoderConfig:
   # Query and key tile of 'blocked' and 'splash' (capped at the sequence): smaller tiles hold less
   # memory at once, larger ones run faster on accelerators.
   attention_block_size: int = 512
+  # Weight gradients of the dense layers: 'xla' | 'cpu' (a C++ kernel for XLA:CPU, built on first use, that
+  # splits the tokens between the threads where XLA:CPU uses one).
+  dense_impl: str = "xla"
   # TroL traversal of layers; None (or a block with enabled=False, normalised to None) = off.
   trol: TrolConfig | None = None
   # Phantom dimension in every attention layer; None (or enabled=False) = off.
@@ -253,6 +264,7 @@ class DecoderConfig:
       raise ValueError(
           f"decoder.attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention_impl!r}"
       )
+    _check_dense_impl("decoder", self.dense_impl)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"decoder.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.trol is not None and self.trol.layers is not None:
@@ -318,6 +330,8 @@ class VisionConfig:
   # padding keys masked. The tile of 'blocked' and 'splash': 128 pads 1025 tokens to 1152.
   attention_impl: str = "xla"
   attention_block_size: int = 128
+  # As the decoder's.
+  dense_impl: str = "xla"
 
   def __post_init__(self):
     if self.kind not in ("clip", "siglip", "internvit"):
@@ -339,6 +353,7 @@ class VisionConfig:
       raise ValueError(f"vision.norm_type must be layer_norm or rms_norm, got {self.norm_type!r}")
     if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"vision.attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention_impl!r}")
+    _check_dense_impl("vision", self.dense_impl)
     if self.attention_block_size < 1:
       raise ValueError(f"vision.attention_block_size must be positive, got {self.attention_block_size}")
     if self.kind != "internvit":
@@ -409,8 +424,11 @@ class ProjectorConfig:
   bias: bool = True
   dtype: str = "float32"
   param_dtype: str = "float32"
+  # As the decoder's.
+  dense_impl: str = "xla"
 
   def __post_init__(self):
+    _check_dense_impl("projector", self.dense_impl)
     if self.kind not in ("mlp2x_gelu", "linear", "pixel_shuffle_mlp"):
       raise ValueError(f"projector.kind unknown: {self.kind!r}")
     if self.kind == "pixel_shuffle_mlp":

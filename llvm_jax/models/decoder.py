@@ -53,6 +53,7 @@ class Attention(nn.Module):
           use_bias=cfg.qkv_bias,
           dtype=dtype,
           param_dtype=pdtype,
+          impl=cfg.dense_impl,
           name=name,
       )(x)
 
@@ -84,7 +85,13 @@ class Attention(nn.Module):
       )
     out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", None))
     out = layers.DenseGeneral(
-        (cfg.embed_dim,), ("heads", "head_dim"), ("embed",), dtype=dtype, param_dtype=pdtype, name="o"
+        (cfg.embed_dim,),
+        ("heads", "head_dim"),
+        ("embed",),
+        dtype=dtype,
+        param_dtype=pdtype,
+        impl=cfg.dense_impl,
+        name="o",
     )(out)
     return out, new_cache
 
@@ -98,7 +105,9 @@ class MLP(nn.Module):
     dtype, pdtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
 
     def dense(out: int, names: tuple[str, str], name: str, y: Array) -> Array:
-      return layers.DenseGeneral((out,), names[:1], names[1:], dtype=dtype, param_dtype=pdtype, name=name)(y)
+      return layers.DenseGeneral(
+          (out,), names[:1], names[1:], dtype=dtype, param_dtype=pdtype, impl=cfg.dense_impl, name=name
+      )(y)
 
     gate = dense(cfg.mlp_dim, ("embed", "mlp"), "gate", x)
     up = dense(cfg.mlp_dim, ("embed", "mlp"), "up", x)
@@ -218,7 +227,7 @@ class Decoder(nn.Module):
     self.final_norm = layers.RMSNorm(cfg.norm_eps, dtype=self.dtype, param_dtype=pdtype)
     if not cfg.tie_embeddings:
       self.lm_head = layers.DenseGeneral(
-          (cfg.vocab_size,), ("embed",), ("vocab",), dtype=self.dtype, param_dtype=pdtype
+          (cfg.vocab_size,), ("embed",), ("vocab",), dtype=self.dtype, param_dtype=pdtype, impl=cfg.dense_impl
       )
 
   def embed(self, tokens: Array) -> Array:

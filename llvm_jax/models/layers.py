@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llvm_jax.models import cpu_kernels
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -31,7 +33,8 @@ class DenseGeneral(nn.Module):
   """`x @ kernel (+ bias)` contracting the last `len(in_shape)` axes, with logical axis names.
 
   `in_names`/`out_names` name the contracted and produced axes; the kernel has shape
-  in_shape + out_shape and names in_names + out_names.
+  in_shape + out_shape and names in_names + out_names. `impl` (config.DENSE_IMPLEMENTATIONS): 'cpu' takes
+  the weight gradient from the C++ kernel of `cpu_kernels.dense_matmul`.
   """
 
   out_shape: tuple[int, ...]
@@ -41,6 +44,7 @@ class DenseGeneral(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   kernel_init: Initializer = default_kernel_init
+  impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -57,7 +61,8 @@ class DenseGeneral(nn.Module):
     # One 2-D matmul over flattened axes (free reshapes of row-major arrays): its gradients are plain
     # matmuls too, where a multi-axis dot_general makes XLA's CPU backend transpose operands.
     fan_in, fan_out = math.prod(in_shape), math.prod(self.out_shape)
-    y = jnp.dot(x.reshape(-1, fan_in), kernel.reshape(fan_in, fan_out))
+    matmul = cpu_kernels.dense_matmul if self.impl == "cpu" else jnp.dot
+    y = matmul(x.reshape(-1, fan_in), kernel.reshape(fan_in, fan_out))
     y = y.reshape(x.shape[: x.ndim - n_in] + self.out_shape)
     if self.use_bias:
       bias = self.param("bias", logical_init(nn.initializers.zeros, self.out_names), self.out_shape, self.param_dtype)

@@ -66,6 +66,7 @@ class Projector(nn.Module):
           use_bias=cfg.bias,
           dtype=dtype,
           param_dtype=pdtype,
+          impl=cfg.dense_impl,
           name="linear_1",
       )(x)
     if cfg.act not in layers.ACTIVATIONS:
@@ -77,11 +78,19 @@ class Projector(nn.Module):
         use_bias=cfg.bias,
         dtype=dtype,
         param_dtype=pdtype,
+        impl=cfg.dense_impl,
         name="linear_1",
     )(x)
     y = layers.ACTIVATIONS[cfg.act](y)
     y = nn.with_logical_constraint(y, ("act_batch", "act_len", "act_mlp"))
     y = layers.DenseGeneral(
-        (self.out_dim,), ("mlp",), ("embed",), use_bias=cfg.bias, dtype=dtype, param_dtype=pdtype, name="linear_2"
+        (self.out_dim,),
+        ("mlp",),
+        ("embed",),
+        use_bias=cfg.bias,
+        dtype=dtype,
+        param_dtype=pdtype,
+        impl=cfg.dense_impl,
+        name="linear_2",
     )(y)
     return nn.with_logical_constraint(y, ("act_batch", "act_len", "act_embed"))

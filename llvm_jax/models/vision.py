@@ -64,6 +64,7 @@ class VisionAttention(nn.Module):
           use_bias=cfg.qkv_bias,
           dtype=dtype,
           param_dtype=pdtype,
+          impl=cfg.dense_impl,
           name=name,
       )(x)
 
@@ -86,6 +87,7 @@ class VisionAttention(nn.Module):
         use_bias=True,
         dtype=dtype,
         param_dtype=pdtype,
+        impl=cfg.dense_impl,
         name="o",
     )(out)
 
@@ -100,12 +102,26 @@ class VisionMLP(nn.Module):
     if cfg.activation not in layers.ACTIVATIONS:
       raise ValueError(f"vision.act {cfg.activation!r} unknown; expected one of {sorted(layers.ACTIVATIONS)}")
     y = layers.DenseGeneral(
-        (cfg.mlp_dim,), ("vision_embed",), ("vision_mlp",), use_bias=True, dtype=dtype, param_dtype=pdtype, name="fc1"
+        (cfg.mlp_dim,),
+        ("vision_embed",),
+        ("vision_mlp",),
+        use_bias=True,
+        dtype=dtype,
+        param_dtype=pdtype,
+        impl=cfg.dense_impl,
+        name="fc1",
     )(x)
     y = layers.ACTIVATIONS[cfg.activation](y)
     y = nn.with_logical_constraint(y, ("act_batch", "act_len", "act_mlp"))
     return layers.DenseGeneral(
-        (cfg.width,), ("vision_mlp",), ("vision_embed",), use_bias=True, dtype=dtype, param_dtype=pdtype, name="fc2"
+        (cfg.width,),
+        ("vision_mlp",),
+        ("vision_embed",),
+        use_bias=True,
+        dtype=dtype,
+        param_dtype=pdtype,
+        impl=cfg.dense_impl,
+        name="fc2",
     )(y)
 
 
@@ -147,6 +163,7 @@ class VisionTower(nn.Module):
         use_bias=cfg.kind != "clip",
         dtype=self.dtype,
         param_dtype=pdtype,
+        impl=cfg.dense_impl,
     )
     embed_init = nn.initializers.normal(stddev=0.02)
     if cfg.has_cls:

@@ -1,4 +1,5 @@
-// FlashAttention for XLA:CPU, called through jax.ffi by llvm_jax/models/cpu_attention.py (attention_impl="cpu_flash").
+// C++ kernels for XLA:CPU, called through jax.ffi by llvm_jax/models/cpu_kernels.py: FlashAttention
+// (attention_impl="cpu_flash"), the weight gradient of dense layers (dense_impl="cpu") and a copy.
 //
 // FlashAttention-2's recipe on a CPU: one task per (batch row, KV head) copies that head's K and V, and
 // the rows of its query heads, into zero-padded buffers that stay in L1/L2 (one streaming pass each),
@@ -475,6 +476,88 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   });
 }
 
+// dW = x^T dy, the weight gradient of a dense layer y = x W: x (M, K), dy (M, N), dW (K, N). XLA:CPU runs
+// this transposed-operand product single-threaded, at a third of the machine's FLOP/s for the short K and N
+// of small models. Here the M rows are split between the threads, each accumulates a partial dW in
+// register tiles of 6 (or 4, 2) rows of K by 2 vectors of N, sweeping its rows in cache-sized chunks, and
+// the partials are summed at the end.
+constexpr int64_t kGradTileN = 2 * kLanes;  // columns of dW per register tile
+constexpr int64_t kGradChunk = 64;          // rows of x and dy per sweep (they stay in L1/L2)
+
+// acc[k0 : k0 + TK, :np] += xs[:, k0 : k0 + TK]^T ys[:, :np] over `rows` rows.
+template <int TK>
+inline void grad_tile_rows(const float* xs, int64_t ldx, const float* ys, int64_t ldy, int64_t rows, int64_t k0,
+                           int64_t np, float* acc) {
+  for (int64_t n0 = 0; n0 < np; n0 += kGradTileN) {
+    f8 a[TK][2];
+    for (int i = 0; i < TK; ++i) {
+      a[i][0] = load(acc + (k0 + i) * np + n0);
+      a[i][1] = load(acc + (k0 + i) * np + n0 + kLanes);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const f8 y0 = load(ys + r * ldy + n0), y1 = load(ys + r * ldy + n0 + kLanes);
+      for (int i = 0; i < TK; ++i) {
+        const float xv = xs[r * ldx + k0 + i];
+        a[i][0] += xv * y0;
+        a[i][1] += xv * y1;
+      }
+    }
+    for (int i = 0; i < TK; ++i) {
+      store(acc + (k0 + i) * np + n0, a[i][0]);
+      store(acc + (k0 + i) * np + n0 + kLanes, a[i][1]);
+    }
+  }
+}
+
+// acc (kp, np) += xs (rows, ldx)^T ys (rows, ldy), kp even and np a multiple of kGradTileN.
+void grad_accumulate(const float* xs, int64_t ldx, const float* ys, int64_t ldy, int64_t rows, int64_t kp,
+                     int64_t np, float* acc) {
+  int64_t k0 = 0;
+  for (; k0 + 6 <= kp; k0 += 6) grad_tile_rows<6>(xs, ldx, ys, ldy, rows, k0, np, acc);
+  if (kp - k0 == 4) grad_tile_rows<4>(xs, ldx, ys, ldy, rows, k0, np, acc);
+  if (kp - k0 == 2) grad_tile_rows<2>(xs, ldx, ys, ldy, rows, k0, np, acc);
+}
+
+ffi::Error DenseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                           ffi::ResultBuffer<ffi::F32> dw) {
+  if (x.dimensions().size() != 2 || dy.dimensions().size() != 2 || x.dimensions()[0] != dy.dimensions()[0])
+    return ffi::Error::InvalidArgument("dense weight gradient: x (M, K) and dy (M, N) must share M");
+  const int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = dy.dimensions()[1];
+  // Whole tiles: K padded to even, N to kGradTileN; a chunk of x or dy whose rows are not whole tiles is
+  // copied into a zero-padded buffer first.
+  const int64_t kp = round_up(k, 2), np = round_up(n, kGradTileN);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), m / kGradChunk));
+  std::vector<float> partial(parts * kp * np, 0.0f);
+  parallel_for(pool, parts, [&](int64_t part) {
+    const int64_t m0 = m * part / parts, m1 = m * (part + 1) / parts;
+    float* acc = partial.data() + part * kp * np;
+    thread_local std::vector<float> x_chunk, y_chunk;
+    // (rows, width) of `src` from row c on, padded to `padded` columns where width is not.
+    auto rows_of = [](const float* src, int64_t width, int64_t padded, int64_t c, int64_t rows,
+                      std::vector<float>& chunk) -> const float* {
+      if (padded == width) return src + c * width;
+      chunk.assign(rows * padded, 0.0f);
+      for (int64_t r = 0; r < rows; ++r)
+        std::memcpy(chunk.data() + r * padded, src + (c + r) * width, width * sizeof(float));
+      return chunk.data();
+    };
+    for (int64_t c = m0; c < m1; c += kGradChunk) {
+      const int64_t rows = std::min(kGradChunk, m1 - c);
+      const float* xs = rows_of(x.typed_data(), k, kp, c, rows, x_chunk);
+      const float* ys = rows_of(dy.typed_data(), n, np, c, rows, y_chunk);
+      grad_accumulate(xs, kp, ys, np, rows, kp, np, acc);
+    }
+  });
+  float* out = dw->typed_data();
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      float sum = 0.0f;
+      for (int64_t part = 0; part < parts; ++part) sum += partial[(part * kp + i) * np + j];
+      out[i * n + j] = sum;
+    }
+  return ffi::Error::Success();
+}
+
 // A copy of x into a buffer of its own: XLA:CPU reads an FFI call's result where it would otherwise fuse
 // an elementwise producer (RoPE's cos and sin) into each of its consumers and recompute it there.
 ffi::Error Materialize(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out) {
@@ -486,6 +569,13 @@ ffi::Error Materialize(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LlvmJaxCpuMaterialize, Materialize,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlvmJaxCpuDenseWeightGrad, DenseWeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x (M, K)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dy (M, N)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dW (K, N)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LlvmJaxCpuAttentionForward, Forward,
                               ffi::Ffi::Bind()

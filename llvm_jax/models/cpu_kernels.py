@@ -1,11 +1,16 @@
-"""Attention implementation 'cpu_flash': FlashAttention in C++ for XLA:CPU (`cpu_attention.cc`), via jax.ffi.
+"""C++ kernels for XLA:CPU (`cpu_kernels.cc`), via jax.ffi: attention implementation 'cpu_flash', the
+weight gradient of dense layers (dense_impl 'cpu'), and a copy that XLA cannot fuse away.
 
 XLA:CPU has no fused attention: the einsum path materialises the (B, H, T, S) logits, probabilities
-and their gradients, and spends about half of the demo's train step there. This kernel keeps one
+and their gradients, and spends about half of the demo's train step there. The FlashAttention kernel keeps one
 (batch row, KV head) in cache per task, walks its queries with the factored `MaskInfo` (segments,
 slots, sliding window: every mask the model builds), skips key blocks no query of a row can see,
 and recomputes the probabilities in the backward pass from the saved log-sum-exp. Its tasks run on
 XLA's intra-op thread pool.
+
+A dense layer's weight gradient x^T dy contracts over the tokens; XLA:CPU runs that product on one thread,
+and it took a sixth of the demo's train step. `dense_matmul` computes it with a kernel that splits the
+tokens between the threads.
 
 The library is compiled from the shipped source with the system C++ compiler (`$CXX`, else `c++`)
 on first use, for the build machine's SIMD unit (-march=native), and cached under
@@ -32,11 +37,12 @@ from llvm_jax.models import masks as masks_lib
 
 Array = jax.Array
 
-SOURCE = Path(__file__).with_name("cpu_attention.cc")
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-w")
 FORWARD_TARGET, BACKWARD_TARGET = "llvm_jax_cpu_flash_forward", "llvm_jax_cpu_flash_backward"
 MATERIALIZE_TARGET = "llvm_jax_cpu_materialize"
-MAX_HEAD_DIM = 256  # the widest feature vector the kernel is instantiated for (cpu_attention.cc)
+DENSE_WEIGHT_GRAD_TARGET = "llvm_jax_cpu_dense_weight_grad"
+MAX_HEAD_DIM = 256  # the widest feature vector the kernel is instantiated for (cpu_kernels.cc)
 
 
 def cache_dir() -> Path:
@@ -69,7 +75,7 @@ def build() -> Path:
           for x in (SOURCE.read_bytes(), " ".join(CXX_FLAGS), version, jax.__version__, _cpu_signature())
       )
   ).hexdigest()[:16]
-  library = cache_dir() / f"cpu_attention-{key}.so"
+  library = cache_dir() / f"cpu_kernels-{key}.so"
   if library.exists():
     return library
   library.parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +99,7 @@ def register() -> None:
       (FORWARD_TARGET, "LlvmJaxCpuAttentionForward"),
       (BACKWARD_TARGET, "LlvmJaxCpuAttentionBackward"),
       (MATERIALIZE_TARGET, "LlvmJaxCpuMaterialize"),
+      (DENSE_WEIGHT_GRAD_TARGET, "LlvmJaxCpuDenseWeightGrad"),
   ):
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
 
@@ -110,6 +117,46 @@ def materialized(x: Array) -> Array:
 @materialized.defjvp
 def _materialized_jvp(primals, tangents):
   return materialized(primals[0]), tangents[0]
+
+
+def _check_cpu(what: str) -> None:
+  if jax.default_backend() != "cpu":
+    raise ValueError(
+        f"{what} is a kernel for XLA:CPU (backend is {jax.default_backend()!r}); use the 'xla' implementation there"
+    )
+
+
+@jax.custom_vjp
+def dense_matmul(x: Array, w: Array) -> Array:
+  """x (M, K) @ w (K, N) by XLA, with the weight gradient x^T dy computed by the C++ kernel (float32,
+  cast back to w's dtype); the input gradient dy w^T stays XLA's.
+
+  On a mesh of more than one device the product is left to XLA whole: its partitioner sums the per-shard
+  weight gradients, which an FFI call cannot do.
+  """
+  return x @ w
+
+
+def _dense_matmul_forward(x, w):
+  return x @ w, (x, w)
+
+
+def _dense_matmul_backward(residuals, dy):
+  x, w = residuals
+  mesh = jax.sharding.get_abstract_mesh()
+  dw = x.T @ dy if not mesh.empty and mesh.size > 1 else dense_weight_gradient(x, dy)
+  return (dy @ w.T).astype(x.dtype), dw.astype(w.dtype)
+
+
+dense_matmul.defvjp(_dense_matmul_forward, _dense_matmul_backward)
+
+
+def dense_weight_gradient(x: Array, dy: Array) -> Array:
+  """x^T dy (K, N) of x (M, K) and dy (M, N) by the C++ kernel, in float32."""
+  _check_cpu("dense_impl 'cpu'")
+  register()
+  shape = jax.ShapeDtypeStruct((x.shape[1], dy.shape[1]), jnp.float32)
+  return jax.ffi.ffi_call(DENSE_WEIGHT_GRAD_TARGET, shape)(x.astype(jnp.float32), dy.astype(jnp.float32))
 
 
 def flash_attention(q: Array, k: Array, v: Array, mask: masks_lib.MaskInfo | None, scale: float) -> Array:
