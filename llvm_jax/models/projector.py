@@ -58,39 +58,22 @@ class Projector(nn.Module):
     if cfg.kind == "pixel_shuffle_mlp":
       x = pixel_shuffle(x, cfg.shuffle_factor)
       x = layers.LayerNorm(cfg.norm_eps, dtype=dtype, param_dtype=pdtype, name="norm")(x)
+    linear = lambda names, name: layers.DenseGeneral(
+        (self.out_dim,),
+        names[:1],
+        names[1:],
+        use_bias=cfg.bias,
+        dtype=dtype,
+        param_dtype=pdtype,
+        impl=cfg.dense_impl,
+        name=name,
+    )
     if cfg.kind == "linear":
-      return layers.DenseGeneral(
-          (self.out_dim,),
-          ("vision_embed",),
-          ("embed",),
-          use_bias=cfg.bias,
-          dtype=dtype,
-          param_dtype=pdtype,
-          impl=cfg.dense_impl,
-          name="linear_1",
-      )(x)
+      return linear(("vision_embed", "embed"), "linear_1")(x)
     if cfg.act not in layers.ACTIVATIONS:
       raise ValueError(f"projector.act {cfg.act!r} unknown; expected one of {sorted(layers.ACTIVATIONS)}")
-    y = layers.DenseGeneral(
-        (self.out_dim,),
-        ("vision_embed",),
-        ("mlp",),
-        use_bias=cfg.bias,
-        dtype=dtype,
-        param_dtype=pdtype,
-        impl=cfg.dense_impl,
-        name="linear_1",
-    )(x)
+    y = linear(("vision_embed", "mlp"), "linear_1")(x)
     y = layers.ACTIVATIONS[cfg.act](y)
     y = nn.with_logical_constraint(y, ("act_batch", "act_len", "act_mlp"))
-    y = layers.DenseGeneral(
-        (self.out_dim,),
-        ("mlp",),
-        ("embed",),
-        use_bias=cfg.bias,
-        dtype=dtype,
-        param_dtype=pdtype,
-        impl=cfg.dense_impl,
-        name="linear_2",
-    )(y)
+    y = linear(("mlp", "embed"), "linear_2")(y)
     return nn.with_logical_constraint(y, ("act_batch", "act_len", "act_embed"))

@@ -101,28 +101,13 @@ class VisionMLP(nn.Module):
     dtype, pdtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
     if cfg.activation not in layers.ACTIVATIONS:
       raise ValueError(f"vision.act {cfg.activation!r} unknown; expected one of {sorted(layers.ACTIVATIONS)}")
-    y = layers.DenseGeneral(
-        (cfg.mlp_dim,),
-        ("vision_embed",),
-        ("vision_mlp",),
-        use_bias=True,
-        dtype=dtype,
-        param_dtype=pdtype,
-        impl=cfg.dense_impl,
-        name="fc1",
-    )(x)
+    linear = lambda width, names, name: layers.DenseGeneral(
+        (width,), names[:1], names[1:], use_bias=True, dtype=dtype, param_dtype=pdtype, impl=cfg.dense_impl, name=name
+    )
+    y = linear(cfg.mlp_dim, ("vision_embed", "vision_mlp"), "fc1")(x)
     y = layers.ACTIVATIONS[cfg.activation](y)
     y = nn.with_logical_constraint(y, ("act_batch", "act_len", "act_mlp"))
-    return layers.DenseGeneral(
-        (cfg.width,),
-        ("vision_mlp",),
-        ("vision_embed",),
-        use_bias=True,
-        dtype=dtype,
-        param_dtype=pdtype,
-        impl=cfg.dense_impl,
-        name="fc2",
-    )(y)
+    return linear(cfg.width, ("vision_mlp", "vision_embed"), "fc2")(y)
 
 
 class VisionLayer(nn.Module):
