@@ -8,8 +8,8 @@ slots, sliding window: every mask the model builds), skips key blocks no query o
 and recomputes the probabilities in the backward pass from the saved log-sum-exp. Its tasks run on
 XLA's intra-op thread pool.
 
-A dense layer's weight gradient x^T dy contracts over the tokens; XLA:CPU runs that product on one thread,
-and it took a sixth of the demo's train step. `dense_matmul` computes it with a kernel that splits the
+A dense layer's weight gradient x^T dy contracts over the tokens; XLA:CPU runs that product on one thread
+(a trivial stand-in for it shortened the demo's train step by a sixth). `dense_matmul` computes it with a kernel that splits the
 tokens between the threads.
 
 The library is compiled from the shipped source with the system C++ compiler (`$CXX`, else `c++`)
@@ -65,8 +65,9 @@ def build() -> Path:
   compiler = os.environ.get("CXX", "c++")
   if shutil.which(compiler) is None:
     raise RuntimeError(
-        f"attention impl 'cpu_flash' compiles {SOURCE.name} on first use, but the C++ compiler {compiler!r} "
-        "is not on PATH: install one (e.g. g++) or set $CXX, or use attention_impl 'xla' or 'blocked'"
+        f"the C++ kernels for XLA:CPU (attention_impl 'cpu_flash', dense_impl 'cpu') compile {SOURCE.name} on "
+        f"first use, but the C++ compiler {compiler!r} is not on PATH: install one (e.g. g++) or set $CXX, or use "
+        "attention_impl 'xla' (or 'blocked') and dense_impl 'xla'"
     )
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
   key = hashlib.sha256(
@@ -85,7 +86,7 @@ def build() -> Path:
   if result.returncode:
     partial.unlink(missing_ok=True)
     raise RuntimeError(
-        f"attention impl 'cpu_flash': building {SOURCE.name} failed ({' '.join(command)}):\n{result.stderr[-3000:]}"
+        f"the C++ kernels for XLA:CPU: building {SOURCE.name} failed ({' '.join(command)}):\n{result.stderr[-3000:]}"
     )
   os.replace(partial, library)
   return library
