@@ -105,13 +105,8 @@ def layer_shared(impl: str, *arrays: Array) -> tuple[Array, ...]:
   if partition is None:
     return tuple(cpu_kernels.materialized(a) for a in arrays)
   spec = jax.sharding.PartitionSpec(partition[0])
-  return jax.shard_map(
-      lambda *xs: tuple(cpu_kernels.materialized(x) for x in xs),
-      mesh=jax.sharding.get_abstract_mesh(),
-      in_specs=(spec,) * len(arrays),
-      out_specs=(spec,) * len(arrays),
-      check_vma=False,
-  )(*arrays)
+  materialize = lambda *xs: tuple(cpu_kernels.materialized(x) for x in xs)
+  return _per_shard(materialize, (spec,) * len(arrays), (spec,) * len(arrays))(*arrays)
 
 
 def _check_shapes(q: Array, k: Array, v: Array, mask: MaskInfo | None) -> None:
@@ -549,26 +544,24 @@ def _kernel_partition(b: int, h: int, hkv: int) -> tuple[Any, tuple[str, ...]] |
   return tuple(batch_axes) or None, head_axes
 
 
+def _per_shard(fn: Callable[..., Any], in_specs: Any, out_specs: Any) -> Callable[..., Any]:
+  """fn on each shard of the current mesh (a shard_map with those specs): see _kernel_partition."""
+  return jax.shard_map(
+      fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=in_specs, out_specs=out_specs, check_vma=False
+  )
+
+
 def _in_shard_map(fn: Callable[..., Array], args: tuple[Array, ...], segs: tuple[Any, Any], b: int, h: int, hkv: int):
   """fn(q, k, v, q_seg, kv_seg) with q/k/v heads first, directly or per shard of the current mesh."""
   partition = _kernel_partition(b, h, hkv)
   if partition is None:
     return fn(*args, *segs)
   batch_spec, head_axes = partition
-  mesh = jax.sharding.get_abstract_mesh()
   qkv_spec = jax.sharding.PartitionSpec(batch_spec, head_axes or None)
   seg_spec = jax.sharding.PartitionSpec(batch_spec)
   if segs[0] is None:
-    return jax.shard_map(
-        lambda q, k, v: fn(q, k, v, None, None),
-        mesh=mesh,
-        in_specs=(qkv_spec,) * 3,
-        out_specs=qkv_spec,
-        check_vma=False,
-    )(*args)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,) * 2, out_specs=qkv_spec, check_vma=False)(
-      *args, *segs
-  )
+    return _per_shard(lambda q, k, v: fn(q, k, v, None, None), (qkv_spec,) * 3, qkv_spec)(*args)
+  return _per_shard(fn, (qkv_spec,) * 3 + (seg_spec,) * 2, qkv_spec)(*args, *segs)
 
 
 # ------------------------------------------------------------------------------------ cpu_flash
@@ -585,10 +578,4 @@ def cpu_flash_attention(q: Array, k: Array, v: Array, mask: MaskInfo | None, sca
   qkv_spec = jax.sharding.PartitionSpec(batch_spec, None, head_axes or None)
   mask_spec = jax.sharding.PartitionSpec(batch_spec)
   local = lambda q, k, v, mask: cpu_kernels.flash_attention(q, k, v, mask, scale)
-  return jax.shard_map(
-      local,
-      mesh=jax.sharding.get_abstract_mesh(),
-      in_specs=(qkv_spec,) * 3 + (mask_spec,),
-      out_specs=qkv_spec,
-      check_vma=False,
-  )(q, k, v, mask)
+  return _per_shard(local, (qkv_spec,) * 3 + (mask_spec,), qkv_spec)(q, k, v, mask)
