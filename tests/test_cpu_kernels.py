@@ -51,6 +51,15 @@ def test_weight_gradient_keeps_the_dtypes():
   np.testing.assert_allclose(np.asarray(dw, np.float32), want, rtol=1e-2)
 
 
+def test_weight_gradient_under_vmap():
+  # Per-example gradients (vmap over a batch of independent problems): one kernel call per example.
+  rng = np.random.RandomState(5)
+  xs, dys = jnp.asarray(rng.randn(3, 40, 6).astype(np.float32)), jnp.asarray(rng.randn(3, 40, 16).astype(np.float32))
+  w = jnp.asarray(rng.randn(6, 16).astype(np.float32))
+  per_example = lambda matmul: jax.vmap(lambda x, dy: grads(matmul, x, w, dy)[1])(xs, dys)
+  np.testing.assert_allclose(per_example(cpu_kernels.dense_matmul), per_example(jnp.dot), atol=1e-5, rtol=0)
+
+
 def test_weight_gradient_is_xlas_on_a_mesh():
   # An FFI call cannot sum per-shard gradients: on a mesh of several devices the product stays XLA's.
   rng = np.random.RandomState(1)

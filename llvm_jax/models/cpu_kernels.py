@@ -157,7 +157,8 @@ def dense_weight_gradient(x: Array, dy: Array) -> Array:
   _check_cpu("dense_impl 'cpu'")
   register()
   shape = jax.ShapeDtypeStruct((x.shape[1], dy.shape[1]), jnp.float32)
-  return jax.ffi.ffi_call(DENSE_WEIGHT_GRAD_TARGET, shape)(x.astype(jnp.float32), dy.astype(jnp.float32))
+  call = jax.ffi.ffi_call(DENSE_WEIGHT_GRAD_TARGET, shape, vmap_method="sequential")
+  return call(x.astype(jnp.float32), dy.astype(jnp.float32))
 
 
 def flash_attention(q: Array, k: Array, v: Array, mask: masks_lib.MaskInfo | None, scale: float) -> Array:
