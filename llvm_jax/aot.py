@@ -799,16 +799,22 @@ def compile_for_topology(
   unknown = sorted(set(what) - set(PROGRAMS))
   if unknown:
     raise ValueError(f"unknown program(s) {unknown}; expected some of {PROGRAMS}")
-  vision = config.model.get("vision")
-  if "cpu_flash" in (config.model.decoder.attention_impl, vision and vision.attention_impl):
+  model_cfg = config_utils.model_config(config)
+  towers = (model_cfg.decoder, model_cfg.vision) if model_cfg.vision else (model_cfg.decoder,)
+  if "cpu_flash" in (tower.attention_impl for tower in towers):
     raise ValueError(
         "attention impl 'cpu_flash' is a kernel for XLA:CPU and cannot be compiled for a TPU: set the config's "
         "decoder and vision attention_impl to 'xla', 'blocked' or 'splash'"
     )
+  if "cpu" in (part.dense_impl for part in (*towers, model_cfg.projector)):
+    raise ValueError(
+        "dense_impl 'cpu' is a kernel for XLA:CPU and cannot be compiled for a TPU: set the config's decoder, "
+        "vision and projector dense_impl to 'xla'"
+    )
   topo = topology if isinstance(topology, Topology) else parse_topology(topology, num_slices)
   devices = topology_devices(topo)
   mesh = sharding.make_mesh(tuple(config.sharding.mesh_shape), devices=devices)
-  model = LLVM(config_utils.model_config(config))
+  model = LLVM(model_cfg)
   cfg = model.config
   rows, seq_len = config.data.global_batch_size, config.data.seq_len
   images = 1 if cfg.vision is not None else 0  # synthetic_batch: one image per row

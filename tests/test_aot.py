@@ -120,6 +120,8 @@ def test_cpu_kernel_is_refused_before_compiling():
 
   with pytest.raises(ValueError, match="'cpu_flash' is a kernel for XLA:CPU"):
     aot.compile_for_topology(demo.get_config(), "v5e:2x2")  # the demo's default attention
+  with pytest.raises(ValueError, match="dense_impl 'cpu' is a kernel for XLA:CPU"):
+    aot.compile_for_topology(demo.get_config("attention=xla,dense=cpu"), "v5e:2x2")
 
 
 def test_topology_names():

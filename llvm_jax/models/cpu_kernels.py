@@ -120,11 +120,9 @@ def _materialized_jvp(primals, tangents):
   return materialized(primals[0]), tangents[0]
 
 
-def _check_cpu(what: str) -> None:
+def _check_cpu(what: str, instead: str) -> None:
   if jax.default_backend() != "cpu":
-    raise ValueError(
-        f"{what} is a kernel for XLA:CPU (backend is {jax.default_backend()!r}); use the 'xla' implementation there"
-    )
+    raise ValueError(f"{what} is a kernel for XLA:CPU (backend is {jax.default_backend()!r}); {instead}")
 
 
 @jax.custom_vjp
@@ -154,7 +152,7 @@ dense_matmul.defvjp(_dense_matmul_forward, _dense_matmul_backward)
 
 def dense_weight_gradient(x: Array, dy: Array) -> Array:
   """x^T dy (K, N) of x (M, K) and dy (M, N) by the C++ kernel, in float32."""
-  _check_cpu("dense_impl 'cpu'")
+  _check_cpu("dense_impl 'cpu'", "use dense_impl 'xla' there")
   register()
   shape = jax.ShapeDtypeStruct((x.shape[1], dy.shape[1]), jnp.float32)
   call = jax.ffi.ffi_call(DENSE_WEIGHT_GRAD_TARGET, shape, vmap_method="sequential")
@@ -166,11 +164,7 @@ def flash_attention(q: Array, k: Array, v: Array, mask: masks_lib.MaskInfo | Non
 
   Computes in float32 and returns v's dtype. Rows with no visible key give 0 and pass no gradient.
   """
-  if jax.default_backend() != "cpu":
-    raise ValueError(
-        f"attention impl 'cpu_flash' is a kernel for XLA:CPU (backend is {jax.default_backend()!r}); "
-        "use 'cudnn' or 'xla' on GPU, 'splash' or 'blocked' on TPU"
-    )
+  _check_cpu("attention impl 'cpu_flash'", "use 'cudnn' or 'xla' on GPU, 'splash' or 'blocked' on TPU")
   if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
     raise ValueError(f"attention impl 'cpu_flash' handles head dims up to {MAX_HEAD_DIM}; got q {q.shape}, v {v.shape}")
   register()
