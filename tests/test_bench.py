@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llvm_jax.bench import breakdown
+from llvm_jax.bench import breakdown, common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,6 +71,18 @@ def test_step_breakdown_charges_forward_and_backward_ops_to_modules():
   assert loops and not set(loops) & set(breakdown.instruction_scopes(hlo))
   table = breakdown.format_breakdown(list(scopes.values()), wall_s=1e-3)
   assert "wide" in table and "share" in table
+
+
+def test_interleaved_timing_runs_an_untimed_call_of_the_same_variant_before_each_timed_one():
+  calls = []
+  thunks = {name: (lambda name=name: calls.append(name)) for name in ("jax", "torch")}
+  medians = common.time_interleaved(thunks, steps=3, untimed_before_each=1)
+  assert set(medians) == {"jax", "torch"} and all(ms >= 0 for ms in medians.values())
+  # One warm-up call each, then per round each variant twice in a row (the second timed).
+  assert calls == ["jax", "torch"] + ["jax", "jax", "torch", "torch"] * 3
+  calls.clear()
+  common.time_interleaved(thunks, steps=2)
+  assert calls == ["jax", "torch"] * 3
 
 
 def test_bench_cli_times_llvm_jax_against_pytorch_and_breaks_the_step_down(tmp_path):

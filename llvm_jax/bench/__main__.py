@@ -5,9 +5,10 @@ shape on whatever backend jax finds (`--cpu_devices=N` splits a CPU host into N 
 steady-state step time, tokens/s, TFLOP/s per device and MFU (analytic FLOPs with each technique's
 extra work, see llvm_jax/flops.py; MFU only where the chip's peak is known). On CPU it also
 trains the same LLaVA configuration with `transformers` PyTorch (AdamW, same batch) and prints the
-step-time ratio: the two steps alternate in this one process (both with `llvm_jax.host`'s malloc
-setting), each timed alone, so load drift on a shared machine hits both medians alike; a model with a
-technique (which transformers lacks) is not compared.
+step-time ratio: the two alternate in this one process (both with `llvm_jax.host`'s malloc setting),
+two steps at a time with the second timed, so load drift on a shared machine hits both medians alike and
+each timed step follows one of its own, as in its own training loop (PyTorch's OpenMP threads spin for
+~10 ms after its ops); a model with a technique (which transformers lacks) is not compared.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def main(argv) -> None:
     result["torch_step_time_s"] = result.pop("rival_step_time_s")
     result["torch_over_jax"] = result["torch_step_time_s"] / result["step_time_s"]
     print(
-        f"transformers PyTorch (CPU, same model and batch, steps alternating with llvm_jax's): "
+        f"transformers PyTorch (CPU, same model and batch, alternating with llvm_jax's in pairs of steps): "
         f"{result['torch_step_time_s'] * 1e3:.1f} ms/step; "
         f"PyTorch / llvm_jax step-time ratio = {result['torch_over_jax']:.2f}"
     )

@@ -1,9 +1,11 @@
 """The train-step timings behind `python -m llvm_jax.bench` and experiments/gpu_bench.py.
 
 time_jax: the trainer's own jitted, sharded train step on synthetic batches of the config's shape,
-steady-state (median after 3 warm-up steps), optionally alternating step by step with a rival's step
-(torch_step: the same LLaVA model trained with `transformers` PyTorch, the CPU reference), so that
-load drift on a shared machine hits both sides of the ratio alike.
+steady-state (median after 3 warm-up steps), optionally alternating with a rival's steps (torch_step:
+the same LLaVA model trained with `transformers` PyTorch, the CPU reference), so that load drift on a
+shared machine hits both sides of the ratio alike. Against a rival, each timed step follows an untimed
+step of its own, as in its own training loop (PyTorch's spinning OpenMP threads would otherwise slow
+the llvm_jax step timed right after each PyTorch step).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def synthetic_batch(cfg, batch: int, seq_len: int, seed: int = 0, grid_mode: str
 def time_jax(config, steps: int, breakdown: bool = False, rival: Callable[[], Any] | None = None) -> dict[str, Any]:
   """The trainer's step timed over `steps` steps; `breakdown`: also trace a few steps and charge their op
   time to model scopes (`result['breakdown']`, see llvm_jax/bench/breakdown.py). `rival` (one blocking
-  step of another implementation) runs alternately with it, each step timed alone:
+  step of another implementation) alternates with it two steps at a time, the second of each timed:
   `result['rival_step_time_s']`."""
   model = LLVM(config_utils.model_config(config))
   mesh = trainer.mesh_from_config(config)
@@ -85,7 +87,7 @@ def time_jax(config, steps: int, breakdown: bool = False, rival: Callable[[], An
   for _ in range(2):  # warm-up, with the one time_interleaved runs: 3 steps each
     for run in steps_of.values():
       run()
-  medians_ms = time_interleaved(steps_of, steps)
+  medians_ms = time_interleaved(steps_of, steps, untimed_before_each=1 if rival else 0)
   step_time = medians_ms["jax"] / 1e3
   if breakdown:
     scopes = step_breakdown(compiled.as_text(), one_step)
