@@ -44,6 +44,24 @@ def test_partition_specs_per_strategy(abstract):
   assert specs["fsdp_tp"]["decoder/embedding"] == P("tensor", "fsdp")
 
 
+def test_a_dimension_its_mesh_axes_do_not_divide_is_replicated_along_them():
+  model = LLVM(config_utils.tiny_llvm(vocab_size=131))  # 131 rows over a 2-way 'tensor' axis
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *convert.dummy_inputs(model.config))["params"])
+  mesh = sharding.make_mesh((2, 2, 2))
+  shardings = sharding.param_shardings(boxed, mesh, "fsdp_tp")
+  specs = tree_utils.flatten(jax.tree.map(lambda x: x.spec, shardings))
+  assert specs["decoder/embedding"] == P(None, "fsdp")
+  assert specs["decoder/layers_0/mlp/down/kernel"] == P("tensor", "fsdp")  # divisible: unchanged
+  rules = sharding.logical_rules("fsdp_tp")
+
+  def init():
+    with nn.logical_axis_rules(rules):
+      return nn.unbox(model.init(jax.random.key(0), *convert.dummy_inputs(model.config))["params"])
+
+  params = jax.jit(init, out_shardings=shardings)()  # an indivisible spec would raise here
+  assert params["decoder"]["embedding"].addressable_shards[0].data.shape == (131, 32)
+
+
 def test_params_born_sharded(abstract):
   model, boxed = abstract
   mesh = sharding.make_mesh((2, 2, 2))
