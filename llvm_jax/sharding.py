@@ -75,32 +75,34 @@ def param_shardings(abstract_params: Any, mesh: Mesh, strategy: str) -> Any:
   """NamedShardings for a (boxed, logically annotated) parameter tree, e.g. from jax.eval_shape.
 
   A dimension that its mesh axes do not divide (a vocabulary of 92,553 over a 4-way 'tensor' axis) is
-  replicated along them instead, with a warning naming the parameter: jit cannot shard it unevenly.
+  replicated along them instead, with one warning naming those parameters: jit cannot shard unevenly.
   """
   specs = nn.get_partition_spec(abstract_params)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, logical_rules(strategy))
-  return jax.tree_util.tree_map_with_path(_divisible_sharding, nn.unbox(abstract_params), shardings)
+  replicated: list[str] = []
 
+  def divisible(path: Any, leaf: Any, named: NamedSharding) -> NamedSharding:
+    spec = tuple(named.spec) + (None,) * (len(leaf.shape) - len(named.spec))
+    kept = []
+    for size, axes in zip(leaf.shape, spec):
+      names = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+      parts = int(np.prod([mesh.shape[name] for name in names]))
+      if size % parts:
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        replicated.append(f"{name} ({size} over {'x'.join(names)} {parts})")
+        axes = None
+      kept.append(axes)
+    return NamedSharding(mesh, PartitionSpec(*kept), memory_kind=named.memory_kind)
 
-def _divisible_sharding(path: Any, leaf: Any, named: NamedSharding) -> NamedSharding:
-  spec = tuple(named.spec) + (None,) * (len(leaf.shape) - len(named.spec))
-  kept = []
-  for dim, (size, axes) in enumerate(zip(leaf.shape, spec)):
-    names = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
-    parts = int(np.prod([named.mesh.shape[name] for name in names]))
-    if size % parts:
-      logging.warning(
-          "sharding: %s %s: dimension %d (%d) is not divisible by mesh axes %s (%d ways); replicated along them",
-          jax.tree_util.keystr(path),
-          tuple(leaf.shape),
-          dim,
-          size,
-          names,
-          parts,
-      )
-      axes = None
-    kept.append(axes)
-  return NamedSharding(named.mesh, PartitionSpec(*kept), memory_kind=named.memory_kind)
+  shardings = jax.tree_util.tree_map_with_path(divisible, nn.unbox(abstract_params), shardings)
+  if replicated:
+    logging.warning(
+        "sharding (%s): %d dimensions are not divisible by their mesh axes and are replicated along them: %s",
+        strategy,
+        len(replicated),
+        ", ".join(replicated[:6]) + (f", ... ({len(replicated) - 6} more)" if len(replicated) > 6 else ""),
+    )
+  return shardings
 
 
 def mirrored_shardings(state: Any, params: Any, shardings: Any, default: jax.sharding.Sharding) -> Any:
