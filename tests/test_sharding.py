@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from train_helpers import tiny_config
 
-from llvm_jax import config_utils, convert, sharding, tree_utils
+from llvm_jax import config_utils, sharding, tree_utils
 from llvm_jax.models.llvm import LLVM
 from llvm_jax.train import trainer
 
@@ -16,8 +16,7 @@ from llvm_jax.train import trainer
 @pytest.fixture(scope="module")
 def abstract():
   model = LLVM(config_utils.tiny_llvm())
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *convert.dummy_inputs(model.config))["params"])
-  return model, boxed
+  return model, trainer.abstract_boxed_params(model)
 
 
 def test_every_parameter_has_logical_names(abstract):
@@ -46,19 +45,14 @@ def test_partition_specs_per_strategy(abstract):
 
 def test_a_dimension_its_mesh_axes_do_not_divide_is_replicated_along_them():
   model = LLVM(config_utils.tiny_llvm(vocab_size=131))  # 131 rows over a 2-way 'tensor' axis
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *convert.dummy_inputs(model.config))["params"])
   mesh = sharding.make_mesh((2, 2, 2))
-  shardings = sharding.param_shardings(boxed, mesh, "fsdp_tp")
+  shardings = sharding.param_shardings(trainer.abstract_boxed_params(model), mesh, "fsdp_tp")
   specs = tree_utils.flatten(jax.tree.map(lambda x: x.spec, shardings))
   assert specs["decoder/embedding"] == P(None, "fsdp")
   assert specs["decoder/layers_0/mlp/down/kernel"] == P("tensor", "fsdp")  # divisible: unchanged
   rules = sharding.logical_rules("fsdp_tp")
-
-  def init():
-    with nn.logical_axis_rules(rules):
-      return nn.unbox(model.init(jax.random.key(0), *convert.dummy_inputs(model.config))["params"])
-
-  params = jax.jit(init, out_shardings=shardings)()  # an indivisible spec would raise here
+  # An indivisible spec would raise in this jit's out_shardings.
+  params = trainer.init_params_sharded(model, jax.random.key(0), mesh, rules, shardings)
   assert params["decoder"]["embedding"].addressable_shards[0].data.shape == (131, 32)
 
 
@@ -67,12 +61,7 @@ def test_params_born_sharded(abstract):
   mesh = sharding.make_mesh((2, 2, 2))
   shardings = sharding.param_shardings(boxed, mesh, "fsdp_tp")
   rules = sharding.logical_rules("fsdp_tp")
-
-  def init():
-    with nn.logical_axis_rules(rules):
-      return nn.unbox(model.init(jax.random.key(0), *convert.dummy_inputs(model.config))["params"])
-
-  params = jax.jit(init, out_shardings=shardings)()
+  params = trainer.init_params_sharded(model, jax.random.key(0), mesh, rules, shardings)
   kernel = params["decoder"]["layers_0"]["mlp"]["up"]["kernel"]  # (embed=64, mlp=128)
   assert kernel.sharding.spec == P("fsdp", "tensor")
   assert kernel.addressable_shards[0].data.shape == (32, 64)

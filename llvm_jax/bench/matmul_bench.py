@@ -9,9 +9,9 @@ gradient dy W^T and the weight's gradient x^T dy. Each matmul is called `--steps
 operands stay in cache, as in a step that has just made them) and timed by its median wall time per
 call: the jax side jitted, as the train step runs it (under the config's dense_impl 'cpu', the weight
 gradient by the C++ kernel of models/cpu_kernels.cc), then PyTorch eager (its OpenMP threads spin after
-each op and would slow what runs between). A jitted call also pays one dispatch, which a step pays once for all its ops: the
-'dispatch floor' (a jitted no-op) is printed, and taken off the jax side's per-step total, which
-multiplies each matmul by its count in a train step.
+each op and would slow what runs between). A jitted call also pays one dispatch, which a step pays once
+for all its ops: the 'dispatch floor' (a jitted no-op) is printed, and taken off the jax side's per-step
+total, which multiplies each matmul by its count in a train step.
 
 The bench's `--breakdown` cannot show this: its profiler trace charges some of XLA:CPU's dots less time
 than they take (the weight gradients at more FLOP/s than this 2-core machine's peak), so it undercounts
