@@ -128,13 +128,3 @@ def mirrored_shardings(state: Any, params: Any, shardings: Any, default: jax.sha
     return default
 
   return jax.tree_util.tree_map_with_path(pick, state)
-
-
-def logical_spec(names: Sequence[str | None], strategy: str) -> PartitionSpec:
-  """The mesh PartitionSpec of one array with logical axis `names`."""
-  return nn.logical_to_mesh_axes(tuple(names), logical_rules(strategy))
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over the data-parallel axes, the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
