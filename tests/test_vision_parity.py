@@ -150,12 +150,11 @@ def siglip_case():
   return Case(hf, cfg, vision_prefix="")
 
 
-@pytest.fixture(scope="module")
-def llava_case():
-  """LLaVA with a CLIP tower: penultimate layer, CLS dropped, mlp2x_gelu projector."""
-  torch.manual_seed(2)
+def _llava_case(seed: int, vision_config_class: type) -> Case:
+  """A LLaVA whose projector reads the penultimate vision layer with select 'default'."""
+  torch.manual_seed(seed)
   config = transformers.LlavaConfig(
-      vision_config=transformers.CLIPVisionConfig(**_vision_kwargs(depth=3)),
+      vision_config=vision_config_class(**_vision_kwargs(depth=3)),
       text_config=_text_config(),
       image_token_id=63,
       vision_feature_layer=-2,
@@ -164,22 +163,18 @@ def llava_case():
   hf = _perturb(transformers.LlavaForConditionalGeneration(config))
   cfg = vision_config_from_hf(config.vision_config, config.vision_feature_layer, config.vision_feature_select_strategy)
   return Case(hf, cfg, "model.vision_tower.", projector_config_from_hf(config), "model.multi_modal_projector.")
+
+
+@pytest.fixture(scope="module")
+def llava_case():
+  """LLaVA with a CLIP tower: penultimate layer, CLS dropped, mlp2x_gelu projector."""
+  return _llava_case(2, transformers.CLIPVisionConfig)
 
 
 @pytest.fixture(scope="module")
 def llava_siglip_case():
   """LLaVA with a SigLIP tower and select 'default', which drops the first *patch* token in HF."""
-  torch.manual_seed(3)
-  config = transformers.LlavaConfig(
-      vision_config=transformers.SiglipVisionConfig(**_vision_kwargs(depth=3)),
-      text_config=_text_config(),
-      image_token_id=63,
-      vision_feature_layer=-2,
-      vision_feature_select_strategy="default",
-  )
-  hf = _perturb(transformers.LlavaForConditionalGeneration(config))
-  cfg = vision_config_from_hf(config.vision_config, config.vision_feature_layer, config.vision_feature_select_strategy)
-  return Case(hf, cfg, "model.vision_tower.", projector_config_from_hf(config), "model.multi_modal_projector.")
+  return _llava_case(3, transformers.SiglipVisionConfig)
 
 
 def _internvl(seed: int, **vision_overrides):
