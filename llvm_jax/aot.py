@@ -28,7 +28,8 @@ elementwise ops); the HBM bytes the compiled program reads and writes, counted f
 memory spaces (XLA's 'bytes accessed' also counts every VMEM prefetch and VMEM read, several times the
 HBM traffic of a decode step); an ESTIMATED step time and MFU, from XLA's `optimal_seconds`
 where it is positive and finite, otherwise the roofline max(flops / peak, HBM bytes / HBM bandwidth) of
-the compiled numbers (the source is printed); and the compile time. Exits 1 when a program does not fit.
+the compiled numbers (the source is printed); and the compile time. Exits 1 when a program does not fit,
+2 when the request cannot be compiled for a TPU (`AotInputError`: printed without a traceback).
 XLA's cost analysis counts a while loop's body once, so a program with loops (scanned layers, the
 blocked attention's tile loops, splash's custom call, a microbatch scan) is compiled a second time as its
 loop-free twin (`cost_twin_config`: layers unrolled, einsum attention, one microbatch) for its FLOPs,
@@ -160,6 +161,11 @@ class Topology:
     return None
 
 
+class AotInputError(ValueError):
+  """A request that cannot be compiled for a TPU (a topology, a program name, a CPU-only kernel in the
+  config): the CLI prints it, without a traceback, and exits with status 2."""
+
+
 def parse_topology(spec: str, num_slices: int = 1) -> Topology:
   """'v5e:2x4' (generation:grid) or a Cloud TPU accelerator type ('v5e-8', 'v5litepod-16', 'v5p-8')."""
   spec = spec.strip().lower()
@@ -169,20 +175,20 @@ def parse_topology(spec: str, num_slices: int = 1) -> Topology:
     gen, count = spec.rsplit("-", 1)
     gen = _ALIASES.get(gen, gen)
     if gen not in CHIPS:
-      raise ValueError(f"unknown TPU generation in {spec!r}; expected one of {sorted(CHIPS)}")
+      raise AotInputError(f"unknown TPU generation in {spec!r}; expected one of {sorted(CHIPS)}")
     chip = CHIPS[gen]
     chips = int(count) // chip.cores_per_chip_in_name
     if chips not in _GRIDS[chip.grid_dims]:
-      raise ValueError(f"{spec!r}: no standard {gen} slice of {chips} chips; give the grid, e.g. {gen}:2x2")
+      raise AotInputError(f"{spec!r}: no standard {gen} slice of {chips} chips; give the grid, e.g. {gen}:2x2")
     grid = _GRIDS[chip.grid_dims][chips]
   else:
-    raise ValueError(f"topology {spec!r}: expected 'v5e:2x4' or an accelerator type such as 'v5e-8'")
+    raise AotInputError(f"topology {spec!r}: expected 'v5e:2x4' or an accelerator type such as 'v5e-8'")
   gen = _ALIASES.get(gen, gen)
   if gen not in CHIPS:
-    raise ValueError(f"unknown TPU generation {gen!r}; expected one of {sorted(CHIPS)}")
+    raise AotInputError(f"unknown TPU generation {gen!r}; expected one of {sorted(CHIPS)}")
   chip = CHIPS[gen]
   if len(grid.split("x")) != chip.grid_dims or not all(x.isdigit() for x in grid.split("x")):
-    raise ValueError(f"{spec!r}: a {gen} grid has {chip.grid_dims} dimensions, e.g. {_GRIDS[chip.grid_dims][8]}")
+    raise AotInputError(f"{spec!r}: a {gen} grid has {chip.grid_dims} dimensions, e.g. {_GRIDS[chip.grid_dims][8]}")
   return Topology(chip, grid, num_slices)
 
 
@@ -757,7 +763,7 @@ def cost_twin_config(
   decoder, vision = config.model.decoder, config.model.get("vision")
   attention_impl = attention_impl or ("splash" if decoder.attention_impl == "splash" else "xla")
   if attention_impl not in ("xla", "splash"):
-    raise ValueError(f"a loop-free twin's attention is 'xla' or 'splash', got {attention_impl!r}")
+    raise AotInputError(f"a loop-free twin's attention is 'xla' or 'splash', got {attention_impl!r}")
   kernels = {decoder.attention_impl} | ({vision.attention_impl} if vision else set())
   if not (decoder.scan_layers or kernels & {"blocked", "splash"} or config.train.microbatches > 1):
     return None
@@ -798,16 +804,16 @@ def compile_for_topology(
 
   unknown = sorted(set(what) - set(PROGRAMS))
   if unknown:
-    raise ValueError(f"unknown program(s) {unknown}; expected some of {PROGRAMS}")
+    raise AotInputError(f"unknown program(s) {unknown}; expected some of {PROGRAMS}")
   model_cfg = config_utils.model_config(config)
   towers = (model_cfg.decoder, model_cfg.vision) if model_cfg.vision else (model_cfg.decoder,)
   if "cpu_flash" in (tower.attention_impl for tower in towers):
-    raise ValueError(
+    raise AotInputError(
         "attention impl 'cpu_flash' is a kernel for XLA:CPU and cannot be compiled for a TPU: set the config's "
         "decoder and vision attention_impl to 'xla', 'blocked' or 'splash'"
     )
   if "cpu" in (part.dense_impl for part in (*towers, model_cfg.projector)):
-    raise ValueError(
+    raise AotInputError(
         "dense_impl 'cpu' is a kernel for XLA:CPU and cannot be compiled for a TPU: set the config's decoder, "
         "vision and projector dense_impl to 'xla'"
     )
@@ -985,16 +991,20 @@ def format_report(report: dict[str, Any]) -> str:
 def main(argv) -> None:
   del argv
   f = flags.FLAGS
-  report = compile_for_topology(
-      f.config,
-      f.topology,
-      f.num_slices,
-      [w for w in f.what.split(",") if w],
-      f.decode_batch or None,
-      f.new_tokens,
-      f.unrolled_costs,
-      twin_attention=None if f.twin_attention == "auto" else f.twin_attention,
-  )
+  try:
+    report = compile_for_topology(
+        f.config,
+        f.topology,
+        f.num_slices,
+        [w for w in f.what.split(",") if w],
+        f.decode_batch or None,
+        f.new_tokens,
+        f.unrolled_costs,
+        twin_attention=None if f.twin_attention == "auto" else f.twin_attention,
+    )
+  except AotInputError as e:
+    print(f"llvm_jax.aot: {e}", file=sys.stderr)
+    sys.exit(2)
   report["command"] = "python -m llvm_jax.aot " + " ".join(sys.argv[1:])
   print(format_report(report))
   if f.json:

@@ -42,7 +42,11 @@ def _start(args: list[str]) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("aot") / "tiny.json")
-  procs = {"tiny": _start([*TINY, "--what=train,decode", f"--json={out}"]), "huge": _start([*HUGE, "--what=train"])}
+  procs = {
+      "tiny": _start([*TINY, "--what=train,decode", f"--json={out}"]),
+      "huge": _start([*HUGE, "--what=train"]),
+      "cpu_kernel": _start(["--config=configs/demo.py"]),  # the demo's default attention is cpu_flash
+  }
   results = {name: (proc.wait(timeout=600), proc.stdout.read()) for name, proc in procs.items()}
   with open(out) as f:
     return results, json.load(f)
@@ -122,6 +126,16 @@ def test_cpu_kernel_is_refused_before_compiling():
     aot.compile_for_topology(demo.get_config(), "v5e:2x2")  # the demo's default attention
   with pytest.raises(ValueError, match="dense_impl 'cpu' is a kernel for XLA:CPU"):
     aot.compile_for_topology(demo.get_config("attention=xla,dense=cpu"), "v5e:2x2")
+
+
+@needs_libtpu
+@pytest.mark.tpu
+@pytest.mark.slow
+def test_cli_refuses_a_cpu_kernel_in_one_line_with_status_2(runs):
+  code, output = runs[0]["cpu_kernel"]
+  assert code == 2, output
+  assert "Traceback" not in output
+  assert "llvm_jax.aot: attention impl 'cpu_flash' is a kernel for XLA:CPU" in output
 
 
 def test_topology_names():
