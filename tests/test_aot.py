@@ -113,7 +113,7 @@ def test_cost_twin_unrolls_every_loop_and_keeps_the_batch():
   # By default a program on splash keeps it in its twin, its work modelled (aot.splash_kernels).
   on_splash = bench_1b.get_config("size=tiny,scan=true,attention=splash")
   assert aot.cost_twin_config(on_splash).model.decoder.attention_impl == "splash"
-  with pytest.raises(ValueError, match="'xla' or 'splash'"):
+  with pytest.raises(aot.AotInputError, match="'xla' or 'splash'"):
     aot.cost_twin_config(config, "blocked")  # its tile loops are what the twin removes
   assert aot.cost_twin_config(bench_1b.get_config("size=tiny,scan=false,attention=xla")) is None
   assert aot.cost_twin_config(bench_1b.get_config("size=tiny,scan=false,attention=splash")) is not None
@@ -122,9 +122,9 @@ def test_cost_twin_unrolls_every_loop_and_keeps_the_batch():
 def test_cpu_kernel_is_refused_before_compiling():
   from configs import demo
 
-  with pytest.raises(ValueError, match="'cpu_flash' is a kernel for XLA:CPU"):
+  with pytest.raises(aot.AotInputError, match="'cpu_flash' is a kernel for XLA:CPU"):
     aot.compile_for_topology(demo.get_config(), "v5e:2x2")  # the demo's default attention
-  with pytest.raises(ValueError, match="dense_impl 'cpu' is a kernel for XLA:CPU"):
+  with pytest.raises(aot.AotInputError, match="dense_impl 'cpu' is a kernel for XLA:CPU"):
     aot.compile_for_topology(demo.get_config("attention=xla,dense=cpu"), "v5e:2x2")
 
 
@@ -145,7 +145,7 @@ def test_topology_names():
   assert aot.parse_topology("v5litepod-16").chips == 16
   assert aot.parse_topology("v4:2x2x2", num_slices=2).chips == 16
   assert aot.topology_for_chips("v6e", 256).name == "v6e:16x16"
-  with pytest.raises(ValueError, match="2 dimensions"):
+  with pytest.raises(aot.AotInputError, match="2 dimensions"):
     aot.parse_topology("v5e:2x2x1")
 
 
