@@ -30,14 +30,18 @@ HBM traffic of a decode step); an ESTIMATED step time and MFU, from XLA's `optim
 where it is positive and finite, otherwise the roofline max(flops / peak, HBM bytes / HBM bandwidth) of
 the compiled numbers (the source is printed); and the compile time. Exits 1 when a program does not fit,
 2 when the request cannot be compiled for a TPU (`AotInputError`: printed without a traceback).
-XLA's cost analysis counts a while loop's body once, so a program with loops (scanned layers, the
-blocked attention's tile loops, splash's custom call, a microbatch scan) is compiled a second time as its
-loop-free twin (`cost_twin_config`: layers unrolled, einsum attention, one microbatch) for its FLOPs,
-bytes and estimates; the twin's attention holds the whole (T, S) logits, so they are an upper bound for
-the tiled kernels. A program on splash attention (or --twin_attention=splash) keeps the splash kernel in
-its twin (no loop either), whose work XLA's cost analysis does not see: `splash_kernels` models each
-call's FLOPs and tile traffic from its shapes and mask, added to XLA's numbers (the estimate is then the
-roofline). Memory stays the real program's; --nounrolled_costs skips the twin and flags the undercount.
+XLA's cost analysis counts a while loop's body once (scanned layers, the blocked attention's tile loops,
+a microbatch scan). By default the program's own costs count every iteration: each loop's trip count is
+read from its condition and every instruction's FLOPs (`hlo_cost.flops`, as XLA counts them) and HBM
+bytes are weighted by the runs of the loops around it (`hlo_cost.loop_weights`); the estimate is then the
+roofline. With --unrolled_costs the program is compiled a second time as its loop-free twin
+(`cost_twin_config`: layers unrolled, einsum attention, one microbatch) for its FLOPs, bytes and XLA's
+own estimate where valid; the twin's attention holds the whole (T, S) logits, so they are an upper
+bound for the tiled kernels, and the program's loop-weighted FLOPs are printed next to them. Splash
+attention is a Pallas custom call XLA's cost analysis does not see: `splash_kernels` models each call's
+FLOPs and tile traffic from its shapes and mask, added to XLA's numbers (the estimate is then the
+roofline); a twin of a program on splash (or --twin_attention=splash) keeps the kernel. Memory is
+always the real program's.
 
 Topologies: 'v5e:2x4' (generation:chip grid, as `get_topology_desc` takes it) or a Cloud TPU
 accelerator type: 'v5e-8', 'v5litepod-8', 'v6e-8' count chips; 'v4-8', 'v5p-8' count TensorCores
@@ -75,7 +79,7 @@ from jax.experimental import topologies  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from llvm_jax import config_utils, flops, sharding  # noqa: E402
+from llvm_jax import config_utils, flops, hlo_cost, sharding  # noqa: E402
 from llvm_jax import hlo_text as hlo  # noqa: E402
 from llvm_jax.bench.train_step import synthetic_batch  # noqa: E402
 from llvm_jax.models import llvm  # noqa: E402
@@ -492,9 +496,12 @@ def _hbm_traffic(instruction: hlo.Instruction, shapes: dict[str, str], by_name: 
   return sum(_hbm_bytes(shapes.get(o, "")) for o in operands) + _hbm_bytes(shape)
 
 
-def _top_level_bodies(computations: dict[str, list[hlo.Instruction]]) -> Iterator[list[hlo.Instruction]]:
-  """The computations whose instructions run as such: the entry and while loops' bodies and conditions
-  (fusion bodies and reducers are their callers' work)."""
+def _top_level_bodies(
+    computations: dict[str, list[hlo.Instruction]], weights: dict[str, int] | None = None
+) -> Iterator[tuple[int, list[hlo.Instruction]]]:
+  """(runs per program call, instructions) of each computation whose instructions run as such: the entry
+  and while loops' bodies and conditions (fusion bodies and reducers are their callers' work). `weights`:
+  `hlo_cost.loop_weights`; without them each runs once, as XLA's cost analysis counts them."""
   called = {
       c
       for body in computations.values()
@@ -503,7 +510,7 @@ def _top_level_bodies(computations: dict[str, list[hlo.Instruction]]) -> Iterato
   }
   for name, body in computations.items():
     if name not in called or name.startswith(("while", "body", "cond")) or "while" in name:
-      yield body
+      yield (weights or {}).get(name, 1), body
 
 
 # Splash's Pallas kernels are custom calls named after the kernel; XLA's cost analysis counts none of
@@ -512,7 +519,10 @@ _SPLASH_KERNEL = re.compile(r"splash_mha_(fwd|dkv|dq)")
 
 
 def splash_kernels(
-    computations: dict[str, list[hlo.Instruction]], causal: bool = True, sliding_window: int | None = None
+    computations: dict[str, list[hlo.Instruction]],
+    causal: bool = True,
+    sliding_window: int | None = None,
+    weights: dict[str, int] | None = None,
 ) -> list[tuple[str, float, float]]:
   """(kernel, FLOPs, HBM bytes) per chip of each splash kernel call in a compiled TPU program (its HLO text
   parsed: `hlo_text.computations`), MODELLED
@@ -526,11 +536,12 @@ def splash_kernels(
          tile's q, dO and softmax statistics, writes dk, dv;
     dq   QK', dP, dQ = dS K: 2 bq bk (2 dq + dv) V; reads q, dO and statistics once and each visited
          tile's k and v, writes dq.
-  Segment ids' reads and the softmax's exponentials are not counted. A loop's body is walked once."""
+  Segment ids' reads and the softmax's exponentials are not counted. A call in a loop's body counts once
+  per iteration with `weights` (`hlo_cost.loop_weights`), else once."""
   from llvm_jax.models import attention  # the mask's tiling is the kernel's; kept out of aot's import time
 
   kernels = []
-  for body in _top_level_bodies(computations):
+  for runs, body in _top_level_bodies(computations, weights):
     for instruction in body:
       kernel = _SPLASH_KERNEL.match(instruction.name)
       if instruction.opcode != "custom-call" or not kernel:
@@ -557,21 +568,23 @@ def splash_kernels(
       else:
         flops = 2 * tile * (2 * dq + dv) * visited
         moved = t * (2 * dq + dv) * size + t * 8 + visited * bk * (dk + dv) * size
-      kernels.append((f"splash_mha_{kernel.group(1)}", float(b * h * flops), float(b * h * moved)))
+      kernels.append((f"splash_mha_{kernel.group(1)}", float(runs * b * h * flops), float(runs * b * h * moved)))
   return kernels
 
 
-def _top_level_traffic(computations: dict[str, list[hlo.Instruction]]) -> Iterator[tuple[str, int, str]]:
+def _top_level_traffic(
+    computations: dict[str, list[hlo.Instruction]], weights: dict[str, int] | None = None
+) -> Iterator[tuple[str, int, str]]:
   """(kind, HBM bytes, op_name) of each of the compiled program's non-fused instructions (fusions named by
   what they compute: 'matmul' when they hold a convolution/dot, 'reduce', 'elementwise').
 
   Only HBM traffic counts: after memory-space assignment, TPU programs prefetch weights and activations
   into VMEM (async slices and copies into S(1) buffers) and their consumers read the VMEM copy; XLA's
   'bytes accessed' counts each of those transfers and reads again, as if all were HBM traffic. Slices and
-  gathers read what they return; in-place updates write only the update. A while loop's body is walked
-  once, as XLA's cost analysis counts it."""
+  gathers read what they return; in-place updates write only the update. A while loop's body counts once
+  per iteration with `weights` (`hlo_cost.loop_weights`), else once, as XLA's cost analysis counts it."""
   opcodes = {name: {i.opcode for i in body} for name, body in computations.items()}
-  for body in _top_level_bodies(computations):
+  for runs, body in _top_level_bodies(computations, weights):
     shapes = {i.name: i.shape for i in body}
     by_name = {i.name: i for i in body}
     for instruction in body:
@@ -593,7 +606,8 @@ def _top_level_traffic(computations: dict[str, list[hlo.Instruction]]) -> Iterat
       elif kind.endswith(("-start", "-done")):
         kind = kind.rsplit("-", 1)[0]
       op_name = re.search(r'op_name="([^"]*)"', instruction.attributes)
-      yield kind, _hbm_traffic(instruction, shapes, by_name, computations), op_name.group(1) if op_name else ""
+      moved = runs * _hbm_traffic(instruction, shapes, by_name, computations)
+      yield kind, moved, op_name.group(1) if op_name else ""
 
 
 def hbm_movers(traffic: list[tuple[str, int, str]], top: int = 8) -> list[tuple[str, int]]:
@@ -617,15 +631,21 @@ def top_instructions(traffic: list[tuple[str, int, str]], top: int = 6) -> list[
   return [(name, b, n) for name, (b, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]]
 
 
-def _loops(computations: dict[str, list[hlo.Instruction]]) -> dict[str, Any]:
-  """The program's while loops: how many, and how many come from each JAX operation (its op_name)."""
-  names: dict[str, int] = {}
+def _loops(computations: dict[str, list[hlo.Instruction]], trips: dict[str, int | None]) -> dict[str, Any]:
+  """The program's while loops by JAX operation (op_name): {name: [trip count per loop]}, and those whose
+  trip count could not be read (`hlo_cost.trip_count`), whose bodies the costs count once."""
+  trip_counts: dict[str, list[int | None]] = {}
   for instruction in (i for body in computations.values() for i in body if i.opcode == "while"):
     op_name = re.search(r'op_name="([^"]*)"', instruction.attributes)
     parts = [p for p in (op_name.group(1) if op_name else "").split("/") if p and not p.startswith("jit(step_fn")]
     name = "/".join(parts[-2:]) or "(inserted by XLA)"
-    names[name] = names.get(name, 0) + 1
-  return {"cost_program_loops": sum(names.values()), "cost_program_loop_ops": names}
+    trip_counts.setdefault(name, []).append(trips.get(instruction.name))
+  unknown = {name: sum(n is None for n in counts) for name, counts in trip_counts.items() if None in counts}
+  return {
+      "loop_trip_counts": trip_counts,
+      "cost_program_loops": sum(unknown.values()),
+      "cost_program_loop_ops": unknown,
+  }
 
 
 def _cost_dict(compiled) -> dict[str, float]:
@@ -660,13 +680,17 @@ def analyse(
   cost = _cost_dict(cost_program)
   xla_flops = float(cost.get("flops", 0.0))
   xla_bytes = float(cost.get("bytes accessed", 0.0))
-  # One rendering and one parse of the cost program's HLO (megabytes for a 1B model) serve the kernel
-  # model, the HBM count and the summaries.
+  # One rendering and one parse of the cost program's HLO (megabytes for a 1B model) serve the loop
+  # weights, the kernel model, the HBM count and the summaries.
   computations = hlo.computations(cost_program.as_text())
-  kernels = splash_kernels(computations, sliding_window=sliding_window)
+  # XLA counts each loop body once: every instruction's FLOPs are added again for its further iterations.
+  weights, trips = hlo_cost.loop_weights(computations)
+  repeated = any(runs > 1 for runs in weights.values())
+  loop_flops = hlo_cost.repeated_flops(computations, weights)
+  kernels = splash_kernels(computations, sliding_window=sliding_window, weights=weights)
   kernel_flops = sum(flop for _, flop, _ in kernels)
   try:
-    traffic = list(_top_level_traffic(computations)) + [
+    traffic = list(_top_level_traffic(computations, weights)) + [
         (f"{name} (modelled)", moved, "attention kernel") for name, _, moved in kernels
     ]
     hbm_bytes, bytes_name = float(sum(moved for _, moved, _ in traffic)), "HBM bytes"
@@ -675,21 +699,23 @@ def analyse(
     hbm_bytes, bytes_name, movers, top = xla_bytes, "XLA bytes (all memory spaces: the HBM count failed)", [], []
   optimal = cost.get("optimal_seconds")
   peak = chip.peak_flops
-  compute_s, memory_s = (xla_flops + kernel_flops) / peak, hbm_bytes / chip.hbm_bandwidth
-  if not kernels and optimal is not None and math.isfinite(optimal) and optimal > 0:
+  compute_s, memory_s = (xla_flops + loop_flops + kernel_flops) / peak, hbm_bytes / chip.hbm_bandwidth
+  # XLA's own estimate prices each loop body once and no kernel.
+  if not kernels and not repeated and optimal is not None and math.isfinite(optimal) and optimal > 0:
     step_s, source = float(optimal), "XLA optimal_seconds"
   else:
     kernel_terms = " + splash kernels' modelled FLOPs" if kernels else ""
+    loop_terms = " + loop bodies' further iterations" if repeated else ""
     step_s = max(compute_s, memory_s)
-    source = f"roofline max((XLA flops{kernel_terms}) / peak, {bytes_name} / HBM bandwidth), " + (
+    source = f"roofline max((XLA flops{loop_terms}{kernel_terms}) / peak, {bytes_name} / HBM bandwidth), " + (
         "compute-bound" if compute_s >= memory_s else "memory-bound"
     )
   analytic_per_chip = analytic_flops / topology.chips
   return {
       "hbm_movers": movers,
       "top_instructions": top,
-      # While loops left in the program the costs come from: each counted once, so the costs undercount.
-      **_loops(computations),
+      # The cost program's while loops; those whose trip count is unknown are counted once (undercounted).
+      **_loops(computations, trips),
       "compile_s": compile_s,
       "memory": {
           **{f"{k}_bytes": v for k, v in mem.items()},
@@ -700,6 +726,8 @@ def analyse(
       "fits": total <= chip.hbm_bytes,
       "headroom_bytes": chip.hbm_bytes - total,
       "xla_flops_per_chip": xla_flops,
+      # What XLA's count misses of loop bodies run more than once (each iteration after the first).
+      "loop_flops_per_chip": loop_flops,
       # Splash kernel calls (a loop's counted once) and their modelled work, which XLA's numbers lack.
       "splash_kernel_calls": len(kernels),
       "splash_kernel_flops_per_chip": kernel_flops,
@@ -745,21 +773,37 @@ TWIN_COMPILER_OPTIONS = {
 }
 
 
+PROGRAM_COSTS = "program itself, each loop body weighted by its trip count"
+
+
+def loop_weighted_flops(compiled) -> float:
+  """The compiled program's FLOPs per chip with every loop iteration counted: XLA's count (each loop body
+  once) plus each body's FLOPs (`hlo_cost.flops`) for its further iterations (`hlo_cost.loop_weights`)."""
+  computations = hlo.computations(compiled.as_text())
+  weights, _ = hlo_cost.loop_weights(computations)
+  return float(_cost_dict(compiled).get("flops", 0.0)) + hlo_cost.repeated_flops(computations, weights)
+
+
 def twin_costs_from(twin_config: ml_collections.ConfigDict) -> str:
-  """A report's `costs_from` when its FLOPs, bytes and estimates come from the loop-free twin `twin_config`."""
+  """A report's `costs_from` when its FLOPs, bytes and estimates come from the cost twin `twin_config`."""
   attention_impl = twin_config.model.decoder.attention_impl
   kernel = "einsum attention" if attention_impl == "xla" else "splash attention, its kernels' work modelled"
+  if twin_config.model.decoder.scan_layers:
+    return f"scanned twin (layers scanned, each loop body weighted by its trip count, {kernel}, one microbatch)"
   return f"loop-free twin (layers unrolled, {kernel}, one microbatch; XLA's cost analysis counts a loop body once)"
 
 
 def cost_twin_config(
-    config: ml_collections.ConfigDict, attention_impl: str | None = None
+    config: ml_collections.ConfigDict, attention_impl: str | None = None, unroll: bool = True
 ) -> ml_collections.ConfigDict | None:
   """The config of the program's loop-free twin, whose costs count every FLOP and byte: layers unrolled,
   one microbatch (same global batch), the decoder's attention `attention_impl` ('xla': the einsum, every
   FLOP and byte seen by XLA; 'splash': the kernel, no loop either, its work modelled by `splash_kernels`;
   None: splash where the program runs splash, else the einsum); the ViT's splash where both the twin's
-  decoder and the program's ViT run it, else the einsum; None when the program has no such loop."""
+  decoder and the program's ViT run it, else the einsum; None when the program has no such loop.
+  `unroll=False`: the same twin with its layers still scanned (a smaller compile, for a model whose
+  unrolled twin outgrows the compiling machine's memory), its costs counted through the loops' trip
+  counts."""
   decoder, vision = config.model.decoder, config.model.get("vision")
   attention_impl = attention_impl or ("splash" if decoder.attention_impl == "splash" else "xla")
   if attention_impl not in ("xla", "splash"):
@@ -769,7 +813,7 @@ def cost_twin_config(
     return None
   twin = copy.deepcopy(config)
   with twin.unlocked():
-    twin.model.decoder.scan_layers = False
+    twin.model.decoder.scan_layers = config.model.decoder.scan_layers and not unroll
     twin.model.decoder.attention_impl = attention_impl
     if vision:
       both_splash = attention_impl == "splash" and vision.attention_impl == "splash"
@@ -785,17 +829,19 @@ def compile_for_topology(
     what: Sequence[str] = PROGRAMS,
     decode_batch: int | None = None,
     new_tokens: int = 128,
-    unrolled_costs: bool = True,
+    unrolled_costs: bool = False,
     compiler_options: dict[str, Any] | None = None,
     twin_attention: str | None = None,
 ) -> dict[str, Any]:
   """Compiles the `what` programs of `config` for the TPU topology; returns the report (see module doc).
 
   XLA's cost analysis counts a while loop's body once: a scanned decoder reports one layer of L, the
-  blocked attention one tile. With `unrolled_costs`, a program with loops is compiled a second time as
-  its loop-free twin (`cost_twin_config`) and the FLOPs, bytes and step-time estimate come from it (the
-  same math, attention as one einsum or as splash with its work modelled); memory and fit stay those of the
-  real program.
+  blocked attention one tile. By default the program's own costs are used, each loop body weighted by its
+  trip count (`hlo_cost.loop_weights`; the estimate is then the roofline). With `unrolled_costs`, a
+  program with loops is compiled a second time as its loop-free twin (`cost_twin_config`) and the FLOPs,
+  bytes and step-time estimate come from it (the same math, attention as one einsum or as splash with its
+  work modelled; XLA's own estimate where valid); memory and fit stay those of the real program, whose
+  loop-weighted FLOPs are reported next to the twin's.
   `compiler_options` (XLA/libtpu flags) apply to the program's own compile, e.g. TWIN_COMPILER_OPTIONS
   when `config` is itself a cost twin compiled on its own. `twin_attention`: the twin's decoder attention
   ('xla', 'splash': the TPU kernel, its work modelled; None: the program's own if splash; see
@@ -858,7 +904,7 @@ def compile_for_topology(
     twin = (twin_config, LLVM(config_utils.model_config(twin_config)))
     report["costs_from"] = twin_costs_from(twin_config)
   elif twin_config is not None:
-    report["costs_from"] = "program itself: its FLOPs, bytes and estimates count each loop's body ONCE"
+    report["costs_from"] = PROGRAM_COSTS
     if cfg.decoder.attention_impl == "splash":
       notes.append("splash attention is a Pallas custom call XLA's cost analysis does not see: its work is modelled")
   report["notes"] = notes
@@ -899,10 +945,11 @@ def compile_for_topology(
           raise
         # The twin may not fit where the program does; its costs are then unknown.
         cost_compiled = None
-        report["costs_from"] = "program itself (its loop-free twin does not fit): loops' bodies counted ONCE"
+        report["costs_from"] = f"{PROGRAM_COSTS} (its loop-free twin does not fit)"
     report["programs"][name] = analyse(compiled, topo, analytic, compile_s, cost_compiled, cfg.decoder.sliding_window)
-    if twin is not None:
+    if cost_compiled is not None:
       report["programs"][name]["cost_compile_s"] = time.perf_counter() - tick
+      report["programs"][name]["program_flops_per_chip"] = loop_weighted_flops(compiled)
   report["fits"] = all(p["fits"] for p in report["programs"].values())
   return report
 
@@ -962,7 +1009,18 @@ def format_report(report: dict[str, Any]) -> str:
             else f"DOES NOT FIT, {_size(-p['headroom_bytes'])} over"
         ),
         f"  FLOPs per chip: XLA {_flop(p['xla_flops_per_chip'])} (remat recompute, masked attention in full, "
-        f"elementwise ops), analytic {_flop(p['analytic_flops_per_chip'])}; HBM bytes read and written "
+        f"elementwise ops)"
+        + (
+            f" + {_flop(p['loop_flops_per_chip'])} of loop bodies' further iterations"
+            if p.get("loop_flops_per_chip")
+            else ""
+        )
+        + (
+            f" (the program's own, loop-weighted: {_flop(p['program_flops_per_chip'])})"
+            if "program_flops_per_chip" in p
+            else ""
+        )
+        + f", analytic {_flop(p['analytic_flops_per_chip'])}; HBM bytes read and written "
         f"{_size(p['hbm_bytes_accessed_per_chip'])} (XLA's bytes accessed, VMEM traffic included: "
         f"{_size(p['xla_bytes_accessed_per_chip'])})",
         f"  ESTIMATED step time {_seconds(p['estimated_step_s'])} ({p['estimate_source']}), ESTIMATED MFU "
@@ -978,8 +1036,8 @@ def format_report(report: dict[str, Any]) -> str:
       lines.append("  HBM bytes moved by: " + ", ".join(f"{kind} {_size(n)}" for kind, n in p["hbm_movers"][:5]))
     if p.get("cost_program_loops"):
       lines.append(
-          f"  NOTE: {p['cost_program_loops']} while loop(s) in the program the costs come from "
-          f"({p.get('cost_program_loop_ops')}): XLA counts each body once, so its FLOPs, bytes and the estimate are "
+          f"  NOTE: {p['cost_program_loops']} while loop(s) of unknown trip count in the program the costs come from "
+          f"({p.get('cost_program_loop_ops')}): each body counted once, so its FLOPs, bytes and the estimate are "
           "too low"
       )
     for name, moved, count in p.get("top_instructions", [])[:3]:
@@ -1024,9 +1082,10 @@ if __name__ == "__main__":
   flags.DEFINE_string("json", "", "Also write the report as JSON here.")
   flags.DEFINE_bool(
       "unrolled_costs",
-      True,
-      "Programs with loops (scanned layers, blocked/splash attention, microbatches): take FLOPs, bytes and "
-      "estimates from a loop-free twin compile (XLA counts a loop body once).",
+      False,
+      "Programs with loops (scanned layers, blocked attention, microbatches): take FLOPs, bytes and estimates "
+      "from a second, loop-free twin compile (XLA's own estimate where valid) instead of the program's own "
+      "costs with each loop body weighted by its trip count (a roofline).",
   )
   flags.DEFINE_enum(
       "twin_attention",

@@ -2,7 +2,7 @@
 
 Each compile runs in a subprocess (the CLI, as a user runs it): the deviceless TPU topology comes
 from libtpu, which starts with the process, and stays out of the test workers (their 8 fake CPU
-devices, their memory). The two subprocesses start together, so the tests take as long as the
+devices, their memory). The three subprocesses start together, so the tests take as long as the
 slower one (~30 s on 2 cores: the scanned programs and their unrolled twins).
 """
 
@@ -20,8 +20,13 @@ needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (pip install -e '.[aot]')"
 )
 
-# Scanned layers and blocked attention: the costs come from the loop-free twin (XLA counts a loop body once).
-TINY = ["--config=configs/bench_1b.py:size=tiny,batch=8,seq_len=128,scan=true", "--config.model.decoder.num_layers=2"]
+# Scanned layers, costed by the loop-free twin (--unrolled_costs) and by the program itself, each loop body
+# weighted by its trip count: the einsum attention in both, so the two counts must agree.
+TINY = [
+    "--config=configs/bench_1b.py:size=tiny,batch=8,seq_len=128,scan=true,attention=xla",
+    "--config.model.decoder.num_layers=2",
+    "--unrolled_costs",
+]
 # The same tiny model with a batch whose activations need ~400 GiB per chip.
 HUGE = [
     "--config=configs/bench_1b.py:size=tiny,batch=4096,seq_len=4096,scan=false,attention=xla",
@@ -71,6 +76,8 @@ def test_tiny_train_and_decode_fit(runs):
     assert program["estimate_source"].startswith(("XLA optimal_seconds", "roofline")), name
     assert program["compile_s"] > 0
     assert program["cost_program_loops"] == 0 and program["cost_program_loop_ops"] == {}, name  # none counted once
+    # The scanned program's own FLOPs, every layer counted through its loop's trip count, are the twin's.
+    assert abs(program["program_flops_per_chip"] / program["xla_flops_per_chip"] - 1) < 0.005, name
   train = report["programs"]["train"]
   # XLA counts more: the remat='full' recompute of the forward and the masked causal attention in full.
   assert train["xla_flops_per_chip"] > train["analytic_flops_per_chip"]

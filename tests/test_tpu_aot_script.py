@@ -64,6 +64,12 @@ def cache(tmp_path):
       {"key": key.replace("baseline", "pmod") + ":twin=False", "report": _report(_memory_program(6.0))},
       # A compile whose process died.
       {"key": key.replace("baseline", "trol") + ":twin=False", "report": CRASHED},
+      # all_four costed by a scanned twin: XLA's 13 FLOPs per chip (its loop bodies once) + 39 for their repeats.
+      {"key": key.replace("baseline", "all_four") + ":twin=False", "report": _report(_memory_program(7.5))},
+      {
+          "key": key.replace("baseline", "all_four") + f":{tpu_aot.SCANNED_TWIN_KEY}",
+          "report": _report(dict(_cost_program(0.3), loop_flops_per_chip=39.0)),
+      },
       # DeepStack's program compiled, its twin's process died.
       {"key": key.replace("baseline", "deepstack") + ":twin=False", "report": _report(_memory_program(7.0))},
       {"key": key.replace("baseline", "deepstack") + ":costs=loop-free", "report": CRASHED},
@@ -105,7 +111,7 @@ def cache(tmp_path):
 
 def test_rows_merge_memory_and_twin_costs_and_the_report_marks_the_rest(cache):
   plan, path = cache
-  run = tpu_aot.Runner(path, refresh=False, compile_missing=False)
+  run = tpu_aot.Runner(path, refresh=False, compile_missing=False, scanned_twins=r"1b:\w+:all_four:.*:train$")
   one_b = tpu_aot.section_one_b(plan, run)
   base = one_b[("baseline", "v5e-8", "train")]
   program = base["programs"]["train"]
@@ -128,6 +134,13 @@ def test_rows_merge_memory_and_twin_costs_and_the_report_marks_the_rest(cache):
       "| baseline | v5e-8 (8 chips) | 5.00 | yes | 200.00 ms | roofline | 25.0% | 1.30 | 100 s + 400 s twin |" in text
   )
   assert "| pmod | v5e-8 (8 chips) | 6.00 | yes | twin not compiled yet |" in text
+  # The scanned twin's estimate and its loop-weighted FLOPs: (13 + 39) / 10 analytic.
+  all_four = one_b[("all_four", "v5e-8", "train")]
+  assert all_four["costs_from"].startswith("scanned twin") and tpu_aot._has_costs(all_four)
+  assert (
+      "| all_four | v5e-8 (8 chips) | 7.50 | yes | 300.00 ms | roofline (scanned twin) | 25.0% | 5.20 | 100 s + 400 s twin |"
+      in text
+  )
   assert "| phantom | v5e-8 | – | not compiled yet |" in text
   assert (
       "| deepstack | v5e-8 (8 chips) | 7.00 | yes | twin failed: the compiling process died (killed: out of host memory?) |"
