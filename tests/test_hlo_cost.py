@@ -88,10 +88,12 @@ ENTRY %main (x: f32[2,5,4], k: f32[3,4,6]) -> f32[2,5,6] {
 
 
 def test_a_conditionals_branches_in_a_loop_run_with_it():
-  text = _LOOP_HLO.replace(
-      "%y = f32[8,16]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_dot",
-      "%y = f32[8,16]{1,0} conditional(%i, %x, %x), branch_computations={%on, %off}",
-  ) + """
+  text = (
+      _LOOP_HLO.replace(
+          "%y = f32[8,16]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_dot",
+          "%y = f32[8,16]{1,0} conditional(%i, %x, %x), branch_computations={%on, %off}",
+      )
+      + """
 %on (a: f32[8,16]) -> f32[8,16] {
   %a = f32[8,16]{1,0} parameter(0)
   ROOT %twice = f32[8,16]{1,0} add(%a, %a)
@@ -101,5 +103,6 @@ def test_a_conditionals_branches_in_a_loop_run_with_it():
   ROOT %b = f32[8,16]{1,0} parameter(0)
 }
 """
+  )
   weights, _ = hlo_cost.loop_weights(hlo_text.computations(text))
   assert weights["on"] == weights["off"] == 3
