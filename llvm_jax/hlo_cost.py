@@ -102,9 +102,7 @@ def flops(body: list[hlo.Instruction]) -> tuple[int, int]:
 
 def _constant(name: str, by_name: dict[str, hlo.Instruction]) -> int | None:
   """The integer a scalar constant holds, through copies and bitcasts; None when it is not one."""
-  instruction = by_name.get(name)
-  while instruction is not None and instruction.opcode in ("copy", "bitcast") and instruction.operands:
-    instruction = by_name.get(instruction.operands[0])
+  instruction = _through_copies(name, by_name)
   if instruction is None or instruction.opcode != "constant":
     return None
   value = re.match(r"\s*(-?\d+)\)", instruction.attributes)
@@ -112,27 +110,58 @@ def _constant(name: str, by_name: dict[str, hlo.Instruction]) -> int | None:
 
 
 def trip_count(loop: hlo.Instruction, caller: list[hlo.Instruction], computations: dict) -> int | None:
-  """Iterations of a while loop: XLA's known_trip_count where printed, else N - start of a condition
-  `counter < N` whose counter starts at a constant; None when neither can be read."""
+  """Iterations of a while loop: XLA's known_trip_count where printed, else those of a condition
+  `counter < N` whose counter starts at a constant and steps by a constant (`counter + step` in the body:
+  XLA's windowed-einsum loops step by 2); None when neither can be read."""
   known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attributes)
   if known:
     return int(known.group(1))
-  condition = re.search(r"condition=%?([\w.\-]+)", loop.attributes)
-  body = computations.get(condition.group(1), []) if condition else []
-  by_name = {i.name: i for i in body}
-  root = next((i for i in body if i.is_root), None)
+  condition, body = (re.search(rf"\b{key}=%?([\w.\-]+)", loop.attributes) for key in ("condition", "body"))
+  test = computations.get(condition.group(1), []) if condition else []
+  by_name = {i.name: i for i in test}
+  root = next((i for i in test if i.is_root), None)
   if root is None or root.opcode != "compare" or "direction=LT" not in root.attributes or len(root.operands) != 2:
     return None
   counter, limit = by_name.get(root.operands[0]), _constant(root.operands[1], by_name)
   if counter is None or counter.opcode != "get-tuple-element" or limit is None:
     return None
   index = int(re.search(r"index=(\d+)", counter.attributes).group(1))
-  callers = {i.name: i for i in caller}
-  initial = callers.get(loop.operands[0]) if loop.operands else None
+  start = _tuple_element(loop.operands[0] if loop.operands else "", index, caller)
+  step = _step(computations.get(body.group(1), []) if body else [], index)
+  if start is None or not step or step < 0:
+    return None
+  return max(-(-(limit - start) // step), 0)
+
+
+def _tuple_element(name: str, index: int, body: list[hlo.Instruction]) -> int | None:
+  """The constant at `index` of the tuple instruction `name` in `body` (a loop's initial state)."""
+  by_name = {i.name: i for i in body}
+  initial = by_name.get(name)
   if initial is None or initial.opcode != "tuple" or index >= len(initial.operands):
     return None
-  start = _constant(initial.operands[index], callers)
-  return None if start is None else limit - start
+  return _constant(initial.operands[index], by_name)
+
+
+def _step(body: list[hlo.Instruction], index: int) -> int | None:
+  """What a loop body adds to its state's element `index` each iteration: `gte(param, index) + constant`."""
+  by_name = {i.name: i for i in body}
+  root = next((i for i in body if i.is_root), None)
+  update = by_name.get(root.operands[index]) if root is not None and index < len(root.operands) else None
+  if update is None or update.opcode != "add" or len(update.operands) != 2:
+    return None
+  for counter, step in (update.operands, reversed(update.operands)):
+    read = _through_copies(counter, by_name)
+    if read is not None and read.opcode == "get-tuple-element" and f"index={index}" in read.attributes:
+      return _constant(step, by_name)
+  return None
+
+
+def _through_copies(name: str, by_name: dict[str, hlo.Instruction]) -> hlo.Instruction | None:
+  """The instruction `name`, or what it copies or bitcasts."""
+  instruction = by_name.get(name)
+  while instruction is not None and instruction.opcode in ("copy", "bitcast") and instruction.operands:
+    instruction = by_name.get(instruction.operands[0])
+  return instruction
 
 
 def _callees(attributes: str) -> list[str]:

@@ -106,3 +106,10 @@ def test_a_conditionals_branches_in_a_loop_run_with_it():
   )
   weights, _ = hlo_cost.loop_weights(hlo_text.computations(text))
   assert weights["on"] == weights["off"] == 3
+
+
+def test_a_counter_stepping_by_two_halves_the_trips():
+  # XLA's windowed-einsum loops (FSDP's collective matmuls) step their counter by 2.
+  text = _LOOP_HLO.replace("%one = s32[] constant(1)", "%one = s32[] constant(2)")
+  _, trips = hlo_cost.loop_weights(hlo_text.computations(text))
+  assert trips == {"loop": 2}  # 0, 2 < 3
