@@ -60,6 +60,8 @@ def cache(tmp_path):
   entries = [
       {"key": f"{key}:twin=False", "report": _report(_memory_program(5.0), costs_from="program itself: ...")},
       {"key": f"{key}:{tpu_aot.TWIN_KEY}", "report": _report(_cost_program(0.2))},
+      # ... and its scanned twin: the basis for all_four's row, costed that way.
+      {"key": f"{key}:{tpu_aot.SCANNED_TWIN_KEY}", "report": _report(_cost_program(0.15))},
       # p-MoD's program compiled, its twin not yet.
       {"key": key.replace("baseline", "pmod") + ":twin=False", "report": _report(_memory_program(6.0))},
       # A compile whose process died.
@@ -139,6 +141,10 @@ def test_rows_merge_memory_and_twin_costs_and_the_report_marks_the_rest(cache):
   assert all_four["costs_from"].startswith("scanned twin") and tpu_aot._has_costs(all_four)
   assert (
       "| all_four | v5e-8 (8 chips) | 7.50 | yes | 300.00 ms | roofline (scanned twin) | 25.0% | 5.20 | 100 s + 400 s twin |"
+      in text
+  )
+  assert (
+      "| baseline, scanned twin | v5e-8 (8 chips) | 5.00 | yes | 150.00 ms | roofline (scanned twin) | 25.0% | 1.30 |"
       in text
   )
   assert "| phantom | v5e-8 | – | not compiled yet |" in text
