@@ -410,7 +410,6 @@ _DTYPE_BYTES = {
     "u64": 8,
     "c64": 8,
 }
-_ARRAY = re.compile(r"\b([a-z]\w*)\[([\d,]*)\](?:\{([^}]*)\})?")
 
 
 def _arrays(shape: str) -> list[tuple[int, int]]:
@@ -418,7 +417,7 @@ def _arrays(shape: str) -> list[tuple[int, int]]:
   it (T(8,128) pads the two most minor dimensions to 8 and 128); the layout's S(n) names the memory
   space, none is HBM (TPU: S(1) is VMEM, S(2) SMEM)."""
   arrays = []
-  for dtype, dims, layout in _ARRAY.findall(shape):
+  for dtype, dims, layout in hlo.ARRAY.findall(shape):
     if dtype not in _DTYPE_BYTES:
       continue
     sizes = [int(d) for d in dims.split(",") if d]
@@ -548,7 +547,7 @@ def splash_kernels(
       if instruction.opcode != "custom-call" or not kernel:
         continue
       operands = instruction.attributes.split("operand_layout_constraints=", 1)[-1]
-      arrays = [(dtype, [int(d) for d in dims.split(",") if d]) for dtype, dims, _ in _ARRAY.findall(operands)]
+      arrays = [(dtype, [int(d) for d in dims.split(",") if d]) for dtype, dims, _ in hlo.ARRAY.findall(operands)]
       grid = next(dims for dtype, dims in arrays if dtype == "s8")  # the mask info: (heads, q tiles, kv tiles)
       # q, k, v: (rows, heads, length, head dim), rows squeezed away when a chip holds one.
       (dtype, q), (_, k), (_, v) = [a for a in arrays if len(a[1]) in (3, 4) and a[0] in ("bf16", "f16", "f32")][:3]

@@ -17,7 +17,6 @@ import re
 
 from llvm_jax import hlo_text as hlo
 
-_DIMS = re.compile(r"\b[a-z]\w*\[([\d,]*)\]")
 # Ops XLA's cost analysis charges one FLOP per output element (transcendentals are counted apart).
 _ELEMENTWISE = frozenset(
     "add subtract multiply divide maximum minimum compare negate abs convert and or xor not clamp select power "
@@ -28,8 +27,8 @@ _ELEMENTWISE = frozenset(
 
 def dims(shape: str) -> list[int]:
   """The dimensions of the first array in an HLO shape ('bf16[2,128]{1,0:T(8,128)}' -> [2, 128])."""
-  found = _DIMS.search(shape)
-  return [int(d) for d in found.group(1).split(",") if d] if found else []
+  found = hlo.ARRAY.search(shape)
+  return [int(d) for d in found.group(2).split(",") if d] if found else []
 
 
 def _window(attributes: str, rank: int) -> dict[str, list[str]]:
@@ -109,17 +108,19 @@ def _constant(name: str, by_name: dict[str, hlo.Instruction]) -> int | None:
   return int(value.group(1)) if value else None
 
 
-def trip_count(loop: hlo.Instruction, caller: list[hlo.Instruction], computations: dict) -> int | None:
-  """Iterations of a while loop: XLA's known_trip_count where printed, else those of a condition
-  `counter < N` whose counter starts at a constant and steps by a constant (`counter + step` in the body:
-  XLA's windowed-einsum loops step by 2); None when neither can be read."""
+Indexed = dict[str, hlo.Instruction]  # a computation's instructions by name
+
+
+def trip_count(loop: hlo.Instruction, caller: Indexed, computations: dict[str, Indexed]) -> int | None:
+  """Iterations of a while loop (in the computation `caller`): XLA's known_trip_count where printed, else
+  those of a condition `counter < N` whose counter starts at a constant and steps by a constant
+  (`counter + step` in the body: XLA's windowed-einsum loops step by 2); None when neither can be read."""
   known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attributes)
   if known:
     return int(known.group(1))
   condition, body = (re.search(rf"\b{key}=%?([\w.\-]+)", loop.attributes) for key in ("condition", "body"))
-  test = computations.get(condition.group(1), []) if condition else []
-  by_name = {i.name: i for i in test}
-  root = next((i for i in test if i.is_root), None)
+  by_name = computations.get(condition.group(1), {}) if condition else {}
+  root = _root(by_name)
   if root is None or root.opcode != "compare" or "direction=LT" not in root.attributes or len(root.operands) != 2:
     return None
   counter, limit = by_name.get(root.operands[0]), _constant(root.operands[1], by_name)
@@ -127,25 +128,27 @@ def trip_count(loop: hlo.Instruction, caller: list[hlo.Instruction], computation
     return None
   index = int(re.search(r"index=(\d+)", counter.attributes).group(1))
   start = _tuple_element(loop.operands[0] if loop.operands else "", index, caller)
-  step = _step(computations.get(body.group(1), []) if body else [], index)
+  step = _step(computations.get(body.group(1), {}) if body else {}, index)
   if start is None or not step or step < 0:
     return None
   return max(-(-(limit - start) // step), 0)
 
 
-def _tuple_element(name: str, index: int, body: list[hlo.Instruction]) -> int | None:
-  """The constant at `index` of the tuple instruction `name` in `body` (a loop's initial state)."""
-  by_name = {i.name: i for i in body}
+def _root(by_name: Indexed) -> hlo.Instruction | None:
+  return next((i for i in by_name.values() if i.is_root), None)
+
+
+def _tuple_element(name: str, index: int, by_name: Indexed) -> int | None:
+  """The constant at `index` of the tuple instruction `name` (a loop's initial state)."""
   initial = by_name.get(name)
   if initial is None or initial.opcode != "tuple" or index >= len(initial.operands):
     return None
   return _constant(initial.operands[index], by_name)
 
 
-def _step(body: list[hlo.Instruction], index: int) -> int | None:
+def _step(by_name: Indexed, index: int) -> int | None:
   """What a loop body adds to its state's element `index` each iteration: `gte(param, index) + constant`."""
-  by_name = {i.name: i for i in body}
-  root = next((i for i in body if i.is_root), None)
+  root = _root(by_name)
   update = by_name.get(root.operands[index]) if root is not None and index < len(root.operands) else None
   if update is None or update.opcode != "add" or len(update.operands) != 2:
     return None
@@ -177,11 +180,12 @@ def loop_weights(computations: dict[str, list[hlo.Instruction]]) -> tuple[dict[s
   whose trip count cannot be read weighs 1 (its body counted once, as by XLA)."""
   trips: dict[str, int | None] = {}
   calls: dict[str, list[tuple[str, int]]] = {}  # computation -> (callee, runs per run of the caller)
+  indexed = {name: {i.name: i for i in body} for name, body in computations.items()}
   for name, body in computations.items():
     calls[name] = []
     for instruction in body:
       if instruction.opcode == "while":
-        trips[instruction.name] = n = trip_count(instruction, body, computations)
+        trips[instruction.name] = n = trip_count(instruction, indexed[name], indexed)
         for key, runs in (("body", n or 1), ("condition", (n or 0) + 1)):
           found = re.search(rf"\b{key}=%?([\w.\-]+)", instruction.attributes)
           calls[name] += [(found.group(1), runs)] if found else []

@@ -8,6 +8,8 @@ import dataclasses
 import re
 
 _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)$")
+# An array in a shape: dtype, dimensions, layout ('bf16[2,128]{1,0:T(8,128)}').
+ARRAY = re.compile(r"\b([a-z]\w*)\[([\d,]*)\](?:\{([^}]*)\})?")
 
 
 @dataclasses.dataclass(frozen=True)
