@@ -275,3 +275,48 @@ def test_a_compile_process_that_cannot_start_raises_and_is_not_cached(monkeypatc
   with pytest.raises(RuntimeError, match="__main__ guard"):
     run("k", None, "v5e-8", ("train",))
   assert "k" not in run.done and not path.exists()
+
+
+def test_7b_rows_are_costed_by_their_programs_and_an_older_program_is_compiled_again(tmp_path):
+  plan = tpu_aot.Plan.make(quick=False)
+  dense, sparse = (f"7b:False:{name}:v5p:2x2x2:fsdp:1:{plan.paper_shape}" for name in ("llava15_7b", "pmod_llava15_7b"))
+  older = "program itself: its FLOPs, bytes and estimates count each loop's body ONCE"
+  costed = {**_memory_program(60.0), **_cost_program(0.4), "memory": _memory_program(60.0)["memory"], "fits": True}
+  entries = [
+      # Both programs compiled before loops were weighted; only the dense one compiled again since.
+      {"key": f"{dense}:twin=False", "report": _report(_memory_program(60.0), costs_from=older)},
+      {"key": f"{dense}:{tpu_aot.PROGRAM_COSTS_KEY}", "report": _report(costed, costs_from=tpu_aot.aot.PROGRAM_COSTS)},
+      {"key": f"{sparse}:twin=False", "report": _report(_memory_program(50.0), costs_from=older)},
+  ]
+  path = tmp_path / "cache.jsonl"
+  path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+
+  def report(run):
+    paper = tpu_aot.section_paper(plan, run, ("llava15_7b",))
+    pmod = tpu_aot.section_pmod_7b(plan, run, paper)
+    one_b = tpu_aot.section_one_b(plan, run)
+    return pmod, tpu_aot.markdown(plan, "cmd", one_b, {}, paper, pmod, {}, run, [])
+
+  run = tpu_aot.Runner(str(path), refresh=False, compile_missing=False, program_costs=r"^7b:")
+  pmod, text = report(run)
+  assert (
+      "| LLaVA-1.5-7B | v5p | v5p:2x2x2 (8 chips) | fsdp | 1 | 60.00 | 400.00 ms | roofline (program's own) |" in text
+  )
+  assert "Rows marked (program's own)" in text
+  # p-MoD's older program counts each loop body once: it is not used, its loop-weighted compile is pending.
+  assert pmod is None and f"{sparse}:{tpu_aot.PROGRAM_COSTS_KEY}" in run.pending
+  assert "| LLaVA-1.5-7B, one image per sample | – | not compiled yet |" in text
+
+  sparse_costed = dict(costed, estimated_step_s=0.3, roofline_hbm_s=0.3, roofline_compute_s=0.1, analytic_flops=48.0)
+  with open(path, "a") as f:
+    entry = {
+        "key": f"{sparse}:{tpu_aot.PROGRAM_COSTS_KEY}",
+        "report": _report(sparse_costed, costs_from=tpu_aot.aot.PROGRAM_COSTS),
+    }
+    f.write(json.dumps(entry) + "\n")
+  pmod, text = report(tpu_aot.Runner(str(path), refresh=False, compile_missing=False, program_costs=r"^7b:"))
+  assert "| LLaVA-1.5-7B, one image per sample | v5p:2x2x2 | 0.750 (program's own) | 0.600 | 0.587 |" in text
+  assert "- p-MoD / dense est. step time (7B): 0.750 (target <= 0.65): MISSED." in text
+  # Without --program_costs, the older programs keep the report memory-only (their twins not compiled).
+  _, text = report(tpu_aot.Runner(str(path), refresh=False, compile_missing=False))
+  assert "| LLaVA-1.5-7B | v5p | v5p:2x2x2 (8 chips) | fsdp | 1 | 60.00 | – | memory only | – |" in text
