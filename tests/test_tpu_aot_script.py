@@ -295,7 +295,9 @@ def test_7b_rows_are_costed_by_their_programs_and_an_older_program_is_compiled_a
     paper = tpu_aot.section_paper(plan, run, ("llava15_7b",))
     pmod = tpu_aot.section_pmod_7b(plan, run, paper)
     one_b = tpu_aot.section_one_b(plan, run)
-    return pmod, tpu_aot.markdown(plan, "cmd", one_b, {}, paper, pmod, {}, run, [])
+    dense_found = paper[tpu_aot.PMOD_DENSE_REFERENCE]
+    notes = tpu_aot.why_missed(plan, one_b, pmod_7b_pair=(dense_found["report"], pmod or {}, dense_found["topology"]))
+    return pmod, tpu_aot.markdown(plan, "cmd", one_b, {}, paper, pmod, {}, run, notes)
 
   run = tpu_aot.Runner(str(path), refresh=False, compile_missing=False, program_costs=r"^7b:")
   pmod, text = report(run)
@@ -317,6 +319,8 @@ def test_7b_rows_are_costed_by_their_programs_and_an_older_program_is_compiled_a
   pmod, text = report(tpu_aot.Runner(str(path), refresh=False, compile_missing=False, program_costs=r"^7b:"))
   assert "| LLaVA-1.5-7B, one image per sample | v5p:2x2x2 | 0.750 (program's own) | 0.600 | 0.587 |" in text
   assert "- p-MoD / dense est. step time (7B): 0.750 (target <= 0.65): MISSED." in text
+  assert "### Why p-MoD's LLaVA-1.5-7B train step (v5p:2x2x2) is 0.750x the dense one, not <= 0.65x" in text
+  assert "- The compiled FLOPs fall to 1.000x (analytic 0.600x)" in text
   # Without --program_costs, the older programs keep the report memory-only (their twins not compiled).
   _, text = report(tpu_aot.Runner(str(path), refresh=False, compile_missing=False))
   assert "| LLaVA-1.5-7B | v5p | v5p:2x2x2 (8 chips) | fsdp | 1 | 60.00 | – | memory only | – |" in text
