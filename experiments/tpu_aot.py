@@ -288,6 +288,10 @@ class Runner:
       program["cost_compile_s"] = costs["compile_s"]
     return merged
 
+  def cached_costs(self, key: str, report: dict) -> dict:
+    """`key`'s program-costed report where the cache holds one (compiled for another section), else `report`."""
+    return self.done.get(f"{key}:{PROGRAM_COSTS_KEY}", report)
+
   def _program_costed(self, key: str, report: dict, config, topology: str, what: tuple[str, ...], **kwargs) -> dict:
     """The program's own report, its costs loop-weighted (`aot.PROGRAM_COSTS`). A program cached before
     loops were weighted (each loop body counted once) is compiled again under its own key."""
@@ -413,6 +417,8 @@ def _fit_on(plan: Plan, run: Runner, name: str, generation: str, chips: int, ent
     if report.get("fits"):
       if (name, generation) == PMOD_DENSE_REFERENCE:
         report = run.row(key, config, topology, ("train",))
+      else:  # its costs where another section compiled them (section 4's p-MoD)
+        report = run.cached_costs(key, report)
       entry.update(topology=topology, strategy=strategy, microbatches=microbatches, report=report, chips=chips)
       return "fits", needed_total
     needed = _required_bytes(report)

@@ -213,6 +213,9 @@ class _FitsFrom:
 
   row = memory
 
+  def cached_costs(self, key, report):
+    return report
+
 
 def test_the_7b_search_starts_where_the_dense_model_fit_and_goes_down_or_up():
   plan = tpu_aot.Plan.make(quick=False)  # batch 128: every strategy splits over up to 128 chips
@@ -292,7 +295,7 @@ def test_7b_rows_are_costed_by_their_programs_and_an_older_program_is_compiled_a
   path.write_text("".join(json.dumps(e) + "\n" for e in entries))
 
   def report(run):
-    paper = tpu_aot.section_paper(plan, run, ("llava15_7b",))
+    paper = tpu_aot.section_paper(plan, run, ("llava15_7b", "pmod_llava15_7b"))
     pmod = tpu_aot.section_pmod_7b(plan, run, paper)
     one_b = tpu_aot.section_one_b(plan, run)
     dense_found = paper[tpu_aot.PMOD_DENSE_REFERENCE]
@@ -319,6 +322,11 @@ def test_7b_rows_are_costed_by_their_programs_and_an_older_program_is_compiled_a
   pmod, text = report(tpu_aot.Runner(str(path), refresh=False, compile_missing=False, program_costs=r"^7b:"))
   assert "| LLaVA-1.5-7B, one image per sample | v5p:2x2x2 | 0.750 (program's own) | 0.600 | 0.587 |" in text
   assert "- p-MoD / dense est. step time (7B): 0.750 (target <= 0.65): MISSED." in text
+  # Section 2's p-MoD row shows the costs section 4 compiled.
+  assert (
+      "| p-MoD-LLaVA-1.5-7B | v5p | v5p:2x2x2 (8 chips) | fsdp | 1 | 60.00 | 300.00 ms | roofline (program's own) |"
+      in text
+  )
   assert "### Why p-MoD's LLaVA-1.5-7B train step (v5p:2x2x2) is 0.750x the dense one, not <= 0.65x" in text
   assert "- The compiled FLOPs fall to 1.000x (analytic 0.600x)" in text
   # Without --program_costs, the older programs keep the report memory-only (their twins not compiled).
