@@ -838,7 +838,7 @@ def markdown(
   if dense and sparse and "error" not in sparse and _has_costs(pmod_7b):
     ratio, basis = _step_ratio(sparse, dense)
     if ratio is not None:
-      pmod_ratios["7B"] = ratio
+      pmod_ratios[f"LLaVA-1.5-7B train step, {dense_found['topology']}"] = ratio
     lines.append(
         f"| {label} | {dense_found['topology']} | {_ratio_cell(ratio, basis)}{_costing(pmod_7b)} | "
         f"{sparse['analytic_flops'] / dense['analytic_flops']:.3f} | {PAPER_PMOD_FLOPS:.3f} |"

@@ -321,7 +321,7 @@ def test_7b_rows_are_costed_by_their_programs_and_an_older_program_is_compiled_a
     f.write(json.dumps(entry) + "\n")
   pmod, text = report(tpu_aot.Runner(str(path), refresh=False, compile_missing=False, program_costs=r"^7b:"))
   assert "| LLaVA-1.5-7B, one image per sample | v5p:2x2x2 | 0.750 (program's own) | 0.600 | 0.587 |" in text
-  assert "- p-MoD / dense est. step time (7B): 0.750 (target <= 0.65): MISSED." in text
+  assert "- p-MoD / dense est. step time (LLaVA-1.5-7B train step, v5p:2x2x2): 0.750 (target <= 0.65): MISSED." in text
   # Section 2's p-MoD row shows the costs section 4 compiled.
   assert (
       "| p-MoD-LLaVA-1.5-7B | v5p | v5p:2x2x2 (8 chips) | fsdp | 1 | 60.00 | 300.00 ms | roofline (program's own) |"
