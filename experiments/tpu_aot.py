@@ -233,7 +233,11 @@ class Runner:
     return report
 
   def memory(self, key: str, config, topology: str, what: tuple[str, ...], **kwargs) -> dict[str, Any]:
-    """The real program alone: memory and fit (its FLOPs count each loop body once)."""
+    """The real program alone: memory, fit and its own costs. Its compile under PROGRAM_COSTS_KEY (the same
+    program, loop-weighted costs: see `row`) is used where cached, for whichever section asks."""
+    costed = self.done.get(f"{key}:{PROGRAM_COSTS_KEY}")
+    if costed is not None and "error" not in costed:
+      return costed
     return self(f"{key}:twin=False", config, topology, what, unrolled_costs=False, **kwargs)
 
   def row(
@@ -287,10 +291,6 @@ class Runner:
       program.update({field: costs[field] for field in COST_FIELDS if field in costs})
       program["cost_compile_s"] = costs["compile_s"]
     return merged
-
-  def cached_costs(self, key: str, report: dict) -> dict:
-    """`key`'s program-costed report where the cache holds one (compiled for another section), else `report`."""
-    return self.done.get(f"{key}:{PROGRAM_COSTS_KEY}", report)
 
   def _program_costed(self, key: str, report: dict, config, topology: str, what: tuple[str, ...], **kwargs) -> dict:
     """The program's own report, its costs loop-weighted (`aot.PROGRAM_COSTS`). A program cached before
@@ -417,8 +417,6 @@ def _fit_on(plan: Plan, run: Runner, name: str, generation: str, chips: int, ent
     if report.get("fits"):
       if (name, generation) == PMOD_DENSE_REFERENCE:
         report = run.row(key, config, topology, ("train",))
-      else:  # its costs where another section compiled them (section 4's p-MoD)
-        report = run.cached_costs(key, report)
       entry.update(topology=topology, strategy=strategy, microbatches=microbatches, report=report, chips=chips)
       return "fits", needed_total
     needed = _required_bytes(report)

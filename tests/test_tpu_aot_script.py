@@ -213,9 +213,6 @@ class _FitsFrom:
 
   row = memory
 
-  def cached_costs(self, key, report):
-    return report
-
 
 def test_the_7b_search_starts_where_the_dense_model_fit_and_goes_down_or_up():
   plan = tpu_aot.Plan.make(quick=False)  # batch 128: every strategy splits over up to 128 chips
