@@ -455,7 +455,7 @@ def _fused_reads(body: list[hlo.Instruction]) -> tuple[dict[int, int], tuple[int
     users = uses.get(name, [])
     if users and all(user.opcode in _SLICING and position == 0 for user, position in users):
       reads[index] = sum(_shape_bytes(user.shape) for user, _ in users)
-  root = next((i for i in body if i.is_root), None)
+  root = hlo.root(body)
   in_place = None
   if root is not None and root.opcode == "dynamic-update-slice" and root.operands[0] in parameters:
     in_place = (parameters[root.operands[0]], _shape_bytes(shapes.get(root.operands[1], "")))

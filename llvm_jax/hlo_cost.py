@@ -118,9 +118,8 @@ def trip_count(loop: hlo.Instruction, caller: Indexed, computations: dict[str, I
   known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attributes)
   if known:
     return int(known.group(1))
-  condition, body = (re.search(rf"\b{key}=%?([\w.\-]+)", loop.attributes) for key in ("condition", "body"))
-  by_name = computations.get(condition.group(1), {}) if condition else {}
-  root = _root(by_name)
+  by_name = computations.get(_loop_computation(loop, "condition"), {})
+  root = hlo.root(by_name.values())
   if root is None or root.opcode != "compare" or "direction=LT" not in root.attributes or len(root.operands) != 2:
     return None
   counter, limit = by_name.get(root.operands[0]), _constant(root.operands[1], by_name)
@@ -128,14 +127,10 @@ def trip_count(loop: hlo.Instruction, caller: Indexed, computations: dict[str, I
     return None
   index = int(re.search(r"index=(\d+)", counter.attributes).group(1))
   start = _tuple_element(loop.operands[0] if loop.operands else "", index, caller)
-  step = _step(computations.get(body.group(1), {}) if body else {}, index)
+  step = _step(computations.get(_loop_computation(loop, "body"), {}), index)
   if start is None or not step or step < 0:
     return None
   return max(-(-(limit - start) // step), 0)
-
-
-def _root(by_name: Indexed) -> hlo.Instruction | None:
-  return next((i for i in by_name.values() if i.is_root), None)
 
 
 def _tuple_element(name: str, index: int, by_name: Indexed) -> int | None:
@@ -148,7 +143,7 @@ def _tuple_element(name: str, index: int, by_name: Indexed) -> int | None:
 
 def _step(by_name: Indexed, index: int) -> int | None:
   """What a loop body adds to its state's element `index` each iteration: `gte(param, index) + constant`."""
-  root = _root(by_name)
+  root = hlo.root(by_name.values())
   update = by_name.get(root.operands[index]) if root is not None and index < len(root.operands) else None
   if update is None or update.opcode != "add" or len(update.operands) != 2:
     return None
@@ -157,6 +152,12 @@ def _step(by_name: Indexed, index: int) -> int | None:
     if read is not None and read.opcode == "get-tuple-element" and f"index={index}" in read.attributes:
       return _constant(step, by_name)
   return None
+
+
+def _loop_computation(loop: hlo.Instruction, key: str) -> str | None:
+  """The name of a while loop's 'condition' or 'body' computation."""
+  found = re.search(rf"\b{key}=%?([\w.\-]+)", loop.attributes)
+  return found.group(1) if found else None
 
 
 def _through_copies(name: str, by_name: dict[str, hlo.Instruction]) -> hlo.Instruction | None:
@@ -187,8 +188,8 @@ def loop_weights(computations: dict[str, list[hlo.Instruction]]) -> tuple[dict[s
       if instruction.opcode == "while":
         trips[instruction.name] = n = trip_count(instruction, indexed[name], indexed)
         for key, runs in (("body", n or 1), ("condition", (n or 0) + 1)):
-          found = re.search(rf"\b{key}=%?([\w.\-]+)", instruction.attributes)
-          calls[name] += [(found.group(1), runs)] if found else []
+          callee = _loop_computation(instruction, key)
+          calls[name] += [(callee, runs)] if callee else []
       else:
         calls[name] += [(c, 1) for c in _callees(instruction.attributes)]
   # Callers before callees (calls form a DAG), so each computation's weight is complete when it is passed on.

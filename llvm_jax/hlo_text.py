@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable
 
 _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)$")
 # An array in a shape: dtype, dimensions, layout ('bf16[2,128]{1,0:T(8,128)}').
@@ -62,3 +63,8 @@ def computations(hlo_text: str) -> dict[str, list[Instruction]]:
       continued.append(line)
   attach_continued()
   return parsed
+
+
+def root(instructions: Iterable[Instruction]) -> Instruction | None:
+  """A computation's ROOT instruction (None if it has none)."""
+  return next((i for i in instructions if i.is_root), None)
