@@ -297,7 +297,8 @@ class Runner:
     loops were weighted (each loop body counted once) is compiled again under its own key."""
     if report.get("pending") or not report.get("fits") or _program_costs(report):
       return report
-    return self(f"{key}:{PROGRAM_COSTS_KEY}", config, topology, what, unrolled_costs=False, **kwargs)
+    costed = self(f"{key}:{PROGRAM_COSTS_KEY}", config, topology, what, unrolled_costs=False, **kwargs)
+    return {**report, "costs_pending": PROGRAM_COSTS_KEY} if costed.get("pending") else costed
 
 
 # The cache key of a loop-free twin; 'hbm': its bytes are the HBM traffic counted by memory space (older
@@ -305,6 +306,8 @@ class Runner:
 TWIN_KEY = "costs=loop-free:hbm"
 SCANNED_TWIN_KEY = "costs=scanned:loops"
 PROGRAM_COSTS_KEY = "costs=program:loops"  # a program compiled again for its loop-weighted costs
+# Rows (cache keys) costed by a scanned twin by default: all_four's 1B train steps, einsum and splash.
+SCANNED_TWINS = r"1b:\w+:all_four:.*:train(:splash\+vit)?$"
 SCANNED_BASIS = "baseline, scanned twin"  # section 1's extra row where some technique's twin is scanned
 # Fields of `aot.analyse` that come from the cost analysis (the rest: memory, from the real program).
 COST_FIELDS = (
@@ -346,13 +349,7 @@ def section_one_b(plan: Plan, run: Runner) -> dict[tuple[str, str, str], dict]:
     }
     for technique, key in keys.items():
       results[(technique, topology, "train")] = run.row(key, one_b_config(plan, technique), topology, ("train",))
-    if run.scanned_twins is not None and any(run.scanned_twins.search(key) for key in keys.values()):
-      # The baseline costed the same way: the basis for the rows whose twin is scanned (its HBM bytes differ
-      # from the unrolled twin's with the compiled form).
-      config = one_b_config(plan, "baseline")
-      results[(SCANNED_BASIS, topology, "train")] = run.row(
-          keys["baseline"], config, topology, ("train",), scanned=True
-      )
+    _scanned_basis(run, results, keys, one_b_config(plan, "baseline"), topology)
 
   for technique in COMPILE_ORDER:
     key = f"1b:{plan.quick}:{technique}:{first}:{plan.one_b_shape}:decode:{plan.decode_rows}:{plan.new_tokens}"
@@ -376,11 +373,27 @@ def section_one_b_splash(plan: Plan, run: Runner) -> dict[tuple[str, str, str], 
   results = {}
   order = [("baseline", t) for t in plan.one_b_topologies]
   order += [(technique, t) for t in plan.one_b_topologies for technique in COMPILE_ORDER[1:]]
+  key = lambda technique, topology: f"1b:{plan.quick}:{technique}:{topology}:{plan.one_b_shape}:train:splash+vit"
   for technique, topology in order:
-    key = f"1b:{plan.quick}:{technique}:{topology}:{plan.one_b_shape}:train:splash+vit"
     config = one_b_config(plan, technique, attention="splash")
-    results[(technique, topology, "train")] = run.row(key, config, topology, ("train",), twin_attention="splash")
+    results[(technique, topology, "train")] = run.row(
+        key(technique, topology), config, topology, ("train",), twin_attention="splash"
+    )
+  for topology in plan.one_b_topologies:
+    keys = {technique: key(technique, topology) for technique in COMPILE_ORDER}
+    config = one_b_config(plan, "baseline", attention="splash")
+    _scanned_basis(run, results, keys, config, topology, twin_attention="splash")
   return results
+
+
+def _scanned_basis(run: Runner, results: dict, keys: dict[str, str], baseline_config, topology: str, **kwargs) -> None:
+  """Where some technique's row (`keys`: technique -> cache key) is costed by a scanned twin, the baseline
+  costed the same way, as the row SCANNED_BASIS: the basis to compare those rows with (a scanned twin's HBM
+  bytes differ from the unrolled twin's with the compiled form)."""
+  if run.scanned_twins is not None and any(run.scanned_twins.search(key) for key in keys.values()):
+    results[(SCANNED_BASIS, topology, "train")] = run.row(
+        keys["baseline"], baseline_config, topology, ("train",), scanned=True, **kwargs
+    )
 
 
 def _candidates(plan: Plan, chips: int) -> list[tuple[str, int]]:
@@ -415,9 +428,7 @@ def _fit_on(plan: Plan, run: Runner, name: str, generation: str, chips: int, ent
       return "pending", needed_total
     entry["tried"].append((topology, strategy, microbatches, report))
     if report.get("fits"):
-      if (name, generation) == PMOD_DENSE_REFERENCE:
-        report = run.row(key, config, topology, ("train",))
-      entry.update(topology=topology, strategy=strategy, microbatches=microbatches, report=report, chips=chips)
+      entry.update(topology=topology, strategy=strategy, microbatches=microbatches, report=report, chips=chips, key=key)
       return "fits", needed_total
     needed = _required_bytes(report)
     if needed:
@@ -428,7 +439,11 @@ def _fit_on(plan: Plan, run: Runner, name: str, generation: str, chips: int, ent
 
 
 def section_paper(
-    plan: Plan, run: Runner, names=tuple(PAPER_7B), start: dict[str, int] | None = None
+    plan: Plan,
+    run: Runner,
+    names=tuple(PAPER_7B),
+    start: dict[str, int] | None = None,
+    step_times: re.Pattern | None = None,
 ) -> dict[tuple[str, str], dict]:
   """The smallest slice (and the first strategy) each 7B model's train step fits on, per generation.
 
@@ -438,9 +453,10 @@ def section_paper(
   tried fits, the search goes down instead, while a size fits: a model that fits on no strategy of c chips
   fits on none of fewer. `start`: where the dense reference fit, for the other 7B models (the same ~7B
   LLM, plus their technique): a compile of the fewest chips, which cannot hold them, is then not spent.
-  The search compiles the scanned programs only (memory). Only the dense reference of section 4
-  (LLaVA-1.5-7B on v5p) gets a step-time estimate, through `Runner.row`: the issue asks the other 7B rows
-  for their slice only (where a program compiled since loops are weighted says more, it is shown).
+  The search compiles the scanned programs only (memory). The slice found then gets a step-time estimate
+  (`Runner.row`) for the dense reference of section 4 (LLaVA-1.5-7B on v5p) and for the rows whose
+  'name:generation' `step_times` matches (e.g. 'trol_7b:v5p'; each a recompile of 13-45 minutes); the
+  others show their memory only.
   """
   found = {}
   for name in names:
@@ -465,6 +481,11 @@ def section_paper(
             break
       if outcome == "pending":
         entry["pending"] = True
+      elif "report" in entry and (
+          (name, generation) == PMOD_DENSE_REFERENCE or (step_times and step_times.search(f"{name}:{generation}"))
+      ):
+        config = paper_config(plan, name, entry["strategy"], entry["microbatches"])
+        entry["report"] = run.row(entry["key"], config, entry["topology"], ("train",))
   return found
 
 
@@ -619,7 +640,10 @@ def _pair_state(report: dict, program: str) -> str:
 
 
 def _twin_state(report: dict) -> str:
-  """Why a compiled program has no estimate: its loop-free twin is pending, or failed (and why)."""
+  """Why a compiled program has no estimate: its twin (or loop-weighted recompile) is pending, or failed (and
+  why)."""
+  if report.get("costs_pending") == PROGRAM_COSTS_KEY:
+    return "loop-weighted recompile not compiled yet"
   if report.get("costs_pending"):
     return "twin not compiled yet"
   return f"twin failed: {report['twin_error']}" if "twin_error" in report else "failed"
@@ -644,6 +668,36 @@ def _one_b_row(report: dict, technique: str, topology: str) -> str:
       f"| {technique} | {topology} ({report['chips']} chips) | {_gib(p['memory']['total_bytes'])} | "
       f"{'yes' if p['fits'] else 'NO'} | {estimate} | {_compile_time(p)} |"
   )
+
+
+def _one_b_table(plan: Plan, results: dict) -> list[str]:
+  """A 1B train-step table's rows, each topology's SCANNED_BASIS row after its techniques, and where there
+  are such rows, what they are for and how the scanned twin's costs compare with the unrolled twin's."""
+  lines = []
+  for topology in plan.one_b_topologies:
+    for technique in TECHNIQUES:
+      lines.append(_one_b_row(results.get((technique, topology, "train"), {"pending": True}), technique, topology))
+    if (SCANNED_BASIS, topology, "train") in results:
+      lines.append(_one_b_row(results[(SCANNED_BASIS, topology, "train")], SCANNED_BASIS, topology))
+  if not any(key[0] == SCANNED_BASIS for key in results):
+    return lines
+  lines += [
+      "",
+      "Rows marked (scanned twin) are costed by a twin with its layers still scanned (its unrolled twin needs "
+      "more host memory than this machine's 24 GiB to compile), every loop iteration counted through the loops' "
+      "trip counts (`llvm_jax/hlo_cost.py`). Its FLOPs are the unrolled twin's; its HBM bytes are those of a "
+      "different compiled program, so compare such a row with the baseline costed the same way (the row "
+      f"'{SCANNED_BASIS}'), not with the baseline's row above it.",
+  ]
+  for topology in plan.one_b_topologies:
+    scanned, unrolled = (_costed(results, technique, topology, "train") for technique in (SCANNED_BASIS, "baseline"))
+    if scanned and unrolled:
+      lines.append(
+          f"- baseline {topology}, scanned against unrolled twin: {_executed_flops(scanned) / 1e12:.3f} against "
+          f"{_executed_flops(unrolled) / 1e12:.3f} TFLOP per chip; HBM bytes {_hbm_bytes(scanned) / 1e9:.1f} against "
+          f"{_hbm_bytes(unrolled) / 1e9:.1f} GB."
+      )
+  return lines
 
 
 def markdown(
@@ -675,35 +729,14 @@ def markdown(
       "| compile (program + twin) |",
       "|---|---|---:|---|---:|---|---:|---:|---:|",
   ]
-  for topology in plan.one_b_topologies:
-    for technique in TECHNIQUES:
-      lines.append(_one_b_row(one_b.get((technique, topology, "train"), {"pending": True}), technique, topology))
-    if (SCANNED_BASIS, topology, "train") in one_b:
-      lines.append(_one_b_row(one_b[(SCANNED_BASIS, topology, "train")], SCANNED_BASIS, topology))
-  if any(key[0] == SCANNED_BASIS for key in one_b):
-    lines += [
-        "",
-        "Rows marked (scanned twin) are costed by a twin with its layers still scanned (its unrolled twin needs "
-        "more host memory than this machine's 24 GiB to compile), every loop iteration counted through the loops' "
-        "trip counts (`llvm_jax/hlo_cost.py`). Its FLOPs are the unrolled twin's; its HBM bytes are those of a "
-        "different compiled program, so compare such a row with the baseline costed the same way (the row "
-        f"'{SCANNED_BASIS}'), not with the baseline's row above it.",
-    ]
-    for topology in plan.one_b_topologies:
-      scanned, unrolled = (_costed(one_b, technique, topology, "train") for technique in (SCANNED_BASIS, "baseline"))
-      if scanned and unrolled:
-        lines.append(
-            f"- baseline {topology}, scanned against unrolled twin: {_executed_flops(scanned) / 1e12:.3f} against "
-            f"{_executed_flops(unrolled) / 1e12:.3f} TFLOP per chip; HBM bytes {_hbm_bytes(scanned) / 1e9:.1f} against "
-            f"{_hbm_bytes(unrolled) / 1e9:.1f} GB."
-        )
+  lines += _one_b_table(plan, one_b)
   lines += [
       "",
       "### 1b. The same train steps with the decoder on the splash kernel (`attention_impl=splash`)",
       "",
       "Splash keeps the (T, S) logits on chip, but as a Pallas custom call its work is invisible to XLA's cost "
       "analysis. Here the program and its twin run it in the decoder and the ViT (whose 1025 tokens it pads to 1152), "
-      "the twin with its layers unrolled, and `aot.splash_kernels` "
+      "the twin with its layers unrolled (scanned where marked), and `aot.splash_kernels` "
       "MODELS each kernel call from its q/k/v shapes and the tiles its mask leaves non-empty (the decoder's causal "
       "mask: 36 of 64; all of the ViT's): flash "
       "attention's matmuls (the backward recomputes QK') and tile loads, added to XLA's FLOPs and HBM bytes; the "
@@ -713,10 +746,7 @@ def markdown(
       "(XLA + kernels) / analytic FLOPs | compile (program + twin) |",
       "|---|---|---:|---|---:|---|---:|---:|---:|",
   ]
-  for topology in plan.one_b_topologies:
-    for technique in TECHNIQUES:
-      report = one_b_splash.get((technique, topology, "train"), {"pending": True})
-      lines.append(_one_b_row(report, technique, topology))
+  lines += _one_b_table(plan, one_b_splash)
   # How far XLA's own cost model sits above the roofline, where it gave an estimate for section 1's twins.
   above = {
       f"{technique} {topology}": p["estimated_step_s"] / _roofline_s(p)
@@ -765,7 +795,7 @@ def markdown(
     estimate = (
         f"{_ms(p['estimated_step_s'])} | {_source(p)}{_costing(found['report'])} | {p['estimated_mfu']:.1%}"
         if _has_costs(found["report"])
-        else "– | memory only | –"
+        else f"– | {'costs not compiled yet' if found['report'].get('costs_pending') else 'memory only'} | –"
     )
     lines.append(
         f"| {PAPER_7B[name]} | {generation} | {found['topology']} ({found['report']['chips']} chips) | "
@@ -1111,11 +1141,18 @@ def main() -> None:
       "and section 4's pair), whose unrolled twins need more than 24 GiB of host memory",
   )
   parser.add_argument(
+      "--step_times_7b",
+      default="",
+      help="a regular expression on 'model:generation' (e.g. 'trol_7b:v5p', '.*:v5e'; models as in "
+      "PAPER_7B): section 2's rows whose slice also gets a step-time estimate, a recompile of 13-45 minutes "
+      "each (default: none but LLaVA-1.5-7B on v5p, which section 4 needs; the others show their memory only)",
+  )
+  parser.add_argument(
       "--scanned_twins",
-      default=r"1b:\w+:all_four:.*:train$",
+      default=SCANNED_TWINS,
       help="a regular expression: the programs (cache keys) whose costs come from a scanned twin (layers "
       "scanned, loop bodies weighted by their trip counts) instead of the unrolled one; default: all_four's 1B "
-      "train steps, whose unrolled twins need more than 24 GiB of host memory to compile",
+      "train steps (einsum and splash), whose unrolled twins need more than 24 GiB of host memory to compile",
   )
   args = parser.parse_args()
   sections = {name for name in args.compile.split(",") if name}
@@ -1138,11 +1175,12 @@ def main() -> None:
   one_b = section_one_b(plan, run)
   run.compile_missing = "7b" in sections
   # The dense reference first, then its p-MoD pair (section 4), then the other models' searches.
-  paper_found = section_paper(plan, run, PMOD_DENSE_REFERENCE[:1])
+  step_times = re.compile(args.step_times_7b) if args.step_times_7b else None
+  paper_found = section_paper(plan, run, PMOD_DENSE_REFERENCE[:1], step_times=step_times)
   pmod_7b = section_pmod_7b(plan, run, paper_found)
   dense_chips = {g: f["chips"] for (_, g), f in paper_found.items() if "chips" in f}
   others = [name for name in PAPER_7B if name != PMOD_DENSE_REFERENCE[0]]
-  paper_found.update(section_paper(plan, run, others, start=dense_chips))
+  paper_found.update(section_paper(plan, run, others, start=dense_chips, step_times=step_times))
   run.compile_missing = "splash" in sections
   one_b_splash = section_one_b_splash(plan, run)
   dense_7b = paper_found.get(PMOD_DENSE_REFERENCE, {})

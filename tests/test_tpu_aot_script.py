@@ -5,6 +5,7 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import re
 
 import pytest
 
@@ -83,6 +84,24 @@ def cache(tmp_path):
               dict(_cost_program(0.1), estimated_mfu=0.55, xla_flops_per_chip=10.0, splash_kernel_flops_per_chip=3.0)
           ),
       },
+      # ... all_four on splash costed by a scanned twin (10 FLOPs by XLA, 30 for the loops' repeats, 12 by the
+      # kernels), its basis the baseline's scanned splash twin.
+      {"key": key.replace("baseline", "all_four") + ":splash+vit:twin=False", "report": _report(_memory_program(8.0))},
+      {
+          "key": key.replace("baseline", "all_four") + f":splash+vit:{tpu_aot.SCANNED_TWIN_KEY}",
+          "report": _report(
+              dict(
+                  _cost_program(0.25),
+                  xla_flops_per_chip=10.0,
+                  loop_flops_per_chip=30.0,
+                  splash_kernel_flops_per_chip=12.0,
+              )
+          ),
+      },
+      {
+          "key": f"{key}:splash+vit:{tpu_aot.SCANNED_TWIN_KEY}",
+          "report": _report(dict(_cost_program(0.08), splash_kernel_flops_per_chip=3.0)),
+      },
       # p-MoD on splash (its kept tokens padded to whole tiles): its pair with the baseline in section 4.
       {"key": key.replace("baseline", "pmod") + ":splash+vit:twin=False", "report": _report(_memory_program(4.0))},
       {
@@ -113,7 +132,7 @@ def cache(tmp_path):
 
 def test_rows_merge_memory_and_twin_costs_and_the_report_marks_the_rest(cache):
   plan, path = cache
-  run = tpu_aot.Runner(path, refresh=False, compile_missing=False, scanned_twins=r"1b:\w+:all_four:.*:train$")
+  run = tpu_aot.Runner(path, refresh=False, compile_missing=False, scanned_twins=tpu_aot.SCANNED_TWINS)
   one_b = tpu_aot.section_one_b(plan, run)
   base = one_b[("baseline", "v5e-8", "train")]
   program = base["programs"]["train"]
@@ -148,6 +167,19 @@ def test_rows_merge_memory_and_twin_costs_and_the_report_marks_the_rest(cache):
       in text
   )
   assert "| phantom | v5e-8 | – | not compiled yet |" in text
+  # Section 1b: all_four on splash against the baseline's scanned splash twin; (10 + 30 + 12) / 10 analytic.
+  splash = text.split("### 1b.")[1].split("## 2.")[0]
+  assert (
+      "| all_four | v5e-8 (8 chips) | 8.00 | yes | 250.00 ms | roofline (scanned twin) | 25.0% | 5.20 | 100 s + 400 s twin |"
+      in splash
+  )
+  assert (
+      "| baseline, scanned twin | v5e-8 (8 chips) | 4.00 | yes | 80.00 ms | roofline (scanned twin) | 25.0% | 1.60 |"
+      in splash
+  )
+  assert "compare such a row with the baseline costed the same way" in splash
+  # On v5p-8 nothing is compiled: its basis row is pending like the rest.
+  assert "| baseline, scanned twin | v5p-8 | – | not compiled yet |" in splash
   assert (
       "| deepstack | v5e-8 (8 chips) | 7.00 | yes | twin failed: the compiling process died (killed: out of host memory?) |"
       in text
@@ -306,8 +338,11 @@ def test_7b_rows_are_costed_by_their_programs_and_an_older_program_is_compiled_a
   )
   assert "Rows marked (program's own)" in text
   # p-MoD's older program counts each loop body once: it is not used, its loop-weighted compile is pending.
-  assert pmod is None and f"{sparse}:{tpu_aot.PROGRAM_COSTS_KEY}" in run.pending
-  assert "| LLaVA-1.5-7B, one image per sample | – | not compiled yet |" in text
+  assert pmod["costs_pending"] and f"{sparse}:{tpu_aot.PROGRAM_COSTS_KEY}" in run.pending
+  assert (
+      "| LLaVA-1.5-7B, one image per sample | v5p:2x2x2 | – (loop-weighted recompile not compiled yet) | 1.000 |"
+      in text
+  )
 
   sparse_costed = dict(costed, estimated_step_s=0.3, roofline_hbm_s=0.3, roofline_compute_s=0.1, analytic_flops=48.0)
   with open(path, "a") as f:
@@ -326,6 +361,22 @@ def test_7b_rows_are_costed_by_their_programs_and_an_older_program_is_compiled_a
   )
   assert "### Why p-MoD's LLaVA-1.5-7B train step (v5p:2x2x2) is 0.750x the dense one, not <= 0.65x" in text
   assert "- The compiled FLOPs fall to 1.000x (analytic 0.600x)" in text
-  # Without --program_costs, the older programs keep the report memory-only (their twins not compiled).
+  # Without --program_costs, the dense reference's costs wait for its twin.
   _, text = report(tpu_aot.Runner(str(path), refresh=False, compile_missing=False))
-  assert "| LLaVA-1.5-7B | v5p | v5p:2x2x2 (8 chips) | fsdp | 1 | 60.00 | – | memory only | – |" in text
+  assert "| LLaVA-1.5-7B | v5p | v5p:2x2x2 (8 chips) | fsdp | 1 | 60.00 | – | costs not compiled yet | – |" in text
+
+
+def test_7b_step_times_are_compiled_for_the_rows_asked(tmp_path):
+  plan = tpu_aot.Plan.make(quick=False)
+  key = f"7b:False:trol_7b:v5p:2x2x2:fsdp:1:{plan.paper_shape}"
+  path = tmp_path / "cache.jsonl"
+  older = "program itself: its FLOPs, bytes and estimates count each loop's body ONCE"
+  entry = {"key": f"{key}:twin=False", "report": _report(_memory_program(55.0), costs_from=older)}
+  path.write_text(json.dumps(entry) + "\n")
+  for step_times, state in ((None, "memory only"), (re.compile("trol_7b:v5p"), "costs not compiled yet")):
+    run = tpu_aot.Runner(str(path), refresh=False, compile_missing=False, program_costs=r"^7b:")
+    found = tpu_aot.section_paper(plan, run, ("trol_7b",), start={"v5e": 8, "v5p": 8}, step_times=step_times)
+    assert found[("trol_7b", "v5p")]["topology"] == "v5p:2x2x2", found
+    text = tpu_aot.markdown(plan, "cmd", {}, {}, found, None, {}, run, [])
+    assert f"| TroL-7B-like | v5p | v5p:2x2x2 (8 chips) | fsdp | 1 | 55.00 | – | {state} | – |" in text
+    assert (f"{key}:{tpu_aot.PROGRAM_COSTS_KEY}" in run.pending) == (step_times is not None)
