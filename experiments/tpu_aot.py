@@ -428,7 +428,15 @@ def _fit_on(plan: Plan, run: Runner, name: str, generation: str, chips: int, ent
       return "pending", needed_total
     entry["tried"].append((topology, strategy, microbatches, report))
     if report.get("fits"):
-      entry.update(topology=topology, strategy=strategy, microbatches=microbatches, report=report, chips=chips, key=key)
+      entry.update(
+          topology=topology,
+          strategy=strategy,
+          microbatches=microbatches,
+          report=report,
+          chips=chips,
+          key=key,
+          config=config,
+      )
       return "fits", needed_total
     needed = _required_bytes(report)
     if needed:
@@ -484,8 +492,7 @@ def section_paper(
       elif "report" in entry and (
           (name, generation) == PMOD_DENSE_REFERENCE or (step_times and step_times.search(f"{name}:{generation}"))
       ):
-        config = paper_config(plan, name, entry["strategy"], entry["microbatches"])
-        entry["report"] = run.row(entry["key"], config, entry["topology"], ("train",))
+        entry["report"] = run.row(entry["key"], entry["config"], entry["topology"], ("train",))
   return found
 
 
