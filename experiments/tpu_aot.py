@@ -526,6 +526,12 @@ def _roofline_s(p: dict) -> float:
   return max(p["roofline_compute_s"], p["roofline_hbm_s"])
 
 
+def _bound(p: dict) -> str:
+  """A roofline's two terms and which one sets it, e.g. 'compute 2.31 s, HBM 6.23 s (memory-bound)'."""
+  bound = "memory" if p["roofline_hbm_s"] > p["roofline_compute_s"] else "compute"
+  return f"compute {_ms(p['roofline_compute_s'])}, HBM {_ms(p['roofline_hbm_s'])} ({bound}-bound)"
+
+
 def _source(p: dict) -> str:
   hbm_counted = "hbm_bytes_accessed_per_chip" in p
   if _xla_estimate(p):
@@ -818,6 +824,13 @@ def markdown(
         "branch is counted as if it ran, so the blocked attention's tiles that the causal mask skips at run time "
         "(6 of 16 at 2048 tokens) are counted, as the einsum twins count the masked logits: an upper bound.",
     ]
+  bounds = [
+      f"- {PAPER_7B[name]} {generation}: {_bound(found['report']['programs']['train'])}"
+      for (name, generation), found in paper_found.items()
+      if "report" in found and _has_costs(found["report"]) and not _xla_estimate(found["report"]["programs"]["train"])
+  ]
+  if bounds:
+    lines += ["", "What bounds each roofline above (compiled FLOPs at peak against HBM bytes over bandwidth):", *bounds]
 
   decode_topology = plan.one_b_topologies[0]
   lines += [
@@ -1007,7 +1020,6 @@ def why_missed(
   lines = []
   splash = _costed(one_b_splash or {}, "baseline", topology, "train")
   if splash and splash["estimated_mfu"] < TARGETS["mfu_1b_v5e"]:
-    bound = "memory" if splash["roofline_hbm_s"] > splash["roofline_compute_s"] else "compute"
     executed = _executed_flops(splash)
     lines += [
         "### Why the 1B baseline on the splash kernel misses the MFU target",
@@ -1015,23 +1027,20 @@ def why_missed(
         f"- XLA's FLOPs and the kernels' modelled ones come to {executed / splash['analytic_flops_per_chip']:.2f}x "
         "the analytic FLOPs (remat='full' recomputes every layer's forward, attention included; the backward "
         "kernels recompute QK'; the causal mask's diagonal tiles are computed whole; elementwise ops).",
-        f"- Roofline: compute {_ms(splash['roofline_compute_s'])}, HBM {_ms(splash['roofline_hbm_s'])} "
-        f"({bound}-bound).",
+        f"- Roofline: {_bound(splash)}.",
         f"- HBM bytes moved by: {_movers(splash)}.",
         f"- The JAX operations behind them: {_top(splash)}.",
         "",
     ]
   base = _costed(one_b, "baseline", topology, "train")
   if base and base["estimated_mfu"] < TARGETS["mfu_1b_v5e"]:
-    bound = "memory" if base["roofline_hbm_s"] > base["roofline_compute_s"] else "compute"
     lines += [
         "### Why the 1B baseline's einsum twin misses the MFU target",
         "",
         f"- XLA executes {_executed_flops(base) / base['analytic_flops_per_chip']:.2f}x the analytic FLOPs "
         "(remat='full' recomputes every layer's forward; elementwise ops; the twin's einsum attention computes "
         "the masked half of the causal logits).",
-        f"- Roofline: compute {_ms(base['roofline_compute_s'])}, HBM {_ms(base['roofline_hbm_s'])} ({bound}-bound); "
-        f"estimate {_ms(base['estimated_step_s'])} ({_source(base)}).",
+        f"- Roofline: {_bound(base)}; estimate {_ms(base['estimated_step_s'])} ({_source(base)}).",
         f"- HBM bytes moved by (what the top-level ops read from and write to HBM): {_movers(base)}.",
         f"- The JAX operations behind them: {_top(base)}.",
     ]

@@ -337,6 +337,9 @@ def test_7b_rows_are_costed_by_their_programs_and_an_older_program_is_compiled_a
       "| LLaVA-1.5-7B | v5p | v5p:2x2x2 (8 chips) | fsdp | 1 | 60.00 | 400.00 ms | roofline (program's own) |" in text
   )
   assert "Rows marked (program's own)" in text
+  # Which term sets each costed row's roofline; the p-MoD row, memory only, has none.
+  assert "- LLaVA-1.5-7B v5p: compute 100.00 ms, HBM 400.00 ms (memory-bound)" in text
+  assert "- p-MoD-LLaVA-1.5-7B v5p:" not in text
   # p-MoD's older program counts each loop body once: it is not used, its loop-weighted compile is pending.
   assert pmod["costs_pending"] and f"{sparse}:{tpu_aot.PROGRAM_COSTS_KEY}" in run.pending
   assert (
