@@ -463,7 +463,7 @@ def section_paper(
   LLM, plus their technique): a compile of the fewest chips, which cannot hold them, is then not spent.
   The search compiles the scanned programs only (memory). The slice found then gets a step-time estimate
   (`Runner.row`) for the dense reference of section 4 (LLaVA-1.5-7B on v5p) and for the rows whose
-  'name:generation' `step_times` matches (e.g. 'trol_7b:v5p'; each a recompile of 13-45 minutes); the
+  'name:generation' `step_times` matches (e.g. 'trol_7b:v5p'; each a recompile of 5-25 minutes); the
   others show their memory only.
   """
   found = {}
@@ -1160,7 +1160,7 @@ def main() -> None:
       "--step_times_7b",
       default="",
       help="a regular expression on 'model:generation' (e.g. 'trol_7b:v5p', '.*:v5e'; models as in "
-      "PAPER_7B): section 2's rows whose slice also gets a step-time estimate, a recompile of 13-45 minutes "
+      "PAPER_7B): section 2's rows whose slice also gets a step-time estimate, a recompile of 5-25 minutes "
       "each (default: none but LLaVA-1.5-7B on v5p, which section 4 needs; the others show their memory only)",
   )
   parser.add_argument(
