@@ -464,7 +464,7 @@ def section_paper(
   The search compiles the scanned programs only (memory). The slice found then gets a step-time estimate
   (`Runner.row`) for the dense reference of section 4 (LLaVA-1.5-7B on v5p) and for the rows whose
   'name:generation' `step_times` matches (e.g. 'trol_7b:v5p'; each a recompile of 5-25 minutes); the
-  others show their memory only.
+  others show their memory only, or the estimate of such a recompile already in the cache.
   """
   found = {}
   for name in names:
@@ -1161,7 +1161,8 @@ def main() -> None:
       default="",
       help="a regular expression on 'model:generation' (e.g. 'trol_7b:v5p', '.*:v5e'; models as in "
       "PAPER_7B): section 2's rows whose slice also gets a step-time estimate, a recompile of 5-25 minutes "
-      "each (default: none but LLaVA-1.5-7B on v5p, which section 4 needs; the others show their memory only)",
+      "each (default: none but LLaVA-1.5-7B on v5p, which section 4 needs; the others show their memory only, or "
+      "the estimate of such a recompile already in the cache)",
   )
   parser.add_argument(
       "--scanned_twins",
